@@ -1,0 +1,326 @@
+"""The JSON report: pytest-json-report's layout plus ``dispatch`` sections; and its figures.
+
+The layout (``created``, ``duration``, ``exitcode``, ``root``, ``environment``, ``summary``,
+``tests[]`` with ``setup`` / ``call`` / ``teardown``) is a superset of pytest-json-report's, so
+tools written for it read ours. ``report.schema.json`` beside this module is its JSON Schema.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPORT_VERSION = 1
+SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
+
+#: Outcome names as pytest-json-report writes them.
+OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "Python": platform.python_version(),
+        "Platform": platform.platform(),
+        "Packages": {
+            name: _version(name)
+            for name in ("pytest", "celery", "kombu", "pluggy", "pytest-celery-dispatch")
+        },
+    }
+
+
+def phase_dict(report: pytest.TestReport) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "duration": float(report.duration or 0.0),
+        "outcome": report.outcome,
+    }
+    if report.longrepr is not None:
+        data["longrepr"] = str(report.longreprtext)
+        crash = getattr(report.longrepr, "reprcrash", None)
+        if crash is not None:
+            data["crash"] = {
+                "path": str(crash.path),
+                "lineno": crash.lineno,
+                "message": crash.message,
+            }
+    if report.capstdout:
+        data["stdout"] = report.capstdout
+    if report.capstderr:
+        data["stderr"] = report.capstderr
+    if report.caplog:
+        data["log"] = report.caplog
+    return data
+
+
+def final_outcome(categories: Mapping[str, str]) -> str:
+    """One outcome per test from the teststatus category of each phase (json-report's rule)."""
+    for when in ("setup", "call", "teardown"):
+        category = categories.get(when, "")
+        if category in ("", "passed", "rerun"):
+            continue
+        if when != "call" and category == "failed":
+            return "error"
+        return category
+    return "passed" if categories else "error"
+
+
+class TestsCollector:
+    """Gathers every phase report (local and replayed) into json-report test records."""
+
+    __test__ = False
+
+    def __init__(self) -> None:
+        self.tests: dict[str, dict[str, Any]] = {}
+        self.categories: dict[str, dict[str, str]] = {}
+
+    def add(self, report: pytest.TestReport, category: str) -> None:
+        record = self.tests.get(report.nodeid)
+        if record is None:
+            record = self.tests[report.nodeid] = {
+                "nodeid": report.nodeid,
+                "lineno": report.location[1],
+                "keywords": sorted(str(k) for k in report.keywords),
+                "outcome": "passed",
+            }
+        record[report.when] = phase_dict(report)
+        cats = self.categories.setdefault(report.nodeid, {})
+        cats[report.when] = category
+        record["outcome"] = final_outcome(cats)
+        if report.user_properties:
+            record["user_properties"] = [
+                {str(k): v if isinstance(v, (str, int, float, bool)) else str(v)}
+                for k, v in report.user_properties
+            ]
+
+
+def dispatch_figures(
+    tests: Iterable[Mapping[str, Any]],
+    consumers: Mapping[str, int],
+    wall_time: float,
+) -> dict[str, Any]:
+    """Per-queue and per-worker figures, the speed-up and duration statistics.
+
+    ``tests`` are JSON-report test records carrying ``dispatch`` and phase durations.
+    """
+    queues: dict[str, dict[str, Any]] = {}
+    workers: dict[str, dict[str, Any]] = {}
+    all_durations: list[float] = []
+    for test in tests:
+        duration = test_duration(test)
+        all_durations.append(duration)
+        info = test.get("dispatch") or {}
+        queue = info.get("queue")
+        if not queue:
+            continue
+        q = queues.setdefault(
+            queue,
+            {"consumers": consumers.get(queue, 0), "tests": 0, "outcomes": {}, "_d": []},
+        )
+        q["tests"] += 1
+        q["outcomes"][test["outcome"]] = q["outcomes"].get(test["outcome"], 0) + 1
+        q["_d"].append(duration)
+        worker = info.get("worker") or "unknown"
+        w = workers.setdefault(
+            worker,
+            {"queues": [], "hostname": info.get("hostname"), "tests": 0, "outcomes": {}},
+        )
+        w.setdefault("busy_time", 0.0)
+        w["tests"] += 1
+        w["busy_time"] += duration
+        w["outcomes"][test["outcome"]] = w["outcomes"].get(test["outcome"], 0) + 1
+        if queue not in w["queues"]:
+            w["queues"].append(queue)
+    for q in queues.values():
+        durations = q.pop("_d")
+        q.update(duration_stats(durations))
+    for w in workers.values():
+        w["busy_time"] = round(w["busy_time"], 6)
+        w["utilisation"] = round(w["busy_time"] / wall_time, 4) if wall_time > 0 else None
+    total = sum(all_durations)
+    return {
+        "queues": dict(sorted(queues.items())),
+        "workers": dict(sorted(workers.items())),
+        "wall_time": round(wall_time, 6),
+        "sum_of_test_durations": round(total, 6),
+        "speedup": round(total / wall_time, 4) if wall_time > 0 else None,
+        **{f"test_{k}": v for k, v in duration_stats(all_durations).items()},
+    }
+
+
+def duration_stats(durations: list[float]) -> dict[str, float | None]:
+    if not durations:
+        return {
+            "total_duration": 0.0,
+            "avg_duration": None,
+            "min_duration": None,
+            "max_duration": None,
+        }
+    return {
+        "total_duration": round(sum(durations), 6),
+        "avg_duration": round(statistics.fmean(durations), 6),
+        "min_duration": round(min(durations), 6),
+        "max_duration": round(max(durations), 6),
+    }
+
+
+def test_duration(test: Mapping[str, Any]) -> float:
+    return float(
+        sum(float(test[w]["duration"]) for w in ("setup", "call", "teardown") if w in test)
+    )
+
+
+test_duration.__test__ = False  # type: ignore[attr-defined]
+
+
+def build_report(
+    *,
+    created: float,
+    duration: float,
+    exitcode: int,
+    root: str,
+    collected: int,
+    deselected: int,
+    tests: list[dict[str, Any]],
+    dispatch: dict[str, Any],
+) -> dict[str, Any]:
+    summary: dict[str, int] = {}
+    for test in tests:
+        summary[test["outcome"]] = summary.get(test["outcome"], 0) + 1
+    summary["total"] = len(tests)
+    summary["collected"] = collected
+    if deselected:
+        summary["deselected"] = deselected
+    return {
+        "created": created,
+        "duration": duration,
+        "exitcode": int(exitcode),
+        "root": root,
+        "environment": environment(),
+        "summary": summary,
+        "tests": tests,
+        "dispatch": dispatch,
+    }
+
+
+def check_writable(path: str) -> str | None:
+    """Why ``path`` cannot be written, or None. Checked before any test runs."""
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        return f"{path} is a directory"
+    if not parent.exists():
+        return f"its directory {parent} does not exist"
+    if not os.access(parent, os.W_OK):
+        return f"its directory {parent} is not writable"
+    if target.exists() and not os.access(target, os.W_OK):
+        return f"{path} exists and is not writable"
+    return None
+
+
+def write_atomic(path: str, data: Mapping[str, Any]) -> None:
+    """Write JSON to a temp file beside ``path`` and rename it into place."""
+    target = Path(path)
+    directory = target.parent if str(target.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, default=str, ensure_ascii=False)
+            fh.write("\n")
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+class JsonReportPlugin:
+    """Writes the report at session finish. ``dispatch_info(nodeid)`` and ``session_info()``
+    come from the controller."""
+
+    def __init__(
+        self,
+        config: pytest.Config,
+        path: str,
+        dispatch_info: Callable[[str], dict[str, Any] | None],
+        session_info: Callable[[], dict[str, Any]],
+    ) -> None:
+        self.config = config
+        self.path = path
+        self.dispatch_info = dispatch_info
+        self.session_info = session_info
+        self.collector = TestsCollector()
+        self.created = time.time()
+        self.collected = 0
+        self.deselected = 0
+        self.written: str | None = None
+        self.data: dict[str, Any] | None = None
+
+    def pytest_deselected(self, items: list[pytest.Item]) -> None:
+        self.deselected += len(items)
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        self.collected = len(session.items) + self.deselected
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        category = self.config.hook.pytest_report_teststatus(report=report, config=self.config)[0]
+        self.collector.add(report, str(category))
+
+    def build(self, exitstatus: int) -> dict[str, Any]:
+        tests = []
+        for nodeid, record in self.collector.tests.items():
+            info = self.dispatch_info(nodeid)
+            record["dispatch"] = info if info is not None else local_dispatch()
+            tests.append(record)
+        extra = self.session_info()
+        wall = float(extra.pop("wall_time", time.time() - self.created))
+        figures = dispatch_figures(tests, extra.pop("consumers", {}), wall)
+        dispatch = {"report_version": REPORT_VERSION, **extra, **figures}
+        dispatch["tests_dispatched"] = sum(1 for t in tests if t["dispatch"]["queue"])
+        dispatch["tests_local"] = len(tests) - dispatch["tests_dispatched"]
+        return build_report(
+            created=self.created,
+            duration=time.time() - self.created,
+            exitcode=exitstatus,
+            root=str(self.config.rootpath),
+            collected=self.collected,
+            deselected=self.deselected,
+            tests=tests,
+            dispatch=dispatch,
+        )
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        data = self.data = self.build(int(exitstatus))
+        write_atomic(self.path, data)
+        self.written = self.path
+
+
+def local_dispatch() -> dict[str, Any]:
+    return {
+        "queue": None,
+        "worker": "local",
+        "hostname": platform.node(),
+        "task_id": None,
+        "attempts": 0,
+        "sent": None,
+        "started": None,
+        "finished": None,
+        "infrastructure_error": None,
+    }

@@ -1,0 +1,336 @@
+"""pytest11 entry point ``celery_dispatch``: options, the ``queue`` marker, fixtures, wiring.
+
+Without ``--celery-dispatch`` the plugin only registers the marker, the options and the
+fixtures; the run is untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytest
+
+from . import settings as S
+from .runner import ENV_RUNNER
+
+SETTINGS_KEY = pytest.StashKey[S.Settings]()
+SETTINGS_ERROR_KEY = pytest.StashKey[str]()
+SESSION_KEY = pytest.StashKey[Any]()
+JSON_KEY = pytest.StashKey[Any]()
+
+MARKER_HELP = (
+    "queue(name): run this test on a Celery worker that consumes queue NAME "
+    "(with --celery-dispatch); the closest marker (function, class, module) wins"
+)
+
+#: Options that are part of the contract but arrive with later work items.
+NOT_YET = {"local_workers": "--celery-local-workers", "timeline": "--celery-timeline"}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("celery-dispatch", "distributed runs on Celery workers")
+    group.addoption(
+        "--celery-dispatch", action="store_true", dest="celery_dispatch", help=S.HELP_DISPATCH
+    )
+    group.addoption("--celery-broker", dest="celery_broker", metavar="URL", help=S.HELP_BROKER)
+    group.addoption("--celery-backend", dest="celery_backend", metavar="URL", help=S.HELP_BACKEND)
+    group.addoption(
+        "--celery-default-queue",
+        dest="celery_default_queue",
+        metavar="NAME",
+        help=S.HELP_DEFAULT_QUEUE,
+    )
+    group.addoption(
+        "--celery-json-report", dest="celery_json_report", metavar="PATH", help=S.HELP_JSON_REPORT
+    )
+    group.addoption(
+        "--celery-timeout", dest="celery_timeout", metavar="SECONDS", help=S.HELP_TIMEOUT
+    )
+    group.addoption(
+        "--celery-wait-workers",
+        dest="celery_wait_workers",
+        metavar="SECONDS",
+        help=S.HELP_WAIT_WORKERS,
+    )
+    group.addoption("--celery-retries", dest="celery_retries", metavar="N", help=S.HELP_RETRIES)
+    group.addoption(
+        "--celery-local-workers",
+        dest="celery_local_workers",
+        metavar="QUEUES",
+        help=S.HELP_LOCAL_WORKERS,
+    )
+    group.addoption(
+        "--celery-timeline", dest="celery_timeline", metavar="PATH", help=S.HELP_TIMELINE
+    )
+    group.addoption(
+        "--celery-event-log", dest="celery_event_log", metavar="PATH", help=S.HELP_EVENT_LOG
+    )
+    for name, help_text in (
+        ("broker", S.HELP_BROKER),
+        ("backend", S.HELP_BACKEND),
+        ("default_queue", S.HELP_DEFAULT_QUEUE),
+        ("json_report", S.HELP_JSON_REPORT),
+        ("timeout", S.HELP_TIMEOUT),
+        ("wait_workers", S.HELP_WAIT_WORKERS),
+        ("retries", S.HELP_RETRIES),
+        ("local_workers", S.HELP_LOCAL_WORKERS),
+        ("timeline", S.HELP_TIMELINE),
+        ("event_log", S.HELP_EVENT_LOG),
+    ):
+        parser.addini(f"celery_dispatch_{name}", help_text, default=None)
+    parser.addini("celery_dispatch_queues", S.HELP_QUEUES, type="linelist", default=[])
+
+
+def is_runner() -> bool:
+    """True inside a worker's runner process: dispatching is forced off there."""
+    return os.environ.get(ENV_RUNNER) == "1"
+
+
+def _ini(config: pytest.Config) -> Any:
+    def get(name: str) -> Any:
+        try:
+            return config.getini(name)
+        except ValueError:
+            return None
+
+    return get
+
+
+def resolve_settings(config: pytest.Config) -> S.Settings:
+    return S.resolve(lambda name: config.getoption(name, None), _ini(config))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", MARKER_HELP)
+    dispatch_requested = bool(config.getoption("celery_dispatch", False)) and not is_runner()
+    if not dispatch_requested:
+        try:
+            config.stash[SETTINGS_KEY] = resolve_settings(config)
+        except pytest.UsageError as exc:
+            # Not dispatching: a bad value only matters to a fixture that uses it.
+            config.stash[SETTINGS_ERROR_KEY] = str(exc)
+        return
+
+    settings = resolve_settings(config)
+    config.stash[SETTINGS_KEY] = settings
+    _check_compatible(config, settings)
+
+    from .jsonreport import JsonReportPlugin
+    from .session import DispatchSession
+
+    dsession = DispatchSession(config, settings)
+    config.stash[SESSION_KEY] = dsession
+    config.pluginmanager.register(dsession, "celery_dispatch_session")
+    json_plugin = JsonReportPlugin(
+        config,
+        settings.json_report,
+        dispatch_info=lambda nodeid: (
+            dsession.records[nodeid].as_dict() if nodeid in dsession.records else None
+        ),
+        session_info=dsession.report_info,
+    )
+    config.stash[JSON_KEY] = json_plugin
+    config.pluginmanager.register(json_plugin, "celery_dispatch_json")
+
+
+def _check_compatible(config: pytest.Config, settings: S.Settings) -> None:
+    from .jsonreport import check_writable
+
+    for field, option in NOT_YET.items():
+        if getattr(settings, field) or (field == "local_workers" and settings.local_workers_auto):
+            raise pytest.UsageError(
+                f"celery-dispatch: {option} is not available in this version yet; "
+                "start the workers yourself (see README, 'Workers')"
+            )
+    if settings.broker == S.EMBEDDED:
+        raise pytest.UsageError(
+            "celery-dispatch: --celery-broker embedded is not available in this version yet; "
+            f"use RabbitMQ ({S.DEFAULT_BROKER})"
+        )
+    if config.getoption("usepdb", False):
+        raise pytest.UsageError(
+            "celery-dispatch: --pdb cannot debug a test that runs on a remote worker; run the "
+            "test locally without --celery-dispatch to debug it"
+        )
+    if config.getoption("numprocesses", None) and config.getoption("dist", "no") != "no":
+        raise pytest.UsageError(
+            "celery-dispatch: pytest-xdist's -n/--dist cannot be combined with "
+            "--celery-dispatch; a worker's parallel slots are its Celery concurrency "
+            "(celery worker -c N)"
+        )
+    why = check_writable(settings.json_report)
+    if why:
+        raise pytest.UsageError(
+            f"celery-dispatch: cannot write the JSON report {settings.json_report!r}: {why}; "
+            "pass --celery-json-report PATH in a writable directory"
+        )
+
+
+def pytest_report_header(config: pytest.Config) -> list[str] | None:
+    dsession = config.stash.get(SESSION_KEY, None)
+    if dsession is None:
+        return None
+    st = dsession.settings
+    return [
+        f"celery-dispatch: broker {st.broker_masked}, backend {st.backend_masked}, "
+        f"timeout {st.timeout:g}s, retries {st.retries}, run {dsession.run_id}"
+    ]
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    json_plugin = config.stash.get(JSON_KEY, None)
+    if json_plugin is None or json_plugin.data is None:
+        return
+    from .terminal import summary_lines
+
+    terminalreporter.write_sep("=", "celery dispatch", cyan=True)
+    for text, markup in summary_lines(json_plugin.data, config.get_verbosity()):
+        terminalreporter.write_line(text, **markup)
+    if json_plugin.written:
+        terminalreporter.write_line(f"JSON report: {os.path.abspath(json_plugin.written)}")
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+
+def _settings_for_fixture(config: pytest.Config) -> S.Settings:
+    error = config.stash.get(SETTINGS_ERROR_KEY, None)
+    if error is not None:
+        raise pytest.UsageError(error)
+    return config.stash[SETTINGS_KEY]
+
+
+@pytest.fixture(scope="session")
+def dispatch_app(pytestconfig: pytest.Config) -> Iterator[Any]:
+    """The Celery app configured from this run's settings (broker, backend, JSON only)."""
+    from .transport import make_app
+
+    settings = _settings_for_fixture(pytestconfig)
+    app = make_app(settings.broker, settings.backend)
+    yield app
+    app.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskResult:
+    """One finished task as seen by the dispatcher: its return value and the timing."""
+
+    name: str
+    queue: str | None
+    task_id: str
+    result: Any
+    sent_at: float
+    received_at: float
+
+    @property
+    def round_trip(self) -> float:
+        return self.received_at - self.sent_at
+
+
+class Dispatcher:
+    """Send tasks to queues from a test and gather their results concurrently."""
+
+    def __init__(self, app: Any, dispatching: bool) -> None:
+        self.app = app
+        self.dispatching = dispatching
+
+    def require(self, *queues: str, wait: float = 3.0) -> None:
+        """Skip (plain run) or fail (``--celery-dispatch`` run) unless each queue has a worker."""
+        from .transport import Broker, BrokerUnavailable, connect, wait_until
+
+        react = pytest.fail if self.dispatching else pytest.skip
+        try:
+            conn = connect(self.app, timeout=3.0)
+        except BrokerUnavailable as exc:
+            react(f"dispatcher needs a broker: {exc}")
+        broker = Broker(self.app, conn)
+        try:
+            for queue in queues:
+                broker.declare_task_queue(queue)
+                if not wait_until(lambda q=queue: broker.consumer_count(q) > 0, wait, 0.1):
+                    react(
+                        f"dispatcher needs a worker on queue {queue!r}: none consumes it "
+                        f"(start one: celery -A pytest_celery_dispatch.worker worker -Q {queue})"
+                    )
+        finally:
+            broker.close()
+
+    def gather(
+        self, calls: Sequence[tuple[str, str | None, dict[str, Any]]], timeout: float = 60.0
+    ) -> list[TaskResult]:
+        """Send every ``(task_name, queue, kwargs)`` at once; return results in call order."""
+        sent = []
+        for name, queue, kwargs in calls:
+            options: dict[str, Any] = {"queue": queue} if queue else {}
+            sent_at = time.time()
+            async_result = self.app.send_task(name, kwargs=kwargs, **options)
+            sent.append((name, queue, async_result, sent_at))
+        results: dict[int, TaskResult] = {}
+        deadline = time.monotonic() + timeout
+        while len(results) < len(sent):
+            if time.monotonic() > deadline:
+                waiting = [sent[i][0] for i in range(len(sent)) if i not in results]
+                pytest.fail(f"dispatcher: no result within {timeout:g}s for {', '.join(waiting)}")
+            for index, (name, queue, async_result, sent_at) in enumerate(sent):
+                if index in results or not async_result.ready():
+                    continue
+                value = async_result.get(timeout=1.0, propagate=True)
+                results[index] = TaskResult(
+                    name, queue, str(async_result.id), value, sent_at, time.time()
+                )
+            time.sleep(0.005)
+        return [results[i] for i in range(len(sent))]
+
+    def call(
+        self, name: str, queue: str | None = None, timeout: float = 60.0, **kwargs: Any
+    ) -> TaskResult:
+        return self.gather([(name, queue, kwargs)], timeout=timeout)[0]
+
+
+@pytest.fixture
+def dispatcher(dispatch_app: Any, pytestconfig: pytest.Config) -> Dispatcher:
+    """Send tasks to queues and gather results concurrently, with per-task timing."""
+    return Dispatcher(dispatch_app, dispatching=SESSION_KEY in pytestconfig.stash)
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchContext:
+    """Where this test runs: on a worker (``dispatched``) or locally."""
+
+    dispatched: bool
+    worker: str
+    queue: str | None
+    hostname: str | None
+    task_id: str | None
+    attempt: int
+    run_id: str | None
+    workspace: str | None
+
+
+def current_context() -> DispatchContext:
+    env = os.environ
+    if env.get(ENV_RUNNER) == "1":
+        return DispatchContext(
+            dispatched=True,
+            worker=env.get("DISPATCH_WORKER_ID", ""),
+            queue=env.get("DISPATCH_QUEUE") or None,
+            hostname=env.get("DISPATCH_HOSTNAME") or None,
+            task_id=env.get("DISPATCH_TASK_ID") or None,
+            attempt=int(env.get("DISPATCH_ATTEMPT", "1") or 1),
+            run_id=env.get("DISPATCH_RUN_ID") or None,
+            workspace=env.get("DISPATCH_WORKSPACE") or None,
+        )
+    import socket
+
+    return DispatchContext(False, "local", None, socket.gethostname(), None, 0, None, None)
+
+
+@pytest.fixture
+def dispatch_context() -> DispatchContext:
+    """Where this test runs: worker id, queue and host on a worker; ``worker='local'`` here."""
+    return current_context()

@@ -1,0 +1,104 @@
+"""Wire format shared by the controller, the worker task and the runner: JSON only.
+
+Reports travel as pytest's own ``pytest_report_to_serializable`` dicts inside a small envelope.
+A value ``json.dumps`` rejects is replaced by its ``str()`` (the pytest-reportlog habit), so a
+test that puts an odd object in ``user_properties`` still gets its report home.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from typing import Any, Literal, TypedDict
+
+PROTOCOL = 1
+TASK_NAME = "pytest_celery_dispatch.run_tests"
+
+EventType = Literal[
+    "started",  # the worker took the batch
+    "logstart",  # a test began (runner)
+    "report",  # one phase report (runner)
+    "logfinish",  # a test ended (runner)
+    "crashed",  # the runner died or was killed while running a test
+    "missing",  # nodeids the worker could not collect
+    "finished",  # the batch is over
+    "refused",  # the worker refused the batch (bad nodeid, bad payload)
+]
+
+
+class RunTestsPayload(TypedDict):
+    """The single argument of the ``run_tests`` task."""
+
+    protocol: int
+    run_id: str
+    reply_to: str
+    batch_id: str
+    attempt: int
+    queue: str
+    nodeids: list[str]
+    timeout: float
+    pytest_args: list[str]
+
+
+class Event(TypedDict, total=False):
+    """One message on the per-run reply queue."""
+
+    protocol: int
+    type: EventType
+    run_id: str
+    batch_id: str
+    stream_id: str  # one execution of a batch (a redelivered batch gets a new one)
+    attempt: int
+    queue: str
+    worker: str
+    hostname: str
+    task_id: str
+    pid: int
+    ts: float
+    nodeid: str
+    nodeids: list[str]
+    location: list[Any]
+    report: dict[str, Any]
+    reason: str
+    message: str
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, default=str, ensure_ascii=False)
+
+
+def loads(text: str | bytes) -> Any:
+    return json.loads(text)
+
+
+class UnsafeNodeId(ValueError):
+    """A nodeid that would reach outside the worker's workspace."""
+
+
+def nodeid_path(nodeid: str) -> str:
+    """The file part of a nodeid (``a/test_x.py::T::t[p::q]`` -> ``a/test_x.py``)."""
+    return nodeid.split("::", 1)[0]
+
+
+def check_nodeid(nodeid: str) -> str:
+    """Refuse nodeids that are absolute or climb out of the workspace; return the file part."""
+    if not isinstance(nodeid, str) or not nodeid or "\x00" in nodeid:
+        raise UnsafeNodeId(f"invalid nodeid {nodeid!r}")
+    path = nodeid_path(nodeid)
+    if path.startswith(("/", "\\")) or (len(path) > 1 and path[1] == ":") or "\\" in path:
+        raise UnsafeNodeId(f"nodeid {nodeid!r} is an absolute path; nodeids are workspace-relative")
+    normalized = posixpath.normpath(path)
+    if normalized == ".." or normalized.startswith("../"):
+        raise UnsafeNodeId(f"nodeid {nodeid!r} points outside the worker's workspace")
+    return path
+
+
+def confine(workspace: str, nodeid: str) -> str:
+    """Absolute path of a nodeid's file inside ``workspace`` (symlinks resolved), or raise."""
+    rel = check_nodeid(nodeid)
+    root = os.path.realpath(workspace)
+    full = os.path.realpath(os.path.join(root, rel))
+    if full != root and not full.startswith(root + os.sep):
+        raise UnsafeNodeId(f"nodeid {nodeid!r} resolves outside the worker's workspace {root}")
+    return full

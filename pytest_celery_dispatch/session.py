@@ -1,0 +1,714 @@
+"""The controller: health checks, sending batches, and the main-thread event loop.
+
+Only the main thread calls pytest hooks. The reply consumer thread puts events on a queue;
+:meth:`DispatchSession.loop_once` drains it, buffers each test's phase reports per execution
+stream, and replays a test into ``pytest_runtest_logstart`` / ``logreport`` / ``logfinish``
+only when that stream has finished it, and only the first time: a test run twice (broker
+redelivery, re-dispatch) is reported once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import queue as queue_mod
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+
+from . import routing, scheduling
+from .serialization import PROTOCOL, Event, RunTestsPayload, dumps
+from .settings import Settings
+
+#: How often queues are polled for consumers while waiting, and batches checked for deadlines.
+POLL_INTERVAL = 0.5
+
+
+class DispatchError(Exception):
+    """An infrastructure failure that ends a dispatched test (worker lost, no consumer...)."""
+
+    __module__ = "pytest_celery_dispatch"
+
+
+@dataclasses.dataclass
+class TestRecord:
+    """Where and when one dispatched test ran; the ``dispatch`` section of the JSON report."""
+
+    __test__ = False  # not a test class, whatever pytest's collection rules say
+
+    nodeid: str
+    queue: str | None
+    worker: str | None = None
+    hostname: str | None = None
+    task_id: str | None = None
+    attempts: int = 0
+    sent: float | None = None
+    started: float | None = None
+    finished: float | None = None
+    duration: float = 0.0
+    outcome: str | None = None
+    infrastructure_error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "queue": self.queue,
+            "worker": self.worker,
+            "hostname": self.hostname,
+            "task_id": self.task_id,
+            "attempts": self.attempts,
+            "sent": self.sent,
+            "started": self.started,
+            "finished": self.finished,
+            "infrastructure_error": self.infrastructure_error,
+        }
+
+
+def make_error_longrepr(message: str) -> Any:
+    """A longrepr whose crash line is ``message`` (shown in -r summaries), no traceback."""
+    try:
+        raise DispatchError(message)
+    except DispatchError as exc:
+        return pytest.ExceptionInfo.from_exception(exc).getrepr(style="value")
+
+
+def restore_tuples(report: Any) -> None:
+    """JSON turns tuples into lists; pytest expects tuples for skip longreprs and locations."""
+    if isinstance(report.longrepr, list):
+        report.longrepr = tuple(report.longrepr)
+    if isinstance(report.location, list):
+        report.location = tuple(report.location)
+
+
+def _outcome(reports: list[Any]) -> str:
+    for report in reports:
+        if report.failed:
+            return "error" if report.when != "call" else "failed"
+    for report in reports:
+        if report.skipped:
+            return "skipped"
+    return "passed"
+
+
+def forwarded_pytest_args(config: pytest.Config) -> list[str]:
+    """Options that shape how a test runs or reports, replayed on the worker's runner."""
+    opt = config.option
+    args: list[str] = []
+    tbstyle = getattr(opt, "tbstyle", "auto")
+    if tbstyle and tbstyle != "auto":
+        args.append(f"--tb={tbstyle}")
+    if getattr(opt, "showlocals", False):
+        args.append("--showlocals")
+    for item in getattr(opt, "override_ini", None) or []:
+        args.extend(["-o", item])
+    for warning in getattr(opt, "pythonwarnings", None) or []:
+        args.extend(["-W", warning])
+    importmode = getattr(opt, "importmode", None)
+    if importmode and importmode != "prepend":
+        args.append(f"--import-mode={importmode}")
+    verbose = int(getattr(opt, "verbose", 0) or 0)
+    if verbose > 1:
+        args.append("-" + "v" * verbose)
+    timeout = getattr(opt, "timeout", None)
+    if timeout is not None:
+        args.append(f"--timeout={timeout}")
+    return args
+
+
+class DispatchSession:
+    """Registered as a plugin only with ``--celery-dispatch``; owns the run's dispatching."""
+
+    def __init__(self, config: pytest.Config, settings: Settings) -> None:
+        self.config = config
+        self.settings = settings
+        self.run_id = uuid.uuid4().hex[:16]
+        self.reply_to = f"celery-dispatch.reply.{self.run_id}"
+        self.routes: dict[str, routing.Route] = {}
+        self.items: dict[str, pytest.Item] = {}
+        self.records: dict[str, TestRecord] = {}
+        self.batches: dict[str, scheduling.Batch] = {}
+        self.abandoned: set[str] = set()
+        self.unsent: list[scheduling.Batch] = []
+        self.buffers: dict[tuple[str, str], list[Any]] = {}
+        self.finalized: set[str] = set()
+        self.events: queue_mod.Queue[Event] = queue_mod.Queue()
+        self.waiting_queues: dict[str, float] = {}  # queue -> deadline (monotonic)
+        self.consumers: dict[str, int] = {}
+        self.workers_by_queue: dict[str, list[str]] = {}
+        self.broker_error: str | None = None
+        self.started_at = time.time()
+        self.finished_at: float | None = None
+        self.interrupted = False
+        self._broker: Any = None
+        self._app: Any = None
+        self._consumer: Any = None
+        self._last_poll = 0.0
+        self._no_consumer_since: dict[str, float] = {}
+        self._pending_nodeids: dict[str, list[str]] = {}
+        self.queue_last_seen: dict[str, float] = {}
+        self._session: pytest.Session | None = None
+        self._event_log: Any = None
+
+    # ------------------------------------------------------------------ collection
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        """Route after every other plugin, so markers added in this hook count too."""
+        self.routes.clear()
+        for item in items:
+            marker = item.get_closest_marker("queue")
+            self.routes[item.nodeid] = routing.route(
+                (marker.args, marker.kwargs) if marker is not None else None,
+                self.settings.default_queue,
+                self.settings.allowed_queues,
+            )
+
+    def route_of(self, item: pytest.Item) -> routing.Route:
+        found = self.routes.get(item.nodeid)
+        if found is None:
+            marker = item.get_closest_marker("queue")
+            found = routing.route(
+                (marker.args, marker.kwargs) if marker is not None else None,
+                self.settings.default_queue,
+                self.settings.allowed_queues,
+            )
+        return found
+
+    # ------------------------------------------------------------------ reporting helpers
+
+    def tag(self, nodeid: str) -> str | None:
+        record = self.records.get(nodeid)
+        if record is None or record.queue is None:
+            return None
+        return f"{record.worker or '?'}/{record.queue}"
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_report_teststatus(
+        self, report: pytest.TestReport | pytest.CollectReport, config: pytest.Config
+    ) -> Any:
+        result = yield
+        if (
+            result
+            and config.get_verbosity() > 0
+            and isinstance(report, pytest.TestReport)
+            and report.nodeid in self.finalized
+        ):
+            tag = self.tag(report.nodeid)
+            category, letter, word = result
+            if tag and word:
+                if isinstance(word, tuple):
+                    word = (f"{word[0]} [{tag}]", word[1])
+                else:
+                    word = f"{word} [{tag}]"
+                return category, letter, word
+        return result
+
+    def _replay(self, item_nodeid: str, reports: list[Any]) -> None:
+        """Feed one test's reports to pytest exactly as a local run would."""
+        hook = self.config.hook
+        record = self.records.get(item_nodeid)
+        item = self.items.get(item_nodeid)
+        location = reports[0].location if reports else (item.location if item else None)
+        self.finalized.add(item_nodeid)
+        hook.pytest_runtest_logstart(nodeid=item_nodeid, location=location)
+        duration = 0.0
+        for index, report in enumerate(reports):
+            duration += float(getattr(report, "duration", 0.0) or 0.0)
+            if record is not None and record.queue is not None and index == len(reports) - 1:
+                report.user_properties = [
+                    *list(report.user_properties or []),
+                    ("dispatch.worker", record.worker or ""),
+                    ("dispatch.queue", record.queue),
+                    ("dispatch.task_id", record.task_id or ""),
+                    ("dispatch.host", record.hostname or ""),
+                    ("dispatch.attempts", record.attempts),
+                ]
+            hook.pytest_runtest_logreport(report=report)
+        hook.pytest_runtest_logfinish(nodeid=item_nodeid, location=location)
+        if record is not None:
+            record.duration = duration
+            if record.finished is None:
+                record.finished = time.time()
+            self.log_event(
+                "finished",
+                item_nodeid,
+                queue=record.queue,
+                worker=record.worker,
+                task_id=record.task_id,
+                attempt=record.attempts,
+                duration=duration,
+                outcome=_outcome(reports),
+                infrastructure_error=record.infrastructure_error,
+            )
+
+    def fail_test(self, nodeid: str, message: str, when: str = "call") -> None:
+        """End a test with a synthetic failure (infrastructure or routing), once."""
+        if nodeid in self.finalized:
+            return
+        item = self.items[nodeid]
+        now = time.time()
+        keywords = {name: 1 for name in item.keywords}
+        first = pytest.TestReport(
+            nodeid=nodeid,
+            location=item.location,
+            keywords=keywords,  # type: ignore[arg-type]
+            outcome="failed",
+            longrepr=make_error_longrepr(message),
+            when=when,  # type: ignore[arg-type]
+            start=now,
+            stop=now,
+        )
+        teardown = pytest.TestReport(
+            nodeid=nodeid,
+            location=item.location,
+            keywords=keywords,  # type: ignore[arg-type]
+            outcome="passed",
+            longrepr=None,
+            when="teardown",
+            start=now,
+            stop=now,
+        )
+        record = self.records.get(nodeid)
+        if record is not None:
+            record.infrastructure_error = message
+        self._replay(nodeid, [first, teardown])
+
+    # ------------------------------------------------------------------ the run
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> bool:
+        if session.testsfailed and not session.config.option.continue_on_collection_errors:
+            raise session.Interrupted(
+                f"{session.testsfailed} error{'s' if session.testsfailed != 1 else ''} "
+                "during collection"
+            )
+        if session.config.option.collectonly:
+            return True
+
+        self._session = session
+        self.started_at = time.time()
+        local: list[pytest.Item] = []
+        remote: dict[str, list[str]] = {}
+        invalid: list[tuple[str, str]] = []
+        for item in session.items:
+            self.items[item.nodeid] = item
+            route = self.route_of(item)
+            if route.error is not None:
+                invalid.append((item.nodeid, route.error))
+            elif route.queue is None:
+                local.append(item)
+            else:
+                remote.setdefault(route.queue, []).append(item.nodeid)
+                self.records[item.nodeid] = TestRecord(nodeid=item.nodeid, queue=route.queue)
+
+        try:
+            for nodeid, error in invalid:
+                self.fail_test(nodeid, f"invalid queue marker on {nodeid}: {error}", "setup")
+            self._check_stop(session)
+            if remote:
+                self._start_remote(remote)
+            self._run_local(session, local)
+            self._run_remote(session)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            raise
+        finally:
+            self.finished_at = time.time()
+            self._shutdown()
+        return True
+
+    def _check_stop(self, session: pytest.Session) -> None:
+        if session.shouldfail:
+            raise session.Failed(session.shouldfail)
+        if session.shouldstop:
+            raise session.Interrupted(session.shouldstop)
+
+    def _write_line(self, line: str, **markup: bool) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(line, **markup)
+
+    def _start_remote(self, remote: Mapping[str, list[str]]) -> None:
+        from . import transport
+
+        self._app = transport.make_app(self.settings.broker, self.settings.backend)
+        try:
+            conn = transport.connect(self._app)
+        except transport.BrokerUnavailable as exc:
+            self.broker_error = f"celery-dispatch: {exc}"
+            self._write_line(self.broker_error, red=True, bold=True)
+            for nodeids in remote.values():
+                for nodeid in nodeids:
+                    self.fail_test(nodeid, self.broker_error)
+            return
+        self._broker = transport.Broker(self._app, conn)
+        self._broker.declare_reply_queue(self.reply_to)
+        self._consumer = transport.ReplyConsumer(self._app, self.reply_to, self.events)
+        self._consumer.start()
+        self._consumer.ready.wait(5.0)
+
+        pending: dict[str, list[str]] = {}
+        for queue_name, nodeids in remote.items():
+            self._broker.declare_task_queue(queue_name)
+            self.consumers[queue_name] = self._broker.consumer_count(queue_name)
+            pending[queue_name] = nodeids
+        now = time.monotonic()
+        for queue_name, nodeids in pending.items():
+            if self.consumers[queue_name] > 0:
+                self._send_queue(queue_name, nodeids)
+            else:
+                self.waiting_queues[queue_name] = now + self.settings.wait_workers
+        self._pending_nodeids = {q: n for q, n in pending.items() if q in self.waiting_queues}
+        present = {q for q, c in self.consumers.items() if c > 0}
+        if present:
+            self.workers_by_queue = self._broker.workers_by_queue(
+                present, timeout=min(1.0, max(0.2, self.settings.wait_workers))
+            )
+        self._write_header()
+
+    def _write_header(self) -> None:
+        parts = []
+        for queue_name in sorted(self.consumers):
+            count = self.consumers[queue_name]
+            names = self.workers_by_queue.get(queue_name) or []
+            shown = f" ({', '.join(names)})" if names else ""
+            n_tests = sum(1 for r in self.records.values() if r.queue == queue_name)
+            if count:
+                parts.append(
+                    f"{queue_name}: {count} worker{'s' if count != 1 else ''}{shown}, "
+                    f"{n_tests} test{'s' if n_tests != 1 else ''}"
+                )
+            else:
+                plural = "s" if n_tests != 1 else ""
+                parts.append(
+                    f"{queue_name}: no worker yet, waiting up to "
+                    f"{self.settings.wait_workers:g}s for {n_tests} test{plural}"
+                )
+        self._write_line("celery-dispatch workers: " + "; ".join(parts), cyan=True)
+
+    def _send_queue(self, queue_name: str, nodeids: list[str]) -> None:
+        batches = scheduling.plan_batches(
+            self.run_id, queue_name, nodeids, max(1, self.consumers.get(queue_name, 1))
+        )
+        for batch in batches:
+            self._send(batch)
+
+    def _send(self, batch: scheduling.Batch) -> None:
+        payload: RunTestsPayload = {
+            "protocol": PROTOCOL,
+            "run_id": self.run_id,
+            "reply_to": self.reply_to,
+            "batch_id": batch.batch_id,
+            "attempt": batch.attempt,
+            "queue": batch.queue,
+            "nodeids": list(batch.nodeids),
+            "timeout": self.settings.timeout,
+            "pytest_args": forwarded_pytest_args(self.config),
+        }
+        task_id = f"{batch.batch_id}-{uuid.uuid4().hex[:8]}"
+        self.batches[batch.batch_id] = batch
+        now = time.time()
+        try:
+            batch.task_id = self._broker.send(payload, task_id)
+        except Exception as exc:
+            from .transport import describe_error
+
+            for nodeid in batch.nodeids:
+                self.fail_test(
+                    nodeid,
+                    f"could not send {nodeid} to queue {batch.queue!r} on "
+                    f"{self.settings.broker_masked}: {describe_error(exc)}",
+                )
+            batch.done.update(batch.nodeids)
+            return
+        batch.sent_at = time.monotonic()
+        for nodeid in batch.nodeids:
+            record = self.records[nodeid]
+            record.task_id = batch.task_id
+            record.attempts = batch.attempt
+            record.sent = now
+            self.log_event(
+                "sent", nodeid, queue=batch.queue, task_id=batch.task_id, attempt=batch.attempt
+            )
+
+    def _run_local(self, session: pytest.Session, local: list[pytest.Item]) -> None:
+        for index, item in enumerate(local):
+            nextitem = local[index + 1] if index + 1 < len(local) else None
+            item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+            self._check_stop(session)
+            self.loop_once(block=False)
+            self._check_stop(session)
+
+    def _unfinished(self) -> list[str]:
+        return [n for n in self.records if n not in self.finalized]
+
+    def _run_remote(self, session: pytest.Session) -> None:
+        while self._unfinished():
+            self.loop_once(block=True)
+            self._check_stop(session)
+
+    # ------------------------------------------------------------------ the event loop
+
+    def loop_once(self, block: bool = True) -> None:
+        """Handle queued events (waiting up to 0.2 s for one), then check the clocks."""
+        try:
+            event = self.events.get(timeout=0.2) if block else self.events.get_nowait()
+        except queue_mod.Empty:
+            event = None
+        while event is not None:
+            self.handle_event(event)
+            try:
+                event = self.events.get_nowait()
+            except queue_mod.Empty:
+                event = None
+        now = time.monotonic()
+        if now - self._last_poll >= POLL_INTERVAL:
+            self._last_poll = now
+            self._poll(now)
+
+    def handle_event(self, event: Event) -> None:
+        if event.get("run_id") != self.run_id:
+            return
+        batch = self.batches.get(str(event.get("batch_id")))
+        if batch is None:
+            return
+        kind = event.get("type")
+        now = time.monotonic()
+        batch.last_seen = now
+        self.queue_last_seen[batch.queue] = now
+        stream = str(event.get("stream_id", ""))
+        nodeid = str(event.get("nodeid", ""))
+        if kind == "started":
+            batch.started_at = batch.started_at or now
+            batch.worker = str(event.get("worker"))
+            for n in batch.remaining:
+                self._annotate(n, event)
+        elif kind == "logstart":
+            record = self.records.get(nodeid)
+            if record is not None and nodeid not in self.finalized:
+                self._annotate(nodeid, event)
+                record.started = float(event.get("ts") or time.time())
+                self.log_event(
+                    "started",
+                    nodeid,
+                    queue=record.queue,
+                    worker=record.worker,
+                    task_id=record.task_id,
+                    attempt=record.attempts,
+                )
+        elif kind == "report":
+            if nodeid in self.finalized or nodeid not in self.records:
+                return
+            report = self.config.hook.pytest_report_from_serializable(
+                config=self.config, data=event.get("report")
+            )
+            if report is not None:
+                restore_tuples(report)
+                self.buffers.setdefault((stream, nodeid), []).append(report)
+        elif kind == "logfinish":
+            reports = self.buffers.pop((stream, nodeid), [])
+            if nodeid in self.records and nodeid not in self.finalized:
+                self._annotate(nodeid, event)
+                record = self.records[nodeid]
+                record.finished = float(event.get("ts") or time.time())
+                self._replay(nodeid, reports)
+            self._mark_done(nodeid)
+        elif kind == "crashed":
+            self.buffers.pop((stream, nodeid), None)
+            if nodeid in self.records and nodeid not in self.finalized:
+                self._annotate(nodeid, event)
+                message = str(event.get("message") or event.get("reason") or "crashed")
+                self.fail_test(
+                    nodeid,
+                    f"{nodeid} crashed on {event.get('worker')} (queue {event.get('queue')}, "
+                    f"attempt {event.get('attempt')}): {message}",
+                )
+            self._mark_done(nodeid)
+        elif kind in ("missing", "refused"):
+            reason = str(event.get("reason") or "")
+            for missing in event.get("nodeids", []):
+                if missing in self.records and missing not in self.finalized:
+                    self._annotate(missing, event)
+                    if kind == "missing":
+                        text = (
+                            f"{missing} was not found on {event.get('worker')} "
+                            f"(queue {event.get('queue')}): the worker's workspace does not "
+                            "have this test. Check DISPATCH_WORKSPACE on the worker: it must "
+                            "be the controller's rootdir with the same test files."
+                        )
+                    else:
+                        text = f"{event.get('worker')} refused {missing}: {reason}"
+                    if reason and kind == "missing":
+                        text += f"\n{reason}"
+                    self.fail_test(missing, text)
+                self._mark_done(missing)
+        elif kind == "finished":
+            for n in list(batch.remaining):
+                if n not in self.finalized:
+                    self.fail_test(
+                        n,
+                        f"{event.get('worker')} finished batch {batch.batch_id} without a "
+                        f"result for {n}",
+                    )
+                self._mark_done(n)
+
+    def _annotate(self, nodeid: str, event: Event) -> None:
+        record = self.records.get(nodeid)
+        if record is None or nodeid in self.finalized:
+            return
+        record.worker = str(event.get("worker") or record.worker or "")
+        record.hostname = str(event.get("hostname") or record.hostname or "")
+        record.task_id = str(event.get("task_id") or record.task_id or "")
+        record.attempts = int(event.get("attempt") or record.attempts or 1)
+
+    def _mark_done(self, nodeid: str) -> None:
+        for batch in self.batches.values():
+            if nodeid in batch.nodeids:
+                batch.done.add(nodeid)
+
+    def _poll(self, now: float) -> None:
+        """Deadlines: queues without consumers, lost batches, batches waiting on backoff."""
+        if self._broker is None:
+            return
+        for queue_name, deadline in list(self.waiting_queues.items()):
+            count = self._broker.consumer_count(queue_name)
+            self.consumers[queue_name] = count
+            nodeids = [n for n in self._pending_nodeids.get(queue_name, [])]
+            if count > 0:
+                del self.waiting_queues[queue_name]
+                self._write_line(
+                    f"celery-dispatch: a worker now consumes {queue_name}; sending "
+                    f"{len(nodeids)} test{'s' if len(nodeids) != 1 else ''}",
+                    cyan=True,
+                )
+                self._send_queue(queue_name, nodeids)
+            elif now >= deadline:
+                del self.waiting_queues[queue_name]
+                for nodeid in nodeids:
+                    self.fail_test(nodeid, self._no_consumer_message(queue_name))
+        # Queues whose batches wait unstarted: did every consumer go away?
+        queued: dict[str, list[scheduling.Batch]] = {}
+        for batch in list(self.batches.values()):
+            if batch.batch_id in self.abandoned or batch.finished:
+                continue
+            if scheduling.is_lost(
+                batch, now, self.settings.timeout, self.queue_last_seen.get(batch.queue)
+            ):
+                self._lost(batch, now)
+            elif batch.started_at is None and batch.sent_at is not None:
+                queued.setdefault(batch.queue, []).append(batch)
+        for queue_name, batches in queued.items():
+            count = self._broker.consumer_count(queue_name)
+            self.consumers[queue_name] = count
+            if count > 0:
+                self._no_consumer_since.pop(queue_name, None)
+                continue
+            since = self._no_consumer_since.setdefault(queue_name, now)
+            if now - since >= self.settings.wait_workers:
+                for batch in batches:
+                    self.abandoned.add(batch.batch_id)
+                    for nodeid in batch.remaining:
+                        self.fail_test(nodeid, self._no_consumer_message(queue_name))
+                        self._mark_done(nodeid)
+        for batch in list(self.unsent):
+            if now >= batch.not_before:
+                self.unsent.remove(batch)
+                self._send(batch)
+
+    def _no_consumer_message(self, queue_name: str) -> str:
+        return (
+            f"no worker consumes queue {queue_name!r} (waited "
+            f"{self.settings.wait_workers:g}s, --celery-wait-workers). Start one: "
+            f"celery -A pytest_celery_dispatch.worker worker -Q {queue_name} "
+            f"-n worker@%h"
+        )
+
+    def _lost(self, batch: scheduling.Batch, now: float) -> None:
+        self.abandoned.add(batch.batch_id)
+        follow_up = scheduling.redispatch(batch, self.run_id, self.settings.retries, now)
+        silent = self.settings.timeout + scheduling.grace_for(self.settings.timeout)
+        where = "running" if batch.started_at is not None else "waiting in the queue for"
+        if follow_up is not None:
+            self._write_line(
+                f"celery-dispatch: no word from {batch.worker or 'the worker'} on "
+                f"{batch.queue} for {silent:g}s; re-dispatching {len(follow_up.nodeids)} "
+                f"test(s) (attempt {follow_up.attempt} of {self.settings.retries + 1})",
+                yellow=True,
+            )
+            self.batches[follow_up.batch_id] = follow_up
+            self.unsent.append(follow_up)
+            return
+        for nodeid in batch.remaining:
+            self.fail_test(
+                nodeid,
+                f"{batch.worker or 'the worker'} lost while {where} {nodeid} "
+                f"(queue {batch.queue}): no result for {silent:g}s after {batch.attempt} "
+                f"attempt{'s' if batch.attempt != 1 else ''} (--celery-timeout "
+                f"{self.settings.timeout:g}, --celery-retries {self.settings.retries})",
+            )
+            self._mark_done(nodeid)
+
+    def _shutdown(self) -> None:
+        if self._consumer is not None:
+            self._consumer.stop()
+        if self._broker is not None:
+            with contextlib.suppress(Exception):
+                self._revoke_outstanding()
+            self._broker.delete_queue(self.reply_to)
+            self._broker.close()
+        missing = self._unfinished()
+        if missing and not self.interrupted and not self._stopped_early():
+            # The invariant: every dispatched test ends with exactly one final outcome.
+            for nodeid in missing:
+                self.fail_test(
+                    nodeid, f"celery-dispatch internal error: no final outcome for {nodeid}"
+                )
+        self.close_event_log()
+
+    def close_event_log(self) -> None:
+        if self._event_log is not None:
+            self._event_log.close()
+            self._event_log = None
+
+    def _stopped_early(self) -> bool:
+        session = self._session
+        return bool(session is not None and (session.shouldfail or session.shouldstop))
+
+    def _revoke_outstanding(self) -> None:
+        ids = [
+            b.task_id
+            for b in self.batches.values()
+            if b.task_id and not b.finished and b.batch_id not in self.abandoned
+        ]
+        if ids and self._app is not None:
+            self._app.control.revoke(ids)
+
+    # ------------------------------------------------------------------ figures and event log
+
+    def report_info(self) -> dict[str, Any]:
+        """The run-level part of the JSON report's ``dispatch`` section."""
+        end = self.finished_at or time.time()
+        return {
+            "run_id": self.run_id,
+            "broker": self.settings.broker_masked,
+            "backend": self.settings.backend_masked,
+            "interrupted": self.interrupted,
+            "broker_error": self.broker_error,
+            "consumers": dict(self.consumers),
+            "workers_by_queue": {q: list(w) for q, w in self.workers_by_queue.items()},
+            "wall_time": max(0.0, end - self.started_at),
+        }
+
+    def log_event(self, kind: str, nodeid: str, **fields: Any) -> None:
+        """One JSON line in --celery-event-log: sent / started / finished per test."""
+        if self.settings.event_log is None:
+            return
+        if self._event_log is None:
+            self._event_log = open(self.settings.event_log, "a", encoding="utf-8")  # noqa: SIM115
+        line = {"ts": time.time(), "event": kind, "run_id": self.run_id, "nodeid": nodeid}
+        line.update(fields)
+        self._event_log.write(dumps(line) + "\n")
+        self._event_log.flush()

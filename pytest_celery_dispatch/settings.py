@@ -1,0 +1,311 @@
+"""One frozen :class:`Settings`, resolved once per run: command line > environment > ini > default.
+
+Every bad value becomes a :class:`pytest.UsageError` that names the option, where the value came
+from, and the accepted form (the pytest-timeout habit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from .celeryconf import DEFAULT_BACKEND as DEFAULT_BACKEND
+from .celeryconf import DEFAULT_BROKER as DEFAULT_BROKER
+
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_WAIT_WORKERS = 10.0
+DEFAULT_RETRIES = 2
+EMBEDDED = "embedded"
+
+BROKER_SCHEMES = frozenset({"amqp", "amqps", "pyamqp", "redis", "rediss", "memory"})
+BACKEND_SCHEMES = frozenset({"rpc", "redis", "rediss", "amqp", "disabled"})
+QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
+
+HELP_DISPATCH = "send tests marked @pytest.mark.queue(NAME) to Celery workers consuming NAME"
+HELP_BROKER = (
+    "broker URL (env CELERY_BROKER_URL, then BROKER_URL); "
+    f"default {DEFAULT_BROKER}; 'embedded' is reserved for the serverless broker"
+)
+HELP_BACKEND = f"Celery result backend used by the dispatcher fixture; default {DEFAULT_BACKEND}"
+HELP_DEFAULT_QUEUE = "queue for tests without a queue marker; unset = run them locally"
+HELP_JSON_REPORT = "JSON report path; default dispatch_results_<YYYYmmdd_HHMMSS>.json"
+HELP_TIMEOUT = (
+    "per-test deadline in seconds on a worker (hard kill after it); "
+    f"also drives lost-result detection; default {DEFAULT_TIMEOUT:g}"
+)
+HELP_WAIT_WORKERS = (
+    "seconds to wait for a consumer on each needed queue before failing its tests; "
+    f"default {DEFAULT_WAIT_WORKERS:g}"
+)
+HELP_RETRIES = (
+    "re-dispatches after an infrastructure failure (worker or result lost), "
+    f"with exponential backoff; default {DEFAULT_RETRIES}"
+)
+HELP_LOCAL_WORKERS = (
+    "start one local worker per queue for this run and stop it after: 'queue_a,queue_b' or 'auto'"
+)
+HELP_TIMELINE = "write a self-contained HTML timeline of the run to PATH"
+HELP_EVENT_LOG = "write JSON lines (sent / started / finished per test) to PATH"
+HELP_QUEUES = "allowed queue names (one per line or comma separated); unset = any name"
+
+
+def _mask(url: str) -> str:
+    """Mask the password of a URL (kombu's own helper, with a fallback for unparsable text)."""
+    try:
+        from kombu.utils.url import maybe_sanitize_url
+
+        return str(maybe_sanitize_url(url))
+    except Exception:
+        return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1**@", url)
+
+
+def mask_url(url: str) -> str:
+    """``amqp://user:secret@host//`` -> ``amqp://user:**@host//``; other text unchanged."""
+    if url == EMBEDDED or "@" not in url:
+        return url
+    return _mask(url)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    dispatch: bool = False
+    broker: str = DEFAULT_BROKER
+    backend: str = DEFAULT_BACKEND
+    default_queue: str | None = None
+    json_report: str = ""
+    timeout: float = DEFAULT_TIMEOUT
+    wait_workers: float = DEFAULT_WAIT_WORKERS
+    retries: int = DEFAULT_RETRIES
+    local_workers: tuple[str, ...] = ()
+    local_workers_auto: bool = False
+    timeline: str | None = None
+    event_log: str | None = None
+    allowed_queues: frozenset[str] | None = None
+
+    @property
+    def broker_masked(self) -> str:
+        return mask_url(self.broker)
+
+    @property
+    def backend_masked(self) -> str:
+        return mask_url(self.backend)
+
+
+# ----------------------------------------------------------------------------- validators
+# Each takes the raw text and the name of its source ("--celery-timeout", "env BROKER_URL",
+# "ini celery_dispatch_timeout") and returns the parsed value or raises UsageError.
+
+
+def _bad(source: str, value: object, form: str) -> pytest.UsageError:
+    return pytest.UsageError(f"celery-dispatch: invalid value {value!r} for {source}: {form}")
+
+
+def parse_positive_float(raw: str, source: str) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise _bad(source, raw, "expected a number of seconds greater than 0, e.g. 300") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise _bad(source, raw, "expected a number of seconds greater than 0, e.g. 300")
+    return value
+
+
+def parse_non_negative_float(raw: str, source: str) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise _bad(source, raw, "expected a number of seconds, 0 or more, e.g. 10") from None
+    if not value >= 0 or value == float("inf"):
+        raise _bad(source, raw, "expected a number of seconds, 0 or more, e.g. 10")
+    return value
+
+
+def parse_retries(raw: str, source: str) -> int:
+    try:
+        value = int(str(raw).strip())
+    except (TypeError, ValueError):
+        raise _bad(source, raw, "expected a whole number, 0 or more, e.g. 2") from None
+    if value < 0:
+        raise _bad(source, raw, "expected a whole number, 0 or more, e.g. 2")
+    return value
+
+
+def parse_queue_name(raw: str, source: str) -> str:
+    name = str(raw).strip()
+    if not QUEUE_NAME_RE.match(name):
+        raise _bad(
+            source, raw, "expected a queue name of letters, digits and _ . : - (e.g. queue_a)"
+        )
+    return name
+
+
+def parse_queue_list(raw: str, source: str) -> tuple[str, ...]:
+    names = [part.strip() for part in re.split(r"[,\s]+", str(raw)) if part.strip()]
+    if not names:
+        raise _bad(source, raw, "expected queue names separated by commas, e.g. queue_a,queue_b")
+    return tuple(dict.fromkeys(parse_queue_name(name, source) for name in names))
+
+
+def parse_url(raw: str, source: str, schemes: frozenset[str], what: str) -> str:
+    url = str(raw).strip()
+    if what == "broker" and url == EMBEDDED:
+        return url
+    form = (
+        f"expected a {what} URL like {DEFAULT_BROKER if what == 'broker' else DEFAULT_BACKEND}"
+        f" (schemes: {', '.join(sorted(schemes))})"
+    )
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.split("+")[-1]
+        _ = parts.port  # raises ValueError for a non-numeric port
+    except ValueError:
+        raise _bad(source, mask_url(url), form) from None
+    if scheme not in schemes or "://" not in url:
+        raise _bad(source, mask_url(url), form)
+    # "amqp:///" means localhost to kombu; accept it, but reject "amqp://:5672" junk.
+    networked = scheme in {"amqp", "amqps", "pyamqp", "redis", "rediss"}
+    if networked and not parts.hostname and parts.netloc and not parts.netloc.startswith("@"):
+        raise _bad(source, mask_url(url), form)
+    return url
+
+
+def default_json_report_path(now: float | None = None) -> str:
+    stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(now))
+    return f"dispatch_results_{stamp}.json"
+
+
+# ----------------------------------------------------------------------------- resolution
+
+
+Getter = Callable[[str], Any]
+
+
+def _first(*candidates: tuple[str, Any]) -> tuple[str, Any] | None:
+    """The first (source, value) whose value is set (not None and not empty text)."""
+    for source, value in candidates:
+        if value is None:
+            continue
+        if isinstance(value, str) and not value.strip():
+            continue
+        if isinstance(value, list) and not value:
+            continue
+        return source, value
+    return None
+
+
+def resolve(
+    option: Getter, ini: Getter, environ: Mapping[str, str] | None = None, now: float | None = None
+) -> Settings:
+    """Resolve the run's settings. ``option(name)`` reads a parsed command-line value (``None``
+    when not given), ``ini(name)`` an ini value (``None`` or ``""`` when unset)."""
+    env = os.environ if environ is None else environ
+
+    dispatch = bool(option("celery_dispatch"))
+
+    picked = _first(
+        ("--celery-broker", option("celery_broker")),
+        ("env CELERY_BROKER_URL", env.get("CELERY_BROKER_URL")),
+        ("env BROKER_URL", env.get("BROKER_URL")),
+        ("ini celery_dispatch_broker", ini("celery_dispatch_broker")),
+    )
+    broker = parse_url(picked[1], picked[0], BROKER_SCHEMES, "broker") if picked else DEFAULT_BROKER
+
+    picked = _first(
+        ("--celery-backend", option("celery_backend")),
+        ("env CELERY_RESULT_BACKEND", env.get("CELERY_RESULT_BACKEND")),
+        ("ini celery_dispatch_backend", ini("celery_dispatch_backend")),
+    )
+    backend = (
+        parse_url(picked[1], picked[0], BACKEND_SCHEMES, "backend") if picked else DEFAULT_BACKEND
+    )
+
+    picked = _first(
+        ("--celery-default-queue", option("celery_default_queue")),
+        ("ini celery_dispatch_default_queue", ini("celery_dispatch_default_queue")),
+    )
+    default_queue = parse_queue_name(picked[1], picked[0]) if picked else None
+
+    picked = _first(
+        ("--celery-json-report", option("celery_json_report")),
+        ("ini celery_dispatch_json_report", ini("celery_dispatch_json_report")),
+    )
+    json_report = str(picked[1]) if picked else default_json_report_path(now)
+
+    picked = _first(
+        ("--celery-timeout", option("celery_timeout")),
+        ("ini celery_dispatch_timeout", ini("celery_dispatch_timeout")),
+    )
+    timeout = parse_positive_float(picked[1], picked[0]) if picked else DEFAULT_TIMEOUT
+
+    picked = _first(
+        ("--celery-wait-workers", option("celery_wait_workers")),
+        ("ini celery_dispatch_wait_workers", ini("celery_dispatch_wait_workers")),
+    )
+    wait_workers = (
+        parse_non_negative_float(picked[1], picked[0]) if picked else DEFAULT_WAIT_WORKERS
+    )
+
+    picked = _first(
+        ("--celery-retries", option("celery_retries")),
+        ("ini celery_dispatch_retries", ini("celery_dispatch_retries")),
+    )
+    retries = parse_retries(picked[1], picked[0]) if picked else DEFAULT_RETRIES
+
+    picked = _first(
+        ("--celery-local-workers", option("celery_local_workers")),
+        ("ini celery_dispatch_local_workers", ini("celery_dispatch_local_workers")),
+    )
+    local_workers: tuple[str, ...] = ()
+    local_auto = False
+    if picked:
+        if str(picked[1]).strip() == "auto":
+            local_auto = True
+        else:
+            local_workers = parse_queue_list(picked[1], picked[0])
+
+    picked = _first(
+        ("--celery-timeline", option("celery_timeline")),
+        ("ini celery_dispatch_timeline", ini("celery_dispatch_timeline")),
+    )
+    timeline = str(picked[1]) if picked else None
+
+    picked = _first(
+        ("--celery-event-log", option("celery_event_log")),
+        ("ini celery_dispatch_event_log", ini("celery_dispatch_event_log")),
+    )
+    event_log = str(picked[1]) if picked else None
+
+    raw_queues = ini("celery_dispatch_queues")
+    allowed: frozenset[str] | None = None
+    if raw_queues:
+        text = "\n".join(raw_queues) if isinstance(raw_queues, list) else str(raw_queues)
+        allowed = frozenset(parse_queue_list(text, "ini celery_dispatch_queues"))
+        if default_queue is not None and default_queue not in allowed:
+            raise pytest.UsageError(
+                f"celery-dispatch: the default queue {default_queue!r} is not in ini "
+                f"celery_dispatch_queues ({', '.join(sorted(allowed))}); add it there or "
+                "choose one of those"
+            )
+
+    return Settings(
+        dispatch=dispatch,
+        broker=broker,
+        backend=backend,
+        default_queue=default_queue,
+        json_report=json_report,
+        timeout=timeout,
+        wait_workers=wait_workers,
+        retries=retries,
+        local_workers=local_workers,
+        local_workers_auto=local_auto,
+        timeline=timeline,
+        event_log=event_log,
+        allowed_queues=allowed,
+    )

@@ -1,0 +1,227 @@
+"""Celery / kombu, controller side: app factory, broker checks, publishing, the reply consumer.
+
+Only this module (and the worker side) talks to Celery. The reply consumer runs in its own
+thread with its own connection; it only puts decoded events on a ``queue.Queue`` for the
+session's main-thread loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue as queue_mod
+import threading
+import time
+from typing import Any
+
+from celery import Celery
+from kombu import Connection, Consumer, Exchange, Queue
+
+from .celeryconf import celery_config
+from .serialization import TASK_NAME, Event, RunTestsPayload, loads
+from .settings import mask_url
+
+log = logging.getLogger(__name__)
+
+#: An abandoned reply queue (its controller died) is deleted by RabbitMQ after this long unused.
+REPLY_QUEUE_EXPIRES_MS = 30 * 60 * 1000
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot be reached or refused us; the message carries the masked URL."""
+
+
+def make_app(broker: str, backend: str, name: str = "pytest_celery_dispatch.controller") -> Celery:
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_config(broker, backend))
+    return app
+
+
+def describe_error(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:300]
+
+
+def connect(app: Celery, timeout: float = 4.0) -> Connection:
+    """A connected kombu Connection, or :class:`BrokerUnavailable` within about ``timeout``."""
+    conn = app.connection_for_write()
+    conn.connect_timeout = timeout
+    try:
+        conn.ensure_connection(max_retries=0, timeout=timeout)
+    except Exception as exc:  # kombu raises OperationalError, amqp AccessRefused, socket errors
+        conn.release()
+        url = mask_url(app.conf.broker_url)
+        hint = "start RabbitMQ (rabbitmq-server -detached) or pass --celery-broker URL"
+        if "ACCESS_REFUSED" in str(exc) or "403" in str(exc):
+            hint = "check the user name and password in the broker URL"
+        raise BrokerUnavailable(
+            f"cannot reach the broker {url}: {describe_error(exc)} ({hint})"
+        ) from None
+    return conn
+
+
+def task_queue(app: Celery, name: str) -> Queue:
+    """The queue exactly as a ``celery worker -Q name`` declares it (durable, direct)."""
+    return app.amqp.queues[name]
+
+
+def reply_queue(name: str) -> Queue:
+    return Queue(
+        name,
+        exchange=Exchange("", type="direct"),
+        routing_key=name,
+        durable=True,
+        auto_delete=False,
+        queue_arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
+        no_declare=False,
+    )
+
+
+class Broker:
+    """Main-thread broker operations: declare, count consumers, send, clean up."""
+
+    def __init__(self, app: Celery, conn: Connection) -> None:
+        self.app = app
+        self.conn = conn
+        self._channel: Any = None
+
+    @property
+    def channel(self) -> Any:
+        if self._channel is None:
+            self._channel = self.conn.channel()
+        return self._channel
+
+    def _reset_channel(self) -> None:
+        try:
+            if self._channel is not None:
+                self._channel.close()
+        except Exception:
+            pass
+        self._channel = None
+
+    def declare_task_queue(self, name: str) -> None:
+        task_queue(self.app, name)(self.channel).declare()
+
+    def declare_reply_queue(self, name: str) -> None:
+        reply_queue(name)(self.channel).declare()
+
+    def consumer_count(self, name: str) -> int:
+        """Consumers on a queue (a passive declare: about 0.2 ms on RabbitMQ); 0 if it is gone."""
+        try:
+            self.conn.ensure_connection(max_retries=1)
+            ok = self.channel.queue_declare(queue=name, passive=True)
+            return int(getattr(ok, "consumer_count", ok[2]))
+        except Exception as exc:
+            log.debug("consumer count of %s failed: %s", name, exc)
+            self._reset_channel()
+            return 0
+
+    def workers_by_queue(self, names: set[str], timeout: float = 1.0) -> dict[str, list[str]]:
+        """Worker node names per queue, from ``inspect().active_queues()`` (broadcast)."""
+        result: dict[str, list[str]] = {name: [] for name in names}
+        try:
+            replies = self.app.control.inspect(timeout=timeout).active_queues() or {}
+        except Exception as exc:
+            log.debug("active_queues failed: %s", exc)
+            return result
+        for node, queues in sorted(replies.items()):
+            for q in queues or []:
+                qname = q.get("name") if isinstance(q, dict) else None
+                if qname in result:
+                    result[qname].append(node)
+        return result
+
+    def send(self, payload: RunTestsPayload, task_id: str) -> str:
+        result = self.app.send_task(
+            TASK_NAME,
+            args=[payload],
+            queue=payload["queue"],
+            routing_key=payload["queue"],
+            task_id=task_id,
+            ignore_result=True,
+            serializer="json",
+            retry=True,
+            retry_policy={"max_retries": 3, "interval_start": 0.2, "interval_step": 0.5},
+        )
+        return str(result.id)
+
+    def delete_queue(self, name: str) -> None:
+        try:
+            self.channel.queue_delete(queue=name)
+        except Exception as exc:
+            log.debug("could not delete %s: %s", name, exc)
+            self._reset_channel()
+
+    def close(self) -> None:
+        self._reset_channel()
+        with contextlib.suppress(Exception):
+            self.conn.release()
+
+
+class ReplyConsumer(threading.Thread):
+    """Consumes the run's reply queue on its own connection; puts events on ``events``.
+
+    Reconnects and re-subscribes after a connection loss, so reports published while the
+    broker restarted are still delivered (the queue is durable, the messages persistent).
+    """
+
+    def __init__(self, app: Celery, queue_name: str, events: queue_mod.Queue[Event]) -> None:
+        super().__init__(name="celery-dispatch-replies", daemon=True)
+        self.app = app
+        self.queue_name = queue_name
+        self.events = events
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        self.error: str | None = None
+
+    def _on_message(self, body: Any, message: Any) -> None:
+        try:
+            event = loads(body) if isinstance(body, (str, bytes)) else body
+            if isinstance(event, dict):
+                self.events.put(event)  # type: ignore[arg-type]
+        finally:
+            message.ack()
+
+    def run(self) -> None:
+        delay = 0.2
+        while not self.stop_event.is_set():
+            conn = self.app.connection_for_read()
+            try:
+                conn.ensure_connection(max_retries=0)
+                channel = conn.channel()
+                channel.basic_qos(prefetch_size=0, prefetch_count=200, a_global=False)
+                with Consumer(
+                    channel,
+                    queues=[reply_queue(self.queue_name)],
+                    callbacks=[self._on_message],
+                    accept=["json"],
+                ):
+                    self.ready.set()
+                    delay = 0.2
+                    while not self.stop_event.is_set():
+                        try:
+                            conn.drain_events(timeout=0.2)
+                        except TimeoutError:
+                            conn.heartbeat_check()
+            except Exception as exc:  # connection lost: wait and re-subscribe
+                self.error = describe_error(exc)
+                log.debug("reply consumer: %s; reconnecting", self.error)
+                self.stop_event.wait(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                with contextlib.suppress(Exception):
+                    conn.release()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self.stop_event.set()
+        self.join(timeout)
+
+
+def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)

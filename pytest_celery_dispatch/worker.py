@@ -1,0 +1,259 @@
+"""The worker app: ``celery -A pytest_celery_dispatch.worker worker -Q queue_a -n worker-a@%h``.
+
+Environment: ``CELERY_BROKER_URL`` / ``BROKER_URL`` (broker), ``WORKER_ID`` (shown in reports;
+defaults to the node name), ``DISPATCH_WORKSPACE`` (root of the test code; defaults to the
+current directory), ``DISPATCH_LOG_FORMAT`` (``json``, the default, or ``text``).
+
+Tasks:
+
+* ``run_tests`` — runs a batch of nodeids in a separate pytest process (see :mod:`.runner`)
+  and streams each event to the controller's per-run reply queue;
+* ``ping`` — answers with this worker's identity (health checks);
+* ``task_a`` / ``task_b`` — the original demo's example tasks, routed to ``queue_a`` / ``queue_b``.
+
+This module never imports the controller side of the plugin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from celery import Celery, Task, signals
+
+from .celeryconf import backend_from_env, broker_from_env, celery_config
+from .runner import RunnerSpec, run_batch
+from .serialization import PROTOCOL, TASK_NAME, Event, UnsafeNodeId, confine, dumps
+
+log = logging.getLogger("pytest_celery_dispatch.worker")
+
+app = Celery("pytest_celery_dispatch.worker")
+app.conf.update(celery_config(broker_from_env(), backend_from_env()))
+
+
+def workspace() -> str:
+    return os.path.realpath(os.environ.get("DISPATCH_WORKSPACE") or os.getcwd())
+
+
+def worker_id(task: Task | None = None) -> str:
+    explicit = os.environ.get("WORKER_ID")
+    if explicit:
+        return explicit
+    hostname = getattr(getattr(task, "request", None), "hostname", None)
+    return str(hostname or socket.gethostname())
+
+
+def _queue_of(task: Task) -> str:
+    info = getattr(task.request, "delivery_info", None) or {}
+    return str(info.get("routing_key") or info.get("queue") or "")
+
+
+# ---------------------------------------------------------------------------- JSON logging
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any ``extra`` fields."""
+
+    _skip = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in self._skip and not key.startswith("_"):
+                data[key] = value
+        if record.exc_info:
+            data["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+@signals.after_setup_logger.connect  # type: ignore[untyped-decorator]
+def _setup_logging(logger: logging.Logger, *args: Any, **kwargs: Any) -> None:
+    if os.environ.get("DISPATCH_LOG_FORMAT", "json").lower() != "json":
+        return
+    for handler in logger.handlers:
+        handler.setFormatter(JsonFormatter())
+
+
+# ---------------------------------------------------------------------------- run_tests
+
+
+class _Reply:
+    """Publishes events on the controller's reply queue; knows when the run is gone."""
+
+    def __init__(self, task: Task, payload: dict[str, Any], stream_id: str) -> None:
+        self.task = task
+        self.reply_to = str(payload["reply_to"])
+        self.base: Event = {
+            "protocol": PROTOCOL,
+            "run_id": str(payload["run_id"]),
+            "batch_id": str(payload["batch_id"]),
+            "stream_id": stream_id,
+            "attempt": int(payload.get("attempt", 1)),
+            "queue": str(payload.get("queue") or _queue_of(task)),
+            "worker": worker_id(task),
+            "hostname": str(task.request.hostname or socket.gethostname()),
+            "task_id": str(task.request.id),
+            "pid": os.getpid(),
+        }
+        self._conn = task.app.connection_for_write()
+        self._producer: Any = None
+        self._check_channel: Any = None
+
+    def emit(self, event: Event | dict[str, Any]) -> None:
+        body: dict[str, Any] = dict(self.base)
+        body.update(event)
+        body.setdefault("ts", time.time())
+        if self._producer is None:
+            self._producer = self.task.app.amqp.Producer(self._conn.default_channel)
+        self._conn.ensure(
+            self._producer,
+            self._producer.publish,
+            max_retries=20,
+            interval_start=0.2,
+            interval_step=0.5,
+            interval_max=2.0,
+        )(
+            dumps(body),
+            exchange="",
+            routing_key=self.reply_to,
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=2,
+        )
+
+    def run_is_gone(self) -> bool:
+        """The controller deleted its reply queue (run over, -x, Ctrl-C) or let it expire."""
+        try:
+            if self._check_channel is None:
+                self._check_channel = self._conn.channel()
+            self._check_channel.queue_declare(queue=self.reply_to, passive=True)
+            return False
+        except Exception as exc:
+            self._check_channel = None
+            code = getattr(exc, "code", None) or getattr(exc, "reply_code", None)
+            return code == 404 or "NOT_FOUND" in str(exc)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._conn.release()
+
+
+@app.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
+def run_tests(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+    stream_id = uuid.uuid4().hex
+    reply = _Reply(self, payload, stream_id)
+    base = reply.base
+    extra = {
+        "task_id": base["task_id"],
+        "worker": base["worker"],
+        "queue": base["queue"],
+        "batch_id": base["batch_id"],
+        "attempt": base["attempt"],
+    }
+    try:
+        if reply.run_is_gone():
+            log.info("run_tests skipped: the run is over", extra=extra)
+            return {"skipped": "run is over"}
+        nodeids = [str(n) for n in payload.get("nodeids", [])]
+        ws = workspace()
+        try:
+            for nodeid in nodeids:
+                confine(ws, nodeid)
+        except UnsafeNodeId as exc:
+            reply.emit({"type": "refused", "nodeids": nodeids, "reason": str(exc)})
+            log.warning("run_tests refused: %s", exc, extra=extra)
+            return {"refused": str(exc)}
+        started = time.monotonic()
+        reply.emit({"type": "started", "nodeids": nodeids})
+        log.info("batch started", extra={**extra, "nodeids": nodeids})
+        env = dict(os.environ)
+        env.update(
+            {
+                "WORKER_ID": base["worker"],
+                "DISPATCH_WORKER_ID": base["worker"],
+                "DISPATCH_QUEUE": base["queue"],
+                "DISPATCH_HOSTNAME": base["hostname"],
+                "DISPATCH_TASK_ID": base["task_id"],
+                "DISPATCH_ATTEMPT": str(base["attempt"]),
+                "DISPATCH_RUN_ID": base["run_id"],
+                "DISPATCH_WORKSPACE": ws,
+            }
+        )
+        spec = RunnerSpec(
+            workspace=ws,
+            nodeids=nodeids,
+            timeout=float(payload.get("timeout") or 300.0),
+            pytest_args=[str(a) for a in payload.get("pytest_args", [])],
+            env=env,
+        )
+        summary = run_batch(spec, reply.emit, cancelled=reply.run_is_gone)
+        duration = time.monotonic() - started
+        if not summary.get("cancelled"):
+            reply.emit({"type": "finished", "nodeids": nodeids})
+        log.info(
+            "batch finished",
+            extra={**extra, "duration": round(duration, 3), "summary": summary},
+        )
+        return summary
+    finally:
+        reply.close()
+
+
+# ---------------------------------------------------------------------------- health + demo
+
+
+@app.task(name="pytest_celery_dispatch.ping", bind=True)  # type: ignore[untyped-decorator]
+def ping(self: Task) -> dict[str, Any]:
+    return {
+        "worker": worker_id(self),
+        "hostname": self.request.hostname,
+        "queue": _queue_of(self),
+        "workspace": workspace(),
+        "pid": os.getpid(),
+    }
+
+
+def _demo_work(task: Task, message: str, duration: float | None) -> dict[str, Any]:
+    """Simulate some work, like the original demo, and say who did it, where and when."""
+    seconds = random.uniform(1.0, 2.0) if duration is None else max(0.0, float(duration))
+    started_at = time.time()
+    begin = time.perf_counter()
+    time.sleep(seconds)
+    execution_time = time.perf_counter() - begin
+    finished_at = time.time()
+    result = {
+        "message": message,
+        "worker": worker_id(task),
+        "hostname": task.request.hostname,
+        "queue": _queue_of(task),
+        "task_id": task.request.id,
+        "execution_time": round(execution_time, 4),
+        "timestamp": datetime.fromtimestamp(finished_at, timezone.utc).isoformat(),
+        "started_at": started_at,
+        "finished_at": finished_at,
+    }
+    log.info("%s done", task.name, extra={k: v for k, v in result.items() if k != "message"})
+    return result
+
+
+@app.task(name="pytest_celery_dispatch.task_a", bind=True)  # type: ignore[untyped-decorator]
+def task_a(self: Task, duration: float | None = None) -> dict[str, Any]:
+    return _demo_work(self, "Hello from Task A", duration)
+
+
+@app.task(name="pytest_celery_dispatch.task_b", bind=True)  # type: ignore[untyped-decorator]
+def task_b(self: Task, duration: float | None = None) -> dict[str, Any]:
+    return _demo_work(self, "Hello from Task B", duration)

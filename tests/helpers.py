@@ -1,0 +1,121 @@
+"""Real worker processes for the end-to-end tests: start, wait until consuming, stop."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kombu import Connection
+
+BROKER = os.environ.get("CELERY_DISPATCH_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+def consumer_count(queue: str, broker: str = BROKER) -> int:
+    with Connection(broker, connect_timeout=3) as conn:
+        channel = conn.channel()
+        try:
+            return int(channel.queue_declare(queue=queue, passive=True).consumer_count)
+        except Exception:
+            return 0
+
+
+def delete_queues(*queues: str, broker: str = BROKER) -> None:
+    with Connection(broker, connect_timeout=3) as conn:
+        for queue in queues:
+            with contextlib.suppress(Exception):
+                conn.channel().queue_delete(queue=queue)
+
+
+class WorkerProcess:
+    """``celery -A pytest_celery_dispatch.worker worker -Q <queue>`` as a child process."""
+
+    def __init__(
+        self,
+        queue: str,
+        worker_id: str,
+        workspace: Path,
+        log_dir: Path,
+        concurrency: int = 2,
+        broker: str = BROKER,
+        extra_env: dict[str, str] | None = None,
+    ) -> None:
+        self.queue = queue
+        self.worker_id = worker_id
+        self.workspace = workspace
+        self.broker = broker
+        self.log_path = log_dir / f"{worker_id}-{queue}.log"
+        self.env = dict(os.environ)
+        self.env.update(
+            {
+                "CELERY_BROKER_URL": broker,
+                "WORKER_ID": worker_id,
+                "DISPATCH_WORKSPACE": str(workspace),
+                "DISPATCH_LOG_FORMAT": "json",
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        self.env.update(extra_env or {})
+        self.concurrency = concurrency
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "pytest_celery_dispatch.worker",
+            "worker",
+            "-Q",
+            self.queue,
+            "-n",
+            f"{self.worker_id}-{self.queue}@%h",
+            "-c",
+            str(self.concurrency),
+            "--without-gossip",
+            "--without-mingle",
+            "-l",
+            "INFO",
+        ]
+
+    def start(self, wait: float = 30.0) -> WorkerProcess:
+        before = consumer_count(self.queue, self.broker)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(),
+                env=self.env,
+                cwd=str(self.workspace),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + wait
+        while consumer_count(self.queue, self.broker) <= before:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited early; log: {self.log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"worker not consuming after {wait}s: {self.log_path}")
+            time.sleep(0.1)
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.proc.wait(5)
