@@ -364,8 +364,12 @@ class DispatchSession:
         self._pending_nodeids = {q: n for q, n in pending.items() if q in self.waiting_queues}
         present = {q for q, c in self.consumers.items() if c > 0}
         if present:
+            # One consumer per worker and queue: a worker serving two of these queues answers
+            # once, so the wait may run to its (short) timeout; otherwise it ends early.
             self.workers_by_queue = self._broker.workers_by_queue(
-                present, timeout=min(1.0, max(0.2, self.settings.wait_workers))
+                present,
+                expected=sum(self.consumers[q] for q in present),
+                timeout=min(1.0, max(0.2, self.settings.wait_workers)),
             )
         self._write_header()
 

@@ -116,11 +116,17 @@ class Broker:
             self._reset_channel()
             return 0
 
-    def workers_by_queue(self, names: set[str], timeout: float = 1.0) -> dict[str, list[str]]:
-        """Worker node names per queue, from ``inspect().active_queues()`` (broadcast)."""
+    def workers_by_queue(
+        self, names: set[str], expected: int | None = None, timeout: float = 1.0
+    ) -> dict[str, list[str]]:
+        """Worker node names per queue, from ``inspect().active_queues()`` (broadcast).
+
+        ``expected`` replies end the wait early (otherwise it lasts the whole ``timeout``).
+        """
         result: dict[str, list[str]] = {name: [] for name in names}
         try:
-            replies = self.app.control.inspect(timeout=timeout).active_queues() or {}
+            inspector = self.app.control.inspect(timeout=timeout, limit=expected)
+            replies = inspector.active_queues() or {}
         except Exception as exc:
             log.debug("active_queues failed: %s", exc)
             return result
