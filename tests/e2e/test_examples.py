@@ -1,0 +1,95 @@
+"""The bundled examples, as a user runs them: example_tests, dispatched to the compose workers.
+
+The workers are docker-compose.yml's own services started as local processes (its command and
+environment; host.docker.internal read as 127.0.0.1) in a private RabbitMQ vhost, so the real
+queue names queue_a / queue_b never meet anything else on the broker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from tests.conftest import SCHEMA
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+import compose_workers  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def vhost_broker():
+    rabbitmqctl = shutil.which("rabbitmqctl")
+    if rabbitmqctl is None:
+        pytest.skip("rabbitmqctl is needed to create a private vhost for the example run")
+    name = f"cdtest-{uuid.uuid4().hex[:8]}"
+    subprocess.run([rabbitmqctl, "add_vhost", name], check=True, capture_output=True)
+    try:
+        subprocess.run(
+            [rabbitmqctl, "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+        )
+        yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
+    finally:
+        subprocess.run([rabbitmqctl, "delete_vhost", name], capture_output=True)
+
+
+def run_examples(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "example_tests", "-p", "no:cacheprovider", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_examples_dispatched_to_the_compose_workers(vhost_broker, tmp_path):
+    env = dict(os.environ, BROKER_URL=vhost_broker)
+    env.pop("CELERY_BROKER_URL", None)
+    report = tmp_path / "report.json"
+    with compose_workers.running(environ=env, log_dir=tmp_path) as services:
+        assert sorted(s.name for s in services) == ["worker-a", "worker-b"]
+        proc = run_examples(
+            "--celery-dispatch", "-v", "-rP", f"--celery-json-report={report}", env=env
+        )
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "guest:guest" not in out
+    assert "celery-dispatch workers: queue_a: 1 worker (worker-a@" in out
+    assert "[worker-a/queue_a]" in out
+    assert "[worker-b/queue_b]" in out
+    assert "Hello from Task A' from worker-a via queue_a" in out
+    assert "Hello from Task B' from worker-b via queue_b" in out
+    data = json.loads(report.read_text())
+    jsonschema.validate(data, SCHEMA)
+    by_queue: dict[str, set[str]] = {}
+    for test in data["tests"]:
+        by_queue.setdefault(str(test["dispatch"]["queue"]), set()).add(test["dispatch"]["worker"])
+        assert test["outcome"] == "passed", test["nodeid"]
+    assert by_queue == {"queue_a": {"worker-a"}, "queue_b": {"worker-b"}, "None": {"local"}}
+    assert data["dispatch"]["broker"].endswith(vhost_broker.rsplit("/", 1)[-1])
+    assert ":guest@" not in json.dumps(data)
+
+
+def test_examples_run_locally_without_the_flag(tmp_path):
+    # No broker at all: every example still runs here, and the dispatch demo skips with a reason.
+    env = dict(os.environ, CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:1//")
+    before = set(ROOT.glob("dispatch_results_*.json"))
+    proc = run_examples("-rs", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "9 passed, 1 skipped" in proc.stdout
+    assert "dispatcher needs a broker: cannot reach the broker amqp://guest:**@127.0.0.1:1//" in (
+        proc.stdout
+    )
+    assert set(ROOT.glob("dispatch_results_*.json")) == before  # no report without the flag
