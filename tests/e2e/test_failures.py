@@ -1,0 +1,83 @@
+"""End to end: results that never come back, and tests that take their process down."""
+
+from __future__ import annotations
+
+import signal
+import uuid
+
+import pytest
+
+from tests.helpers import WorkerProcess, delete_queues
+
+
+@pytest.fixture
+def frozen_worker(workspace):
+    """A worker on a private queue, frozen with SIGSTOP: it holds its connection (so the
+    queue still shows a consumer) but never starts, acks or reports anything."""
+    queue = f"cdtest-frozen-{uuid.uuid4().hex[:8]}"
+    worker = WorkerProcess(queue, "worker-frozen", workspace, workspace, concurrency=1).start()
+    worker.signal(signal.SIGSTOP)
+    try:
+        yield worker
+    finally:
+        worker.stop()  # SIGCONT, then SIGTERM: the stale batches find their run gone
+        delete_queues(queue)
+
+
+def test_a_result_that_never_comes_back_fails_after_the_deadline(
+    pytester, frozen_worker, run_dispatched
+):
+    pytester.makepyfile(
+        test_frozen=f"""
+            import pytest
+
+            @pytest.mark.queue("{frozen_worker.queue}")
+            def test_never_answered():
+                pass
+            """
+    )
+    run = run_dispatched("--celery-timeout=1", "--celery-retries=1", timeout=90)
+    assert run.result.ret == 1
+    run.result.assert_outcomes(failed=1)
+    run.result.stdout.fnmatch_lines(
+        [
+            "*re-dispatching 1 test(s) (attempt 2 of 2)*",
+            "*lost while waiting in the queue for*test_never_answered*after 2 attempts*",
+        ]
+    )
+    test = run.report["tests"][0]
+    assert test["outcome"] == "failed"
+    assert test["dispatch"]["attempts"] == 2
+    assert "after 2 attempts" in test["dispatch"]["infrastructure_error"]
+
+
+@pytest.mark.usefixtures("workers")
+def test_a_test_that_kills_its_process_fails_as_crashed_and_the_batch_goes_on(
+    pytester, queues, run_dispatched
+):
+    pytester.makepyfile(
+        test_crash=queues.render(
+            """
+            import os
+            import pytest
+
+            pytestmark = pytest.mark.queue("QUEUE_A")
+
+            def test_exits():
+                os._exit(3)
+
+            @pytest.mark.parametrize("n", range(4))
+            def test_after(n):
+                pass
+            """
+        )
+    )
+    # 5 tests, 1 consumer: batches [test_exits, after[0], after[1]] and [after[2], after[3]].
+    # The crash must not take the rest of its own batch with it.
+    run = run_dispatched(timeout=90)
+    run.result.assert_outcomes(passed=4, failed=1)
+    run.result.stdout.fnmatch_lines(["*test_exits crashed on worker-a*exit code 3*"])
+    outcomes = run.outcomes_by_nodeid()
+    assert outcomes["test_crash.py::test_exits"] == "failed"
+    for n in range(4):
+        assert outcomes[f"test_crash.py::test_after[{n}]"] == "passed"
