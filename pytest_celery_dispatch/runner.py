@@ -318,6 +318,9 @@ def run_batch(
                             _kill_group(proc)
                             proc.wait()
                             return {"cancelled": True, "done": len(progress.done), "starts": starts}
+            except BaseException:
+                _kill_group(proc)  # the reply channel failed, or the task was cancelled
+                raise
             finally:
                 os.close(read_fd)
                 code = proc.wait()
