@@ -440,3 +440,31 @@ def test_user_properties_and_output_travel_with_the_report(pytester, queues, run
     assert {"dispatch.worker": "worker-a"} in test["user_properties"]
     assert test["call"]["stdout"] == "out\n"
     assert os.path.basename(test["nodeid"].split("::")[0]) == "test_roundtrip.py"
+
+
+def test_the_worker_never_dispatches_again(pytester, queues, run_dispatched):
+    # The project's own ini turns dispatching on; the worker's pytest process reads the same
+    # ini but must run the test itself, not send it to the queue once more.
+    pytester.makeini(
+        """
+        [pytest]
+        addopts = --celery-dispatch
+        """
+    )
+    pytester.makepyfile(
+        test_nested=queues.render(
+            """
+            import os
+            import pytest
+
+            @pytest.mark.queue("QUEUE_A")
+            def test_runs_on_the_worker(dispatch_context):
+                assert dispatch_context.dispatched
+                assert dispatch_context.worker == "worker-a"
+                assert os.environ["PYTEST_CELERY_DISPATCH_RUNNER"] == "1"
+            """
+        )
+    )
+    run = run_dispatched(timeout=60)
+    run.result.assert_outcomes(passed=1)
+    assert run.report["tests"][0]["dispatch"]["attempts"] == 1
