@@ -49,7 +49,7 @@ def validate_marker(
             f"@pytest.mark.queue needs a queue name as a string, got {type(name).__name__} "
             f"{name!r}; write @pytest.mark.queue('queue_a')"
         )
-    if not QUEUE_NAME_RE.match(name):
+    if not QUEUE_NAME_RE.fullmatch(name):
         return None, (
             f"@pytest.mark.queue({name!r}): a queue name is 1-255 letters, digits and _ . : -"
         )

@@ -100,7 +100,8 @@ def backoff(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_MAX) 
     """Delay before sending attempt ``attempt`` (2 -> base, 3 -> 2*base, ...)."""
     if attempt <= 1:
         return 0.0
-    return float(min(cap, base * math.pow(2, attempt - 2)))
+    exponent = min(attempt - 2, 64)  # 2**64 seconds is past any cap; no float overflow
+    return float(min(cap, base * math.pow(2, exponent)))
 
 
 def grace_for(timeout: float) -> float:

@@ -139,7 +139,7 @@ def parse_retries(raw: str, source: str) -> int:
 
 def parse_queue_name(raw: str, source: str) -> str:
     name = str(raw).strip()
-    if not QUEUE_NAME_RE.match(name):
+    if not QUEUE_NAME_RE.fullmatch(name):
         raise _bad(
             source, raw, "expected a queue name of letters, digits and _ . : - (e.g. queue_a)"
         )
