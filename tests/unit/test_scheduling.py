@@ -1,0 +1,126 @@
+"""scheduling.py: batches, backoff, loss detection and re-dispatch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pytest_celery_dispatch import scheduling as sch
+from pytest_celery_dispatch.scheduling import Batch
+
+
+def test_split_is_contiguous_balanced_and_ordered() -> None:
+    for n in range(12):
+        items = [f"t{i}" for i in range(n)]
+        for parts in range(1, 15):
+            chunks = sch.split(items, parts)
+            assert [x for chunk in chunks for x in chunk] == items, (n, parts)
+            assert len(chunks) == min(parts, n), (n, parts)
+            if chunks:
+                sizes = [len(c) for c in chunks]
+                assert max(sizes) - min(sizes) <= 1, (n, parts, sizes)
+                assert min(sizes) >= 1
+
+
+def test_split_examples_and_edges() -> None:
+    assert sch.split(list("abcdefg"), 3) == [["a", "b", "c"], ["d", "e"], ["f", "g"]]
+    assert sch.split(list("ab"), 5) == [["a"], ["b"]]
+    assert sch.split(list("abc"), 0) == []
+    assert sch.split([], 3) == []
+
+
+def test_chunk_count() -> None:
+    assert sch.chunk_count(0, 4) == 0
+    assert sch.chunk_count(1, 4) == 1
+    assert sch.chunk_count(3, 4) == 3  # never more batches than tests
+    assert sch.chunk_count(100, 3) == 6  # two pool slots per consumer
+    assert sch.chunk_count(100, 3, per_consumer=1) == 3
+    assert sch.chunk_count(100, 0) == 2  # no consumer yet: still cut for one
+
+
+def test_plan_batches() -> None:
+    nodeids = [f"test_m.py::t{i}" for i in range(5)]
+    batches = sch.plan_batches("run42", "queue_a", nodeids, consumers=1)
+    assert [b.nodeids for b in batches] == [nodeids[:3], nodeids[3:]]
+    assert {b.queue for b in batches} == {"queue_a"}
+    assert {b.attempt for b in batches} == {1}
+    ids = [b.batch_id for b in batches]
+    assert len(set(ids)) == len(ids)
+    assert all(i.startswith("run42.") for i in ids)
+    assert sch.plan_batches("run42", "queue_a", [], consumers=2) == []
+
+
+def test_backoff_is_exponential_and_capped() -> None:
+    assert sch.backoff(1) == 0.0
+    assert [sch.backoff(a, base=1.0, cap=30.0) for a in (2, 3, 4, 5, 6)] == [1, 2, 4, 8, 16]
+    assert sch.backoff(7, base=1.0, cap=30.0) == 30.0
+    assert sch.backoff(50, base=1.0, cap=30.0) == 30.0
+    assert sch.backoff(3, base=0.5) == 1.0
+
+
+def test_backoff_stays_capped_for_huge_attempts() -> None:
+    assert sch.backoff(2000, base=1.0, cap=30.0) == 30.0
+
+
+def test_grace_for_is_between_two_and_ten_seconds() -> None:
+    assert sch.grace_for(0.5) == 2.0
+    assert sch.grace_for(5.0) == 5.0
+    assert sch.grace_for(300.0) == sch.LOST_GRACE == 10.0
+
+
+def _batch(**fields: Any) -> Batch:
+    return Batch(batch_id="r.1", queue="queue_a", nodeids=["a", "b"], **fields)
+
+
+def test_started_batch_is_lost_after_timeout_plus_grace_of_silence() -> None:
+    # timeout 5 -> grace 5: lost once silent for more than 10 seconds since its last event.
+    batch = _batch(sent_at=50.0, started_at=90.0, last_seen=100.0)
+    assert not sch.is_lost(batch, now=110.0, timeout=5.0)
+    assert sch.is_lost(batch, now=110.5, timeout=5.0)
+    # Progress elsewhere on the queue does not excuse a silent started batch.
+    assert sch.is_lost(batch, now=110.5, timeout=5.0, queue_last_seen=110.0)
+    # Without any event yet, silence counts from the start.
+    fresh = _batch(sent_at=50.0, started_at=90.0)
+    assert not sch.is_lost(fresh, now=100.0, timeout=5.0)
+    assert sch.is_lost(fresh, now=100.5, timeout=5.0)
+
+
+def test_waiting_batch_counts_from_sent_or_queue_progress_whichever_is_later() -> None:
+    batch = _batch(sent_at=100.0)
+    assert not sch.is_lost(batch, now=110.0, timeout=5.0)
+    assert sch.is_lost(batch, now=110.5, timeout=5.0)
+    # The queue made progress at 150: waiting there is fine until 160.
+    assert not sch.is_lost(batch, now=159.0, timeout=5.0, queue_last_seen=150.0)
+    assert sch.is_lost(batch, now=160.5, timeout=5.0, queue_last_seen=150.0)
+    # Older queue progress than the send does not move the deadline back.
+    assert sch.is_lost(batch, now=110.5, timeout=5.0, queue_last_seen=20.0)
+
+
+def test_finished_or_unsent_batches_are_never_lost() -> None:
+    finished = _batch(sent_at=0.0, started_at=0.0, last_seen=0.0, done={"a", "b"})
+    assert finished.finished
+    assert not sch.is_lost(finished, now=1e9, timeout=1.0)
+    assert not sch.is_lost(_batch(), now=1e9, timeout=1.0)
+
+
+def test_redispatch_sends_only_remaining_nodeids_after_backoff() -> None:
+    batch = Batch(batch_id="r.1", queue="queue_a", nodeids=["a", "b", "c"], attempt=1, done={"b"})
+    follow = sch.redispatch(batch, "r", retries=2, now=1000.0, base=3.0)
+    assert follow is not None
+    assert follow.nodeids == ["a", "c"]
+    assert follow.queue == "queue_a"
+    assert follow.attempt == 2
+    assert follow.not_before == 1000.0 + 3.0
+    assert follow.batch_id != batch.batch_id
+    assert follow.sent_at is None
+    assert follow.done == set()
+
+    second = sch.redispatch(follow, "r", retries=2, now=2000.0, base=3.0)
+    assert second is not None
+    assert second.attempt == 3
+    assert second.not_before == 2000.0 + 6.0
+
+
+def test_redispatch_gives_up_when_retries_are_used_or_nothing_remains() -> None:
+    assert sch.redispatch(_batch(attempt=3), "r", retries=2, now=0.0) is None
+    assert sch.redispatch(_batch(attempt=1), "r", retries=0, now=0.0) is None
+    assert sch.redispatch(_batch(attempt=1, done={"a", "b"}), "r", retries=5, now=0.0) is None

@@ -1,0 +1,64 @@
+"""session.py pure helpers: options forwarded to workers, JSON tuples restored."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from pytest_celery_dispatch.session import forwarded_pytest_args, restore_tuples
+
+
+def fake_config(**option: Any) -> Any:
+    defaults: dict[str, Any] = {
+        "tbstyle": "auto",
+        "showlocals": False,
+        "override_ini": None,
+        "pythonwarnings": None,
+        "importmode": "prepend",
+        "verbose": 0,
+        "timeout": None,
+    }
+    return SimpleNamespace(option=SimpleNamespace(**{**defaults, **option}))
+
+
+def test_pytest_defaults_forward_nothing() -> None:
+    assert forwarded_pytest_args(fake_config()) == []
+    assert forwarded_pytest_args(fake_config(verbose=1)) == []  # -v only shapes the controller
+    assert forwarded_pytest_args(SimpleNamespace(option=SimpleNamespace())) == []  # type: ignore[arg-type]
+
+
+def test_options_that_shape_a_run_are_forwarded_in_order() -> None:
+    config = fake_config(
+        tbstyle="short",
+        showlocals=True,
+        override_ini=["xfail_strict=true", "log_level=INFO"],
+        pythonwarnings=["error::DeprecationWarning"],
+        importmode="importlib",
+        verbose=2,
+        timeout=5.0,
+    )
+    assert forwarded_pytest_args(config) == [
+        "--tb=short",
+        "--showlocals",
+        "-o",
+        "xfail_strict=true",
+        "-o",
+        "log_level=INFO",
+        "-W",
+        "error::DeprecationWarning",
+        "--import-mode=importlib",
+        "-vv",
+        "--timeout=5.0",
+    ]
+
+
+def test_restore_tuples() -> None:
+    report = SimpleNamespace(longrepr=["t.py", 3, "Skipped: no"], location=["t.py", 2, "test_x"])
+    restore_tuples(report)
+    assert report.longrepr == ("t.py", 3, "Skipped: no")
+    assert report.location == ("t.py", 2, "test_x")
+
+    untouched = SimpleNamespace(longrepr="E  assert 1 == 2", location=("t.py", 2, "test_x"))
+    restore_tuples(untouched)
+    assert untouched.longrepr == "E  assert 1 == 2"
+    assert untouched.location == ("t.py", 2, "test_x")

@@ -1,0 +1,100 @@
+"""terminal.py: the "celery dispatch" summary from a report dict."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pytest_celery_dispatch import jsonreport as jr
+from pytest_celery_dispatch.terminal import DETAIL_LIMIT, fmt_seconds, summary_lines
+
+SECTIONS = [
+    "Execution results",
+    "Detailed results",
+    "Performance metrics",
+    "Per queue",
+    "Per worker",
+]
+
+
+def rec(nodeid: str, outcome: str, queue: str | None, worker: str, call: float) -> dict[str, Any]:
+    return {
+        "nodeid": nodeid,
+        "outcome": outcome,
+        "call": {"duration": call, "outcome": "failed" if outcome == "failed" else "passed"},
+        "dispatch": {"queue": queue, "worker": worker, "attempts": 1 if queue else 0},
+    }
+
+
+def make_report(tests: list[dict[str, Any]], wall_time: float = 2.0) -> dict[str, Any]:
+    dispatch = {
+        **jr.dispatch_figures(tests, {"queue_a": 1, "queue_b": 2}, wall_time),
+        "tests_local": sum(1 for t in tests if not t["dispatch"]["queue"]),
+    }
+    return {"tests": tests, "dispatch": dispatch}
+
+
+def small_report() -> dict[str, Any]:
+    return make_report(
+        [
+            rec("t.py::test_fast", "passed", "queue_a", "worker-a", 0.25),
+            rec("t.py::test_bad", "failed", "queue_b", "worker-b", 1.5),
+            rec("t.py::test_here", "passed", None, "local", 0.25),
+        ]
+    )
+
+
+def texts(lines: list[tuple[str, dict[str, bool]]]) -> list[str]:
+    return [text for text, _ in lines]
+
+
+def test_summary_has_every_section_in_order_with_the_figures() -> None:
+    lines = summary_lines(small_report())
+    out = texts(lines)
+    assert [t for t in out if t in SECTIONS] == SECTIONS
+    joined = "\n".join(out)
+    assert "2 dispatched, 1 local: 1 failed, 1 passed" in joined
+    assert "wall time 2.00s, sum of test durations 2.00s, speed-up 1.00x" in joined
+    assert "fastest 250ms (t.py::test_fast), slowest 1.50s (t.py::test_bad)" in joined
+    assert "t.py::test_here" not in joined  # local tests are not in the dispatched tables
+    # Per-queue and per-worker rows.
+    assert any(t.split()[:3] == ["queue_b", "2", "1"] for t in out)
+    assert any(t.split()[:3] == ["worker-b", "queue_b", "1"] and t.endswith("75%") for t in out)
+    # A failed run's headline is red, and so is the failed test's row.
+    markup = dict(lines)
+    assert markup[out[1]] == {"red": True}
+    bad_row = next(t for t in out if t.lstrip().startswith("t.py::test_bad"))
+    assert markup[bad_row] == {"red": True}
+
+
+def test_per_test_table_is_hidden_above_the_limit_unless_verbose() -> None:
+    many = make_report(
+        [
+            rec(f"t.py::test_{i}", "passed", "queue_a", "worker-a", 0.01)
+            for i in range(DETAIL_LIMIT + 1)
+        ]
+    )
+    quiet = texts(summary_lines(many))
+    assert "Detailed results" not in quiet
+    assert f"  ({DETAIL_LIMIT + 1} tests: per-test table with -v)" in quiet
+    assert not any("t.py::test_3 " in t for t in quiet)
+    verbose = texts(summary_lines(many, verbose=1))
+    assert "Detailed results" in verbose
+    assert any(t.lstrip().startswith("t.py::test_3 ") for t in verbose)
+
+    at_limit = make_report(many["tests"][:DETAIL_LIMIT])
+    assert "Detailed results" in texts(summary_lines(at_limit))
+
+
+def test_nothing_dispatched() -> None:
+    report = make_report([rec("t.py::x", "passed", None, "local", 0.1)])
+    assert texts(summary_lines(report)) == [
+        "no test was dispatched (no queue marker, no default queue)"
+    ]
+
+
+def test_fmt_seconds() -> None:
+    assert fmt_seconds(None) == "-"
+    assert fmt_seconds(0) == "0ms"
+    assert fmt_seconds(0.25) == "250ms"
+    assert fmt_seconds(1) == "1.00s"
+    assert fmt_seconds(12.345) == "12.35s"
