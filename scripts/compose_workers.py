@@ -72,6 +72,14 @@ class LocalService:
         self.log_path = (log_dir or workspace) / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @property
+    def display_command(self) -> str:
+        """The command as the compose file writes it (``celery ...``)."""
+        argv = self.argv
+        if argv[1:3] == ["-m", "celery"]:
+            argv = ["celery", *argv[3:]]
+        return shlex.join(argv)
+
     def _queues(self) -> list[str]:
         argv = self.argv
         for flag in ("-Q", "--queues"):

@@ -52,7 +52,7 @@ def main() -> int:
     with compose_workers.running(environ=env, log_dir=OUT) as services:
         for service in services:
             log = service.log_path.relative_to(ROOT)
-            say(f"{service.name}: {' '.join(service.argv[1:])}  (log {log})")
+            say(f"{service.name}: {service.display_command}  (log {log})")
         command = [
             sys.executable,
             "-m",
