@@ -252,7 +252,7 @@ class Dispatcher:
         try:
             for queue in queues:
                 broker.declare_task_queue(queue)
-                if not wait_until(lambda q=queue: broker.consumer_count(q) > 0, wait, 0.1):
+                if not wait_until(lambda q=queue: (broker.consumer_count(q) or 0) > 0, wait, 0.1):
                     react(
                         f"dispatcher needs a worker on queue {queue!r}: none consumes it "
                         f"(start one: celery -A pytest_celery_dispatch.worker worker -Q {queue})"

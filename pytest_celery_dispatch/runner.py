@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from .serialization import Event, dumps, nodeid_path
+from .serialization import HEARTBEAT_INTERVAL, Event, dumps, nodeid_path
 
 ENV_RUNNER = "PYTEST_CELERY_DISPATCH_RUNNER"
 ENV_EVENT_FD = "PYTEST_CELERY_DISPATCH_EVENT_FD"
@@ -36,6 +36,11 @@ ENV_PARENT = "PYTEST_CELERY_DISPATCH_PARENT_PID"
 
 #: Where the tail of a crashed runner's own output is quoted from.
 CRASH_OUTPUT_TAIL = 4000
+#: Captured output kept per report section (stdout, stderr, log of one phase); the middle of a
+#: longer section is cut out and replaced by a line that says how much was dropped.
+MAX_SECTION_CHARS = 1_000_000
+#: Sent to the runner to make it stop after the running test (graceful stop, -x on the controller).
+STOP_SIGNAL = signal.SIGUSR1
 
 
 # ============================================================================ runner plugin
@@ -63,7 +68,8 @@ class _EventWriter:
         self.fd = fd
 
     def emit(self, event: dict[str, Any]) -> None:
-        data = (dumps(event) + "\n").encode("utf-8", "surrogateescape")
+        # "replace": a lone surrogate from odd output never makes the line undecodable.
+        data = (dumps(event) + "\n").encode("utf-8", "replace")
         view = memoryview(data)
         while view:
             written = os.write(self.fd, view)
@@ -78,6 +84,14 @@ def _emit(event: dict[str, Any]) -> None:
         _writer.emit(event)
 
 
+_stop_requested = False
+
+
+def _request_stop(signum: int, frame: Any) -> None:
+    global _stop_requested
+    _stop_requested = True
+
+
 def pytest_configure(config: pytest.Config) -> None:
     global _writer
     fd = os.environ.get(ENV_EVENT_FD)
@@ -85,6 +99,28 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     _die_with_parent()
     _writer = _EventWriter(int(fd))
+    signal.signal(STOP_SIGNAL, _request_stop)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Any:
+    result = yield
+    if _stop_requested:
+        item.session.shouldstop = "stopped by the controller (-x / --maxfail)"
+    return result
+
+
+def truncate_section(text: str, limit: int = MAX_SECTION_CHARS) -> str:
+    """Keep the head and tail of an over-long captured section, and say what was cut."""
+    if len(text) <= limit:
+        return text
+    head = limit // 2
+    tail = limit - head
+    dropped = len(text) - limit
+    return (
+        f"{text[:head]}\n[... celery-dispatch: {dropped} characters of this section were cut; "
+        f"each captured section keeps at most {limit} characters ...]\n{text[-tail:]}"
+    )
 
 
 @pytest.hookimpl(trylast=True)
@@ -137,6 +173,7 @@ def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if _writer is None:
         return
+    report.sections = [(name, truncate_section(text)) for name, text in report.sections]
     config = _config
     data = (
         config.hook.pytest_report_to_serializable(config=config, report=report)
@@ -242,28 +279,40 @@ def _read_lines(fd: int, buffer: bytearray) -> Iterator[dict[str, Any]]:
         line = bytes(buffer[:end])
         del buffer[: end + 1]
         if line.strip():
-            yield json.loads(line.decode("utf-8", "surrogateescape"))
+            yield json.loads(line.decode("utf-8", "replace"))
+
+
+#: What the task's control callback may answer while a batch runs.
+RUN, STOP, KILL = "run", "stop", "kill"
 
 
 def run_batch(
     spec: RunnerSpec,
     emit: Callable[[Event], None],
-    cancelled: Callable[[], bool] = lambda: False,
+    control: Callable[[], str] = lambda: RUN,
     check_interval: float = 1.0,
+    heartbeat: float = HEARTBEAT_INTERVAL,
 ) -> dict[str, Any]:
     """Run ``spec.nodeids`` in runner processes until each one has ended; forward every event.
 
-    Returns a summary: counts of tests done, crashed, missing and runner starts.
+    Every ``check_interval`` seconds ``control()`` says whether to go on (``RUN``), to let the
+    running test finish and start no other (``STOP``: -x / --maxfail on the controller), or
+    to kill the runner now (``KILL``: the run is over or interrupted). Every ``heartbeat``
+    seconds an ``alive`` event tells the controller this batch is still being worked on.
+
+    Returns a summary: tests done, crashed and missing, and how many runners were started.
     """
     progress = _Progress()
     remaining = list(spec.nodeids)
     crashed: list[str] = []
     missing: list[str] = []
     starts = 0
+    state = RUN
     with tempfile.TemporaryDirectory(prefix="celery-dispatch-") as tmp:
-        while remaining:
-            if cancelled():
-                return {"cancelled": True, "done": len(progress.done), "starts": starts}
+        while remaining and state == RUN:
+            state = control()
+            if state != RUN:
+                break
             starts += 1
             nodeids_file = os.path.join(tmp, f"nodeids-{starts}.json")
             with open(nodeids_file, "w", encoding="utf-8") as fh:
@@ -294,7 +343,7 @@ def run_batch(
             progress.current = None
             reason: str | None = None
             buffer = bytearray()
-            last_check = time.monotonic()
+            last_check = last_beat = time.monotonic()
             try:
                 while True:
                     ready, _, _ = select.select([read_fd], [], [], 0.2)
@@ -302,7 +351,8 @@ def run_batch(
                         try:
                             for event in _read_lines(read_fd, buffer):
                                 _track(event, progress, missing)
-                                emit(event)  # type: ignore[arg-type]
+                                if state == RUN:
+                                    emit(event)  # type: ignore[arg-type]
                         except EOFError:
                             break
                     now = time.monotonic()
@@ -314,10 +364,17 @@ def run_batch(
                         _kill_group(proc)
                     if now - last_check >= check_interval:
                         last_check = now
-                        if cancelled():
+                        wanted = control()
+                        if wanted == KILL:
+                            state = KILL
                             _kill_group(proc)
-                            proc.wait()
-                            return {"cancelled": True, "done": len(progress.done), "starts": starts}
+                        elif wanted == STOP and state == RUN:
+                            state = STOP  # finish the running test, start no other
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(proc.pid, STOP_SIGNAL)
+                    if state == RUN and now - last_beat >= heartbeat:
+                        last_beat = now
+                        emit({"type": "alive", "nodeid": progress.current or ""})
             except BaseException:
                 _kill_group(proc)  # the reply channel failed, or the task was cancelled
                 raise
@@ -325,6 +382,8 @@ def run_batch(
                 os.close(read_fd)
                 code = proc.wait()
                 _kill_group(proc)  # grandchildren a test left behind
+            if state != RUN:
+                break
             current = progress.current
             if current is not None:
                 why = reason or f"the test process crashed ({_describe_exit(code)})"
@@ -336,7 +395,8 @@ def run_batch(
                 progress.done.add(current)
                 emit({"type": "crashed", "nodeid": current, "reason": why, "message": message})
             before = len(remaining)
-            remaining = [n for n in remaining if n not in progress.done and n not in set(missing)]
+            gone = progress.done | set(missing)
+            remaining = [n for n in remaining if n not in gone]
             if remaining and len(remaining) == before:
                 # The runner ended without touching any test: do not loop forever.
                 why = f"the runner exited before running any test ({_describe_exit(code)})"
@@ -353,6 +413,7 @@ def run_batch(
                     )
                 remaining = []
     return {
+        "state": state,
         "done": len(progress.done) - len(crashed),
         "crashed": crashed,
         "missing": missing,

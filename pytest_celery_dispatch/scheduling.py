@@ -3,9 +3,9 @@
 Invariants the controller relies on:
 
 * every dispatched nodeid belongs to exactly one outstanding batch until it has a final report;
-* a batch is *lost* when it has shown no sign of life for ``timeout + grace`` seconds: since its
-  last event once started (a live worker hard-kills a test at ``timeout``, so it always speaks
-  before that), or since it was sent or its queue last made progress while it waits there;
+* a batch is *lost* when its heartbeats stop, when a test of it outlives the worker's own hard
+  kill, when its queue has no consumer any more, or when it waited in its queue for
+  ``timeout + grace`` seconds while the queue made no progress (see :func:`is_lost`);
 * a lost batch's unfinished nodeids are re-dispatched as a new batch (attempt + 1) after an
   exponential backoff, until ``retries`` re-dispatches are used up; then they fail by name.
 
@@ -19,8 +19,12 @@ import itertools
 import math
 from collections.abc import Iterable, Sequence
 
-#: Seconds added to the per-test timeout before a silent, started batch counts as lost.
+#: Seconds added to the per-test timeout before an overdue test counts as lost.
 LOST_GRACE = 10.0
+#: A started batch whose heartbeats (every 2 s) stop for this long is lost.
+SILENCE_LIMIT = 10.0
+#: A started batch is lost once its queue has had no consumer at all for this long.
+CONSUMER_GONE_GRACE = 2.0
 #: First re-dispatch delay; doubles with each further attempt.
 BACKOFF_BASE = 1.0
 BACKOFF_MAX = 30.0
@@ -43,6 +47,8 @@ class Batch:
     worker: str | None = None
     done: set[str] = dataclasses.field(default_factory=set)
     not_before: float = 0.0  # backoff: do not send before this monotonic time
+    current_since: float | None = None  # when the test running now began (monotonic)
+    send_failed_since: float | None = None
 
     @property
     def remaining(self) -> list[str]:
@@ -105,24 +111,41 @@ def backoff(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_MAX) 
 
 
 def grace_for(timeout: float) -> float:
-    """Slack added to the per-test timeout before silence means loss: 2 to 10 seconds."""
+    """Slack added to the per-test timeout before an overdue test means loss: 2 to 10 s."""
     return min(LOST_GRACE, max(2.0, timeout))
 
 
-def is_lost(batch: Batch, now: float, timeout: float, queue_last_seen: float | None = None) -> bool:
-    """Has this unfinished batch been silent for longer than ``timeout + grace``?
+def is_lost(
+    batch: Batch,
+    now: float,
+    timeout: float,
+    queue_last_seen: float | None = None,
+    silence: float = SILENCE_LIMIT,
+) -> str | None:
+    """Why this unfinished batch counts as lost, or ``None`` while it is fine.
 
-    A started batch is silent since its last event. A batch still waiting in its queue is
-    silent since it was sent, or since the last event of this run on that queue, whichever
-    is later: while the queue makes progress, waiting there is fine.
+    * A started batch sends a heartbeat every couple of seconds: silent for ``silence``
+      seconds, its worker is gone or cut off.
+    * A test of a started batch that is still running ``timeout + grace`` after it began has
+      outlived the worker's own hard kill: the worker cannot be trusted with it any more.
+    * A batch still waiting in its queue is lost when neither it nor any other batch of this
+      run on that queue made progress for ``timeout + grace``: while the queue moves, waiting
+      there is fine.
     """
     if batch.finished or batch.sent_at is None:
-        return False
+        return None
+    grace = grace_for(timeout)
     if batch.started_at is not None:
         last = batch.last_seen if batch.last_seen is not None else batch.started_at
-    else:
-        last = max(batch.sent_at, queue_last_seen or 0.0)
-    return now - last > timeout + grace_for(timeout)
+        if now - last > silence:
+            return f"no heartbeat for {silence:g}s"
+        if batch.current_since is not None and now - batch.current_since > timeout + grace:
+            return f"a test still running {timeout + grace:g}s after it started"
+        return None
+    last = max(batch.sent_at, queue_last_seen or 0.0)
+    if now - last > timeout + grace:
+        return f"not taken from the queue within {timeout + grace:g}s"
+    return None
 
 
 def redispatch(

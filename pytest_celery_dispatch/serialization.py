@@ -7,6 +7,7 @@ test that puts an odd object in ``user_properties`` still gets its report home.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
@@ -14,16 +15,19 @@ from typing import Any, Literal, TypedDict
 
 PROTOCOL = 1
 TASK_NAME = "pytest_celery_dispatch.run_tests"
+#: A running batch sends an ``alive`` event this often (seconds).
+HEARTBEAT_INTERVAL = 2.0
 
 EventType = Literal[
     "started",  # the worker took the batch
+    "alive",  # heartbeat of a running batch
     "logstart",  # a test began (runner)
     "report",  # one phase report (runner)
     "logfinish",  # a test ended (runner)
     "crashed",  # the runner died or was killed while running a test
     "missing",  # nodeids the worker could not collect
     "finished",  # the batch is over
-    "refused",  # the worker refused the batch (bad nodeid, bad payload)
+    "refused",  # the worker refused the batch (bad nodeid, bad payload, different file)
 ]
 
 
@@ -39,6 +43,7 @@ class RunTestsPayload(TypedDict):
     nodeids: list[str]
     timeout: float
     pytest_args: list[str]
+    files: dict[str, str]  # test file (workspace-relative) -> sha256 of its bytes
 
 
 class Event(TypedDict, total=False):
@@ -64,6 +69,15 @@ class Event(TypedDict, total=False):
     message: str
 
 
+def reply_queue_name(run_id: str) -> str:
+    return f"celery-dispatch.reply.{run_id}"
+
+
+def stop_queue_name(run_id: str) -> str:
+    """Exists while the controller asks its workers to stop after their running test."""
+    return f"celery-dispatch.stop.{run_id}"
+
+
 def dumps(obj: Any) -> str:
     return json.dumps(obj, default=str, ensure_ascii=False)
 
@@ -74,6 +88,15 @@ def loads(text: str | bytes) -> Any:
 
 class UnsafeNodeId(ValueError):
     """A nodeid that would reach outside the worker's workspace."""
+
+
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes: the worker must run the very file the controller collected."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def nodeid_path(nodeid: str) -> str:

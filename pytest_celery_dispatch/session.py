@@ -20,7 +20,15 @@ from typing import Any
 import pytest
 
 from . import routing, scheduling
-from .serialization import PROTOCOL, Event, RunTestsPayload, dumps
+from .serialization import (
+    PROTOCOL,
+    Event,
+    RunTestsPayload,
+    dumps,
+    file_digest,
+    nodeid_path,
+    reply_queue_name,
+)
 from .settings import Settings
 
 #: How often queues are polled for consumers while waiting, and batches checked for deadlines.
@@ -124,7 +132,7 @@ class DispatchSession:
         self.config = config
         self.settings = settings
         self.run_id = uuid.uuid4().hex[:16]
-        self.reply_to = f"celery-dispatch.reply.{self.run_id}"
+        self.reply_to = reply_queue_name(self.run_id)
         self.routes: dict[str, routing.Route] = {}
         self.items: dict[str, pytest.Item] = {}
         self.records: dict[str, TestRecord] = {}
@@ -150,6 +158,12 @@ class DispatchSession:
         self.queue_last_seen: dict[str, float] = {}
         self._session: pytest.Session | None = None
         self._event_log: Any = None
+        self._digests: dict[str, str] = {}
+        self._pytest_args = forwarded_pytest_args(config)
+        self._outage_since: float | None = None
+        self.running: set[str] = set()
+        self.replays: dict[str, int] = {}
+        self.stopped_early: dict[str, int] | None = None
 
     # ------------------------------------------------------------------ collection
 
@@ -211,6 +225,9 @@ class DispatchSession:
         record = self.records.get(item_nodeid)
         item = self.items.get(item_nodeid)
         location = reports[0].location if reports else (item.location if item else None)
+        self.replays[item_nodeid] = self.replays.get(item_nodeid, 0) + 1
+        if item_nodeid in self.finalized:
+            return  # never report a test twice (counted above for the invariant check)
         self.finalized.add(item_nodeid)
         hook.pytest_runtest_logstart(nodeid=item_nodeid, location=location)
         duration = 0.0
@@ -320,6 +337,8 @@ class DispatchSession:
         return True
 
     def _check_stop(self, session: pytest.Session) -> None:
+        if session.shouldfail or session.shouldstop:
+            self._stop_workers_gracefully()
         if session.shouldfail:
             raise session.Failed(session.shouldfail)
         if session.shouldstop:
@@ -353,7 +372,7 @@ class DispatchSession:
         pending: dict[str, list[str]] = {}
         for queue_name, nodeids in remote.items():
             self._broker.declare_task_queue(queue_name)
-            self.consumers[queue_name] = self._broker.consumer_count(queue_name)
+            self.consumers[queue_name] = self._broker.consumer_count(queue_name) or 0
             pending[queue_name] = nodeids
         now = time.monotonic()
         for queue_name, nodeids in pending.items():
@@ -400,6 +419,20 @@ class DispatchSession:
         for batch in batches:
             self._send(batch)
 
+    def _file_digests(self, nodeids: list[str]) -> dict[str, str]:
+        """sha256 of each test file of these nodeids, computed once per run and file."""
+        digests: dict[str, str] = {}
+        for nodeid in nodeids:
+            path = nodeid_path(nodeid)
+            if path not in self._digests:
+                try:
+                    self._digests[path] = file_digest(str(self.config.rootpath / path))
+                except OSError:
+                    self._digests[path] = ""
+            if self._digests[path]:
+                digests[path] = self._digests[path]
+        return digests
+
     def _send(self, batch: scheduling.Batch) -> None:
         payload: RunTestsPayload = {
             "protocol": PROTOCOL,
@@ -410,7 +443,8 @@ class DispatchSession:
             "queue": batch.queue,
             "nodeids": list(batch.nodeids),
             "timeout": self.settings.timeout,
-            "pytest_args": forwarded_pytest_args(self.config),
+            "pytest_args": self._pytest_args,
+            "files": self._file_digests(batch.nodeids),
         }
         task_id = f"{batch.batch_id}-{uuid.uuid4().hex[:8]}"
         self.batches[batch.batch_id] = batch
@@ -420,14 +454,24 @@ class DispatchSession:
         except Exception as exc:
             from .transport import describe_error
 
+            # The broker may be restarting: try again shortly, within a deadline.
+            mono = time.monotonic()
+            if batch.send_failed_since is None:
+                batch.send_failed_since = mono
+            limit = self.settings.wait_workers + scheduling.SILENCE_LIMIT
+            if mono - batch.send_failed_since < limit:
+                batch.not_before = mono + 1.0
+                self.unsent.append(batch)
+                return
             for nodeid in batch.nodeids:
                 self.fail_test(
                     nodeid,
                     f"could not send {nodeid} to queue {batch.queue!r} on "
-                    f"{self.settings.broker_masked}: {describe_error(exc)}",
+                    f"{self.settings.broker_masked} for {limit:g}s: {describe_error(exc)}",
                 )
-            batch.done.update(batch.nodeids)
+                self._mark_done(nodeid)
             return
+        batch.send_failed_since = None
         batch.sent_at = time.monotonic()
         for nodeid in batch.nodeids:
             record = self.records[nodeid]
@@ -464,6 +508,8 @@ class DispatchSession:
             event = None
         while event is not None:
             self.handle_event(event)
+            if self._should_stop():
+                return  # -x / --maxfail: report nothing after the failure that tripped it
             try:
                 event = self.events.get_nowait()
             except queue_mod.Empty:
@@ -491,6 +537,8 @@ class DispatchSession:
             for n in batch.remaining:
                 self._annotate(n, event)
         elif kind == "logstart":
+            batch.current_since = now
+            self.running.add(nodeid)
             record = self.records.get(nodeid)
             if record is not None and nodeid not in self.finalized:
                 self._annotate(nodeid, event)
@@ -513,6 +561,8 @@ class DispatchSession:
                 restore_tuples(report)
                 self.buffers.setdefault((stream, nodeid), []).append(report)
         elif kind == "logfinish":
+            batch.current_since = None
+            self.running.discard(nodeid)
             reports = self.buffers.pop((stream, nodeid), [])
             if nodeid in self.records and nodeid not in self.finalized:
                 self._annotate(nodeid, event)
@@ -521,6 +571,8 @@ class DispatchSession:
                 self._replay(nodeid, reports)
             self._mark_done(nodeid)
         elif kind == "crashed":
+            batch.current_since = None
+            self.running.discard(nodeid)
             self.buffers.pop((stream, nodeid), None)
             if nodeid in self.records and nodeid not in self.finalized:
                 self._annotate(nodeid, event)
@@ -574,14 +626,70 @@ class DispatchSession:
                 batch.done.add(nodeid)
 
     def _poll(self, now: float) -> None:
-        """Deadlines: queues without consumers, lost batches, batches waiting on backoff."""
+        """The clocks: queues without consumers, lost batches, batches waiting on backoff."""
         if self._broker is None:
             return
+        if self._consumer is not None and not self._consumer.connected.is_set():
+            if self._outage_since is None:
+                self._outage_since = now
+                self._write_line(
+                    f"celery-dispatch: lost the connection to {self.settings.broker_masked}; "
+                    "reconnecting (deadlines paused)",
+                    yellow=True,
+                )
+            return
+        if self._outage_since is not None:
+            # Back from a broker outage: nobody could speak meanwhile; restart the clocks.
+            self._write_line(
+                f"celery-dispatch: reconnected after {now - self._outage_since:.1f}s", cyan=True
+            )
+            self._outage_since = None
+            for batch in self.batches.values():
+                if batch.started_at is not None:
+                    batch.last_seen = now
+                if batch.current_since is not None:
+                    batch.current_since = max(batch.current_since, now - 1.0)
+            for queue_name in self.queue_last_seen:
+                self.queue_last_seen[queue_name] = now
+            self._no_consumer_since.clear()
+        self._poll_waiting_queues(now)
+        outstanding: dict[str, list[scheduling.Batch]] = {}
+        for batch in list(self.batches.values()):
+            if batch.batch_id in self.abandoned or batch.finished or batch.sent_at is None:
+                continue
+            why = scheduling.is_lost(
+                batch, now, self.settings.timeout, self.queue_last_seen.get(batch.queue)
+            )
+            if why is not None:
+                self._lost(batch, now, why)
+            else:
+                outstanding.setdefault(batch.queue, []).append(batch)
+        for queue_name, batches in outstanding.items():
+            count = self._broker.consumer_count(queue_name)
+            if count is None:
+                continue  # cannot tell right now
+            self.consumers[queue_name] = count
+            if count > 0:
+                self._no_consumer_since.pop(queue_name, None)
+                continue
+            gone_for = now - self._no_consumer_since.setdefault(queue_name, now)
+            for batch in batches:
+                started = batch.started_at is not None
+                limit = scheduling.CONSUMER_GONE_GRACE if started else self.settings.wait_workers
+                if gone_for >= limit:
+                    self._lost(batch, now, f"no worker consumes queue {queue_name!r} any more")
+        for batch in list(self.unsent):
+            if now >= batch.not_before:
+                self.unsent.remove(batch)
+                self._send(batch)
+
+    def _poll_waiting_queues(self, now: float) -> None:
+        """Queues that had no consumer at the start: send once one shows up, or give up."""
         for queue_name, deadline in list(self.waiting_queues.items()):
             count = self._broker.consumer_count(queue_name)
-            self.consumers[queue_name] = count
-            nodeids = [n for n in self._pending_nodeids.get(queue_name, [])]
-            if count > 0:
+            nodeids = list(self._pending_nodeids.get(queue_name, []))
+            if count:
+                self.consumers[queue_name] = count
                 del self.waiting_queues[queue_name]
                 self._write_line(
                     f"celery-dispatch: a worker now consumes {queue_name}; sending "
@@ -593,34 +701,6 @@ class DispatchSession:
                 del self.waiting_queues[queue_name]
                 for nodeid in nodeids:
                     self.fail_test(nodeid, self._no_consumer_message(queue_name))
-        # Queues whose batches wait unstarted: did every consumer go away?
-        queued: dict[str, list[scheduling.Batch]] = {}
-        for batch in list(self.batches.values()):
-            if batch.batch_id in self.abandoned or batch.finished:
-                continue
-            if scheduling.is_lost(
-                batch, now, self.settings.timeout, self.queue_last_seen.get(batch.queue)
-            ):
-                self._lost(batch, now)
-            elif batch.started_at is None and batch.sent_at is not None:
-                queued.setdefault(batch.queue, []).append(batch)
-        for queue_name, batches in queued.items():
-            count = self._broker.consumer_count(queue_name)
-            self.consumers[queue_name] = count
-            if count > 0:
-                self._no_consumer_since.pop(queue_name, None)
-                continue
-            since = self._no_consumer_since.setdefault(queue_name, now)
-            if now - since >= self.settings.wait_workers:
-                for batch in batches:
-                    self.abandoned.add(batch.batch_id)
-                    for nodeid in batch.remaining:
-                        self.fail_test(nodeid, self._no_consumer_message(queue_name))
-                        self._mark_done(nodeid)
-        for batch in list(self.unsent):
-            if now >= batch.not_before:
-                self.unsent.remove(batch)
-                self._send(batch)
 
     def _no_consumer_message(self, queue_name: str) -> str:
         return (
@@ -630,63 +710,109 @@ class DispatchSession:
             f"-n worker@%h"
         )
 
-    def _lost(self, batch: scheduling.Batch, now: float) -> None:
+    def _lost(self, batch: scheduling.Batch, now: float, why: str) -> None:
+        """Re-dispatch what a lost batch had not finished, or fail it by name."""
         self.abandoned.add(batch.batch_id)
+        for nodeid in batch.remaining:
+            self.running.discard(nodeid)
         follow_up = scheduling.redispatch(batch, self.run_id, self.settings.retries, now)
-        silent = self.settings.timeout + scheduling.grace_for(self.settings.timeout)
-        where = "running" if batch.started_at is not None else "waiting in the queue for"
+        where = f"{batch.worker} on {batch.queue}" if batch.worker else f"queue {batch.queue}"
         if follow_up is not None:
             self._write_line(
-                f"celery-dispatch: no word from {batch.worker or 'the worker'} on "
-                f"{batch.queue} for {silent:g}s; re-dispatching {len(follow_up.nodeids)} "
-                f"test(s) (attempt {follow_up.attempt} of {self.settings.retries + 1})",
+                f"celery-dispatch: {where}: {why}; re-dispatching "
+                f"{len(follow_up.nodeids)} test(s) in {follow_up.not_before - now:g}s "
+                f"(attempt {follow_up.attempt} of {self.settings.retries + 1})",
                 yellow=True,
             )
             self.batches[follow_up.batch_id] = follow_up
             self.unsent.append(follow_up)
             return
+        attempts = f"{batch.attempt} attempt{'s' if batch.attempt != 1 else ''}"
         for nodeid in batch.remaining:
+            if batch.started_at is not None:
+                what = f"{batch.worker} lost while running {nodeid} (queue {batch.queue})"
+            else:
+                what = f"no worker of queue {batch.queue} started {nodeid}"
             self.fail_test(
                 nodeid,
-                f"{batch.worker or 'the worker'} lost while {where} {nodeid} "
-                f"(queue {batch.queue}): no result for {silent:g}s after {batch.attempt} "
-                f"attempt{'s' if batch.attempt != 1 else ''} (--celery-timeout "
+                f"{what} after {attempts}: {why} (--celery-timeout "
                 f"{self.settings.timeout:g}, --celery-retries {self.settings.retries})",
             )
             self._mark_done(nodeid)
 
+    # ------------------------------------------------------------------ stopping
+
+    def _should_stop(self) -> bool:
+        session = self._session
+        return bool(session is not None and (session.shouldfail or session.shouldstop))
+
+    def _stop_workers_gracefully(self) -> None:
+        """-x / --maxfail: revoke queued batches, let running tests finish, start no new one."""
+        if self.stopped_early is not None or self._broker is None:
+            return
+        queued = sorted(
+            {n for b in self._live_batches() if b.started_at is None for n in b.remaining}
+            | {n for b in self.unsent for n in b.remaining}
+        )
+        running = sorted(self.running - self.finalized)
+        self.unsent.clear()
+        with contextlib.suppress(Exception):
+            self._broker.declare_stop_queue(self.run_id)
+        with contextlib.suppress(Exception):
+            self._revoke_outstanding()
+        self.stopped_early = {"queued_not_run": len(queued), "running_not_reported": len(running)}
+        self._write_line(
+            f"celery-dispatch: stopping: {len(queued)} queued test(s) revoked, "
+            f"{len(running)} running test(s) left to finish on their workers (not reported)",
+            yellow=True,
+        )
+
+    def _live_batches(self) -> list[scheduling.Batch]:
+        return [
+            b
+            for b in self.batches.values()
+            if not b.finished and b.batch_id not in self.abandoned and b.sent_at is not None
+        ]
+
     def _shutdown(self) -> None:
+        if self._should_stop() and not self.interrupted:
+            self._stop_workers_gracefully()
         if self._consumer is not None:
             self._consumer.stop()
         if self._broker is not None:
             with contextlib.suppress(Exception):
                 self._revoke_outstanding()
+            # Deleting the reply queue tells every worker the run is over (after Ctrl-C: kill
+            # the running test now; after -x: the stop queue says finish it first).
             self._broker.delete_queue(self.reply_to)
             self._broker.close()
-        missing = self._unfinished()
-        if missing and not self.interrupted and not self._stopped_early():
-            # The invariant: every dispatched test ends with exactly one final outcome.
-            for nodeid in missing:
-                self.fail_test(
-                    nodeid, f"celery-dispatch internal error: no final outcome for {nodeid}"
-                )
+        if not self.interrupted and not self._should_stop():
+            self._check_invariant()
         self.close_event_log()
+
+    def _check_invariant(self) -> None:
+        """Every dispatched test ends with exactly one final outcome; say so loudly if not."""
+        missing = self._unfinished()
+        doubled = sorted(n for n, count in self.replays.items() if count > 1)
+        if not missing and not doubled:
+            return
+        self._write_line(
+            "celery-dispatch INTERNAL ERROR: exactly one final outcome per dispatched test "
+            f"was violated; no outcome: {', '.join(missing) or 'none'}; "
+            f"reported twice: {', '.join(doubled) or 'none'}",
+            red=True,
+            bold=True,
+        )
+        for nodeid in missing:
+            self.fail_test(nodeid, f"celery-dispatch internal error: no final outcome for {nodeid}")
 
     def close_event_log(self) -> None:
         if self._event_log is not None:
             self._event_log.close()
             self._event_log = None
 
-    def _stopped_early(self) -> bool:
-        session = self._session
-        return bool(session is not None and (session.shouldfail or session.shouldstop))
-
     def _revoke_outstanding(self) -> None:
-        ids = [
-            b.task_id
-            for b in self.batches.values()
-            if b.task_id and not b.finished and b.batch_id not in self.abandoned
-        ]
+        ids = [b.task_id for b in self._live_batches() if b.task_id]
         if ids and self._app is not None:
             self._app.control.revoke(ids)
 
@@ -700,6 +826,7 @@ class DispatchSession:
             "broker": self.settings.broker_masked,
             "backend": self.settings.backend_masked,
             "interrupted": self.interrupted,
+            "stopped_early": self.stopped_early,
             "broker_error": self.broker_error,
             "consumers": dict(self.consumers),
             "workers_by_queue": {q: list(w) for q, w in self.workers_by_queue.items()},

@@ -18,13 +18,15 @@ from celery import Celery
 from kombu import Connection, Consumer, Exchange, Queue
 
 from .celeryconf import celery_config
-from .serialization import TASK_NAME, Event, RunTestsPayload, loads
+from .serialization import TASK_NAME, Event, RunTestsPayload, loads, stop_queue_name
 from .settings import mask_url
 
 log = logging.getLogger(__name__)
 
 #: An abandoned reply queue (its controller died) is deleted by RabbitMQ after this long unused.
 REPLY_QUEUE_EXPIRES_MS = 30 * 60 * 1000
+#: The stop signal of a run (-x) outlives any test a worker may still be finishing... mostly.
+STOP_QUEUE_EXPIRES_MS = 60 * 60 * 1000
 
 
 class BrokerUnavailable(Exception):
@@ -105,16 +107,38 @@ class Broker:
     def declare_reply_queue(self, name: str) -> None:
         reply_queue(name)(self.channel).declare()
 
-    def consumer_count(self, name: str) -> int:
-        """Consumers on a queue (a passive declare: about 0.2 ms on RabbitMQ); 0 if it is gone."""
+    def consumer_count(self, name: str) -> int | None:
+        """Consumers on a queue (a passive declare: about 0.2 ms on RabbitMQ).
+
+        0 when the queue is gone; ``None`` when the broker cannot be asked right now
+        (a restart in progress): callers must not take that for "no worker".
+        """
         try:
-            self.conn.ensure_connection(max_retries=1)
+            if not self.conn.connected:
+                self._reset_channel()
+                self.conn.ensure_connection(max_retries=1, timeout=2.0)
             ok = self.channel.queue_declare(queue=name, passive=True)
             return int(getattr(ok, "consumer_count", ok[2]))
         except Exception as exc:
-            log.debug("consumer count of %s failed: %s", name, exc)
             self._reset_channel()
-            return 0
+            code = getattr(exc, "code", None) or getattr(exc, "reply_code", None)
+            if code == 404 or "NOT_FOUND" in str(exc):
+                return 0
+            log.debug("consumer count of %s failed: %s", name, exc)
+            with contextlib.suppress(Exception):
+                self.conn.collect()
+            return None
+
+    def declare_stop_queue(self, run_id: str) -> None:
+        """Ask this run's workers to stop after their running test (see worker.control)."""
+        Queue(
+            stop_queue_name(run_id),
+            exchange=Exchange("", type="direct"),
+            routing_key=stop_queue_name(run_id),
+            durable=False,
+            auto_delete=False,
+            queue_arguments={"x-expires": STOP_QUEUE_EXPIRES_MS},
+        )(self.channel).declare()
 
     def workers_by_queue(
         self, names: set[str], expected: int | None = None, timeout: float = 1.0
@@ -178,6 +202,7 @@ class ReplyConsumer(threading.Thread):
         self.events = events
         self.stop_event = threading.Event()
         self.ready = threading.Event()
+        self.connected = threading.Event()
         self.error: str | None = None
 
     def _on_message(self, body: Any, message: Any) -> None:
@@ -203,6 +228,7 @@ class ReplyConsumer(threading.Thread):
                     accept=["json"],
                 ):
                     self.ready.set()
+                    self.connected.set()
                     delay = 0.2
                     while not self.stop_event.is_set():
                         try:
@@ -210,6 +236,7 @@ class ReplyConsumer(threading.Thread):
                         except TimeoutError:
                             conn.heartbeat_check()
             except Exception as exc:  # connection lost: wait and re-subscribe
+                self.connected.clear()
                 self.error = describe_error(exc)
                 log.debug("reply consumer: %s; reconnecting", self.error)
                 self.stop_event.wait(delay)

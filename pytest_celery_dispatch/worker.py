@@ -30,8 +30,18 @@ from typing import Any
 from celery import Celery, Task, signals
 
 from .celeryconf import backend_from_env, broker_from_env, celery_config
-from .runner import RunnerSpec, run_batch
-from .serialization import PROTOCOL, TASK_NAME, Event, UnsafeNodeId, confine, dumps
+from .runner import KILL, RUN, STOP, RunnerSpec, run_batch
+from .serialization import (
+    PROTOCOL,
+    TASK_NAME,
+    Event,
+    UnsafeNodeId,
+    confine,
+    dumps,
+    file_digest,
+    nodeid_path,
+    stop_queue_name,
+)
 
 log = logging.getLogger("pytest_celery_dispatch.worker")
 
@@ -134,25 +144,43 @@ class _Reply:
             delivery_mode=2,
         )
 
-    def run_is_gone(self) -> bool:
-        """The controller deleted its reply queue (run over, -x, Ctrl-C) or let it expire."""
+    def _exists(self, queue: str) -> bool | None:
+        """Passive declare: True / False (404), None when the broker cannot tell us now."""
         try:
             if self._check_channel is None:
                 self._check_channel = self._conn.channel()
-            self._check_channel.queue_declare(queue=self.reply_to, passive=True)
-            return False
+            self._check_channel.queue_declare(queue=queue, passive=True)
+            return True
         except Exception as exc:
             self._check_channel = None
             code = getattr(exc, "code", None) or getattr(exc, "reply_code", None)
-            return code == 404 or "NOT_FOUND" in str(exc)
+            if code == 404 or "NOT_FOUND" in str(exc):
+                return False
+            return None
+
+    def control(self) -> str:
+        """What the controller wants: go on, stop after the running test, or kill now.
+
+        The controller deletes its reply queue when the run is over or interrupted (kill);
+        before that, for -x / --maxfail, it declares the run's stop queue (stop gracefully).
+        """
+        if self._exists(self.reply_to) is not False:
+            return RUN  # present, or the broker is briefly unreachable: keep working
+        return STOP if self._exists(stop_queue_name(self.base["run_id"])) else KILL
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self._conn.release()
 
 
-@app.task(name=TASK_NAME, bind=True, acks_late=True, ignore_result=True)  # type: ignore[untyped-decorator]
+@app.task(name=TASK_NAME, bind=True, acks_late=False, ignore_result=True)  # type: ignore[untyped-decorator]
 def run_tests(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+    """Run one batch of nodeids and stream its events to the controller.
+
+    Acknowledged when it starts (not late): a test may run for hours, longer than RabbitMQ's
+    ``consumer_timeout`` lets a delivery stay unacknowledged. The controller owns completeness
+    instead: it re-dispatches a batch whose heartbeats stop.
+    """
     stream_id = uuid.uuid4().hex
     reply = _Reply(self, payload, stream_id)
     base = reply.base
@@ -164,7 +192,7 @@ def run_tests(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         "attempt": base["attempt"],
     }
     try:
-        if reply.run_is_gone():
+        if reply.control() != RUN:
             log.info("run_tests skipped: the run is over", extra=extra)
             return {"skipped": "run is over"}
         nodeids = [str(n) for n in payload.get("nodeids", [])]
@@ -176,6 +204,15 @@ def run_tests(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             reply.emit({"type": "refused", "nodeids": nodeids, "reason": str(exc)})
             log.warning("run_tests refused: %s", exc, extra=extra)
             return {"refused": str(exc)}
+        differing = different_files(ws, payload.get("files") or {}, nodeids)
+        if differing:
+            bad = [n for n in nodeids if nodeid_path(n) in differing]
+            reason = "; ".join(differing.values())
+            reply.emit({"type": "refused", "nodeids": bad, "reason": reason})
+            log.warning("run_tests refused: %s", reason, extra=extra)
+            nodeids = [n for n in nodeids if n not in set(bad)]
+            if not nodeids:
+                return {"refused": reason}
         started = time.monotonic()
         reply.emit({"type": "started", "nodeids": nodeids})
         log.info("batch started", extra={**extra, "nodeids": nodeids})
@@ -199,9 +236,9 @@ def run_tests(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             pytest_args=[str(a) for a in payload.get("pytest_args", [])],
             env=env,
         )
-        summary = run_batch(spec, reply.emit, cancelled=reply.run_is_gone)
+        summary = run_batch(spec, reply.emit, control=reply.control)
         duration = time.monotonic() - started
-        if not summary.get("cancelled"):
+        if summary["state"] == RUN:
             reply.emit({"type": "finished", "nodeids": nodeids})
         log.info(
             "batch finished",
@@ -210,6 +247,29 @@ def run_tests(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         return summary
     finally:
         reply.close()
+
+
+def different_files(
+    workspace_root: str, files: dict[str, str], nodeids: list[str]
+) -> dict[str, str]:
+    """Test files whose bytes here differ from the controller's (path -> message)."""
+    found: dict[str, str] = {}
+    worker = worker_id()
+    for path in dict.fromkeys(nodeid_path(n) for n in nodeids):
+        expected = files.get(path)
+        if not expected:
+            continue
+        full = confine(workspace_root, path)
+        try:
+            actual = file_digest(full)
+        except OSError:
+            continue  # a missing file is reported by the runner as "not found"
+        if actual != expected:
+            found[path] = (
+                f"{worker} has a different {path} (sha256 {actual[:12]}, the controller's is "
+                f"{expected[:12]}): update the worker's checkout at {workspace_root}"
+            )
+    return found
 
 
 # ---------------------------------------------------------------------------- health + demo

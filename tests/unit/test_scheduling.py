@@ -71,17 +71,27 @@ def _batch(**fields: Any) -> Batch:
     return Batch(batch_id="r.1", queue="queue_a", nodeids=["a", "b"], **fields)
 
 
-def test_started_batch_is_lost_after_timeout_plus_grace_of_silence() -> None:
-    # timeout 5 -> grace 5: lost once silent for more than 10 seconds since its last event.
+def test_started_batch_is_lost_when_its_heartbeats_stop() -> None:
+    # Heartbeats every 2 s; silent for more than SILENCE_LIMIT (10 s) means the worker is gone,
+    # whatever the per-test timeout.
     batch = _batch(sent_at=50.0, started_at=90.0, last_seen=100.0)
-    assert not sch.is_lost(batch, now=110.0, timeout=5.0)
-    assert sch.is_lost(batch, now=110.5, timeout=5.0)
+    assert not sch.is_lost(batch, now=110.0, timeout=300.0)
+    assert sch.is_lost(batch, now=110.5, timeout=300.0) == "no heartbeat for 10s"
+    assert sch.is_lost(batch, now=101.5, timeout=300.0, silence=1.0)
     # Progress elsewhere on the queue does not excuse a silent started batch.
-    assert sch.is_lost(batch, now=110.5, timeout=5.0, queue_last_seen=110.0)
+    assert sch.is_lost(batch, now=110.5, timeout=300.0, queue_last_seen=110.0)
     # Without any event yet, silence counts from the start.
     fresh = _batch(sent_at=50.0, started_at=90.0)
-    assert not sch.is_lost(fresh, now=100.0, timeout=5.0)
-    assert sch.is_lost(fresh, now=100.5, timeout=5.0)
+    assert not sch.is_lost(fresh, now=100.0, timeout=300.0)
+    assert sch.is_lost(fresh, now=100.5, timeout=300.0)
+
+
+def test_a_test_outliving_the_workers_hard_kill_loses_its_batch() -> None:
+    # timeout 5 -> grace 5: a test still running 10 s after it began, heartbeats or not.
+    batch = _batch(sent_at=50.0, started_at=90.0, last_seen=109.0, current_since=100.0)
+    assert not sch.is_lost(batch, now=110.0, timeout=5.0)
+    reason = sch.is_lost(batch, now=110.5, timeout=5.0)
+    assert reason == "a test still running 10s after it started"
 
 
 def test_waiting_batch_counts_from_sent_or_queue_progress_whichever_is_later() -> None:
