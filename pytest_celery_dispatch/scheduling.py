@@ -48,6 +48,7 @@ class Batch:
     done: set[str] = dataclasses.field(default_factory=set)
     not_before: float = 0.0  # backoff: do not send before this monotonic time
     current_since: float | None = None  # when the test running now began (monotonic)
+    lost_by: list[str] = dataclasses.field(default_factory=list)  # workers of earlier attempts
     send_failed_since: float | None = None
 
     @property
@@ -162,6 +163,7 @@ def redispatch(
         nodeids=remaining,
         attempt=attempt,
         not_before=now + backoff(attempt, base),
+        lost_by=[*batch.lost_by, *([batch.worker] if batch.worker else [])],
     )
 
 

@@ -21,6 +21,7 @@ HEARTBEAT_INTERVAL = 2.0
 EventType = Literal[
     "started",  # the worker took the batch
     "alive",  # heartbeat of a running batch
+    "stopping",  # the runner hit the forwarded --maxfail
     "logstart",  # a test began (runner)
     "report",  # one phase report (runner)
     "logfinish",  # a test ended (runner)

@@ -122,6 +122,10 @@ def forwarded_pytest_args(config: pytest.Config) -> list[str]:
     timeout = getattr(opt, "timeout", None)
     if timeout is not None:
         args.append(f"--timeout={timeout}")
+    maxfail = int(getattr(opt, "maxfail", 0) or 0)
+    if maxfail > 0:
+        # A runner stops after its own failures too, without waiting for the controller's word.
+        args.append(f"--maxfail={maxfail}")
     return args
 
 
@@ -728,6 +732,9 @@ class DispatchSession:
             self.unsent.append(follow_up)
             return
         attempts = f"{batch.attempt} attempt{'s' if batch.attempt != 1 else ''}"
+        lost_by = [*batch.lost_by, *([batch.worker] if batch.worker else [])]
+        if lost_by:
+            attempts += f" (worked on by {', '.join(dict.fromkeys(lost_by))})"
         for nodeid in batch.remaining:
             if batch.started_at is not None:
                 what = f"{batch.worker} lost while running {nodeid} (queue {batch.queue})"
@@ -758,6 +765,11 @@ class DispatchSession:
         self.unsent.clear()
         with contextlib.suppress(Exception):
             self._broker.declare_stop_queue(self.run_id)
+        # Nothing is reported after this point: tell the workers right away. The consumer
+        # stops first, or it would declare the reply queue again when it resubscribes.
+        if self._consumer is not None:
+            self._consumer.stop(timeout=0)
+        self._broker.delete_queue(self.reply_to)
         with contextlib.suppress(Exception):
             self._revoke_outstanding()
         self.stopped_early = {"queued_not_run": len(queued), "running_not_reported": len(running)}

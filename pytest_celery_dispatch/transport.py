@@ -237,6 +237,8 @@ class ReplyConsumer(threading.Thread):
                             conn.heartbeat_check()
             except Exception as exc:  # connection lost: wait and re-subscribe
                 self.connected.clear()
+                if self.stop_event.is_set():
+                    break  # e.g. the queue was deleted on purpose: never declare it again
                 self.error = describe_error(exc)
                 log.debug("reply consumer: %s; reconnecting", self.error)
                 self.stop_event.wait(delay)
@@ -246,8 +248,14 @@ class ReplyConsumer(threading.Thread):
                     conn.release()
 
     def stop(self, timeout: float = 2.0) -> None:
+        """Stop consuming; with ``timeout=0`` do not wait for the thread to end.
+
+        Once ``stop_event`` is set the thread never subscribes again, so the reply queue can
+        be deleted right away without the consumer declaring it anew.
+        """
         self.stop_event.set()
-        self.join(timeout)
+        if timeout:
+            self.join(timeout)
 
 
 def wait_until(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
