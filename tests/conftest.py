@@ -9,6 +9,7 @@ this session's base temp dir, which holds every pytester project; dispatched run
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import uuid
@@ -111,3 +112,114 @@ def run_dispatched(pytester: pytest.Pytester, workspace: Path, queues: Queues):
         return Dispatched(result, report)
 
     return run
+
+
+@pytest.fixture
+def worker_factory(workspace: Path):
+    """Start private workers for one test; every one is stopped (and its queue deleted) after."""
+    started: list[WorkerProcess] = []
+
+    def start(
+        queue: str | None = None,
+        worker_id: str = "worker-x",
+        concurrency: int = 1,
+        root: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+        broker: str = BROKER,
+    ) -> WorkerProcess:
+        name = queue or f"cdtest-{uuid.uuid4().hex[:8]}"
+        logs = workspace / "worker-logs"
+        logs.mkdir(exist_ok=True)
+        worker = WorkerProcess(
+            name,
+            worker_id,
+            root or workspace,
+            logs,
+            concurrency=concurrency,
+            broker=broker,
+            extra_env=extra_env,
+        )
+        started.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in started:
+        worker.stop()
+    if broker_reachable():
+        delete_queues(*{w.queue for w in started})
+
+
+class Controller:
+    """``pytest --celery-dispatch`` running in the background, for faults injected mid-run."""
+
+    def __init__(self, pytester: pytest.Pytester, workspace: Path, args: list[str]) -> None:
+        import subprocess
+        import sys
+
+        self.events = pytester.path / "events.jsonl"
+        self.report = pytester.path / "dispatch-report.json"
+        self.output = pytester.path / "controller.out"
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "--celery-dispatch",
+            f"--celery-broker={BROKER}",
+            f"--rootdir={workspace}",
+            f"--celery-json-report={self.report}",
+            f"--celery-event-log={self.events}",
+            "-p",
+            "no:cacheprovider",
+            *args,
+        ]
+        with open(self.output, "wb") as out:
+            self.proc = subprocess.Popen(
+                command, cwd=pytester.path, stdout=out, stderr=subprocess.STDOUT
+            )
+
+    def event_lines(self) -> list[dict]:
+        if not self.events.exists():
+            return []
+        lines = []
+        for line in self.events.read_text().splitlines():
+            with contextlib.suppress(ValueError):  # a line being written
+                lines.append(json.loads(line))
+        return lines
+
+    def wait_for(self, predicate, timeout: float = 60.0) -> list[dict]:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            lines = self.event_lines()
+            if predicate(lines):
+                return lines
+            if self.proc.poll() is not None:
+                raise AssertionError(f"controller ended early:\n{self.text()}")
+            time.sleep(0.05)
+        raise AssertionError(f"condition not met within {timeout}s:\n{self.text()}")
+
+    def wait(self, timeout: float = 120.0) -> int:
+        return self.proc.wait(timeout)
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def controller(pytester: pytest.Pytester, workspace: Path):
+    running: list[Controller] = []
+
+    def start(*args: str) -> Controller:
+        ctl = Controller(pytester, workspace, list(args))
+        running.append(ctl)
+        return ctl
+
+    yield start
+    for ctl in running:
+        ctl.kill()

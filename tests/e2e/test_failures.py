@@ -50,35 +50,3 @@ def test_a_result_that_never_comes_back_fails_after_the_deadline(
     assert test["outcome"] == "failed"
     assert test["dispatch"]["attempts"] == 2
     assert "after 2 attempts" in test["dispatch"]["infrastructure_error"]
-
-
-@pytest.mark.usefixtures("workers")
-def test_a_test_that_kills_its_process_fails_as_crashed_and_the_batch_goes_on(
-    pytester, queues, run_dispatched
-):
-    pytester.makepyfile(
-        test_crash=queues.render(
-            """
-            import os
-            import pytest
-
-            pytestmark = pytest.mark.queue("QUEUE_A")
-
-            def test_exits():
-                os._exit(3)
-
-            @pytest.mark.parametrize("n", range(4))
-            def test_after(n):
-                pass
-            """
-        )
-    )
-    # 5 tests, 1 consumer: batches [test_exits, after[0], after[1]] and [after[2], after[3]].
-    # The crash must not take the rest of its own batch with it.
-    run = run_dispatched(timeout=90)
-    run.result.assert_outcomes(passed=4, failed=1)
-    run.result.stdout.fnmatch_lines(["*test_exits crashed on worker-a*exit code 3*"])
-    outcomes = run.outcomes_by_nodeid()
-    assert outcomes["test_crash.py::test_exits"] == "failed"
-    for n in range(4):
-        assert outcomes[f"test_crash.py::test_after[{n}]"] == "passed"

@@ -1,0 +1,391 @@
+"""The fault matrix, end to end: real workers killed, a real broker restarted, real signals.
+
+Every collected test must end with exactly one final outcome, the run must finish, and an
+infrastructure failure must name the worker, the queue, the test and the attempts.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+SLOW_TESTS = """
+import os
+import time
+import pytest
+
+LOG = {log!r}
+
+@pytest.mark.queue({queue!r})
+@pytest.mark.parametrize("n", range({count}))
+def test_slow(n):
+    with open(LOG, "a") as fh:
+        fh.write(f"start {{n}} {{os.environ['WORKER_ID']}} {{os.getpid()}}\\n")
+    time.sleep({sleep})
+    with open(LOG, "a") as fh:
+        fh.write(f"end {{n}} {{os.environ['WORKER_ID']}}\\n")
+"""
+
+
+def slow_tests(pytester, queue: str, count: int, sleep: float) -> str:
+    log = str(pytester.path / "runs.log")
+    pytester.makepyfile(test_slow=SLOW_TESTS.format(log=log, queue=queue, count=count, sleep=sleep))
+    return log
+
+
+def log_lines(path: str) -> list[list[str]]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        return [line.split() for line in fh if line.strip()]
+
+
+def finished_by(lines: list[dict], worker: str) -> int:
+    return sum(1 for e in lines if e["event"] == "finished" and e.get("worker") == worker)
+
+
+def started_on(lines: list[dict], worker: str) -> int:
+    return sum(1 for e in lines if e["event"] == "started" and e.get("worker") == worker)
+
+
+def test_killed_worker_work_moves_to_the_other_worker_of_its_queue(
+    pytester, worker_factory, controller
+):
+    first = worker_factory(worker_id="worker-k1")
+    worker_factory(queue=first.queue, worker_id="worker-k2")
+    log = slow_tests(pytester, first.queue, count=8, sleep=0.6)
+    ctl = controller("--celery-timeout=30")
+    ctl.wait_for(
+        lambda lines: finished_by(lines, "worker-k1") >= 1 and started_on(lines, "worker-k1") >= 2
+    )
+    first.signal(signal.SIGKILL)
+    assert ctl.wait(120) == 0, ctl.text()
+    out = ctl.text()
+    assert "8 passed" in out
+    assert "re-dispatching" in out
+    report = pytester_report(ctl)
+    assert sorted(t["nodeid"].split("::")[-1] for t in report["tests"]) == sorted(
+        f"test_slow[{n}]" for n in range(8)
+    )
+    assert {t["outcome"] for t in report["tests"]} == {"passed"}
+    moved = [t for t in report["tests"] if t["dispatch"]["attempts"] == 2]
+    assert moved, "the killed worker's unfinished tests were re-dispatched"
+    assert {t["dispatch"]["worker"] for t in moved} == {"worker-k2"}
+    # The test that was running when worker-k1 died started twice, finished once (on k2).
+    ends = collections.Counter(n for kind, n, *_ in log_lines(log) if kind == "end")
+    assert sorted(ends) == [str(n) for n in range(8)]
+    assert set(ends.values()) == {1}
+
+
+def pytester_report(ctl):
+    import json
+
+    return json.loads(ctl.report.read_text())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_the_only_worker_of_a_queue_goes_away(pytester, worker_factory, controller, sig):
+    worker = worker_factory(worker_id="worker-only")
+    slow_tests(pytester, worker.queue, count=6, sleep=1.0)
+    ctl = controller("--celery-retries=2", "--celery-wait-workers=1", "-rf")
+    ctl.wait_for(lambda lines: started_on(lines, "worker-only") >= 1)
+    worker.signal(sig)  # SIGTERM: Celery's warm shutdown finishes the running batch first
+    assert ctl.wait(120) == 1, ctl.text()
+    report = pytester_report(ctl)
+    outcomes = collections.Counter(t["outcome"] for t in report["tests"])
+    assert sum(outcomes.values()) == 6
+    assert outcomes["failed"] >= 1
+    failed = [t for t in report["tests"] if t["outcome"] == "failed"]
+    errors = [t["dispatch"]["infrastructure_error"] for t in failed]
+    for test, error in zip(failed, errors, strict=False):
+        assert test["nodeid"] in error
+        assert "after 3 attempts" in error, error
+        assert f"no worker consumes queue '{worker.queue}' any more" in error, error
+    if sig == signal.SIGKILL:
+        # The batch it was running is lost by name; SIGTERM lets that batch finish instead.
+        assert any("(worked on by worker-only)" in e for e in errors), errors
+    assert "re-dispatching" in ctl.text()
+
+
+@pytest.fixture
+def broker_restart():
+    """Stops RabbitMQ's application and always starts it again, even when the test fails."""
+    rabbitmqctl = shutil.which("rabbitmqctl")
+    if rabbitmqctl is None:
+        pytest.skip("rabbitmqctl is needed to restart the broker")
+
+    def restart(down_for: float) -> None:
+        subprocess.run([rabbitmqctl, "stop_app"], check=True, capture_output=True, timeout=60)
+        try:
+            time.sleep(down_for)
+        finally:
+            subprocess.run([rabbitmqctl, "start_app"], check=True, capture_output=True, timeout=120)
+            subprocess.run([rabbitmqctl, "await_startup"], capture_output=True, timeout=120)
+
+    try:
+        yield restart
+    finally:
+        subprocess.run([rabbitmqctl, "start_app"], capture_output=True, timeout=120)
+        subprocess.run([rabbitmqctl, "await_startup"], capture_output=True, timeout=120)
+
+
+def test_broker_restart_mid_run_loses_nothing(pytester, worker_factory, controller, broker_restart):
+    worker = worker_factory(worker_id="worker-r", concurrency=2)
+    log = slow_tests(pytester, worker.queue, count=10, sleep=0.5)
+    ctl = controller("--celery-timeout=60")
+    ctl.wait_for(lambda lines: finished_by(lines, "worker-r") >= 1)
+    broker_restart(down_for=5.0)
+    assert ctl.wait(180) == 0, ctl.text()
+    report = pytester_report(ctl)
+    assert len(report["tests"]) == 10
+    assert {t["outcome"] for t in report["tests"]} == {"passed"}
+    ends = collections.Counter(n for kind, n, *_ in log_lines(log) if kind == "end")
+    assert sorted(ends, key=int) == [str(n) for n in range(10)]
+    assert "reconnected after" in ctl.text()
+
+
+CRASHERS = {
+    "os_exit": ("os._exit(3)", "exit code 3"),
+    "segfault": ("import ctypes; ctypes.string_at(0)", "killed by SIGSEGV"),
+}
+
+
+@pytest.mark.usefixtures("workers")
+@pytest.mark.parametrize("how", sorted(CRASHERS))
+def test_a_test_that_takes_its_process_down_fails_as_crashed(pytester, queues, run_dispatched, how):
+    code, expected = CRASHERS[how]
+    pytester.makepyfile(
+        test_crash=queues.render(
+            f"""
+            import os
+            import pytest
+
+            pytestmark = pytest.mark.queue("QUEUE_A")
+
+            def test_dies():
+                {code}
+
+            @pytest.mark.parametrize("n", range(4))
+            def test_after(n):
+                pass
+            """
+        )
+    )
+    # 5 tests, 1 consumer: test_dies shares its batch with later tests, which must still run.
+    run = run_dispatched(timeout=90)
+    run.result.assert_outcomes(passed=4, failed=1)
+    run.result.stdout.fnmatch_lines([f"*test_dies crashed on worker-a*{expected}*"])
+    outcomes = run.outcomes_by_nodeid()
+    assert outcomes["test_crash.py::test_dies"] == "failed"
+    assert all(outcomes[f"test_crash.py::test_after[{n}]"] == "passed" for n in range(4))
+
+
+@pytest.mark.usefixtures("workers")
+def test_pytest_timeout_marker_is_honoured_on_the_worker(pytester, queues, run_dispatched):
+    pytester.makepyfile(
+        test_marked_timeout=queues.render(
+            """
+            import time
+            import pytest
+
+            @pytest.mark.queue("QUEUE_B")
+            @pytest.mark.timeout(1)
+            def test_too_slow():
+                time.sleep(30)
+
+            @pytest.mark.queue("QUEUE_B")
+            def test_fine():
+                pass
+            """
+        )
+    )
+    run = run_dispatched(timeout=90)
+    run.result.assert_outcomes(passed=1, failed=1)
+    run.result.stdout.fnmatch_lines(["*Failed: Timeout (>1.0s) from pytest-timeout*"])
+
+
+def test_ctrl_c_stops_the_run_and_the_workers(pytester, worker_factory, controller):
+    worker = worker_factory(worker_id="worker-int", concurrency=2)
+    log = slow_tests(pytester, worker.queue, count=12, sleep=30)
+    ctl = controller()
+    ctl.wait_for(lambda lines: started_on(lines, "worker-int") >= 2)
+    ctl.proc.send_signal(signal.SIGINT)
+    assert ctl.wait(30) == 2, ctl.text()  # pytest's "interrupted"
+    report = pytester_report(ctl)
+    assert report["dispatch"]["interrupted"] is True
+    # The workers drop this run: the running tests' processes are gone within seconds, and
+    # nothing else of it starts.
+    pids = [int(p) for kind, _, _, p in log_lines(log) if kind == "start"]
+    assert pids
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in pids)
+    time.sleep(2)
+    assert len([line for line in log_lines(log) if line[0] == "start"]) == len(pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as fh:
+        return fh.read().split()[2] != "Z"
+    return True
+
+
+@pytest.mark.parametrize("option", ["-x", "--maxfail=2"])
+def test_maxfail_stops_and_starts_no_new_test(pytester, worker_factory, controller, option):
+    worker = worker_factory(worker_id="worker-x", concurrency=2)
+    log = str(pytester.path / "runs.log")
+    pytester.makepyfile(
+        test_stop=f"""
+        import os
+        import time
+        import pytest
+
+        @pytest.mark.queue({worker.queue!r})
+        @pytest.mark.parametrize("n", range(16))
+        def test_n(n):
+            with open({log!r}, "a") as fh:
+                fh.write(f"start {{n}}\\n")
+            time.sleep(0.4)
+            with open({log!r}, "a") as fh:
+                fh.write(f"end {{n}}\\n")
+            assert n not in (1, 9), "planned failure"
+        """
+    )
+    ctl = controller(option)
+    assert ctl.wait(90) == 1, ctl.text()
+    out = ctl.text()
+    limit = 1 if option == "-x" else 2
+    assert f"stopping after {limit} failures" in out
+    assert "celery-dispatch: stopping:" in out
+    time.sleep(2.5)  # let the running tests finish on the worker
+    lines = log_lines(log)
+    started = [int(n) for kind, n in lines if kind == "start"]
+    ended = {int(n) for kind, n in lines if kind == "end"}
+    assert set(started) == ended, "running tests finish"
+    report = pytester_report(ctl)
+    reported = len(report["tests"])
+    extra = len(started) - reported
+    # Each of the 2 slots may finish the test it was running; nothing else starts.
+    assert 0 <= extra <= 2, (started, reported)
+    assert report["dispatch"]["stopped_early"]["running_not_reported"] <= 2
+    assert sum(1 for t in report["tests"] if t["outcome"] == "failed") == limit
+
+
+@pytest.mark.usefixtures("workers")
+def test_unserializable_exceptions_still_report(pytester, queues, run_dispatched):
+    pytester.makepyfile(
+        test_odd=queues.render(
+            """
+            import socket
+            import threading
+            import pytest
+
+            pytestmark = pytest.mark.queue("QUEUE_A")
+
+            class HoldsASocket(Exception):
+                def __init__(self):
+                    super().__init__("holding a socket")
+                    self.sock = socket.socket()
+                    self.lock = threading.Lock()
+
+            class BadReduce(Exception):
+                def __reduce__(self):
+                    raise TypeError("cannot reduce me")
+
+            class BadStr(Exception):
+                def __str__(self):
+                    raise RuntimeError("no str for you")
+
+            def test_socket():
+                raise HoldsASocket()
+
+            def test_reduce():
+                raise BadReduce("reduce")
+
+            def test_str():
+                raise BadStr()
+            """
+        )
+    )
+    run = run_dispatched(timeout=60)
+    run.result.assert_outcomes(failed=3)
+    run.result.stdout.fnmatch_lines(
+        ["*HoldsASocket: holding a socket*", "*BadReduce: reduce*", "*BadStr*"]
+    )
+
+
+@pytest.mark.usefixtures("workers")
+def test_huge_and_undecodable_output_arrives(pytester, queues, run_dispatched):
+    pytester.makepyfile(
+        test_output=queues.render(
+            """
+            import os
+            import sys
+            import pytest
+
+            pytestmark = pytest.mark.queue("QUEUE_B")
+
+            def test_ten_megabytes():
+                sys.stdout.write("x" * 10_000_000 + "\\nTHE-END\\n")
+                assert False
+
+            def test_bad_bytes():
+                os.write(1, b"bytes \\xff\\xfe\\xc3 on stdout\\n")
+                os.write(2, b"bytes \\x80 on stderr\\n")
+                assert False
+            """
+        )
+    )
+    run = run_dispatched(timeout=120)
+    run.result.assert_outcomes(failed=2)
+    out = run.result.stdout.str()
+    assert "characters of this section were cut" in out
+    assert "THE-END" in out
+    assert "bytes \ufffd\ufffd\ufffd on stdout" in out
+    assert len(out) < 3_000_000
+    tests = {t["nodeid"].split("::")[-1]: t for t in run.report["tests"]}
+    assert len(tests["test_ten_megabytes"]["call"]["stdout"]) < 1_100_000
+
+
+def test_a_worker_with_a_different_test_file_is_named(
+    pytester, workspace, worker_factory, tmp_path
+):
+    pytester.makepyfile(
+        test_drift="""
+        import pytest
+
+        @pytest.mark.queue(QUEUE)
+        def test_one():
+            pass
+        """
+    )
+    # The worker's checkout has an older copy of the same file.
+    other_root = tmp_path / "other-checkout"
+    drifted = other_root / pytester.path.name
+    drifted.mkdir(parents=True)
+    worker = worker_factory(worker_id="worker-old", root=other_root)
+    source = (pytester.path / "test_drift.py").read_text().replace("QUEUE", repr(worker.queue))
+    (pytester.path / "test_drift.py").write_text(source)
+    (drifted / "test_drift.py").write_text(source.replace("pass", "assert True  # older"))
+    result = pytester.runpytest_subprocess(
+        "--celery-dispatch",
+        f"--rootdir={workspace}",
+        f"--celery-json-report={pytester.path / 'r.json'}",
+        timeout=60,
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [f"*worker-old has a different {pytester.path.name}/test_drift.py (sha256 *"]
+    )
