@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 DEFAULT_BROKER = "amqp://guest@localhost//"
 DEFAULT_BACKEND = "rpc://"
@@ -26,9 +28,36 @@ def backend_from_env(environ: Mapping[str, str] | None = None) -> str:
     return env.get("CELERY_RESULT_BACKEND") or DEFAULT_BACKEND
 
 
+def broker_ssl_options(
+    broker: str, environ: Mapping[str, str] | None = None
+) -> dict[str, Any] | None:
+    """``broker_use_ssl`` for an ``amqps://`` URL: the server certificate and host name are
+    always checked (py-amqp checks the host name only when told the server's name).
+
+    ``DISPATCH_SSL_CA`` names a CA bundle (default: the system's); ``DISPATCH_SSL_CERT`` and
+    ``DISPATCH_SSL_KEY`` a client certificate for brokers that require one.
+    """
+    if urlsplit(broker).scheme not in ("amqps", "pyamqps"):
+        return None
+    env = os.environ if environ is None else environ
+    host = urlsplit(broker).hostname or "localhost"
+    ca = env.get("DISPATCH_SSL_CA") or None
+    cert = env.get("DISPATCH_SSL_CERT") or None
+    if cert:
+        return {
+            "server_hostname": host,
+            "cert_reqs": ssl.CERT_REQUIRED,
+            "ca_certs": ca,
+            "certfile": cert,
+            "keyfile": env.get("DISPATCH_SSL_KEY") or None,
+        }
+    return {"server_hostname": host, "context": {"cafile": ca, "check_hostname": True}}
+
+
 def celery_config(broker: str, backend: str) -> dict[str, Any]:
     """JSON only (pickle is refused), late acks, one message prefetched per process."""
     return {
+        "broker_use_ssl": broker_ssl_options(broker),
         "broker_url": broker,
         "result_backend": backend,
         "task_serializer": "json",

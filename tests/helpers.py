@@ -12,11 +12,14 @@ from pathlib import Path
 
 from kombu import Connection
 
+from pytest_celery_dispatch.celeryconf import broker_ssl_options
+
 BROKER = os.environ.get("CELERY_DISPATCH_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
 
 
-def consumer_count(queue: str, broker: str = BROKER) -> int:
-    with Connection(broker, connect_timeout=3) as conn:
+def consumer_count(queue: str, broker: str = BROKER, environ: dict[str, str] | None = None) -> int:
+    ssl = broker_ssl_options(broker, environ)
+    with Connection(broker, connect_timeout=3, ssl=ssl or False) as conn:
         channel = conn.channel()
         try:
             return int(channel.queue_declare(queue=queue, passive=True).consumer_count)
@@ -84,7 +87,7 @@ class WorkerProcess:
         ]
 
     def start(self, wait: float = 30.0) -> WorkerProcess:
-        before = consumer_count(self.queue, self.broker)
+        before = consumer_count(self.queue, self.broker, self.env)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.command(),
@@ -95,7 +98,7 @@ class WorkerProcess:
                 start_new_session=True,
             )
         deadline = time.monotonic() + wait
-        while consumer_count(self.queue, self.broker) <= before:
+        while consumer_count(self.queue, self.broker, self.env) <= before:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited early; log: {self.log_path.read_text()[-3000:]}")
             if time.monotonic() > deadline:
