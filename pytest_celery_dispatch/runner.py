@@ -1,10 +1,12 @@
-"""Worker side: the pytest process that runs a batch's nodeids, and the loop that drives it.
+"""Worker side: the warm pytest process that runs a session's tests, and its driver.
 
-The Celery task (``worker.run_tests``) never runs tests in its own process. It starts
+The Celery task (``worker.run_session``) never runs tests in its own process. It starts one
 ``python -m pytest -p pytest_celery_dispatch.runner`` in the workspace, in a new process group,
-and reads one JSON event per line from a pipe: logstart / report / logfinish per test. A test
-that kills its process, segfaults or hangs past the deadline only takes that runner down: the
-driver names the test as crashed and starts a new runner for the rest of the batch.
+that collects the session's test files once and then runs chunk after chunk of nodeids as the
+driver feeds them (JSON lines on a command pipe), like an xdist worker. It writes one JSON event
+per line on an event pipe: logstart / report / logfinish per test. A test that kills its process,
+segfaults or hangs past the deadline only takes that runner down: the driver names the test as
+crashed and starts a new runner for the rest.
 
 This module is also the pytest plugin loaded into that runner process (``-p``). It never
 imports the controller side.
@@ -27,11 +29,12 @@ from typing import Any
 
 import pytest
 
-from .serialization import HEARTBEAT_INTERVAL, Event, dumps, nodeid_path
+from .serialization import HEARTBEAT_INTERVAL, dumps, nodeid_path
 
 ENV_RUNNER = "PYTEST_CELERY_DISPATCH_RUNNER"
 ENV_EVENT_FD = "PYTEST_CELERY_DISPATCH_EVENT_FD"
 ENV_NODEIDS = "PYTEST_CELERY_DISPATCH_NODEIDS"
+ENV_COMMAND_FD = "PYTEST_CELERY_DISPATCH_COMMAND_FD"
 ENV_PARENT = "PYTEST_CELERY_DISPATCH_PARENT_PID"
 
 #: Where the tail of a crashed runner's own output is quoted from.
@@ -102,14 +105,6 @@ def pytest_configure(config: pytest.Config) -> None:
     signal.signal(STOP_SIGNAL, _request_stop)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item: pytest.Item) -> Any:
-    result = yield
-    if _stop_requested:
-        item.session.shouldstop = "stopped by the controller (-x / --maxfail)"
-    return result
-
-
 def truncate_section(text: str, limit: int = MAX_SECTION_CHARS) -> str:
     """Keep the head and tail of an over-long captured section, and say what was cut."""
     if len(text) <= limit:
@@ -141,8 +136,64 @@ def pytest_collection_modifyitems(
     items[:] = selected
     if deselected:
         config.hook.pytest_deselected(items=deselected)
-    if missing:
-        _emit({"type": "missing", "nodeids": missing, "reason": _collect_errors_for(missing)})
+    _emit(
+        {
+            "type": "collected",
+            "count": len(selected),
+            "missing": missing,
+            "reason": _collect_errors_for(missing) if missing else "",
+        }
+    )
+
+
+def _commands(fd: int) -> Iterator[dict[str, Any]]:
+    """The driver's commands, one JSON object per line, until it closes the pipe."""
+    with os.fdopen(fd, "rb", buffering=0) as pipe:
+        buffer = bytearray()
+        while True:
+            chunk = pipe.read(1 << 16)
+            if not chunk:
+                return
+            buffer.extend(chunk)
+            while (end := buffer.find(b"\n")) >= 0:
+                line = bytes(buffer[:end])
+                del buffer[: end + 1]
+                if line.strip():
+                    yield json.loads(line)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session) -> bool | None:
+    """Run what the driver sends, chunk after chunk, on the items collected once.
+
+    The last item received is held back until the next chunk (or the end) is known, so that
+    ``nextitem`` is right and module / class fixtures are not torn down between chunks.
+    """
+    fd = os.environ.get(ENV_COMMAND_FD)
+    if _writer is None or fd is None:
+        return None
+    if session.config.option.collectonly:
+        return True
+    index = {item.nodeid: item for item in session.items}
+    pending: list[pytest.Item] = []
+
+    def run(item: pytest.Item, nextitem: pytest.Item | None) -> bool:
+        item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        return not (session.shouldfail or session.shouldstop or _stop_requested)
+
+    for command in _commands(int(fd)):
+        if command.get("type") == "run":
+            pending.extend(index[n] for n in command.get("nodeids", []) if n in index)
+            while len(pending) > 1:
+                if not run(pending.pop(0), pending[0]):
+                    return True
+        else:  # "shutdown": run what is left, the last one with nextitem=None
+            while pending:
+                item = pending.pop(0)
+                if not run(item, pending[0] if pending else None):
+                    return True
+            return True
+    return True
 
 
 _collect_errors: dict[str, str] = {}
@@ -208,18 +259,10 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 @dataclasses.dataclass
 class RunnerSpec:
     workspace: str
-    nodeids: list[str]
+    nodeids: list[str]  # every test this session may be asked to run: what the runner collects
     timeout: float
     pytest_args: list[str]
     env: dict[str, str]
-
-
-@dataclasses.dataclass
-class _Progress:
-    done: set[str] = dataclasses.field(default_factory=set)
-    current: str | None = None
-    current_since: float = 0.0
-    self_stopped: bool = False  # the runner hit the forwarded --maxfail
 
 
 def runner_command(spec: RunnerSpec, nodeids: list[str]) -> list[str]:
@@ -288,157 +331,290 @@ def _read_lines(fd: int, buffer: bytearray) -> Iterator[dict[str, Any]]:
             yield json.loads(line.decode("utf-8", "replace"))
 
 
-#: What the task's control callback may answer while a batch runs.
+#: What the task's control callback may answer while a session runs.
 RUN, STOP, KILL = "run", "stop", "kill"
 
+#: A chunk of work as fetched from the run's work queue.
+Chunk = dict[str, Any]
 
-def run_batch(
+
+class _Runner:
+    """One warm runner process: pipes in and out, and what it was given."""
+
+    def __init__(self, spec: RunnerSpec, eligible: list[str], tmp: str, number: int) -> None:
+        nodeids_file = os.path.join(tmp, f"nodeids-{number}.json")
+        with open(nodeids_file, "w", encoding="utf-8") as fh:
+            json.dump(eligible, fh)
+        self.log_path = os.path.join(tmp, f"runner-{number}.log")
+        self.event_fd, event_w = os.pipe()
+        command_r, self.command_fd = os.pipe()
+        env = dict(spec.env)
+        env.update(
+            {
+                ENV_RUNNER: "1",
+                ENV_EVENT_FD: str(event_w),
+                ENV_COMMAND_FD: str(command_r),
+                ENV_NODEIDS: nodeids_file,
+                ENV_PARENT: str(os.getpid()),
+            }
+        )
+        with open(self.log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(
+                runner_command(spec, eligible),
+                cwd=spec.workspace,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                pass_fds=(event_w, command_r),
+                start_new_session=True,
+            )
+        os.close(event_w)
+        os.close(command_r)
+        self.eligible = set(eligible)
+        self.collected = False
+        self.buffer = bytearray()
+        self.current: str | None = None
+        self.current_since = 0.0
+        self.shutdown_sent = False
+        self.self_stopped = False
+
+    def send(self, command: dict[str, Any]) -> None:
+        data = (json.dumps(command) + "\n").encode()
+        with contextlib.suppress(BrokenPipeError, OSError):
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.command_fd, view) :]
+
+    def shutdown(self) -> None:
+        if not self.shutdown_sent:
+            self.send({"type": "shutdown"})
+            self.shutdown_sent = True
+
+    def close(self) -> int:
+        for fd in (self.command_fd, self.event_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        code = self.proc.wait()
+        _kill_group(self.proc)  # grandchildren a test left behind
+        return code
+
+
+def drive_session(
     spec: RunnerSpec,
-    emit: Callable[[Event], None],
+    emit: Callable[[dict[str, Any]], None],
+    fetch: Callable[[], Chunk | None],
     control: Callable[[], str] = lambda: RUN,
     check_interval: float = 0.2,
     heartbeat: float = HEARTBEAT_INTERVAL,
 ) -> dict[str, Any]:
-    """Run ``spec.nodeids`` in runner processes until each one has ended; forward every event.
+    """Feed chunks from ``fetch()`` to a warm runner until the work runs out; forward events.
 
-    Every ``check_interval`` seconds (a passive queue declare, well under 1 ms) ``control()``
-    says whether to go on (``RUN``), to let the running test finish and start no other
-    (``STOP``: -x / --maxfail on the controller), or to kill the runner now (``KILL``: the run
-    is over or interrupted). Every ``heartbeat``
-    seconds an ``alive`` event tells the controller this batch is still being worked on.
-
-    Returns a summary: tests done, crashed and missing, and how many runners were started.
+    * A chunk is ``{"batch_id", "attempt", "nodeids"}``; every event about one of its tests
+      carries its ``batch_id``; ``started`` and ``finished`` frame it.
+    * The next chunk is fetched when the runner holds at most one unfinished test (the one it
+      keeps back for ``nextitem``), so the work spreads over every slot of every worker.
+    * Every ``check_interval`` seconds (a passive queue declare, well under 1 ms) ``control()``
+      says whether to go on (``RUN``), to let the running test finish and start no other
+      (``STOP``: -x / --maxfail on the controller), or to kill the runner now (``KILL``: the run
+      is over or interrupted). Every ``heartbeat`` seconds an ``alive`` event says the session
+      still works.
+    * A runner that dies (crash, timeout kill) costs only its current test: a new runner picks
+      up the rest.
     """
-    progress = _Progress()
-    remaining = list(spec.nodeids)
-    crashed: list[str] = []
-    missing: list[str] = []
-    starts = 0
+    done: set[str] = set()
+    assigned: dict[str, str] = {}  # nodeid -> batch_id, given to the runner, not finished
+    chunk_left: dict[str, set[str]] = {}  # batch_id -> its unfinished nodeids
+    missing: dict[str, str] = {}  # nodeid -> why the runner could not collect it
+    broken: str | None = None  # set when runners cannot even collect: fail what comes
     state = RUN
+    starts = chunks = 0
+    out_of_work = False
+
+    def finish(nodeid: str) -> None:
+        done.add(nodeid)
+        batch_id = assigned.pop(nodeid, None)
+        if batch_id is None:
+            return
+        left = chunk_left.get(batch_id)
+        if left is not None:
+            left.discard(nodeid)
+            if not left:
+                del chunk_left[batch_id]
+                emit({"type": "finished", "batch_id": batch_id})
+
+    def take(chunk: Chunk, runner: _Runner | None) -> list[str]:
+        batch_id = str(chunk["batch_id"])
+        ids = [str(n) for n in chunk.get("nodeids", [])]
+        emit({"type": "started", "batch_id": batch_id, "nodeids": ids})
+        chunk_left[batch_id] = set(ids)
+        runnable = []
+        for nodeid in ids:
+            assigned[nodeid] = batch_id
+            if broken is not None:
+                emit(_crashed(nodeid, batch_id, broken, ""))
+                finish(nodeid)
+            elif nodeid in done:
+                finish(nodeid)
+            elif runner is None or nodeid not in runner.eligible or nodeid in missing:
+                why = missing.get(nodeid, "")
+                emit({"type": "missing", "batch_id": batch_id, "nodeids": [nodeid], "reason": why})
+                finish(nodeid)
+            else:
+                runnable.append(nodeid)
+        return runnable
+
     with tempfile.TemporaryDirectory(prefix="celery-dispatch-") as tmp:
-        while remaining and state == RUN:
-            state = control()
-            if state != RUN:
-                break
-            starts += 1
-            nodeids_file = os.path.join(tmp, f"nodeids-{starts}.json")
-            with open(nodeids_file, "w", encoding="utf-8") as fh:
-                json.dump(remaining, fh)
-            log_path = os.path.join(tmp, f"runner-{starts}.log")
-            read_fd, write_fd = os.pipe()
-            env = dict(spec.env)
-            env.update(
-                {
-                    ENV_RUNNER: "1",
-                    ENV_EVENT_FD: str(write_fd),
-                    ENV_NODEIDS: nodeids_file,
-                    ENV_PARENT: str(os.getpid()),
-                }
-            )
-            with open(log_path, "wb") as log_file:
-                proc = subprocess.Popen(
-                    runner_command(spec, remaining),
-                    cwd=spec.workspace,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=subprocess.STDOUT,
-                    pass_fds=(write_fd,),
-                    start_new_session=True,
-                )
-            os.close(write_fd)
-            progress.current = None
-            reason: str | None = None
-            buffer = bytearray()
-            last_check = last_beat = time.monotonic()
-            try:
-                while True:
-                    ready, _, _ = select.select([read_fd], [], [], 0.2)
-                    if ready:
-                        try:
-                            for event in _read_lines(read_fd, buffer):
-                                _track(event, progress, missing)
-                                if state == RUN:
-                                    emit(event)  # type: ignore[arg-type]
-                        except EOFError:
+        runner: _Runner | None = None
+        redo: list[str] = []
+        reason: str | None = None
+        progress_at_start = 0
+        last_check = last_beat = time.monotonic()
+        try:
+            while True:
+                if runner is None:
+                    if state != RUN:
+                        break
+                    eligible = [n for n in spec.nodeids if n not in done and n not in missing]
+                    if broken is not None or not eligible:
+                        # Nothing can run here: answer for each test we are given, by name,
+                        # until the work runs out (a retry may land on a better worker).
+                        chunk = fetch()
+                        if chunk is None:
                             break
-                    now = time.monotonic()
-                    if progress.current is not None and now - progress.current_since > spec.timeout:
-                        reason = (
-                            f"timeout: still running after {spec.timeout:g}s "
-                            "(--celery-timeout); the runner was killed"
+                        chunks += 1
+                        take(chunk, None)
+                        continue
+                    starts += 1
+                    runner = _Runner(spec, eligible, tmp, starts)
+                    redo = [n for n in assigned if n not in done]
+                    progress_at_start = len(done)
+                    reason = None
+                if state == RUN and runner.collected and not runner.shutdown_sent:
+                    if redo:
+                        runner.send(
+                            {"type": "run", "nodeids": [n for n in redo if n in runner.eligible]}
                         )
-                        _kill_group(proc)
-                    if now - last_check >= check_interval:
-                        last_check = now
-                        wanted = control()
-                        if wanted == KILL:
-                            state = KILL
-                            _kill_group(proc)
-                        elif wanted == STOP and state == RUN:
-                            state = STOP  # finish the running test, start no other
-                            with contextlib.suppress(ProcessLookupError):
-                                os.kill(proc.pid, STOP_SIGNAL)
-                    if state == RUN and now - last_beat >= heartbeat:
-                        last_beat = now
-                        emit({"type": "alive", "nodeid": progress.current or ""})
-            except BaseException:
-                _kill_group(proc)  # the reply channel failed, or the task was cancelled
-                raise
-            finally:
-                os.close(read_fd)
-                code = proc.wait()
-                _kill_group(proc)  # grandchildren a test left behind
-            if state == RUN and progress.self_stopped:
-                state = STOP  # -x / --maxfail: the controller stops the whole run too
-            if state != RUN:
-                break
-            current = progress.current
-            if current is not None:
-                why = reason or f"the test process crashed ({_describe_exit(code)})"
-                tail = _tail(log_path)
-                message = f"{current}: {why}"
-                if tail:
-                    message += f"\n--- last output of the runner ---\n{tail}"
-                crashed.append(current)
-                progress.done.add(current)
-                emit({"type": "crashed", "nodeid": current, "reason": why, "message": message})
-            before = len(remaining)
-            gone = progress.done | set(missing)
-            remaining = [n for n in remaining if n not in gone]
-            if remaining and len(remaining) == before:
-                # The runner ended without touching any test: do not loop forever.
-                why = f"the runner exited before running any test ({_describe_exit(code)})"
-                tail = _tail(log_path)
-                for nodeid in remaining:
-                    crashed.append(nodeid)
-                    emit(
-                        {
-                            "type": "crashed",
-                            "nodeid": nodeid,
-                            "reason": why,
-                            "message": f"{nodeid}: {why}\n{tail}".strip(),
-                        }
+                        redo = []
+                    elif not out_of_work and sum(1 for n in assigned if n not in done) <= 1:
+                        chunk = fetch()
+                        if chunk is None:
+                            out_of_work = True
+                        else:
+                            chunks += 1
+                            runnable = take(chunk, runner)
+                            if runnable:
+                                runner.send({"type": "run", "nodeids": runnable})
+                            continue  # at once: the chunk may have been all done or missing
+                    if out_of_work:
+                        runner.shutdown()
+                exited = _pump(runner, emit, assigned, missing, finish)
+                now = time.monotonic()
+                if runner.current is not None and now - runner.current_since > spec.timeout:
+                    reason = (
+                        f"timeout: still running after {spec.timeout:g}s (--celery-timeout); "
+                        "the runner was killed"
                     )
-                remaining = []
+                    _kill_group(runner.proc)
+                if now - last_check >= check_interval:
+                    last_check = now
+                    wanted = control()
+                    if wanted == KILL and state != KILL:
+                        state = KILL
+                        _kill_group(runner.proc)
+                    elif wanted == STOP and state == RUN:
+                        state = STOP  # finish the running test, start no other
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(runner.proc.pid, STOP_SIGNAL)
+                if state == RUN and now - last_beat >= heartbeat:
+                    last_beat = now
+                    current = runner.current or ""
+                    emit(
+                        {"type": "alive", "nodeid": current, "batch_id": assigned.get(current, "")}
+                    )
+                if not exited:
+                    continue
+                # The runner is gone: a normal end, a crash, a kill, or its own --maxfail.
+                code = runner.close()
+                gone, runner = runner, None
+                if state != RUN:
+                    break
+                if gone.current is not None:
+                    why = reason or f"the test process crashed ({_describe_exit(code)})"
+                    emit(
+                        _crashed(
+                            gone.current, assigned.get(gone.current, ""), why, _tail(gone.log_path)
+                        )
+                    )
+                    finish(gone.current)
+                if gone.self_stopped:
+                    state = STOP  # -x / --maxfail: the controller stops the whole run too
+                    break
+                if out_of_work and all(n in done for n in assigned):
+                    break  # all the work it was given is done: the normal end
+                if not gone.collected or len(done) == progress_at_start:
+                    # It died before running anything: do not loop; fail what it was given.
+                    why = (
+                        f"the test process exited before running any test ({_describe_exit(code)})"
+                    )
+                    tail = _tail(gone.log_path)
+                    for nodeid in [n for n in assigned if n not in done]:
+                        emit(_crashed(nodeid, assigned[nodeid], why, tail))
+                        finish(nodeid)
+                    broken = f"{why}\n{tail}".strip()
+        except BaseException:
+            if runner is not None:
+                _kill_group(runner.proc)  # the reply channel failed, or the task was cancelled
+                runner.close()
+            raise
+    return {"state": state, "done": len(done), "chunks": chunks, "runner_starts": starts}
+
+
+def _pump(
+    runner: _Runner,
+    emit: Callable[[dict[str, Any]], None],
+    assigned: dict[str, str],
+    missing: dict[str, str],
+    finish: Callable[[str], None],
+) -> bool:
+    """Forward what the runner wrote (waiting up to 0.2 s); True once it has exited."""
+    ready, _, _ = select.select([runner.event_fd], [], [], 0.2)
+    if not ready:
+        return False
+    try:
+        for event in _read_lines(runner.event_fd, runner.buffer):
+            kind = event.get("type")
+            nodeid = str(event.get("nodeid", ""))
+            if kind == "collected":
+                runner.collected = True
+                for n in event.get("missing", []):
+                    missing[str(n)] = str(event.get("reason") or "")
+                continue
+            if kind == "stopping":
+                runner.self_stopped = True
+                continue
+            if kind == "logstart":
+                runner.current = nodeid
+                runner.current_since = time.monotonic()
+            if nodeid in assigned:
+                event["batch_id"] = assigned[nodeid]
+            emit(event)
+            if kind == "logfinish":
+                runner.current = None
+                finish(nodeid)
+    except EOFError:
+        return True
+    return False
+
+
+def _crashed(nodeid: str, batch_id: str, why: str, tail: str) -> dict[str, Any]:
+    message = f"{nodeid}: {why}"
+    if tail:
+        message += f"\n--- last output of the test process ---\n{tail}"
     return {
-        "state": state,
-        "done": len(progress.done) - len(crashed),
-        "crashed": crashed,
-        "missing": missing,
-        "starts": starts,
+        "type": "crashed",
+        "nodeid": nodeid,
+        "batch_id": batch_id,
+        "reason": why.splitlines()[0],
+        "message": message,
     }
-
-
-def _track(event: dict[str, Any], progress: _Progress, missing: list[str]) -> None:
-    kind = event.get("type")
-    if kind == "logstart":
-        progress.current = str(event["nodeid"])
-        progress.current_since = time.monotonic()
-    elif kind == "logfinish":
-        progress.done.add(str(event["nodeid"]))
-        progress.current = None
-    elif kind == "missing":
-        missing.extend(str(n) for n in event.get("nodeids", []))
-    elif kind == "stopping":
-        progress.self_stopped = True

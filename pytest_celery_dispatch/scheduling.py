@@ -49,6 +49,7 @@ class Batch:
     not_before: float = 0.0  # backoff: do not send before this monotonic time
     current_since: float | None = None  # when the test running now began (monotonic)
     lost_by: list[str] = dataclasses.field(default_factory=list)  # workers of earlier attempts
+    session_id: str | None = None  # the session working on it
     send_failed_since: float | None = None
 
     @property
@@ -60,47 +61,47 @@ class Batch:
         return not self.remaining
 
 
-def new_batch_id(run_id: str) -> str:
-    return f"{run_id}.{next(_batch_counter)}"
+@dataclasses.dataclass
+class SessionState:
+    """One ``run_session`` task: a worker slot pulling chunks from the run's work queue."""
+
+    session_id: str
+    queue: str
+    sent_at: float
+    task_id: str | None = None
+    started_at: float | None = None
+    last_seen: float | None = None
+    worker: str | None = None
+    finished: bool = False
+    lost: bool = False
+
+    @property
+    def live(self) -> bool:
+        return not self.finished and not self.lost
 
 
-def chunk_count(n_tests: int, consumers: int, per_consumer: int = 2) -> int:
-    """How many batches to cut a queue's tests into.
+def plan_chunks(
+    nodeids: Sequence[str], slots: int, divisor: int = 4, cap: int = 200
+) -> list[list[str]]:
+    """Cut a queue's tests into contiguous chunks that shrink as the work drains.
 
-    Enough batches that every consumer (and a second pool slot on each) gets work, few enough
-    that the per-batch runner start-up is amortized.
+    Each chunk is ``remaining / (divisor * slots)`` tests (at least 1, at most ``cap``): early
+    chunks are big enough to amortize a broker round trip, the last ones are single tests, so
+    no slot idles while another holds a long tail (the idea of xdist's ``load`` scheduling).
+    Contiguous chunks keep a module's tests together for its fixtures.
     """
-    if n_tests <= 0:
-        return 0
-    return max(1, min(n_tests, max(1, consumers) * per_consumer))
-
-
-def split(nodeids: Sequence[str], parts: int) -> list[list[str]]:
-    """Split in order into ``parts`` contiguous chunks whose sizes differ by at most one.
-
-    Contiguous chunks keep a module's tests together, so module fixtures are set up once per
-    batch rather than once per test.
-    """
-    if parts <= 0 or not nodeids:
-        return []
-    parts = min(parts, len(nodeids))
-    size, extra = divmod(len(nodeids), parts)
+    remaining = list(nodeids)
     chunks: list[list[str]] = []
-    start = 0
-    for index in range(parts):
-        end = start + size + (1 if index < extra else 0)
-        chunks.append(list(nodeids[start:end]))
-        start = end
+    per_round = max(1, divisor * max(1, slots))
+    while remaining:
+        size = max(1, min(cap, len(remaining) // per_round))
+        chunks.append(remaining[:size])
+        remaining = remaining[size:]
     return chunks
 
 
-def plan_batches(
-    run_id: str, queue: str, nodeids: Sequence[str], consumers: int, per_consumer: int = 2
-) -> list[Batch]:
-    return [
-        Batch(batch_id=new_batch_id(run_id), queue=queue, nodeids=chunk)
-        for chunk in split(nodeids, chunk_count(len(nodeids), consumers, per_consumer))
-    ]
+def new_batch_id(run_id: str) -> str:
+    return f"{run_id}.{next(_batch_counter)}"
 
 
 def backoff(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_MAX) -> float:

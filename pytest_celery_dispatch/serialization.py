@@ -14,37 +14,46 @@ import posixpath
 from typing import Any, Literal, TypedDict
 
 PROTOCOL = 1
-TASK_NAME = "pytest_celery_dispatch.run_tests"
+SESSION_TASK = "pytest_celery_dispatch.run_session"
 #: A running batch sends an ``alive`` event this often (seconds).
 HEARTBEAT_INTERVAL = 2.0
 
 EventType = Literal[
-    "started",  # the worker took the batch
-    "alive",  # heartbeat of a running batch
-    "stopping",  # the runner hit the forwarded --maxfail
+    "session_started",  # a worker slot took the session; its runner is starting
+    "session_finished",  # the work queue ran dry; the runner tore its fixtures down
+    "started",  # the session took a chunk (batch_id) from the work queue
+    "finished",  # every test of that chunk ended
+    "alive",  # heartbeat of a session, naming the chunk it works on
     "logstart",  # a test began (runner)
     "report",  # one phase report (runner)
     "logfinish",  # a test ended (runner)
     "crashed",  # the runner died or was killed while running a test
     "missing",  # nodeids the worker could not collect
-    "finished",  # the batch is over
-    "refused",  # the worker refused the batch (bad nodeid, bad payload, different file)
+    "refused",  # nodeids the worker refused (outside its workspace, a different file)
 ]
 
 
-class RunTestsPayload(TypedDict):
-    """The single argument of the ``run_tests`` task."""
+class SessionPayload(TypedDict):
+    """The single argument of the ``run_session`` task."""
 
     protocol: int
     run_id: str
     reply_to: str
-    batch_id: str
-    attempt: int
+    work_queue: str
+    session_id: str
     queue: str
-    nodeids: list[str]
+    nodeids: list[str]  # every test of the run on this queue: what the runner collects
     timeout: float
     pytest_args: list[str]
     files: dict[str, str]  # test file (workspace-relative) -> sha256 of its bytes
+
+
+class Chunk(TypedDict):
+    """One message on a run's work queue: tests for whichever session takes it."""
+
+    batch_id: str
+    attempt: int
+    nodeids: list[str]
 
 
 class Event(TypedDict, total=False):
@@ -54,8 +63,7 @@ class Event(TypedDict, total=False):
     type: EventType
     run_id: str
     batch_id: str
-    stream_id: str  # one execution of a batch (a redelivered batch gets a new one)
-    attempt: int
+    session_id: str
     queue: str
     worker: str
     hostname: str
@@ -72,6 +80,10 @@ class Event(TypedDict, total=False):
 
 def reply_queue_name(run_id: str) -> str:
     return f"celery-dispatch.reply.{run_id}"
+
+
+def work_queue_name(run_id: str, queue: str) -> str:
+    return f"celery-dispatch.work.{run_id}.{queue}"
 
 
 def stop_queue_name(run_id: str) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import queue as queue_mod
 import time
 import uuid
@@ -22,12 +23,14 @@ import pytest
 from . import routing, scheduling
 from .serialization import (
     PROTOCOL,
+    Chunk,
     Event,
-    RunTestsPayload,
+    SessionPayload,
     dumps,
     file_digest,
     nodeid_path,
     reply_queue_name,
+    work_queue_name,
 )
 from .settings import Settings
 
@@ -158,7 +161,11 @@ class DispatchSession:
         self._consumer: Any = None
         self._last_poll = 0.0
         self._no_consumer_since: dict[str, float] = {}
-        self._pending_nodeids: dict[str, list[str]] = {}
+        self.queue_nodeids: dict[str, list[str]] = {}
+        self.sessions: dict[str, scheduling.SessionState] = {}
+        self.slots: dict[str, int] = {}
+        self._session_numbers = itertools.count(1)
+        self._session_not_before: dict[str, float] = {}
         self.queue_last_seen: dict[str, float] = {}
         self._session: pytest.Session | None = None
         self._event_log: Any = None
@@ -373,27 +380,27 @@ class DispatchSession:
         self._consumer.start()
         self._consumer.ready.wait(5.0)
 
-        pending: dict[str, list[str]] = {}
+        now = time.monotonic()
         for queue_name, nodeids in remote.items():
+            self.queue_nodeids[queue_name] = list(nodeids)
             self._broker.declare_task_queue(queue_name)
             self.consumers[queue_name] = self._broker.consumer_count(queue_name) or 0
-            pending[queue_name] = nodeids
-        now = time.monotonic()
-        for queue_name, nodeids in pending.items():
-            if self.consumers[queue_name] > 0:
-                self._send_queue(queue_name, nodeids)
-            else:
-                self.waiting_queues[queue_name] = now + self.settings.wait_workers
-        self._pending_nodeids = {q: n for q, n in pending.items() if q in self.waiting_queues}
         present = {q for q, c in self.consumers.items() if c > 0}
         if present:
             # One consumer per worker and queue: a worker serving two of these queues answers
             # once, so the wait may run to its (short) timeout; otherwise it ends early.
-            self.workers_by_queue = self._broker.workers_by_queue(
+            found = self._broker.inspect_workers(
                 present,
                 expected=sum(self.consumers[q] for q in present),
                 timeout=min(1.0, max(0.2, self.settings.wait_workers)),
             )
+            self.workers_by_queue = {q: [name for name, _ in found[q]] for q in found}
+            self.slots = {q: sum(c for _, c in found[q]) or self.consumers[q] for q in found}
+        for queue_name in remote:
+            if self.consumers[queue_name] > 0:
+                self._start_queue(queue_name)
+            else:
+                self.waiting_queues[queue_name] = now + self.settings.wait_workers
         self._write_header()
 
     def _write_header(self) -> None:
@@ -402,26 +409,31 @@ class DispatchSession:
             count = self.consumers[queue_name]
             names = self.workers_by_queue.get(queue_name) or []
             shown = f" ({', '.join(names)})" if names else ""
-            n_tests = sum(1 for r in self.records.values() if r.queue == queue_name)
+            n_tests = len(self.queue_nodeids.get(queue_name, []))
+            tests = f"{n_tests} test{'s' if n_tests != 1 else ''}"
             if count:
+                slots = self.slots.get(queue_name, count)
                 parts.append(
                     f"{queue_name}: {count} worker{'s' if count != 1 else ''}{shown}, "
-                    f"{n_tests} test{'s' if n_tests != 1 else ''}"
+                    f"{slots} slot{'s' if slots != 1 else ''}, {tests}"
                 )
             else:
-                plural = "s" if n_tests != 1 else ""
                 parts.append(
                     f"{queue_name}: no worker yet, waiting up to "
-                    f"{self.settings.wait_workers:g}s for {n_tests} test{plural}"
+                    f"{self.settings.wait_workers:g}s for {tests}"
                 )
         self._write_line("celery-dispatch workers: " + "; ".join(parts), cyan=True)
 
-    def _send_queue(self, queue_name: str, nodeids: list[str]) -> None:
-        batches = scheduling.plan_batches(
-            self.run_id, queue_name, nodeids, max(1, self.consumers.get(queue_name, 1))
-        )
-        for batch in batches:
-            self._send(batch)
+    def _start_queue(self, queue_name: str) -> None:
+        """Publish the queue's work as chunks and start one session per worker slot."""
+        nodeids = self.queue_nodeids[queue_name]
+        slots = max(1, self.slots.get(queue_name) or self.consumers.get(queue_name) or 1)
+        self._broker.declare_work_queue(work_queue_name(self.run_id, queue_name))
+        chunks = scheduling.plan_chunks(nodeids, slots)
+        for ids in chunks:
+            self._publish(scheduling.Batch(scheduling.new_batch_id(self.run_id), queue_name, ids))
+        for _ in range(min(slots, len(chunks))):
+            self._send_session(queue_name)
 
     def _file_digests(self, nodeids: list[str]) -> dict[str, str]:
         """sha256 of each test file of these nodeids, computed once per run and file."""
@@ -437,54 +449,72 @@ class DispatchSession:
                 digests[path] = self._digests[path]
         return digests
 
-    def _send(self, batch: scheduling.Batch) -> None:
-        payload: RunTestsPayload = {
-            "protocol": PROTOCOL,
-            "run_id": self.run_id,
-            "reply_to": self.reply_to,
+    def _publish(self, batch: scheduling.Batch) -> None:
+        """Put a chunk on the queue's work queue (or retry shortly if the broker is away)."""
+        self.batches[batch.batch_id] = batch
+        chunk: Chunk = {
             "batch_id": batch.batch_id,
             "attempt": batch.attempt,
-            "queue": batch.queue,
             "nodeids": list(batch.nodeids),
-            "timeout": self.settings.timeout,
-            "pytest_args": self._pytest_args,
-            "files": self._file_digests(batch.nodeids),
         }
-        task_id = f"{batch.batch_id}-{uuid.uuid4().hex[:8]}"
-        self.batches[batch.batch_id] = batch
-        now = time.time()
         try:
-            batch.task_id = self._broker.send(payload, task_id)
+            self._broker.publish_work(work_queue_name(self.run_id, batch.queue), chunk)
         except Exception as exc:
-            from .transport import describe_error
-
-            # The broker may be restarting: try again shortly, within a deadline.
-            mono = time.monotonic()
-            if batch.send_failed_since is None:
-                batch.send_failed_since = mono
-            limit = self.settings.wait_workers + scheduling.SILENCE_LIMIT
-            if mono - batch.send_failed_since < limit:
-                batch.not_before = mono + 1.0
-                self.unsent.append(batch)
-                return
-            for nodeid in batch.nodeids:
-                self.fail_test(
-                    nodeid,
-                    f"could not send {nodeid} to queue {batch.queue!r} on "
-                    f"{self.settings.broker_masked} for {limit:g}s: {describe_error(exc)}",
-                )
-                self._mark_done(nodeid)
+            self._send_failed(batch, exc)
             return
         batch.send_failed_since = None
         batch.sent_at = time.monotonic()
+        now = time.time()
         for nodeid in batch.nodeids:
             record = self.records[nodeid]
-            record.task_id = batch.task_id
             record.attempts = batch.attempt
             record.sent = now
-            self.log_event(
-                "sent", nodeid, queue=batch.queue, task_id=batch.task_id, attempt=batch.attempt
+            self.log_event("sent", nodeid, queue=batch.queue, attempt=batch.attempt)
+
+    def _send_failed(self, batch: scheduling.Batch, exc: Exception) -> None:
+        from .transport import describe_error
+
+        # The broker may be restarting: try again shortly, within a deadline.
+        mono = time.monotonic()
+        if batch.send_failed_since is None:
+            batch.send_failed_since = mono
+        limit = self.settings.wait_workers + scheduling.SILENCE_LIMIT
+        if mono - batch.send_failed_since < limit:
+            batch.not_before = mono + 1.0
+            if batch not in self.unsent:
+                self.unsent.append(batch)
+            return
+        for nodeid in batch.remaining:
+            self.fail_test(
+                nodeid,
+                f"could not send {nodeid} to queue {batch.queue!r} on "
+                f"{self.settings.broker_masked} for {limit:g}s: {describe_error(exc)}",
             )
+            self._mark_done(nodeid)
+
+    def _send_session(self, queue_name: str) -> None:
+        """One more ``run_session`` task on a Celery queue: a slot that pulls this run's work."""
+        session_id = f"{self.run_id}.s{next(self._session_numbers)}"
+        payload: SessionPayload = {
+            "protocol": PROTOCOL,
+            "run_id": self.run_id,
+            "reply_to": self.reply_to,
+            "work_queue": work_queue_name(self.run_id, queue_name),
+            "session_id": session_id,
+            "queue": queue_name,
+            "nodeids": list(self.queue_nodeids[queue_name]),
+            "timeout": self.settings.timeout,
+            "pytest_args": self._pytest_args,
+            "files": self._file_digests(self.queue_nodeids[queue_name]),
+        }
+        state = scheduling.SessionState(session_id, queue_name, sent_at=time.monotonic())
+        self.sessions[session_id] = state
+        try:
+            state.task_id = self._broker.send_session(
+                payload, f"{session_id}-{uuid.uuid4().hex[:8]}"
+            )
+        except Exception:
+            state.lost = True  # _ensure_sessions sends another on the next poll
 
     def _run_local(self, session: pytest.Session, local: list[pytest.Item]) -> None:
         for index, item in enumerate(local):
@@ -526,26 +556,38 @@ class DispatchSession:
     def handle_event(self, event: Event) -> None:
         if event.get("run_id") != self.run_id:
             return
-        batch = self.batches.get(str(event.get("batch_id")))
-        if batch is None:
-            return
         kind = event.get("type")
         now = time.monotonic()
+        session = self.sessions.get(str(event.get("session_id", "")))
+        if session is not None:
+            session.last_seen = now
+            session.worker = str(event.get("worker") or session.worker or "")
+            self.queue_last_seen[session.queue] = now
+            if kind == "session_started":
+                session.started_at = now
+            elif kind == "session_finished":
+                session.finished = True
+        nodeid = str(event.get("nodeid", ""))
+        if kind in ("missing", "refused"):
+            self._not_runnable(event)
+        batch = self.batches.get(str(event.get("batch_id", "")))
+        if batch is None:
+            return
         batch.last_seen = now
         self.queue_last_seen[batch.queue] = now
-        stream = str(event.get("stream_id", ""))
-        nodeid = str(event.get("nodeid", ""))
+        stream = str(event.get("session_id", ""))
         if kind == "started":
             batch.started_at = batch.started_at or now
             batch.worker = str(event.get("worker"))
+            batch.session_id = stream
             for n in batch.remaining:
-                self._annotate(n, event)
+                self._annotate(n, event, batch)
         elif kind == "logstart":
             batch.current_since = now
             self.running.add(nodeid)
             record = self.records.get(nodeid)
             if record is not None and nodeid not in self.finalized:
-                self._annotate(nodeid, event)
+                self._annotate(nodeid, event, batch)
                 record.started = float(event.get("ts") or time.time())
                 self.log_event(
                     "started",
@@ -569,7 +611,7 @@ class DispatchSession:
             self.running.discard(nodeid)
             reports = self.buffers.pop((stream, nodeid), [])
             if nodeid in self.records and nodeid not in self.finalized:
-                self._annotate(nodeid, event)
+                self._annotate(nodeid, event, batch)
                 record = self.records[nodeid]
                 record.finished = float(event.get("ts") or time.time())
                 self._replay(nodeid, reports)
@@ -579,50 +621,55 @@ class DispatchSession:
             self.running.discard(nodeid)
             self.buffers.pop((stream, nodeid), None)
             if nodeid in self.records and nodeid not in self.finalized:
-                self._annotate(nodeid, event)
+                self._annotate(nodeid, event, batch)
                 message = str(event.get("message") or event.get("reason") or "crashed")
                 self.fail_test(
                     nodeid,
                     f"{nodeid} crashed on {event.get('worker')} (queue {event.get('queue')}, "
-                    f"attempt {event.get('attempt')}): {message}",
+                    f"attempt {batch.attempt}): {message}",
                 )
             self._mark_done(nodeid)
-        elif kind in ("missing", "refused"):
-            reason = str(event.get("reason") or "")
-            for missing in event.get("nodeids", []):
-                if missing in self.records and missing not in self.finalized:
-                    self._annotate(missing, event)
-                    if kind == "missing":
-                        text = (
-                            f"{missing} was not found on {event.get('worker')} "
-                            f"(queue {event.get('queue')}): the worker's workspace does not "
-                            "have this test. Check DISPATCH_WORKSPACE on the worker: it must "
-                            "be the controller's rootdir with the same test files."
-                        )
-                    else:
-                        text = f"{event.get('worker')} refused {missing}: {reason}"
-                    if reason and kind == "missing":
-                        text += f"\n{reason}"
-                    self.fail_test(missing, text)
-                self._mark_done(missing)
         elif kind == "finished":
             for n in list(batch.remaining):
                 if n not in self.finalized:
                     self.fail_test(
                         n,
-                        f"{event.get('worker')} finished batch {batch.batch_id} without a "
+                        f"{event.get('worker')} finished chunk {batch.batch_id} without a "
                         f"result for {n}",
                     )
                 self._mark_done(n)
 
-    def _annotate(self, nodeid: str, event: Event) -> None:
+    def _not_runnable(self, event: Event) -> None:
+        """Tests a worker could not collect, or refused to run: each fails by name."""
+        kind = event.get("type")
+        reason = str(event.get("reason") or "")
+        worker = event.get("worker")
+        for nodeid in event.get("nodeids", []):
+            if nodeid in self.records and nodeid not in self.finalized:
+                self._annotate(nodeid, event, self.batches.get(str(event.get("batch_id", ""))))
+                if kind == "missing":
+                    text = (
+                        f"{nodeid} was not found on {worker} (queue {event.get('queue')}): the "
+                        "worker's workspace does not have this test. Check DISPATCH_WORKSPACE "
+                        "on the worker: it must be the controller's rootdir with the same test "
+                        "files."
+                    )
+                    if reason:
+                        text += f"\n{reason}"
+                else:
+                    text = f"{worker} refused {nodeid}: {reason}"
+                self.fail_test(nodeid, text)
+            self._mark_done(nodeid)
+
+    def _annotate(self, nodeid: str, event: Event, batch: scheduling.Batch | None) -> None:
         record = self.records.get(nodeid)
         if record is None or nodeid in self.finalized:
             return
         record.worker = str(event.get("worker") or record.worker or "")
         record.hostname = str(event.get("hostname") or record.hostname or "")
         record.task_id = str(event.get("task_id") or record.task_id or "")
-        record.attempts = int(event.get("attempt") or record.attempts or 1)
+        if batch is not None:
+            record.attempts = batch.attempt
 
     def _mark_done(self, nodeid: str) -> None:
         for batch in self.batches.values():
@@ -630,7 +677,7 @@ class DispatchSession:
                 batch.done.add(nodeid)
 
     def _poll(self, now: float) -> None:
-        """The clocks: queues without consumers, lost batches, batches waiting on backoff."""
+        """The clocks: queues without consumers, lost work, sessions, work waiting on backoff."""
         if self._broker is None:
             return
         if self._consumer is not None and not self._consumer.connected.is_set():
@@ -653,45 +700,129 @@ class DispatchSession:
                     batch.last_seen = now
                 if batch.current_since is not None:
                     batch.current_since = max(batch.current_since, now - 1.0)
+            for session in self.sessions.values():
+                session.last_seen = now
             for queue_name in self.queue_last_seen:
                 self.queue_last_seen[queue_name] = now
             self._no_consumer_since.clear()
         self._poll_waiting_queues(now)
-        outstanding: dict[str, list[scheduling.Batch]] = {}
-        for batch in list(self.batches.values()):
-            if batch.batch_id in self.abandoned or batch.finished or batch.sent_at is None:
+        waiting: dict[str, list[scheduling.Batch]] = {}
+        for batch in self._live_batches():
+            if batch.started_at is None:
+                waiting.setdefault(batch.queue, []).append(batch)
                 continue
-            why = scheduling.is_lost(
-                batch, now, self.settings.timeout, self.queue_last_seen.get(batch.queue)
-            )
+            why = scheduling.is_lost(batch, now, self.settings.timeout)
             if why is not None:
                 self._lost(batch, now, why)
-            else:
-                outstanding.setdefault(batch.queue, []).append(batch)
-        for queue_name, batches in outstanding.items():
+        for queue_name in list(self.queue_nodeids):
+            if queue_name in self.waiting_queues or not self._unfinished_in(queue_name):
+                continue
             count = self._broker.consumer_count(queue_name)
             if count is None:
                 continue  # cannot tell right now
             self.consumers[queue_name] = count
             if count > 0:
                 self._no_consumer_since.pop(queue_name, None)
-                continue
-            gone_for = now - self._no_consumer_since.setdefault(queue_name, now)
-            for batch in batches:
-                started = batch.started_at is not None
-                limit = scheduling.CONSUMER_GONE_GRACE if started else self.settings.wait_workers
-                if gone_for >= limit:
-                    self._lost(batch, now, f"no worker consumes queue {queue_name!r} any more")
+            else:
+                gone_for = now - self._no_consumer_since.setdefault(queue_name, now)
+                if gone_for >= scheduling.CONSUMER_GONE_GRACE:
+                    for batch in self._live_batches():
+                        if batch.queue == queue_name and batch.started_at is not None:
+                            self._lost(
+                                batch, now, f"no worker consumes queue {queue_name!r} any more"
+                            )
+                if gone_for >= self.settings.wait_workers and waiting.get(queue_name):
+                    self._requeue_waiting(
+                        queue_name,
+                        waiting[queue_name],
+                        now,
+                        f"no worker consumes queue {queue_name!r} any more",
+                    )
+                    continue
+            # Work waiting while the queue makes no progress at all (a frozen worker holds
+            # the session task): try another session, count it as an attempt.
+            stalled_for = now - max(
+                self.queue_last_seen.get(queue_name, 0.0),
+                max((b.sent_at or 0.0) for b in waiting.get(queue_name, []))
+                if waiting.get(queue_name)
+                else 0.0,
+            )
+            limit = self.settings.timeout + scheduling.grace_for(self.settings.timeout)
+            if waiting.get(queue_name) and not self._started_in(queue_name) and stalled_for > limit:
+                self._requeue_waiting(
+                    queue_name,
+                    waiting[queue_name],
+                    now,
+                    f"not taken from the queue within {limit:g}s",
+                )
+        for session in list(self.sessions.values()):
+            last = session.last_seen
+            if session.live and session.started_at is not None and last is not None:
+                session.lost = now - last > scheduling.SILENCE_LIMIT
         for batch in list(self.unsent):
             if now >= batch.not_before:
                 self.unsent.remove(batch)
-                self._send(batch)
+                self._publish(batch)
+        for queue_name in list(self.queue_nodeids):
+            self._ensure_session(queue_name)
+
+    def _unfinished_in(self, queue_name: str) -> bool:
+        return any(b.queue == queue_name for b in self._live_batches()) or any(
+            b.queue == queue_name for b in self.unsent
+        )
+
+    def _started_in(self, queue_name: str) -> bool:
+        return any(b.queue == queue_name and b.started_at is not None for b in self._live_batches())
+
+    def _ensure_session(self, queue_name: str) -> None:
+        """While work for a queue is left, at least one live session must pull it."""
+        if queue_name in self.waiting_queues or self._should_stop():
+            return
+        if not self._unfinished_in(queue_name):
+            return
+        if any(s.live and s.queue == queue_name for s in self.sessions.values()):
+            return
+        if time.monotonic() < self._session_not_before.get(queue_name, 0.0):
+            return  # backing off before the next attempt
+        self._send_session(queue_name)
+
+    def _requeue_waiting(
+        self, queue_name: str, batches: list[scheduling.Batch], now: float, why: str
+    ) -> None:
+        """Chunks still in the work queue, with nobody to take them: count an attempt, send a
+        fresh session after the backoff, or fail them by name once the retries are used up."""
+        self._no_consumer_since.pop(queue_name, None)
+        self.queue_last_seen[queue_name] = now
+        for session in self.sessions.values():
+            if session.queue == queue_name and session.started_at is None:
+                session.lost = True  # never started: another one replaces it
+        retry = [b for b in batches if b.attempt <= self.settings.retries]
+        if retry:
+            attempt = max(b.attempt for b in retry) + 1
+            self._session_not_before[queue_name] = now + scheduling.backoff(attempt)
+        for batch in batches:
+            if batch in retry:
+                batch.attempt += 1
+                batch.sent_at = now + scheduling.backoff(batch.attempt)
+                for nodeid in batch.remaining:
+                    self.records[nodeid].attempts = batch.attempt
+            else:
+                self._give_up(batch, why)
+        if retry:
+            attempt = max(b.attempt for b in retry)
+            tests = sum(len(b.remaining) for b in retry)
+            self._write_line(
+                f"celery-dispatch: queue {queue_name}: {why}; re-dispatching {tests} test(s) "
+                f"in {scheduling.backoff(attempt):g}s (attempt {attempt} of "
+                f"{self.settings.retries + 1})",
+                yellow=True,
+            )
 
     def _poll_waiting_queues(self, now: float) -> None:
-        """Queues that had no consumer at the start: send once one shows up, or give up."""
+        """Queues that had no consumer at the start: start once one shows up, or give up."""
         for queue_name, deadline in list(self.waiting_queues.items()):
             count = self._broker.consumer_count(queue_name)
-            nodeids = list(self._pending_nodeids.get(queue_name, []))
+            nodeids = self.queue_nodeids.get(queue_name, [])
             if count:
                 self.consumers[queue_name] = count
                 del self.waiting_queues[queue_name]
@@ -700,7 +831,7 @@ class DispatchSession:
                     f"{len(nodeids)} test{'s' if len(nodeids) != 1 else ''}",
                     cyan=True,
                 )
-                self._send_queue(queue_name, nodeids)
+                self._start_queue(queue_name)
             elif now >= deadline:
                 del self.waiting_queues[queue_name]
                 for nodeid in nodeids:
@@ -715,22 +846,30 @@ class DispatchSession:
         )
 
     def _lost(self, batch: scheduling.Batch, now: float, why: str) -> None:
-        """Re-dispatch what a lost batch had not finished, or fail it by name."""
+        """Re-dispatch what a lost chunk had not finished, or fail it by name."""
         self.abandoned.add(batch.batch_id)
         for nodeid in batch.remaining:
             self.running.discard(nodeid)
+        session = self.sessions.get(batch.session_id or "")
+        if session is not None:
+            session.lost = True
         follow_up = scheduling.redispatch(batch, self.run_id, self.settings.retries, now)
         where = f"{batch.worker} on {batch.queue}" if batch.worker else f"queue {batch.queue}"
-        if follow_up is not None:
-            self._write_line(
-                f"celery-dispatch: {where}: {why}; re-dispatching "
-                f"{len(follow_up.nodeids)} test(s) in {follow_up.not_before - now:g}s "
-                f"(attempt {follow_up.attempt} of {self.settings.retries + 1})",
-                yellow=True,
-            )
-            self.batches[follow_up.batch_id] = follow_up
-            self.unsent.append(follow_up)
+        if follow_up is None:
+            self._give_up(batch, why)
             return
+        self._write_line(
+            f"celery-dispatch: {where}: {why}; re-dispatching "
+            f"{len(follow_up.nodeids)} test(s) in {follow_up.not_before - now:g}s "
+            f"(attempt {follow_up.attempt} of {self.settings.retries + 1})",
+            yellow=True,
+        )
+        self.batches[follow_up.batch_id] = follow_up
+        self.unsent.append(follow_up)
+        self._session_not_before[batch.queue] = follow_up.not_before
+
+    def _give_up(self, batch: scheduling.Batch, why: str) -> None:
+        self.abandoned.add(batch.batch_id)
         attempts = f"{batch.attempt} attempt{'s' if batch.attempt != 1 else ''}"
         lost_by = [*batch.lost_by, *([batch.worker] if batch.worker else [])]
         if lost_by:
@@ -770,6 +909,8 @@ class DispatchSession:
         if self._consumer is not None:
             self._consumer.stop(timeout=0)
         self._broker.delete_queue(self.reply_to)
+        for queue_name in self.queue_nodeids:
+            self._broker.delete_queue(work_queue_name(self.run_id, queue_name))
         with contextlib.suppress(Exception):
             self._revoke_outstanding()
         self.stopped_early = {"queued_not_run": len(queued), "running_not_reported": len(running)}
@@ -797,6 +938,8 @@ class DispatchSession:
             # Deleting the reply queue tells every worker the run is over (after Ctrl-C: kill
             # the running test now; after -x: the stop queue says finish it first).
             self._broker.delete_queue(self.reply_to)
+            for queue_name in self.queue_nodeids:
+                self._broker.delete_queue(work_queue_name(self.run_id, queue_name))
             self._broker.close()
         if not self.interrupted and not self._should_stop():
             self._check_invariant()
@@ -824,7 +967,9 @@ class DispatchSession:
             self._event_log = None
 
     def _revoke_outstanding(self) -> None:
-        ids = [b.task_id for b in self._live_batches() if b.task_id]
+        """Sessions still waiting in a Celery queue will not start (the worker skips them
+        anyway once the run is over; revoking saves it the trip)."""
+        ids = [s.task_id for s in self.sessions.values() if s.task_id and s.started_at is None]
         if ids and self._app is not None:
             self._app.control.revoke(ids)
 
@@ -841,6 +986,8 @@ class DispatchSession:
             "stopped_early": self.stopped_early,
             "broker_error": self.broker_error,
             "consumers": dict(self.consumers),
+            "slots": dict(self.slots),
+            "sessions": len(self.sessions),
             "workers_by_queue": {q: list(w) for q, w in self.workers_by_queue.items()},
             "wall_time": max(0.0, end - self.started_at),
         }

@@ -18,7 +18,15 @@ from celery import Celery
 from kombu import Connection, Consumer, Exchange, Queue
 
 from .celeryconf import celery_config
-from .serialization import TASK_NAME, Event, RunTestsPayload, loads, stop_queue_name
+from .serialization import (
+    SESSION_TASK,
+    Chunk,
+    Event,
+    SessionPayload,
+    dumps,
+    loads,
+    stop_queue_name,
+)
 from .settings import mask_url
 
 log = logging.getLogger(__name__)
@@ -65,6 +73,17 @@ def connect(app: Celery, timeout: float = 4.0) -> Connection:
 def task_queue(app: Celery, name: str) -> Queue:
     """The queue exactly as a ``celery worker -Q name`` declares it (durable, direct)."""
     return app.amqp.queues[name]
+
+
+def work_queue(name: str) -> Queue:
+    return Queue(
+        name,
+        exchange=Exchange("", type="direct"),
+        routing_key=name,
+        durable=True,
+        auto_delete=False,
+        queue_arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
+    )
 
 
 def reply_queue(name: str) -> Queue:
@@ -140,30 +159,49 @@ class Broker:
             queue_arguments={"x-expires": STOP_QUEUE_EXPIRES_MS},
         )(self.channel).declare()
 
-    def workers_by_queue(
+    def inspect_workers(
         self, names: set[str], expected: int | None = None, timeout: float = 1.0
-    ) -> dict[str, list[str]]:
-        """Worker node names per queue, from ``inspect().active_queues()`` (broadcast).
+    ) -> dict[str, list[tuple[str, int]]]:
+        """``(node name, pool concurrency)`` of each worker consuming each queue.
 
-        ``expected`` replies end the wait early (otherwise it lasts the whole ``timeout``).
+        Two broadcasts (``active_queues`` and ``stats``); ``expected`` replies end each wait
+        early, otherwise it lasts the whole ``timeout``.
         """
-        result: dict[str, list[str]] = {name: [] for name in names}
+        result: dict[str, list[tuple[str, int]]] = {name: [] for name in names}
         try:
             inspector = self.app.control.inspect(timeout=timeout, limit=expected)
-            replies = inspector.active_queues() or {}
+            queues_by_node = inspector.active_queues() or {}
+            stats = inspector.stats() or {}
         except Exception as exc:
-            log.debug("active_queues failed: %s", exc)
+            log.debug("inspect failed: %s", exc)
             return result
-        for node, queues in sorted(replies.items()):
+        for node, queues in sorted(queues_by_node.items()):
+            pool = (stats.get(node) or {}).get("pool") or {}
+            concurrency = int(pool.get("max-concurrency") or 1)
             for q in queues or []:
                 qname = q.get("name") if isinstance(q, dict) else None
                 if qname in result:
-                    result[qname].append(node)
+                    result[qname].append((node, concurrency))
         return result
 
-    def send(self, payload: RunTestsPayload, task_id: str) -> str:
+    def declare_work_queue(self, name: str) -> None:
+        """A run's work for one queue: chunks of nodeids that its sessions pull."""
+        work_queue(name)(self.channel).declare()
+
+    def publish_work(self, name: str, chunk: Chunk) -> None:
+        producer = self.app.amqp.Producer(self.channel)
+        self.conn.ensure(producer, producer.publish, max_retries=2, interval_start=0.2)(
+            dumps(chunk),
+            exchange="",
+            routing_key=name,
+            content_type="application/json",
+            content_encoding="utf-8",
+            delivery_mode=2,
+        )
+
+    def send_session(self, payload: SessionPayload, task_id: str) -> str:
         result = self.app.send_task(
-            TASK_NAME,
+            SESSION_TASK,
             args=[payload],
             queue=payload["queue"],
             routing_key=payload["queue"],

@@ -6,8 +6,9 @@ current directory), ``DISPATCH_LOG_FORMAT`` (``json``, the default, or ``text``)
 
 Tasks:
 
-* ``run_tests`` — runs a batch of nodeids in a separate pytest process (see :mod:`.runner`)
-  and streams each event to the controller's per-run reply queue;
+* ``run_session`` — one slot's share of a test run: a warm pytest process (see
+  :mod:`.runner`) fed chunks of nodeids from the run's work queue, streaming each event to the
+  controller's per-run reply queue;
 * ``ping`` — answers with this worker's identity (health checks);
 * ``task_a`` / ``task_b`` — the original demo's example tasks, routed to ``queue_a`` / ``queue_b``.
 
@@ -23,17 +24,16 @@ import os
 import random
 import socket
 import time
-import uuid
 from datetime import datetime, timezone
 from typing import Any
 
 from celery import Celery, Task, signals
 
 from .celeryconf import backend_from_env, broker_from_env, celery_config
-from .runner import KILL, RUN, STOP, RunnerSpec, run_batch
+from .runner import KILL, RUN, STOP, RunnerSpec, drive_session
 from .serialization import (
     PROTOCOL,
-    TASK_NAME,
+    SESSION_TASK,
     Event,
     UnsafeNodeId,
     confine,
@@ -97,21 +97,20 @@ def _setup_logging(logger: logging.Logger, *args: Any, **kwargs: Any) -> None:
         handler.setFormatter(JsonFormatter())
 
 
-# ---------------------------------------------------------------------------- run_tests
+# ---------------------------------------------------------------------------- run_session
 
 
 class _Reply:
-    """Publishes events on the controller's reply queue; knows when the run is gone."""
+    """This session's line to the controller: events out, work in, and the run's state."""
 
-    def __init__(self, task: Task, payload: dict[str, Any], stream_id: str) -> None:
+    def __init__(self, task: Task, payload: dict[str, Any]) -> None:
         self.task = task
         self.reply_to = str(payload["reply_to"])
+        self.work_queue = str(payload.get("work_queue") or "")
         self.base: Event = {
             "protocol": PROTOCOL,
             "run_id": str(payload["run_id"]),
-            "batch_id": str(payload["batch_id"]),
-            "stream_id": stream_id,
-            "attempt": int(payload.get("attempt", 1)),
+            "session_id": str(payload.get("session_id") or ""),
             "queue": str(payload.get("queue") or _queue_of(task)),
             "worker": worker_id(task),
             "hostname": str(task.request.hostname or socket.gethostname()),
@@ -121,6 +120,7 @@ class _Reply:
         self._conn = task.app.connection_for_write()
         self._producer: Any = None
         self._check_channel: Any = None
+        self._work_channel: Any = None
 
     def emit(self, event: Event | dict[str, Any]) -> None:
         body: dict[str, Any] = dict(self.base)
@@ -143,6 +143,36 @@ class _Reply:
             content_encoding="utf-8",
             delivery_mode=2,
         )
+
+    def fetch(self) -> dict[str, Any] | None:
+        """The next chunk of work from the run's work queue, or None when there is none.
+
+        Taken without a late ack: the controller owns completeness and re-sends lost work.
+        A broker restart is waited out (about 30 s); a deleted work queue means the run is over.
+        """
+        for attempt in range(30):
+            try:
+                if self._work_channel is None:
+                    self._conn.ensure_connection(max_retries=3)
+                    self._work_channel = self._conn.channel()
+                message = self._work_channel.basic_get(queue=self.work_queue, no_ack=True)
+                if message is None:
+                    return None
+                chunk = json.loads(message.body)
+                return chunk if isinstance(chunk, dict) else None
+            except Exception as exc:
+                self._work_channel = None
+                code = getattr(exc, "code", None) or getattr(exc, "reply_code", None)
+                if code == 404 or "NOT_FOUND" in str(exc):
+                    return None
+                log.warning("fetching work failed (%s); retrying", exc)
+                time.sleep(min(2.0, 0.2 * (attempt + 1)))
+                with contextlib.suppress(Exception):
+                    self._conn.collect()
+                    self._conn = self.task.app.connection_for_write()
+                    self._producer = None
+                    self._check_channel = None
+        return None
 
     def _exists(self, queue: str) -> bool | None:
         """Passive declare: True / False (404), None when the broker cannot tell us now."""
@@ -173,49 +203,41 @@ class _Reply:
             self._conn.release()
 
 
-@app.task(name=TASK_NAME, bind=True, acks_late=False, ignore_result=True)  # type: ignore[untyped-decorator]
-def run_tests(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
-    """Run one batch of nodeids and stream its events to the controller.
+@app.task(name=SESSION_TASK, bind=True, acks_late=False, ignore_result=True)  # type: ignore[untyped-decorator]
+def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
+    """One slot's share of a test run: a warm runner fed from the run's work queue.
 
     Acknowledged when it starts (not late): a test may run for hours, longer than RabbitMQ's
     ``consumer_timeout`` lets a delivery stay unacknowledged. The controller owns completeness
-    instead: it re-dispatches a batch whose heartbeats stop.
+    instead: it re-sends the work of a session whose heartbeats stop.
     """
-    stream_id = uuid.uuid4().hex
-    reply = _Reply(self, payload, stream_id)
+    reply = _Reply(self, payload)
     base = reply.base
-    extra = {
-        "task_id": base["task_id"],
-        "worker": base["worker"],
-        "queue": base["queue"],
-        "batch_id": base["batch_id"],
-        "attempt": base["attempt"],
-    }
+    extra = {k: base.get(k) for k in ("task_id", "worker", "queue", "session_id")}
     try:
         if reply.control() != RUN:
-            log.info("run_tests skipped: the run is over", extra=extra)
+            log.info("session skipped: the run is over", extra=extra)
             return {"skipped": "run is over"}
-        nodeids = [str(n) for n in payload.get("nodeids", [])]
         ws = workspace()
-        try:
-            for nodeid in nodeids:
+        nodeids: list[str] = []
+        for nodeid in (str(n) for n in payload.get("nodeids", [])):
+            try:
                 confine(ws, nodeid)
-        except UnsafeNodeId as exc:
-            reply.emit({"type": "refused", "nodeids": nodeids, "reason": str(exc)})
-            log.warning("run_tests refused: %s", exc, extra=extra)
-            return {"refused": str(exc)}
+                nodeids.append(nodeid)
+            except UnsafeNodeId as exc:
+                reply.emit({"type": "refused", "nodeids": [nodeid], "reason": str(exc)})
+                log.warning("refused: %s", exc, extra=extra)
         differing = different_files(ws, payload.get("files") or {}, nodeids)
         if differing:
             bad = [n for n in nodeids if nodeid_path(n) in differing]
-            reason = "; ".join(differing.values())
-            reply.emit({"type": "refused", "nodeids": bad, "reason": reason})
-            log.warning("run_tests refused: %s", reason, extra=extra)
+            for path, reason in differing.items():
+                ids = [n for n in bad if nodeid_path(n) == path]
+                reply.emit({"type": "refused", "nodeids": ids, "reason": reason})
+                log.warning("refused: %s", reason, extra=extra)
             nodeids = [n for n in nodeids if n not in set(bad)]
-            if not nodeids:
-                return {"refused": reason}
         started = time.monotonic()
-        reply.emit({"type": "started", "nodeids": nodeids})
-        log.info("batch started", extra={**extra, "nodeids": nodeids})
+        reply.emit({"type": "session_started", "nodeids_total": len(nodeids)})
+        log.info("session started", extra={**extra, "tests": len(nodeids)})
         env = dict(os.environ)
         env.update(
             {
@@ -224,7 +246,6 @@ def run_tests(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
                 "DISPATCH_QUEUE": base["queue"],
                 "DISPATCH_HOSTNAME": base["hostname"],
                 "DISPATCH_TASK_ID": base["task_id"],
-                "DISPATCH_ATTEMPT": str(base["attempt"]),
                 "DISPATCH_RUN_ID": base["run_id"],
                 "DISPATCH_WORKSPACE": ws,
             }
@@ -236,15 +257,25 @@ def run_tests(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             pytest_args=[str(a) for a in payload.get("pytest_args", [])],
             env=env,
         )
-        summary = run_batch(spec, reply.emit, control=reply.control)
-        duration = time.monotonic() - started
+
+        def emit_logged(event: dict[str, Any]) -> None:
+            reply.emit(event)
+            kind = event.get("type")
+            if kind in ("started", "finished", "crashed"):
+                log.info(
+                    f"chunk {kind}" if kind != "crashed" else "test crashed",
+                    extra={
+                        **extra,
+                        **{k: event[k] for k in ("batch_id", "nodeid", "reason") if k in event},
+                    },
+                )
+
+        summary = drive_session(spec, emit_logged, reply.fetch, control=reply.control)
+        summary["duration"] = round(time.monotonic() - started, 3)
         if summary["state"] == RUN:
-            reply.emit({"type": "finished", "nodeids": nodeids})
-        log.info(
-            "batch finished",
-            extra={**extra, "duration": round(duration, 3), "summary": summary},
-        )
-        return summary
+            reply.emit({"type": "session_finished", "summary": summary})
+        log.info("session finished", extra={**extra, "summary": summary})
+        return dict(summary)
     finally:
         reply.close()
 

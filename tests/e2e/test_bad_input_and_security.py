@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 import pytest
 from kombu import Connection, Consumer, Exchange, Producer, Queue
 
-from pytest_celery_dispatch.serialization import PROTOCOL, TASK_NAME
+from pytest_celery_dispatch.serialization import PROTOCOL, SESSION_TASK
 from tests.helpers import BROKER
 
 
@@ -140,7 +140,7 @@ def _send_raw(queue: str, body, serializer_content_type: str, task_id: str) -> N
             routing_key=queue,
             content_type=serializer_content_type,
             content_encoding="binary" if "pickle" in serializer_content_type else "utf-8",
-            headers={"lang": "py", "task": TASK_NAME, "id": task_id, "root_id": task_id},
+            headers={"lang": "py", "task": SESSION_TASK, "id": task_id, "root_id": task_id},
             declare=[Queue(queue, Exchange(queue, type="direct"), routing_key=queue)],
         )
 
@@ -150,14 +150,30 @@ def _payload(run_id: str, reply_to: str, queue: str, nodeids: list[str]) -> dict
         "protocol": PROTOCOL,
         "run_id": run_id,
         "reply_to": reply_to,
-        "batch_id": f"{run_id}.1",
-        "attempt": 1,
+        "work_queue": f"{reply_to}-work",
+        "session_id": f"{run_id}.s1",
         "queue": queue,
         "nodeids": nodeids,
         "timeout": 30,
         "pytest_args": [],
         "files": {},
     }
+
+
+def _put_work(reply_to: str, nodeids: list[str]) -> None:
+    """The run's work queue, holding one chunk with these nodeids."""
+    name = f"{reply_to}-work"
+    with Connection(BROKER) as conn:
+        channel = conn.channel()
+        Queue(name, Exchange("", type="direct"), routing_key=name, auto_delete=False)(
+            channel
+        ).declare()
+        Producer(channel).publish(
+            {"batch_id": "b1", "attempt": 1, "nodeids": nodeids},
+            exchange="",
+            routing_key=name,
+            serializer="json",
+        )
 
 
 def _reply_queue(name: str) -> Queue:
@@ -186,7 +202,7 @@ def _collect(reply: str, until: float) -> list[dict]:
         while time.monotonic() < deadline:
             with contextlib.suppress(TimeoutError):
                 conn.drain_events(timeout=0.2)
-            if any(e.get("type") in ("finished", "refused") for e in events):
+            if any(e.get("type") == "session_finished" for e in events):
                 break
     return events
 
@@ -215,10 +231,11 @@ def test_a_pickle_message_is_refused_and_the_worker_stays_up(pytester, worker_fa
     assert not marker.exists()
     assert worker.proc.poll() is None
     # Still serving: the same payload as JSON runs.
+    _put_work(reply, [nodeid])
     json_body = json.dumps([[_payload(run_id, reply, worker.queue, [nodeid])], {}, {}])
     _send_raw(worker.queue, json_body, "application/json", f"json-{run_id}")
     events = _collect(reply, until=30)
-    assert [e["type"] for e in events][-1] == "finished", events
+    assert "finished" in [e["type"] for e in events], events
     assert marker.read_text() == "ran"
 
 
@@ -235,8 +252,9 @@ def test_nodeids_outside_the_workspace_are_refused(pytester, worker_factory, bad
     body = json.dumps([[_payload(run_id, reply, worker.queue, [bad])], {}, {}])
     _send_raw(worker.queue, body, "application/json", f"conf-{run_id}")
     events = _collect(reply, until=30)
-    assert [e["type"] for e in events] == ["refused"], events
+    assert [e["type"] for e in events] == ["refused", "session_started", "session_finished"]
     assert bad in events[0]["reason"]
+    assert events[0]["nodeids"] == [bad]
     assert "workspace" in events[0]["reason"] or "absolute" in events[0]["reason"]
 
 

@@ -16,6 +16,8 @@ import time
 
 import pytest
 
+from tests.helpers import BROKER
+
 SLOW_TESTS = """
 import os
 import time
@@ -222,7 +224,7 @@ def test_ctrl_c_stops_the_run_and_the_workers(pytester, worker_factory, controll
     assert report["dispatch"]["interrupted"] is True
     # The workers drop this run: the running tests' processes are gone within seconds, and
     # nothing else of it starts.
-    pids = [int(p) for kind, _, _, p in log_lines(log) if kind == "start"]
+    pids = [int(line[3]) for line in log_lines(log) if line[0] == "start"]
     assert pids
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
@@ -389,3 +391,67 @@ def test_a_worker_with_a_different_test_file_is_named(
     result.stdout.fnmatch_lines(
         [f"*worker-old has a different {pytester.path.name}/test_drift.py (sha256 *"]
     )
+
+
+@pytest.fixture
+def short_consumer_timeout():
+    """RabbitMQ's consumer_timeout lowered to 3 s (checked every second) for this test only;
+    channels opened meanwhile keep it, so workers must start inside the fixture."""
+    rabbitmqctl = shutil.which("rabbitmqctl")
+    if rabbitmqctl is None:
+        pytest.skip("rabbitmqctl is needed to change consumer_timeout")
+
+    def set_env(key: str, value: int) -> None:
+        subprocess.run(
+            [rabbitmqctl, "eval", f"application:set_env(rabbit, {key}, {value})."],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    set_env("consumer_timeout", 3000)
+    set_env("channel_tick_interval", 1000)
+    try:
+        yield 3.0
+    finally:
+        set_env("consumer_timeout", 1800000)
+        set_env("channel_tick_interval", 60000)
+
+
+def test_a_test_longer_than_consumer_timeout_is_neither_lost_nor_run_twice(
+    pytester, worker_factory, controller, short_consumer_timeout
+):
+    worker = worker_factory(worker_id="worker-long")
+    log = str(pytester.path / "runs.log")
+    pytester.makepyfile(
+        test_long=f"""
+        import time
+        import pytest
+
+        pytestmark = pytest.mark.queue({worker.queue!r})
+
+        @pytest.mark.parametrize("n", range(3))
+        def test_hardware(n):
+            with open({log!r}, "a") as fh:
+                fh.write(f"run {{n}}\\n")
+            time.sleep(8 if n == 0 else 0.1)  # longer than the broker's 3 s timeout
+        """
+    )
+    ctl = controller()
+    assert ctl.wait(120) == 0, ctl.text()
+    assert sorted(line[1] for line in log_lines(log)) == ["0", "1", "2"]  # each ran once
+    assert worker.proc.poll() is None
+    assert "PRECONDITION_FAILED" not in worker.log_path.read_text()
+
+    # Control: the lowered timeout was in force. A task acknowledged late (the demo's
+    # task_a) held for 6 s costs its worker the channel.
+    from pytest_celery_dispatch.transport import make_app
+
+    witness = worker_factory(worker_id="worker-witness")
+    app = make_app(BROKER, "rpc://")
+    app.send_task("pytest_celery_dispatch.task_a", kwargs={"duration": 6}, queue=witness.queue)
+    app.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "PRECONDITION_FAILED" not in witness.log_path.read_text():
+        time.sleep(0.5)
+    assert "PRECONDITION_FAILED" in witness.log_path.read_text()

@@ -1,4 +1,4 @@
-"""scheduling.py: batches, backoff, loss detection and re-dispatch."""
+"""scheduling.py: chunks, sessions, backoff, loss detection and re-dispatch."""
 
 from __future__ import annotations
 
@@ -8,45 +8,34 @@ from pytest_celery_dispatch import scheduling as sch
 from pytest_celery_dispatch.scheduling import Batch
 
 
-def test_split_is_contiguous_balanced_and_ordered() -> None:
-    for n in range(12):
-        items = [f"t{i}" for i in range(n)]
-        for parts in range(1, 15):
-            chunks = sch.split(items, parts)
-            assert [x for chunk in chunks for x in chunk] == items, (n, parts)
-            assert len(chunks) == min(parts, n), (n, parts)
-            if chunks:
-                sizes = [len(c) for c in chunks]
-                assert max(sizes) - min(sizes) <= 1, (n, parts, sizes)
-                assert min(sizes) >= 1
+def test_plan_chunks_is_contiguous_ordered_and_shrinking() -> None:
+    for n in range(0, 300, 7):
+        for slots in (1, 2, 4, 8):
+            items = [f"t{i}" for i in range(n)]
+            chunks = sch.plan_chunks(items, slots)
+            assert [x for chunk in chunks for x in chunk] == items, (n, slots)
+            sizes = [len(c) for c in chunks]
+            assert all(size >= 1 for size in sizes)
+            assert sizes == sorted(sizes, reverse=True), (n, slots, sizes)
+            if sizes:
+                assert sizes[-1] == 1  # the tail is single tests: no slot waits on a long one
 
 
-def test_split_examples_and_edges() -> None:
-    assert sch.split(list("abcdefg"), 3) == [["a", "b", "c"], ["d", "e"], ["f", "g"]]
-    assert sch.split(list("ab"), 5) == [["a"], ["b"]]
-    assert sch.split(list("abc"), 0) == []
-    assert sch.split([], 3) == []
+def test_plan_chunks_sizes_follow_remaining_over_four_slots() -> None:
+    sizes = [len(c) for c in sch.plan_chunks([str(i) for i in range(100)], slots=2)]
+    assert sizes[:4] == [12, 11, 9, 8]  # 100 // 8, 88 // 8, 77 // 8, 68 // 8
+    assert sum(sizes) == 100
+    assert [len(c) for c in sch.plan_chunks(list("abc"), slots=4)] == [1, 1, 1]
+    assert sch.plan_chunks([], slots=3) == []
+    assert max(len(c) for c in sch.plan_chunks([str(i) for i in range(5000)], 1)) == 200
 
 
-def test_chunk_count() -> None:
-    assert sch.chunk_count(0, 4) == 0
-    assert sch.chunk_count(1, 4) == 1
-    assert sch.chunk_count(3, 4) == 3  # never more batches than tests
-    assert sch.chunk_count(100, 3) == 6  # two pool slots per consumer
-    assert sch.chunk_count(100, 3, per_consumer=1) == 3
-    assert sch.chunk_count(100, 0) == 2  # no consumer yet: still cut for one
-
-
-def test_plan_batches() -> None:
-    nodeids = [f"test_m.py::t{i}" for i in range(5)]
-    batches = sch.plan_batches("run42", "queue_a", nodeids, consumers=1)
-    assert [b.nodeids for b in batches] == [nodeids[:3], nodeids[3:]]
-    assert {b.queue for b in batches} == {"queue_a"}
-    assert {b.attempt for b in batches} == {1}
-    ids = [b.batch_id for b in batches]
-    assert len(set(ids)) == len(ids)
-    assert all(i.startswith("run42.") for i in ids)
-    assert sch.plan_batches("run42", "queue_a", [], consumers=2) == []
+def test_session_state_is_live_until_finished_or_lost() -> None:
+    state = sch.SessionState("r.s1", "queue_a", sent_at=0.0)
+    assert state.live
+    state.finished = True
+    assert not state.live
+    assert not sch.SessionState("r.s2", "queue_a", sent_at=0.0, lost=True).live
 
 
 def test_backoff_is_exponential_and_capped() -> None:
@@ -113,7 +102,7 @@ def test_finished_or_unsent_batches_are_never_lost() -> None:
 
 
 def test_redispatch_sends_only_remaining_nodeids_after_backoff() -> None:
-    batch = Batch(batch_id="r.1", queue="queue_a", nodeids=["a", "b", "c"], attempt=1, done={"b"})
+    batch = Batch(batch_id="r.own", queue="queue_a", nodeids=["a", "b", "c"], attempt=1, done={"b"})
     follow = sch.redispatch(batch, "r", retries=2, now=1000.0, base=3.0)
     assert follow is not None
     assert follow.nodeids == ["a", "c"]
