@@ -51,22 +51,28 @@ def phase_dict(report: pytest.TestReport) -> dict[str, Any]:
         "duration": float(report.duration or 0.0),
         "outcome": report.outcome,
     }
-    if report.longrepr is not None:
-        data["longrepr"] = str(report.longreprtext)
-        crash = getattr(report.longrepr, "reprcrash", None)
-        if crash is not None:
-            data["crash"] = {
-                "path": str(crash.path),
-                "lineno": crash.lineno,
-                "message": crash.message,
-            }
+    crash = getattr(report.longrepr, "reprcrash", None)
+    if crash is not None:
+        data["crash"] = _fileloc(crash)
+        entries = getattr(getattr(report.longrepr, "reprtraceback", None), "reprentries", None)
+        locations = [getattr(e, "reprfileloc", None) for e in entries or []]
+        if locations and all(loc is not None for loc in locations):
+            data["traceback"] = [_fileloc(loc) for loc in locations]
     if report.capstdout:
         data["stdout"] = report.capstdout
     if report.capstderr:
         data["stderr"] = report.capstderr
     if report.caplog:
-        data["log"] = report.caplog
+        # pytest-json-report keeps log records; a dispatched report carries the captured text,
+        # so each line becomes a record with its text as "msg".
+        data["log"] = [{"msg": line} for line in report.caplog.splitlines()]
+    if report.longrepr is not None and report.longreprtext:
+        data["longrepr"] = str(report.longreprtext)
     return data
+
+
+def _fileloc(loc: Any) -> dict[str, Any]:
+    return {"path": str(loc.path), "lineno": loc.lineno, "message": str(loc.message)}
 
 
 def final_outcome(categories: Mapping[str, str]) -> str:
@@ -271,9 +277,36 @@ class JsonReportPlugin:
         self.deselected = 0
         self.written: str | None = None
         self.data: dict[str, Any] | None = None
+        self.collectors: list[dict[str, Any]] = []
+        self.warnings: list[dict[str, Any]] = []
 
     def pytest_deselected(self, items: list[pytest.Item]) -> None:
         self.deselected += len(items)
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        collector: dict[str, Any] = {
+            "nodeid": report.nodeid,
+            "outcome": report.outcome,
+            "result": [
+                {"nodeid": node.nodeid, "type": type(node).__name__} for node in report.result
+            ],
+        }
+        if report.longrepr:
+            collector["longrepr"] = str(report.longrepr)
+        self.collectors.append(collector)
+
+    def pytest_warning_recorded(
+        self, warning_message: Any, when: str, nodeid: str, location: Any
+    ) -> None:
+        self.warnings.append(
+            {
+                "message": str(warning_message.message),
+                "category": warning_message.category.__name__,
+                "when": when,
+                "filename": warning_message.filename,
+                "lineno": warning_message.lineno,
+            }
+        )
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.collected = len(session.items) + self.deselected
@@ -294,7 +327,7 @@ class JsonReportPlugin:
         dispatch = {"report_version": REPORT_VERSION, **extra, **figures}
         dispatch["tests_dispatched"] = sum(1 for t in tests if t["dispatch"]["queue"])
         dispatch["tests_local"] = len(tests) - dispatch["tests_dispatched"]
-        return build_report(
+        report = build_report(
             created=self.created,
             duration=time.time() - self.created,
             exitcode=exitstatus,
@@ -304,6 +337,10 @@ class JsonReportPlugin:
             tests=tests,
             dispatch=dispatch,
         )
+        report["collectors"] = self.collectors
+        if self.warnings:
+            report["warnings"] = self.warnings
+        return report
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
@@ -323,4 +360,5 @@ def local_dispatch() -> dict[str, Any]:
         "started": None,
         "finished": None,
         "infrastructure_error": None,
+        "session": None,
     }

@@ -62,6 +62,7 @@ class TestRecord:
     duration: float = 0.0
     outcome: str | None = None
     infrastructure_error: str | None = None
+    session: str | None = None  # the worker slot (run_session) that produced the result
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +75,7 @@ class TestRecord:
             "started": self.started,
             "finished": self.finished,
             "infrastructure_error": self.infrastructure_error,
+            "session": self.session,
         }
 
 
@@ -670,6 +672,7 @@ class DispatchSession:
         record.task_id = str(event.get("task_id") or record.task_id or "")
         if batch is not None:
             record.attempts = batch.attempt
+        record.session = str(event.get("session_id") or record.session or "") or None
 
     def _mark_done(self, nodeid: str) -> None:
         for batch in self.batches.values():

@@ -87,7 +87,12 @@ class Dispatched:
 
     @property
     def report(self) -> dict:
-        return json.loads(self.report_path.read_text())
+        """The run's JSON report, validated against the shipped schema on every read."""
+        import jsonschema
+
+        data = json.loads(self.report_path.read_text())
+        jsonschema.validate(data, SCHEMA)
+        return data
 
     def outcomes_by_nodeid(self) -> dict[str, str]:
         return {t["nodeid"].split("/", 1)[-1]: t["outcome"] for t in self.report["tests"]}

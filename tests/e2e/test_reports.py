@@ -1,0 +1,172 @@
+"""The JSON report as CI tools read it: pytest-json-report's layout, the schema, round trips."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from tests.conftest import SCHEMA
+
+pytestmark = pytest.mark.usefixtures("workers")
+
+SUITE = """
+import logging
+import pytest
+
+pytestmark = pytest.mark.queue("QUEUE_A")
+
+@pytest.fixture
+def broken():
+    raise RuntimeError("setup exploded")
+
+def test_pass():
+    print("hello out")
+    logging.getLogger("bench").warning("a log line")
+
+def test_fail():
+    assert 1 == 2
+
+def test_skip():
+    pytest.skip("no device")
+
+@pytest.mark.xfail(reason="known")
+def test_xfail():
+    assert 0
+
+@pytest.mark.xfail(reason="fixed")
+def test_xpass():
+    pass
+
+def test_error(broken):
+    pass
+"""
+
+
+def by_name(tests):
+    return {t["nodeid"].split("::")[-1]: t for t in tests}
+
+
+def test_a_tool_written_for_pytest_json_report_reads_ours(pytester, queues, run_dispatched):
+    pytester.makepyfile(test_suite=queues.render(SUITE))
+    theirs_path = pytester.path / "theirs.json"
+    local = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--json-report", f"--json-report-file={theirs_path}"
+    )
+    assert local.ret == 1
+    ours = run_dispatched().report  # validated against the schema
+    theirs = json.loads(theirs_path.read_text())
+
+    assert set(theirs) - {"warnings"} <= set(ours), set(theirs) - set(ours)
+    assert set(theirs["summary"]) <= set(ours["summary"])
+    assert {k: theirs["summary"][k] for k in theirs["summary"]} == {
+        k: ours["summary"][k] for k in theirs["summary"]
+    }
+    ours_tests, theirs_tests = by_name(ours["tests"]), by_name(theirs["tests"])
+    assert set(ours_tests) == set(theirs_tests)
+    for name, their_test in theirs_tests.items():
+        our_test = ours_tests[name]
+        assert our_test["outcome"] == their_test["outcome"], name
+        assert set(their_test) <= set(our_test), (name, set(their_test) - set(our_test))
+        for when in ("setup", "call", "teardown"):
+            if when not in their_test:
+                assert when not in our_test, (name, when)
+                continue
+            mine, theirs_phase = our_test[when], their_test[when]
+            assert set(theirs_phase) <= set(mine), (name, when, set(theirs_phase) - set(mine))
+            for key in theirs_phase:
+                assert type(mine[key]) is type(theirs_phase[key]), (name, when, key)
+            assert mine["outcome"] == theirs_phase["outcome"]
+            if "crash" in theirs_phase:
+                assert mine["crash"]["message"] == theirs_phase["crash"]["message"]
+    assert ours_tests["test_pass"]["call"]["stdout"] == theirs_tests["test_pass"]["call"]["stdout"]
+
+
+def test_both_reports_together_are_written_and_agree(pytester, queues, run_dispatched):
+    pytester.makepyfile(test_suite=queues.render(SUITE))
+    theirs_path = pytester.path / "theirs.json"
+    run = run_dispatched("--json-report", f"--json-report-file={theirs_path}")
+    ours = run.report
+    theirs = json.loads(theirs_path.read_text())
+    assert {n: t["outcome"] for n, t in by_name(ours["tests"]).items()} == {
+        n: t["outcome"] for n, t in by_name(theirs["tests"]).items()
+    }
+    assert ours["summary"]["total"] == theirs["summary"]["total"] == 6
+
+
+def test_each_phase_round_trips_through_pytest_report_serialization(
+    pytester, queues, run_dispatched
+):
+    pytester.makepyfile(test_suite=queues.render(SUITE))
+    report = run_dispatched().report
+    config = pytester.parseconfig()
+    checked = 0
+    for test in report["tests"]:
+        path, _, _ = test["nodeid"].partition("::")
+        for when in ("setup", "call", "teardown"):
+            if when not in test:
+                continue
+            phase = test[when]
+            sections = [
+                (f"Captured {key} {when}", phase[key])
+                for key in ("stdout", "stderr")
+                if key in phase
+            ]
+            data = {
+                "$report_type": "TestReport",
+                "nodeid": test["nodeid"],
+                "location": [path, test["lineno"], test["nodeid"].split("::")[-1]],
+                "keywords": dict.fromkeys(test["keywords"], 1),
+                "outcome": phase["outcome"],
+                "longrepr": phase.get("longrepr"),
+                "when": when,
+                "user_properties": [],
+                "sections": sections,
+                "duration": phase["duration"],
+                "start": 0.0,
+                "stop": phase["duration"],
+            }
+            rebuilt = config.hook.pytest_report_from_serializable(config=config, data=data)
+            assert isinstance(rebuilt, pytest.TestReport)
+            assert (rebuilt.nodeid, rebuilt.when, rebuilt.outcome) == (
+                test["nodeid"],
+                when,
+                phase["outcome"],
+            )
+            assert rebuilt.duration == phase["duration"]
+            assert rebuilt.capstdout == phase.get("stdout", "")
+            if "longrepr" in phase:
+                assert rebuilt.longreprtext == phase["longrepr"]
+            checked += 1
+    assert checked >= 15
+
+
+def test_the_schema_rejects_what_breaks_the_contract():
+    good = {
+        "created": 0.0,
+        "duration": 1.0,
+        "exitcode": 0,
+        "root": "/x",
+        "environment": {},
+        "summary": {"collected": 0, "total": 0},
+        "tests": [],
+        "dispatch": {
+            "report_version": 1,
+            "broker": "amqp://guest:**@localhost//",
+            "backend": "rpc://",
+            "queues": {},
+            "workers": {},
+            "wall_time": 1.0,
+            "speedup": None,
+        },
+    }
+    jsonschema.validate(good, SCHEMA)
+    for broken in (
+        {**good, "dispatch": {**good["dispatch"], "broker": "amqp://guest:secret@localhost//"}},
+        {**good, "dispatch": {**good["dispatch"], "report_version": 2}},
+        {k: v for k, v in good.items() if k != "summary"},
+        {**good, "tests": [{"nodeid": "x", "outcome": "exploded", "dispatch": {}}]},
+    ):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, SCHEMA)
