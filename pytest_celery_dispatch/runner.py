@@ -263,6 +263,7 @@ class RunnerSpec:
     timeout: float
     pytest_args: list[str]
     env: dict[str, str]
+    stream: bool = False  # -s on the controller: forward the tests' output as it comes
 
 
 def runner_command(spec: RunnerSpec, nodeids: list[str]) -> list[str]:
@@ -278,8 +279,8 @@ def runner_command(spec: RunnerSpec, nodeids: list[str]) -> list[str]:
         "--rootdir",
         spec.workspace,
         "--continue-on-collection-errors",
-        "-q",
-        "--no-header",
+        # -s: only the tests' own output may reach stdout, which is streamed home.
+        *(["-s", "-p", "no:terminal"] if spec.stream else ["-q", "--no-header"]),
         *spec.pytest_args,
         "--",
         *paths,
@@ -364,13 +365,15 @@ class _Runner:
                 cwd=spec.workspace,
                 env=env,
                 stdin=subprocess.DEVNULL,
-                stdout=log_file,
+                stdout=subprocess.PIPE if spec.stream else log_file,
                 stderr=subprocess.STDOUT,
                 pass_fds=(event_w, command_r),
                 start_new_session=True,
             )
         os.close(event_w)
         os.close(command_r)
+        self.out_fd: int | None = self.proc.stdout.fileno() if self.proc.stdout else None
+        self.out_tail = ""  # the last output, for crash messages when it is streamed
         self.eligible = set(eligible)
         self.collected = False
         self.buffer = bytearray()
@@ -395,6 +398,8 @@ class _Runner:
         for fd in (self.command_fd, self.event_fd):
             with contextlib.suppress(OSError):
                 os.close(fd)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         code = self.proc.wait()
         _kill_group(self.proc)  # grandchildren a test left behind
         return code
@@ -446,7 +451,14 @@ def drive_session(
     def take(chunk: Chunk, runner: _Runner | None) -> list[str]:
         batch_id = str(chunk["batch_id"])
         ids = [str(n) for n in chunk.get("nodeids", [])]
-        emit({"type": "started", "batch_id": batch_id, "nodeids": ids})
+        emit(
+            {
+                "type": "started",
+                "batch_id": batch_id,
+                "attempt": int(chunk.get("attempt") or 1),
+                "nodeids": ids,
+            }
+        )
         chunk_left[batch_id] = set(ids)
         runnable = []
         for nodeid in ids:
@@ -535,6 +547,8 @@ def drive_session(
                 if not exited:
                     continue
                 # The runner is gone: a normal end, a crash, a kill, or its own --maxfail.
+                while runner.out_fd is not None and _forward_output(runner, emit, assigned, 0.5):
+                    pass  # what it printed last
                 code = runner.close()
                 gone, runner = runner, None
                 if state != RUN:
@@ -543,7 +557,10 @@ def drive_session(
                     why = reason or f"the test process crashed ({_describe_exit(code)})"
                     emit(
                         _crashed(
-                            gone.current, assigned.get(gone.current, ""), why, _tail(gone.log_path)
+                            gone.current,
+                            assigned.get(gone.current, ""),
+                            why,
+                            gone.out_tail or _tail(gone.log_path),
                         )
                     )
                     finish(gone.current)
@@ -557,7 +574,7 @@ def drive_session(
                     why = (
                         f"the test process exited before running any test ({_describe_exit(code)})"
                     )
-                    tail = _tail(gone.log_path)
+                    tail = gone.out_tail or _tail(gone.log_path)
                     for nodeid in [n for n in assigned if n not in done]:
                         emit(_crashed(nodeid, assigned[nodeid], why, tail))
                         finish(nodeid)
@@ -578,9 +595,14 @@ def _pump(
     finish: Callable[[str], None],
 ) -> bool:
     """Forward what the runner wrote (waiting up to 0.2 s); True once it has exited."""
-    ready, _, _ = select.select([runner.event_fd], [], [], 0.2)
+    watched = [runner.event_fd] + ([runner.out_fd] if runner.out_fd is not None else [])
+    ready, _, _ = select.select(watched, [], [], 0.2)
     if not ready:
         return False
+    if runner.out_fd is not None and runner.out_fd in ready:
+        _forward_output(runner, emit, assigned, 0)
+        if runner.event_fd not in ready:
+            return False
     try:
         for event in _read_lines(runner.event_fd, runner.buffer):
             kind = event.get("type")
@@ -605,6 +627,27 @@ def _pump(
     except EOFError:
         return True
     return False
+
+
+def _forward_output(
+    runner: _Runner,
+    emit: Callable[[dict[str, Any]], None],
+    assigned: dict[str, str],
+    wait: float,
+) -> bool:
+    """Send what the tests printed (under -s) home as an ``output`` event; False at its end."""
+    assert runner.out_fd is not None
+    ready, _, _ = select.select([runner.out_fd], [], [], wait)
+    if not ready:
+        return False
+    data = os.read(runner.out_fd, 1 << 16)
+    if not data:
+        return False
+    text = data.decode("utf-8", "replace")
+    runner.out_tail = (runner.out_tail + text)[-CRASH_OUTPUT_TAIL:]
+    current = runner.current or ""
+    emit({"type": "output", "data": text, "nodeid": current, "batch_id": assigned.get(current, "")})
+    return True
 
 
 def _crashed(nodeid: str, batch_id: str, why: str, tail: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ EventType = Literal[
     "crashed",  # the runner died or was killed while running a test
     "missing",  # nodeids the worker could not collect
     "refused",  # nodeids the worker refused (outside its workspace, a different file)
+    "output",  # what tests printed, streamed as it comes (-s on the controller)
 ]
 
 
@@ -46,6 +47,7 @@ class SessionPayload(TypedDict):
     timeout: float
     pytest_args: list[str]
     files: dict[str, str]  # test file (workspace-relative) -> sha256 of its bytes
+    stream: bool  # -s on the controller: stream the tests' output as it comes
 
 
 class Chunk(TypedDict):
@@ -76,6 +78,7 @@ class Event(TypedDict, total=False):
     report: dict[str, Any]
     reason: str
     message: str
+    data: str  # output
 
 
 def reply_queue_name(run_id: str) -> str:

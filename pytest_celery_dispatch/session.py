@@ -36,6 +36,8 @@ from .settings import Settings
 
 #: How often queues are polled for consumers while waiting, and batches checked for deadlines.
 POLL_INTERVAL = 0.5
+#: With nothing reported for this long, a status line says what each queue is doing.
+STATUS_EVERY = 5.0
 
 
 class DispatchError(Exception):
@@ -168,6 +170,9 @@ class DispatchSession:
         self.slots: dict[str, int] = {}
         self._session_numbers = itertools.count(1)
         self._session_not_before: dict[str, float] = {}
+        self._stream_output = config.getoption("capture", "fd") == "no"
+        self._partial_output: dict[str, str] = {}
+        self._last_activity = self._last_status = time.monotonic()
         self.queue_last_seen: dict[str, float] = {}
         self._session: pytest.Session | None = None
         self._event_log: Any = None
@@ -239,6 +244,7 @@ class DispatchSession:
         item = self.items.get(item_nodeid)
         location = reports[0].location if reports else (item.location if item else None)
         self.replays[item_nodeid] = self.replays.get(item_nodeid, 0) + 1
+        self._last_activity = time.monotonic()
         if item_nodeid in self.finalized:
             return  # never report a test twice (counted above for the invariant check)
         self.finalized.add(item_nodeid)
@@ -508,6 +514,7 @@ class DispatchSession:
             "timeout": self.settings.timeout,
             "pytest_args": self._pytest_args,
             "files": self._file_digests(self.queue_nodeids[queue_name]),
+            "stream": self._stream_output,
         }
         state = scheduling.SessionState(session_id, queue_name, sent_at=time.monotonic())
         self.sessions[session_id] = state
@@ -554,6 +561,7 @@ class DispatchSession:
         if now - self._last_poll >= POLL_INTERVAL:
             self._last_poll = now
             self._poll(now)
+            self._write_status(now)
 
     def handle_event(self, event: Event) -> None:
         if event.get("run_id") != self.run_id:
@@ -572,6 +580,10 @@ class DispatchSession:
         nodeid = str(event.get("nodeid", ""))
         if kind in ("missing", "refused"):
             self._not_runnable(event)
+        elif kind == "output":
+            self._write_output(event)
+        elif kind == "session_finished":
+            self._write_output({**event, "data": "\n"})  # a last line without its newline
         batch = self.batches.get(str(event.get("batch_id", "")))
         if batch is None:
             return
@@ -640,6 +652,38 @@ class DispatchSession:
                         f"result for {n}",
                     )
                 self._mark_done(n)
+
+    def _write_output(self, event: Event) -> None:
+        """-s: what a dispatched test prints, shown as it arrives, each line tagged."""
+        session = str(event.get("session_id", ""))
+        text = self._partial_output.pop(session, "") + str(event.get("data", ""))
+        *lines, rest = text.split("\n")
+        if rest:
+            self._partial_output[session] = rest
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None or not lines:
+            return
+        tag = f"[{event.get('worker')}] "
+        reporter.ensure_newline()
+        for line in lines:
+            reporter.write_line(tag + line, cyan=True)
+
+    def _write_status(self, now: float) -> None:
+        """While slow benches keep everyone waiting: queued / running / done per queue."""
+        if now - self._last_activity < STATUS_EVERY or now - self._last_status < STATUS_EVERY:
+            return
+        self._last_status = now
+        parts = []
+        for queue_name in sorted(self.queue_nodeids):
+            nodeids = self.queue_nodeids[queue_name]
+            done = sum(1 for n in nodeids if n in self.finalized)
+            running = sum(1 for n in nodeids if n in self.running and n not in self.finalized)
+            parts.append(
+                f"{queue_name} {len(nodeids) - done - running} queued, {running} running, "
+                f"{done} done"
+            )
+        if parts:
+            self._write_line("celery-dispatch waiting: " + "; ".join(parts), cyan=True)
 
     def _not_runnable(self, event: Event) -> None:
         """Tests a worker could not collect, or refused to run: each fails by name."""

@@ -256,19 +256,9 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             timeout=float(payload.get("timeout") or 300.0),
             pytest_args=[str(a) for a in payload.get("pytest_args", [])],
             env=env,
+            stream=bool(payload.get("stream")),
         )
-
-        def emit_logged(event: dict[str, Any]) -> None:
-            reply.emit(event)
-            kind = event.get("type")
-            if kind in ("started", "finished", "crashed"):
-                log.info(
-                    f"chunk {kind}" if kind != "crashed" else "test crashed",
-                    extra={
-                        **extra,
-                        **{k: event[k] for k in ("batch_id", "nodeid", "reason") if k in event},
-                    },
-                )
+        emit_logged = _ChunkLog(reply.emit, extra)
 
         summary = drive_session(spec, emit_logged, reply.fetch, control=reply.control)
         summary["duration"] = round(time.monotonic() - started, 3)
@@ -278,6 +268,76 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         return dict(summary)
     finally:
         reply.close()
+
+
+class _ChunkLog:
+    """Forwards events and writes one log line per chunk taken, finished or crashed test,
+    with task id, nodeids, worker, queue, attempt, duration and outcomes."""
+
+    def __init__(self, emit: Any, extra: dict[str, Any]) -> None:
+        self.emit = emit
+        self.extra = extra
+        self.chunks: dict[str, dict[str, Any]] = {}
+        self.outcomes: dict[str, str] = {}
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        self.emit(event)
+        kind = event.get("type")
+        batch_id = str(event.get("batch_id", ""))
+        if kind == "started":
+            self.chunks[batch_id] = {
+                "nodeids": event.get("nodeids", []),
+                "attempt": event.get("attempt"),
+                "began": time.monotonic(),
+            }
+            log.info(
+                "chunk received",
+                extra={
+                    **self.extra,
+                    "batch_id": batch_id,
+                    "nodeids": event.get("nodeids", []),
+                    "attempt": event.get("attempt"),
+                },
+            )
+        elif kind == "report":
+            report = event.get("report") or {}
+            nodeid = str(event.get("nodeid", ""))
+            outcome, when = report.get("outcome"), report.get("when")
+            if outcome == "failed":
+                self.outcomes[nodeid] = "failed" if when == "call" else "error"
+            elif outcome == "skipped" and self.outcomes.get(nodeid) not in ("failed", "error"):
+                self.outcomes[nodeid] = "skipped"
+            else:
+                self.outcomes.setdefault(nodeid, "passed")
+        elif kind == "crashed":
+            self.outcomes[str(event.get("nodeid", ""))] = "crashed"
+            log.warning(
+                "test crashed",
+                extra={
+                    **self.extra,
+                    "batch_id": batch_id,
+                    "nodeid": event.get("nodeid"),
+                    "reason": event.get("reason"),
+                },
+            )
+        elif kind == "finished":
+            chunk = self.chunks.pop(batch_id, {})
+            nodeids = chunk.get("nodeids", [])
+            counts: dict[str, int] = {}
+            for nodeid in nodeids:
+                outcome = self.outcomes.pop(nodeid, "not run")
+                counts[outcome] = counts.get(outcome, 0) + 1
+            log.info(
+                "chunk finished",
+                extra={
+                    **self.extra,
+                    "batch_id": batch_id,
+                    "nodeids": nodeids,
+                    "attempt": chunk.get("attempt"),
+                    "duration": round(time.monotonic() - chunk.get("began", time.monotonic()), 3),
+                    "outcomes": counts,
+                },
+            )
 
 
 def different_files(

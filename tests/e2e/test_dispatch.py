@@ -468,3 +468,35 @@ def test_the_worker_never_dispatches_again(pytester, queues, run_dispatched):
     run = run_dispatched(timeout=60)
     run.result.assert_outcomes(passed=1)
     assert run.report["tests"][0]["dispatch"]["attempts"] == 1
+
+
+def test_dash_s_streams_dispatched_output_as_it_arrives(pytester, queues, run_dispatched):
+    pytester.makepyfile(
+        test_stream=queues.render(
+            """
+            import sys
+            import time
+            import pytest
+
+            @pytest.mark.queue("QUEUE_B")
+            def test_talks():
+                print("first line from the bench", flush=True)
+                time.sleep(1.5)
+                print("second line", flush=True)
+                print("to stderr", file=sys.stderr, flush=True)
+            """
+        )
+    )
+    events = pytester.path / "events.jsonl"
+    run = run_dispatched("-s", f"--celery-event-log={events}")
+    run.result.assert_outcomes(passed=1)
+    run.result.stdout.fnmatch_lines(
+        [
+            "[[]worker-b[]] first line from the bench",
+            "[[]worker-b[]] second line",
+            "[[]worker-b[]] to stderr",
+        ]
+    )
+    # Shown as it came: the first line before the test finished, not with its report.
+    out = run.result.stdout.str()
+    assert out.index("first line from the bench") < out.index("test_stream.py .")

@@ -440,6 +440,9 @@ def test_a_test_longer_than_consumer_timeout_is_neither_lost_nor_run_twice(
     ctl = controller()
     assert ctl.wait(120) == 0, ctl.text()
     assert sorted(line[1] for line in log_lines(log)) == ["0", "1", "2"]  # each ran once
+    # While the long test ran, a status line said what the queue was doing.
+    assert f"celery-dispatch waiting: {worker.queue} " in ctl.text()
+    assert " 1 running, " in ctl.text()
     assert worker.proc.poll() is None
     assert "PRECONDITION_FAILED" not in worker.log_path.read_text()
 
