@@ -28,7 +28,7 @@ MARKER_HELP = (
 )
 
 #: Options that are part of the contract but arrive with later work items.
-NOT_YET = {"local_workers": "--celery-local-workers", "timeline": "--celery-timeline"}
+NOT_YET = {"timeline": "--celery-timeline"}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -142,7 +142,7 @@ def _check_compatible(config: pytest.Config, settings: S.Settings) -> None:
     from .jsonreport import check_writable
 
     for field, option in NOT_YET.items():
-        if getattr(settings, field) or (field == "local_workers" and settings.local_workers_auto):
+        if getattr(settings, field):
             raise pytest.UsageError(
                 f"celery-dispatch: {option} is not available in this version yet; "
                 "start the workers yourself (see README, 'Workers')"

@@ -171,6 +171,7 @@ class DispatchSession:
         self._session_numbers = itertools.count(1)
         self._session_not_before: dict[str, float] = {}
         self._stream_output = config.getoption("capture", "fd") == "no"
+        self._local_workers: Any = None
         self._partial_output: dict[str, str] = {}
         self._last_activity = self._last_status = time.monotonic()
         self.queue_last_seen: dict[str, float] = {}
@@ -388,10 +389,12 @@ class DispatchSession:
         self._consumer.start()
         self._consumer.ready.wait(5.0)
 
-        now = time.monotonic()
         for queue_name, nodeids in remote.items():
             self.queue_nodeids[queue_name] = list(nodeids)
             self._broker.declare_task_queue(queue_name)
+        self._start_local_workers(remote)
+        now = time.monotonic()
+        for queue_name in remote:
             self.consumers[queue_name] = self._broker.consumer_count(queue_name) or 0
         present = {q for q, c in self.consumers.items() if c > 0}
         if present:
@@ -410,6 +413,27 @@ class DispatchSession:
             else:
                 self.waiting_queues[queue_name] = now + self.settings.wait_workers
         self._write_header()
+
+    def _start_local_workers(self, remote: Mapping[str, list[str]]) -> None:
+        """--celery-local-workers: one worker per queue, started and awaited now."""
+        settings = self.settings
+        if not settings.local_workers and not settings.local_workers_auto:
+            return
+        from .localworkers import LocalWorkers
+
+        queues = list(remote) if settings.local_workers_auto else list(settings.local_workers)
+        self._local_workers = LocalWorkers(settings.broker, str(self.config.rootpath))
+        try:
+            self._local_workers.start(queues, self._broker.consumer_count)
+        except RuntimeError as exc:
+            self._write_line(f"celery-dispatch: {exc}", red=True, bold=True)
+            return
+        names = ", ".join(f"{w.worker_id} ({w.queue})" for w in self._local_workers.workers)
+        self._write_line(
+            f"celery-dispatch: started local workers {names}; logs in "
+            f"{self._local_workers.log_dir}",
+            cyan=True,
+        )
 
     def _write_header(self) -> None:
         parts = []
@@ -988,6 +1012,8 @@ class DispatchSession:
             for queue_name in self.queue_nodeids:
                 self._broker.delete_queue(work_queue_name(self.run_id, queue_name))
             self._broker.close()
+        if self._local_workers is not None:
+            self._local_workers.stop()
         if not self.interrupted and not self._should_stop():
             self._check_invariant()
         self.close_event_log()

@@ -1,0 +1,154 @@
+"""``--celery-local-workers``: start one worker per queue for this run, stop them after.
+
+Each is the contract's worker command, ``celery -A pytest_celery_dispatch.worker worker -Q q
+-n <id>@%h``, in its own process group, with ``WORKER_ID`` and ``DISPATCH_WORKSPACE`` (the
+controller's rootdir). They are stopped at the end of the run, on Ctrl-C and on failure; an
+``atexit`` hook and the process groups make sure none is left behind.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+#: How long a local worker may take to consume its queue.
+READY_TIMEOUT = 60.0
+
+
+def worker_id_for(queue: str) -> str:
+    """``queue_a`` -> ``worker-a`` (the demo's names); any other queue -> ``worker-<queue>``."""
+    match = re.fullmatch(r"queue_(.+)", queue)
+    return f"worker-{match.group(1) if match else queue}"
+
+
+class LocalWorker:
+    def __init__(
+        self,
+        queue: str,
+        broker: str,
+        workspace: str,
+        log_dir: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        self.queue = queue
+        self.worker_id = worker_id_for(queue)
+        self.log_path = log_dir / f"{self.worker_id}.log"
+        self.env = dict(os.environ if env is None else env)
+        self.env.update(
+            {
+                "CELERY_BROKER_URL": broker,
+                "WORKER_ID": self.worker_id,
+                "DISPATCH_WORKSPACE": workspace,
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        self.env.pop("PYTEST_CELERY_DISPATCH_RUNNER", None)
+        self.workspace = workspace
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "celery", "-A", "pytest_celery_dispatch.worker", "worker",
+            "-Q", self.queue, "-n", f"{self.worker_id}@%h", "-E", "-l", "INFO",
+            "--without-gossip", "--without-mingle",
+        ]  # fmt: skip
+
+    def start(self) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command,
+                cwd=self.workspace,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def exited(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
+
+    def stop(self, grace: float = 10.0) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(grace)
+        # Whatever is left of the group (pool processes, test processes): gone.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(5)
+
+    def log_tail(self, size: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-size:]
+        except OSError:
+            return ""
+
+
+class LocalWorkers:
+    """The run's local workers; ``start`` waits until every one consumes its queue."""
+
+    def __init__(self, broker: str, workspace: str, env: Mapping[str, str] | None = None) -> None:
+        self.broker = broker
+        self.workspace = workspace
+        self.env = env
+        self.log_dir = Path(tempfile.mkdtemp(prefix="celery-dispatch-workers-"))
+        self.workers: list[LocalWorker] = []
+        atexit.register(self.stop)
+
+    def start(
+        self,
+        queues: Iterable[str],
+        consumers: Callable[[str], int | None],
+        timeout: float = READY_TIMEOUT,
+    ) -> None:
+        new = [
+            LocalWorker(q, self.broker, self.workspace, self.log_dir, self.env)
+            for q in queues
+            if q not in {w.queue for w in self.workers}
+        ]
+        for worker in new:
+            worker.start()
+            self.workers.append(worker)
+        deadline = time.monotonic() + timeout
+        waiting = list(new)
+        while waiting:
+            for worker in list(waiting):
+                code = worker.exited()
+                if code is not None:
+                    raise RuntimeError(
+                        f"local worker {worker.worker_id} for {worker.queue} exited with {code}; "
+                        f"its log ({worker.log_path}) ends with:\n{worker.log_tail()}"
+                    )
+                if (consumers(worker.queue) or 0) > 0:
+                    waiting.remove(worker)
+            if waiting and time.monotonic() > deadline:
+                names = ", ".join(w.worker_id for w in waiting)
+                raise RuntimeError(
+                    f"local worker(s) {names} did not consume their queue within {timeout:g}s; "
+                    f"logs in {self.log_dir}"
+                )
+            if waiting:
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.workers.clear()
+        with contextlib.suppress(Exception):
+            atexit.unregister(self.stop)
