@@ -95,6 +95,7 @@ class TestsCollector:
     def __init__(self) -> None:
         self.tests: dict[str, dict[str, Any]] = {}
         self.categories: dict[str, dict[str, str]] = {}
+        self.times: dict[str, tuple[float, float]] = {}  # first start, last stop
 
     def add(self, report: pytest.TestReport, category: str) -> None:
         record = self.tests.get(report.nodeid)
@@ -106,6 +107,10 @@ class TestsCollector:
                 "outcome": "passed",
             }
         record[report.when] = phase_dict(report)
+        start, stop = getattr(report, "start", None), getattr(report, "stop", None)
+        if start and stop:
+            first, last = self.times.get(report.nodeid, (start, stop))
+            self.times[report.nodeid] = (min(first, start), max(last, stop))
         cats = self.categories.setdefault(report.nodeid, {})
         cats[report.when] = category
         record["outcome"] = final_outcome(cats)
@@ -242,13 +247,17 @@ def check_writable(path: str) -> str | None:
 
 def write_atomic(path: str, data: Mapping[str, Any]) -> None:
     """Write JSON to a temp file beside ``path`` and rename it into place."""
+    write_text_atomic(path, json.dumps(data, indent=2, default=str, ensure_ascii=False) + "\n")
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """Write text to a temp file beside ``path`` and rename it into place."""
     target = Path(path)
     directory = target.parent if str(target.parent) else Path(".")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=str, ensure_ascii=False)
-            fh.write("\n")
+        with os.fdopen(fd, "w", encoding="utf-8", errors="replace") as fh:
+            fh.write(text)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -266,9 +275,12 @@ class JsonReportPlugin:
         path: str,
         dispatch_info: Callable[[str], dict[str, Any] | None],
         session_info: Callable[[], dict[str, Any]],
+        timeline: str | None = None,
     ) -> None:
         self.config = config
         self.path = path
+        self.timeline = timeline
+        self.timeline_written: str | None = None
         self.dispatch_info = dispatch_info
         self.session_info = session_info
         self.collector = TestsCollector()
@@ -319,7 +331,11 @@ class JsonReportPlugin:
         tests = []
         for nodeid, record in self.collector.tests.items():
             info = self.dispatch_info(nodeid)
-            record["dispatch"] = info if info is not None else local_dispatch()
+            if info is None:
+                info = local_dispatch()
+                if nodeid in self.collector.times:
+                    info["started"], info["finished"] = self.collector.times[nodeid]
+            record["dispatch"] = info
             tests.append(record)
         extra = self.session_info()
         wall = float(extra.pop("wall_time", time.time() - self.created))
@@ -347,6 +363,11 @@ class JsonReportPlugin:
         data = self.data = self.build(int(exitstatus))
         write_atomic(self.path, data)
         self.written = self.path
+        if self.timeline:
+            from .timeline import render_timeline
+
+            write_text_atomic(self.timeline, render_timeline(data))
+            self.timeline_written = self.timeline
 
 
 def local_dispatch() -> dict[str, Any]:

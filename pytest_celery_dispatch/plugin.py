@@ -27,9 +27,6 @@ MARKER_HELP = (
     "(with --celery-dispatch); the closest marker (function, class, module) wins"
 )
 
-#: Options that are part of the contract but arrive with later work items.
-NOT_YET = {"timeline": "--celery-timeline"}
-
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("celery-dispatch", "distributed runs on Celery workers")
@@ -133,6 +130,7 @@ def pytest_configure(config: pytest.Config) -> None:
             dsession.records[nodeid].as_dict() if nodeid in dsession.records else None
         ),
         session_info=dsession.report_info,
+        timeline=settings.timeline,
     )
     config.stash[JSON_KEY] = json_plugin
     config.pluginmanager.register(json_plugin, "celery_dispatch_json")
@@ -141,12 +139,6 @@ def pytest_configure(config: pytest.Config) -> None:
 def _check_compatible(config: pytest.Config, settings: S.Settings) -> None:
     from .jsonreport import check_writable
 
-    for field, option in NOT_YET.items():
-        if getattr(settings, field):
-            raise pytest.UsageError(
-                f"celery-dispatch: {option} is not available in this version yet; "
-                "start the workers yourself (see README, 'Workers')"
-            )
     if settings.broker == S.EMBEDDED:
         raise pytest.UsageError(
             "celery-dispatch: --celery-broker embedded is not available in this version yet; "
@@ -163,12 +155,17 @@ def _check_compatible(config: pytest.Config, settings: S.Settings) -> None:
             "--celery-dispatch; a worker's parallel slots are its Celery concurrency "
             "(celery worker -c N)"
         )
-    why = check_writable(settings.json_report)
-    if why:
-        raise pytest.UsageError(
-            f"celery-dispatch: cannot write the JSON report {settings.json_report!r}: {why}; "
-            "pass --celery-json-report PATH in a writable directory"
-        )
+    for what, path, option in (
+        ("the JSON report", settings.json_report, "--celery-json-report"),
+        ("the timeline", settings.timeline, "--celery-timeline"),
+        ("the event log", settings.event_log, "--celery-event-log"),
+    ):
+        why = check_writable(path) if path else None
+        if why:
+            raise pytest.UsageError(
+                f"celery-dispatch: cannot write {what} {path!r}: {why}; "
+                f"pass {option} PATH in a writable directory"
+            )
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:
@@ -193,6 +190,9 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         terminalreporter.write_line(text, **markup)
     if json_plugin.written:
         terminalreporter.write_line(f"JSON report: {os.path.abspath(json_plugin.written)}")
+    if json_plugin.timeline_written:
+        path = os.path.abspath(json_plugin.timeline_written)
+        terminalreporter.write_line(f"timeline: {path}")
 
 
 # ---------------------------------------------------------------------------- fixtures

@@ -3,7 +3,8 @@
 1. checks that RabbitMQ answers (and says plainly how to start it when it does not);
 2. starts worker-a (queue_a) and worker-b (queue_b) as local processes, with the command and
    environment that docker-compose.yml gives the containers;
-3. runs ``pytest --celery-dispatch example_tests -v`` (summary, JSON report, JUnit XML);
+3. runs ``pytest --celery-dispatch example_tests -v`` (summary, JSON report, JUnit XML, HTML
+   timeline, event log);
 4. checks the JSON report: every queue_a test ran on worker-a, every queue_b test on worker-b;
 5. stops the workers and exits with pytest's exit code.
 """
@@ -47,6 +48,9 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d_%H%M%S")
     report = OUT / f"dispatch_results_{stamp}.json"
     junit = OUT / "junit.xml"
+    timeline = OUT / "timeline.html"
+    events = OUT / "events.jsonl"
+    events.unlink(missing_ok=True)  # the event log appends; one run per file here
     env = dict(os.environ, BROKER_URL=broker)
     say(f"broker {maybe_sanitize_url(broker)}; starting worker-a, worker-b (docker-compose.yml)")
     with compose_workers.running(environ=env, log_dir=OUT) as services:
@@ -64,6 +68,8 @@ def main() -> int:
             f"--celery-broker={broker}",
             f"--celery-json-report={report}",
             f"--junitxml={junit}",
+            f"--celery-timeline={timeline}",
+            f"--celery-event-log={events}",
             "-p",
             "no:cacheprovider",
         ]
@@ -89,6 +95,8 @@ def main() -> int:
         f"queue_a, {per_queue['queue_b']} on worker-b via queue_b, exit code {data['exitcode']}"
     )
     say(f"JUnit XML {junit.relative_to(ROOT)}")
+    say(f"timeline {timeline.relative_to(ROOT)} (open it in a browser)")
+    say(f"event log {events.relative_to(ROOT)}")
     return code
 
 

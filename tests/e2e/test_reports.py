@@ -170,3 +170,44 @@ def test_the_schema_rejects_what_breaks_the_contract():
     ):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(broken, SCHEMA)
+
+
+def test_timeline_draws_every_dispatched_test_once(pytester, queues, run_dispatched):
+    import html
+    import re
+    from html.parser import HTMLParser
+
+    pytester.makepyfile(test_suite=queues.render(SUITE))
+    timeline = pytester.path / "timeline.html"
+    run = run_dispatched(f"--celery-timeline={timeline}")
+    run.result.stdout.fnmatch_lines([f"timeline: {timeline}"])
+    page = timeline.read_text()
+
+    class Tags(HTMLParser):
+        VOID = {"meta", "br", "hr", "img", "input", "link", "col", "wbr", "area", "base"}
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.stack: list[str] = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag not in self.VOID:
+                self.stack.append(tag)
+
+        def handle_startendtag(self, tag, attrs):
+            pass
+
+        def handle_endtag(self, tag):
+            assert self.stack, tag
+            assert self.stack[-1] == tag, (tag, self.stack[-3:])
+            self.stack.pop()
+
+    parser = Tags()
+    parser.feed(page)
+    parser.close()
+    assert parser.stack == []
+    assert "src=" not in page
+    assert 'href="http' not in page
+    drawn = [html.unescape(n) for n in re.findall(r'data-nodeid="([^"]*)"', page)]
+    nodeids = [t["nodeid"] for t in run.report["tests"]]
+    assert sorted(drawn) == sorted(nodeids)

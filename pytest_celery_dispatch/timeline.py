@@ -1,0 +1,827 @@
+"""The ``--celery-timeline`` picture: a self-contained HTML Gantt chart of a run (pure).
+
+``render_timeline(report)`` takes the JSON report (``jsonreport.build_report``'s layout) and
+returns one HTML document: inline CSS and SVG, no script, nothing fetched from the network.
+
+* One lane per worker slot (the test's ``dispatch.session``), labelled ``worker / queue / slot n``;
+  a dispatched test without a session goes to a lane of its worker; a test the controller ran
+  goes to a ``local (controller)`` lane when it has times, otherwise to the table under the chart.
+* One bar per test, from ``started`` to ``finished`` relative to the earliest ``sent`` /
+  ``started`` time of the run (the sum of the phase durations when ``finished`` is missing),
+  filled by outcome; infrastructure failures (crash, lost worker...) are hatched and outlined.
+  Each bar carries ``data-nodeid`` and an SVG ``<title>`` (the hover text).
+* The lane background is idle time; the lane that finishes last is the critical path.
+
+Every string that comes from the report is escaped. The output is linear in the number of tests
+(no per-bar script), so a run of thousands of tests stays a file of a few megabytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+import re
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+__all__ = ["render_timeline"]
+
+#: Fill colours by outcome (pytest-json-report's outcome names, plus rerun).
+COLORS: dict[str, str] = {
+    "passed": "#2f9e44",
+    "failed": "#e03131",
+    "error": "#8b1a1a",
+    "skipped": "#f2c230",
+    "xfailed": "#e59f2b",
+    "xpassed": "#c2c23a",
+    "rerun": "#868e96",
+    "other": "#adb5bd",
+}
+OUTCOME_ORDER = ("passed", "failed", "error", "skipped", "xfailed", "xpassed", "rerun")
+
+EXIT_CODES = {
+    0: "all tests passed",
+    1: "some tests failed",
+    2: "interrupted",
+    3: "internal error",
+    4: "usage error",
+    5: "no tests collected",
+}
+
+# Geometry of the chart, in pixels.
+LABEL_W = 270  # lane labels
+PLOT_W = 880  # the time axis
+RIGHT_W = 150  # per-lane busy share / critical-path tag
+LANE_H = 24
+BAR_H = 16
+AXIS_H = 26
+MIN_BAR_W = 1.0
+MIN_INFRA_W = 6.0
+THIN_BAR_W = 3.0  # narrower bars have no outline: it would hide their colour
+LABEL_CHARS = 40
+TITLE_ERROR_CHARS = 400
+#: At most this many rows in the table of tests without a bar.
+TABLE_LIMIT = 500
+SEPARATOR = " \u00b7 "
+
+_BAD_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ud800-\udfff]")
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def _clean(text: str) -> str:
+    """No control characters, no lone surrogates (they would not even encode as UTF-8)."""
+    return _BAD_CHARS.sub("\ufffd", text)
+
+
+def _e(value: object) -> str:
+    """Escape any value for HTML text and attribute values (quotes included)."""
+    return html.escape(_clean(str(value)), quote=True)
+
+
+def _num(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    text = str(value)
+    return text or None
+
+
+def _map(value: object) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _seconds(value: float | None) -> str:
+    """A duration for people: ``850 ms``, ``12.35 s``, ``-``."""
+    if value is None:
+        return "-"
+    if abs(value) < 1:
+        return f"{value * 1000:.0f} ms"
+    return f"{value:.2f} s"
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.0f}%"
+
+
+def _outcome_class(outcome: str) -> str:
+    return outcome if outcome in COLORS else "other"
+
+
+def _phase_duration(test: Mapping[str, Any]) -> float:
+    total = 0.0
+    for when in ("setup", "call", "teardown"):
+        duration = _num(_map(test.get(when)).get("duration"))
+        if duration is not None and duration > 0:
+            total += duration
+    return total
+
+
+def _nice_step(span: float, target: int = 10) -> float:
+    """A tick step of 1, 2, 2.5 or 5 times a power of ten giving about ``target`` ticks."""
+    raw = span / target
+    magnitude = 10.0 ** math.floor(math.log10(raw))
+    for factor in (1.0, 2.0, 2.5, 5.0, 10.0):
+        if factor * magnitude >= raw * 0.999:
+            return factor * magnitude
+    return 10.0 * magnitude  # pragma: no cover - the loop always returns
+
+
+def _tick_label(value: float, step: float) -> str:
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    if round(step / 10.0 ** math.floor(math.log10(step) + 1e-9), 6) == 2.5:
+        decimals += 1
+    return f"{value:.{decimals}f} s"
+
+
+def _n(value: float) -> str:
+    """A coordinate: two decimals at most, no trailing zeros."""
+    text = f"{value:.2f}".rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+# ---------------------------------------------------------------------------------- model
+
+
+@dataclasses.dataclass
+class _Test:
+    nodeid: str
+    outcome: str
+    duration: float
+    queue: str | None
+    worker: str | None
+    session: str | None
+    attempts: int | None
+    task_id: str | None
+    hostname: str | None
+    infra: str | None
+    sent: float | None
+    started: float | None
+    finished: float | None
+
+    @property
+    def start(self) -> float | None:
+        """When the bar starts: ``started``, or ``finished`` minus the duration."""
+        if self.started is not None:
+            return self.started
+        if self.finished is not None:
+            return self.finished - self.duration
+        return None
+
+    @property
+    def end(self) -> float | None:
+        start = self.start
+        if start is None:
+            return None
+        if self.finished is not None and self.finished >= start:
+            return self.finished
+        return start + self.duration
+
+    @property
+    def local(self) -> bool:
+        return self.queue is None
+
+
+@dataclasses.dataclass
+class _Lane:
+    key: tuple[str, ...]
+    queue: str | None
+    worker: str | None
+    session: str | None
+    tests: list[_Test] = dataclasses.field(default_factory=list)
+    label: str = ""
+    slot: int = 0
+    first: float = math.inf
+    last: float = -math.inf
+    busy: float = 0.0
+
+    def sort_key(self) -> tuple[bool, str, str, bool, int, str]:
+        """Queue by queue, worker by worker, slot by slot; the controller's lane last."""
+        return (
+            self.key[0] == "local",
+            self.queue or "",
+            self.worker or "",
+            self.key[0] != "session",
+            self.slot,
+            self.session or "",
+        )
+
+
+def _read_test(raw: Mapping[str, Any]) -> _Test:
+    info = _map(raw.get("dispatch"))
+    attempts = info.get("attempts")
+    worker = _text(info.get("worker"))
+    return _Test(
+        nodeid=str(raw.get("nodeid", "")),
+        outcome=str(raw.get("outcome") or "error"),
+        duration=_phase_duration(raw),
+        queue=_text(info.get("queue")),
+        worker=worker,
+        session=_text(info.get("session")),
+        attempts=attempts if isinstance(attempts, int) and not isinstance(attempts, bool) else None,
+        task_id=_text(info.get("task_id")),
+        hostname=_text(info.get("hostname")),
+        infra=_text(info.get("infrastructure_error")),
+        sent=_num(info.get("sent")),
+        started=_num(info.get("started")),
+        finished=_num(info.get("finished")),
+    )
+
+
+def _lane_key(test: _Test) -> tuple[str, ...]:
+    if test.local:
+        return ("local",)
+    if test.session is not None:
+        return ("session", test.session)
+    if test.worker is not None:
+        return ("worker", test.worker, test.queue or "")
+    return ("queue", test.queue or "")
+
+
+def _build_lanes(drawn: list[_Test]) -> list[_Lane]:
+    lanes: dict[tuple[str, ...], _Lane] = {}
+    for test in drawn:
+        key = _lane_key(test)
+        lane = lanes.get(key)
+        if lane is None:
+            lane = lanes[key] = _Lane(key, test.queue, test.worker, test.session)
+        lane.tests.append(test)
+    for lane in lanes.values():
+        lane.tests.sort(key=lambda t: (t.start or 0.0, t.nodeid))
+        lane.first = min(t.start or 0.0 for t in lane.tests)
+        lane.last = max(t.end or 0.0 for t in lane.tests)
+        # The worker of a slot is the one most of its tests name (a slot runs on one worker).
+        if lane.key[0] == "session":
+            counts: dict[str, int] = {}
+            for test in lane.tests:
+                if test.worker:
+                    counts[test.worker] = counts.get(test.worker, 0) + 1
+            lane.worker = max(counts, key=lambda w: (counts[w], w)) if counts else None
+        lane.busy = _union_length((t.start or 0.0, t.end or 0.0) for t in lane.tests)
+    # Slot numbers: 1..n per worker and queue, in the order the slots started.
+    slots: dict[tuple[str, str], int] = {}
+    for lane in sorted(lanes.values(), key=lambda ln: (ln.first, ln.session or "")):
+        if lane.key[0] != "session":
+            continue
+        group = (lane.worker or "", lane.queue or "")
+        slots[group] = lane.slot = slots.get(group, 0) + 1
+    for lane in lanes.values():
+        worker = lane.worker or "(no worker)"
+        if lane.key[0] == "local":
+            lane.label = "local (controller)"
+        elif lane.key[0] == "session":
+            lane.label = f"{worker} / {lane.queue} / slot {lane.slot}"
+        elif lane.key[0] == "worker":
+            lane.label = f"{worker} / {lane.queue} / no slot"
+        else:
+            lane.label = f"(no worker) / {lane.queue}"
+    return sorted(lanes.values(), key=_Lane.sort_key)
+
+
+def _union_length(intervals: Iterable[tuple[float, float]]) -> float:
+    total = 0.0
+    current: tuple[float, float] | None = None
+    for start, end in sorted(intervals):
+        if current is None or start > current[1]:
+            if current is not None:
+                total += current[1] - current[0]
+            current = (start, end)
+        elif end > current[1]:
+            current = (current[0], end)
+    if current is not None:
+        total += current[1] - current[0]
+    return total
+
+
+# ---------------------------------------------------------------------------------- render
+
+
+def render_timeline(report: Mapping[str, Any]) -> str:
+    """The whole HTML document for one JSON report."""
+    raw_tests = report.get("tests")
+    tests = [
+        _read_test(t)
+        for t in (raw_tests if isinstance(raw_tests, list) else [])
+        if isinstance(t, Mapping)
+    ]
+    dispatch = _map(report.get("dispatch"))
+
+    drawn = [t for t in tests if t.start is not None]
+    moments = [t.sent for t in tests if t.sent is not None]
+    moments += [t.start for t in drawn if t.start is not None]
+    origin = min(moments) if moments else 0.0
+    lanes = _build_lanes(drawn)
+    critical = max(lanes, key=lambda ln: ln.last) if lanes else None
+
+    wall = _num(dispatch.get("wall_time"))
+    if wall is None:
+        wall = _num(report.get("duration"))
+
+    parts = [
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n',
+        "<title>Timeline of the test run</title>\n",
+        _css(),
+        "</head>\n<body>\n",
+        _header(report, dispatch, tests, lanes, wall),
+        f"<h2>Timeline: {len(drawn)} tests on {len(lanes)} lanes (one per worker slot)</h2>\n",
+        _critical_note(critical, origin),
+        _legend(),
+        _chart(lanes, critical, origin),
+        _worker_table(dispatch, lanes, wall),
+        _untimed_table([t for t in tests if t.start is None]),
+        "</body>\n</html>\n",
+    ]
+    return "".join(parts)
+
+
+def _css() -> str:
+    fills = "".join(f".o-{name}{{fill:{color}}}\n" for name, color in COLORS.items())
+    chips = "".join(f".c-{name}{{background:{color}}}\n" for name, color in COLORS.items())
+    hatched = "".join(f".b.infra.o-{name}{{fill:url(#h-{name})}}\n" for name in COLORS)
+    return (
+        "<style>\n"
+        ":root{color-scheme:light}\n"
+        "body{margin:16px 24px;font:14px/1.4 system-ui,-apple-system,'Segoe UI',Roboto,"
+        "'DejaVu Sans',sans-serif;color:#1d232a;background:#fff}\n"
+        "h1{font-size:20px;margin:0 0 2px}\n"
+        "h2{font-size:15px;margin:18px 0 6px}\n"
+        ".sub{color:#5c6670;font-size:12px;margin-bottom:10px;word-break:break-all}\n"
+        ".cards{display:flex;flex-wrap:wrap;gap:10px;margin:8px 0}\n"
+        ".card{border:1px solid #d9dee3;border-radius:6px;padding:6px 12px;min-width:96px}\n"
+        ".card .k{font-size:11px;color:#5c6670;text-transform:uppercase;letter-spacing:.04em}\n"
+        ".card .v{font-size:20px;font-weight:600}\n"
+        ".card .d{font-size:11px;color:#5c6670}\n"
+        ".card.bad{border-color:#e03131;background:#fff5f5}\n"
+        ".card.good{border-color:#2f9e44;background:#f4fbf5}\n"
+        ".chip{display:inline-block;padding:1px 7px;border-radius:9px;margin:2px 4px 2px 0;"
+        "font-size:12px;color:#111}\n"
+        ".c-failed,.c-error{color:#fff}\n"
+        ".banner{border:1px solid #e03131;background:#fff5f5;padding:6px 10px;"
+        "border-radius:6px;margin:8px 0}\n"
+        "table{border-collapse:collapse;font-size:12px}\n"
+        "th,td{text-align:left;padding:3px 10px 3px 0;border-bottom:1px solid #edf0f2;"
+        "vertical-align:top}\n"
+        "th{color:#5c6670;font-weight:600}\n"
+        "td.num,th.num{text-align:right}\n"
+        ".meter{display:inline-block;width:80px;height:8px;background:#e9ecef;"
+        "border-radius:4px;vertical-align:middle;margin-right:6px;overflow:hidden}\n"
+        ".meter span{display:block;height:100%;background:#4c6ef5}\n"
+        ".note{margin:4px 0;font-size:13px}\n"
+        ".note b{color:#1d232a}\n"
+        ".legend{display:flex;flex-wrap:wrap;gap:14px;font-size:12px;color:#39424b;"
+        "margin:6px 0}\n"
+        ".sw{display:inline-block;width:18px;height:11px;border-radius:2px;"
+        "vertical-align:-1px;margin-right:5px}\n"
+        ".sw.idle{background:#e8ecf1;border:1px solid #d0d6dd}\n"
+        ".sw.infra{background:repeating-linear-gradient(45deg,#e03131 0 3px,#5a1010 3px 5px);"
+        "outline:1.5px dashed #111;outline-offset:0}\n"
+        ".sw.crit{background:#fff;outline:2px solid #111;outline-offset:-2px}\n"
+        ".chart{display:inline-block;max-width:100%;overflow-x:auto;"
+        "border:1px solid #e3e7eb;border-radius:6px;padding:4px 0}\n"
+        "svg text{font-family:system-ui,-apple-system,'Segoe UI',Roboto,'DejaVu Sans',"
+        "sans-serif;font-size:12px;fill:#1d232a}\n"
+        "svg .lane{fill:#e8ecf1}\n"
+        "svg .lane.alt{fill:#eef1f5}\n"
+        "svg .grid{stroke:#ffffff;stroke-width:1}\n"
+        "svg .axis{stroke:#8a949e;stroke-width:1}\n"
+        "svg .tick{font-size:11px;fill:#5c6670}\n"
+        "svg .sep{stroke:#6c757d;stroke-width:1.5}\n"
+        "svg .lbl{font-size:12px}\n"
+        "svg .qname{font-size:11px;fill:#5c6670}\n"
+        "svg .busy{font-size:11px;fill:#5c6670}\n"
+        "svg .b{stroke:#ffffff;stroke-width:.5}\n"
+        "svg .b.infra{stroke:#111;stroke-width:1.5;stroke-dasharray:3 2}\n"
+        "svg .b.crit{stroke:#111;stroke-width:1.2}\n"
+        "svg .critlane{fill:none;stroke:#111;stroke-width:2.5}\n"
+        "svg .critlbl{font-weight:700}\n"
+        "svg .critend{stroke:#111;stroke-width:1.2;stroke-dasharray:5 3}\n"
+        "svg .b.thin{stroke:none}\n"
+        "svg .b:hover{stroke:#000;stroke-width:2}\n"
+        f"{fills}{chips}{hatched}"
+        "</style>\n"
+    )
+
+
+def _header(
+    report: Mapping[str, Any],
+    dispatch: Mapping[str, Any],
+    tests: list[_Test],
+    lanes: list[_Lane],
+    wall: float | None,
+) -> str:
+    out: list[str] = ["<header>\n<h1>Timeline of the test run</h1>\n"]
+    sub: list[str] = []
+    created = _num(report.get("created"))
+    if created is not None:
+        try:
+            when = datetime.fromtimestamp(created, tz=timezone.utc)
+            sub.append(when.strftime("%Y-%m-%d %H:%M:%S UTC"))
+        except (OverflowError, OSError, ValueError):
+            pass
+    for label, key in (("run", "run_id"), ("broker", "broker")):
+        value = _text(dispatch.get(key))
+        if value:
+            sub.append(f"{label} {_e(value)}")
+    root = _text(report.get("root"))
+    if root:
+        sub.append(f"root {_e(root)}")
+    if sub:
+        out.append(f'<div class="sub">{SEPARATOR.join(sub)}</div>\n')
+
+    summary = _map(report.get("summary"))
+    counts = _outcome_counts(summary, tests)
+    total = summary.get("total")
+    n_tests = total if isinstance(total, int) and not isinstance(total, bool) else len(tests)
+    exitcode = report.get("exitcode")
+    speedup = _num(dispatch.get("speedup"))
+    dispatched = sum(1 for t in tests if not t.local)
+    bad = counts.get("failed", 0) + counts.get("error", 0)
+
+    out.append('<div class="cards">\n')
+    code_class = "good" if exitcode == 0 else "bad"
+    meaning = EXIT_CODES.get(exitcode, "") if isinstance(exitcode, int) else ""
+    out.append(_card("exit code", _e(exitcode), _e(meaning), code_class))
+    out.append(_card("wall time", _e(_wall(wall)), ""))
+    out.append(
+        _card("tests", str(n_tests), f"{dispatched} dispatched, {len(tests) - dispatched} local")
+    )
+    out.append(
+        _card(
+            "speed-up",
+            "-" if speedup is None else f"{speedup:.2f}\u00d7",
+            "sum of test durations \u00f7 wall time",
+        )
+    )
+    chips = "".join(
+        f'<span class="chip c-{_outcome_class(name)}">{count} {_e(name)}</span>'
+        for name, count in counts.items()
+    )
+    out.append(
+        f'<div class="card{" bad" if bad else ""}"><div class="k">outcomes</div>'
+        f'<div class="v" style="font-size:13px;padding-top:4px">{chips or "none"}</div></div>\n'
+    )
+    out.append("</div>\n")
+
+    problems = []
+    if dispatch.get("interrupted"):
+        problems.append("The run was interrupted: this report is partial.")
+    if dispatch.get("stopped_early"):
+        problems.append("The run stopped early (-x / --maxfail).")
+    broker_error = _text(dispatch.get("broker_error"))
+    if broker_error:
+        problems.append(f"Broker error: {_e(broker_error)}")
+    for text in problems:
+        out.append(f'<div class="banner">{text}</div>\n')
+
+    out.append(_queue_table(dispatch, tests, lanes, wall))
+    out.append("</header>\n")
+    return "".join(out)
+
+
+def _wall(wall: float | None) -> str:
+    return "-" if wall is None else f"{wall:.2f} s"
+
+
+def _card(key: str, value: str, detail: str, extra: str = "") -> str:
+    cls = f"card {extra}".strip()
+    return (
+        f'<div class="{cls}"><div class="k">{key}</div><div class="v">{value}</div>'
+        f'<div class="d">{detail}</div></div>\n'
+    )
+
+
+def _outcome_counts(summary: Mapping[str, Any], tests: list[_Test]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    if summary:
+        for name, value in summary.items():
+            if name in ("total", "collected", "deselected"):
+                continue
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                counts[str(name)] = value
+    else:
+        for test in tests:
+            counts[test.outcome] = counts.get(test.outcome, 0) + 1
+    order = {name: i for i, name in enumerate(OUTCOME_ORDER)}
+    return dict(sorted(counts.items(), key=lambda kv: (order.get(kv[0], 99), kv[0])))
+
+
+def _meter(value: float | None) -> str:
+    if value is None:
+        return "-"
+    width = max(0.0, min(1.0, value)) * 100
+    return f'<span class="meter"><span style="width:{width:.0f}%"></span></span>{_percent(value)}'
+
+
+def _counts_text(outcomes: object) -> str:
+    mapping = _map(outcomes)
+    order = {name: i for i, name in enumerate(OUTCOME_ORDER)}
+    parts = [
+        f'<span class="chip c-{_outcome_class(str(k))}">{_e(v)} {_e(k)}</span>'
+        for k, v in sorted(mapping.items(), key=lambda kv: (order.get(kv[0], 99), str(kv[0])))
+    ]
+    return "".join(parts) or "-"
+
+
+def _queue_table(
+    dispatch: Mapping[str, Any], tests: list[_Test], lanes: list[_Lane], wall: float | None
+) -> str:
+    """Per queue: busy time / (wall time x slots); slots from the report, else lanes drawn."""
+    queues = dict(_map(dispatch.get("queues")))
+    busy_from_tests: dict[str, float] = {}
+    for test in tests:
+        if test.queue is not None:
+            busy_from_tests[test.queue] = busy_from_tests.get(test.queue, 0.0) + test.duration
+    for name in busy_from_tests:
+        queues.setdefault(name, {})
+    if not queues:
+        return ""
+    slots_reported = _map(dispatch.get("slots"))
+    lanes_per_queue: dict[str, int] = {}
+    for lane in lanes:
+        if lane.queue is not None:
+            lanes_per_queue[lane.queue] = lanes_per_queue.get(lane.queue, 0) + 1
+    rows = [
+        '<h2>Queues</h2><table>\n<tr><th>queue</th><th class="num">consumers</th>'
+        '<th class="num">slots</th><th class="num">tests</th><th>outcomes</th>'
+        '<th class="num">busy</th><th>utilisation (busy \u00f7 wall \u00d7 slots)</th></tr>\n'
+    ]
+    for name in sorted(queues, key=str):
+        q = _map(queues[name])
+        busy = _num(q.get("total_duration"))
+        if busy is None:
+            busy = busy_from_tests.get(name, 0.0)
+        drawn_lanes = lanes_per_queue.get(name, 0)
+        reported = slots_reported.get(name)
+        if isinstance(reported, int) and not isinstance(reported, bool) and reported >= 0:
+            n_slots = max(reported, drawn_lanes)
+        else:
+            consumers_n = q.get("consumers")
+            n_slots = drawn_lanes or (consumers_n if isinstance(consumers_n, int) else 0)
+        util = busy / (wall * n_slots) if wall and wall > 0 and n_slots > 0 else None
+        n = q.get("tests")
+        if not isinstance(n, int):
+            n = sum(1 for t in tests if t.queue == name)
+        consumers = q.get("consumers")
+        consumers_text = _e(consumers if consumers is not None else "-")
+        rows.append(
+            f'<tr><td>{_e(name)}</td><td class="num">{consumers_text}'
+            f'</td><td class="num">{n_slots}</td><td class="num">{_e(n)}</td>'
+            f'<td>{_counts_text(q.get("outcomes"))}</td><td class="num">{_seconds(busy)}</td>'
+            f"<td>{_meter(util)}</td></tr>\n"
+        )
+    rows.append("</table>\n")
+    return "".join(rows)
+
+
+def _worker_table(dispatch: Mapping[str, Any], lanes: list[_Lane], wall: float | None) -> str:
+    """Per worker: busy time / (wall time x its slots drawn); one slot when none is drawn."""
+    workers = _map(dispatch.get("workers"))
+    if not workers:
+        return ""
+    lanes_per_worker: dict[str, int] = {}
+    for lane in lanes:
+        if lane.queue is not None and lane.worker is not None:
+            lanes_per_worker[lane.worker] = lanes_per_worker.get(lane.worker, 0) + 1
+    rows = [
+        "<h2>Workers</h2><table>\n<tr><th>worker</th><th>queues</th>"
+        '<th class="num">slots</th><th class="num">tests</th><th>outcomes</th>'
+        '<th class="num">busy</th><th>utilisation (busy \u00f7 wall \u00d7 slots)</th></tr>\n'
+    ]
+    for name in sorted(workers, key=str):
+        w = _map(workers[name])
+        queues = w.get("queues")
+        queue_text = ", ".join(str(q) for q in queues) if isinstance(queues, list) else ""
+        busy = _num(w.get("busy_time"))
+        n_slots = lanes_per_worker.get(str(name), 0)
+        if busy is not None and wall and wall > 0:
+            util: float | None = busy / (wall * max(1, n_slots))
+        else:
+            util = _num(w.get("utilisation"))
+        rows.append(
+            f"<tr><td>{_e(name)}</td><td>{_e(queue_text)}</td>"
+            f'<td class="num">{n_slots or "-"}</td>'
+            f'<td class="num">{_e(w.get("tests", "-"))}</td>'
+            f"<td>{_counts_text(w.get('outcomes'))}</td>"
+            f'<td class="num">{_seconds(busy)}</td>'
+            f"<td>{_meter(util)}</td></tr>\n"
+        )
+    rows.append("</table>\n")
+    return "".join(rows)
+
+
+def _critical_note(critical: _Lane | None, origin: float) -> str:
+    if critical is None:
+        return '<p class="note">No test has start and finish times: nothing to draw.</p>\n'
+    span = critical.last - origin
+    idle = max(0.0, span - critical.busy)
+    return (
+        f'<p class="note"><b>critical path: {_e(critical.label)}, ends at '
+        f"{span:.2f} s</b> ({len(critical.tests)} tests, busy {_seconds(critical.busy)}, "
+        f"idle {_seconds(idle)} before its last test ended)</p>\n"
+    )
+
+
+def _legend() -> str:
+    items = [
+        f'<span><span class="sw c-{name}"></span>{name}</span>'
+        for name in ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
+    ]
+    items.append('<span><span class="sw infra"></span>crashed / infrastructure error</span>')
+    items.append('<span><span class="sw idle"></span>idle (lane background)</span>')
+    items.append('<span><span class="sw crit"></span>critical path (lane ending last)</span>')
+    items.append("<span>time: seconds since the first test was sent \u00b7 hover a bar</span>")
+    return f'<div class="legend">{"".join(items)}</div>\n'
+
+
+def _chart(lanes: list[_Lane], critical: _Lane | None, origin: float) -> str:
+    if not lanes:
+        return ""
+    t_max = max(lane.last for lane in lanes) - origin
+    if t_max <= 0:
+        t_max = 1.0
+    step = _nice_step(t_max)
+    axis_end = math.ceil(t_max / step - 1e-9) * step
+    scale = PLOT_W / axis_end
+    x0 = LABEL_W
+    top = AXIS_H
+    height = top + len(lanes) * LANE_H + AXIS_H
+    width = LABEL_W + PLOT_W + RIGHT_W
+    bottom = top + len(lanes) * LANE_H
+
+    out: list[str] = [
+        '<div class="chart">\n',
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" '
+        f'aria-label="Gantt chart: {len(lanes)} lanes, {_n(t_max)} s">\n',
+        "<defs>\n",
+    ]
+    for name, color in COLORS.items():
+        out.append(
+            f'<pattern id="h-{name}" width="6" height="6" patternUnits="userSpaceOnUse" '
+            f'patternTransform="rotate(45)"><rect width="6" height="6" fill="{color}"/>'
+            '<rect width="2.5" height="6" fill="#111" fill-opacity="0.6"/></pattern>\n'
+        )
+    out.append("</defs>\n")
+
+    # Lane backgrounds (the idle time) and labels.
+    previous_queue: object = object()
+    separators: list[int] = []  # between the lanes of two queues
+    for i, lane in enumerate(lanes):
+        y = top + i * LANE_H
+        alt = " alt" if i % 2 else ""
+        out.append(
+            f'<rect class="lane{alt}" x="{x0}" y="{y}" width="{PLOT_W}" height="{LANE_H}"/>\n'
+        )
+        if lane.queue != previous_queue and i:
+            separators.append(y)
+        previous_queue = lane.queue
+        label_class = "lbl critlbl" if lane is critical else "lbl"
+        title = lane.label
+        if lane.session:
+            title += f" (session {lane.session})"
+        title += f": {len(lane.tests)} tests, busy {_seconds(lane.busy)}"
+        out.append(
+            f'<text class="{label_class}" x="6" y="{y + LANE_H - 8}"><title>{_e(title)}</title>'
+            f"{_e(_short(lane.label, LABEL_CHARS))}</text>\n"
+        )
+
+    # Grid and time axis (top and bottom).
+    out.append(f'<line class="axis" x1="{x0}" x2="{x0 + PLOT_W}" y1="{top}" y2="{top}"/>\n')
+    out.append(f'<line class="axis" x1="{x0}" x2="{x0 + PLOT_W}" y1="{bottom}" y2="{bottom}"/>\n')
+    ticks = round(axis_end / step)
+    for k in range(ticks + 1):
+        t = k * step
+        x = _n(x0 + t * scale)
+        label = _tick_label(t, step)
+        anchor = "end" if k == ticks else ("start" if k == 0 else "middle")
+        out.append(
+            f'<line class="grid" x1="{x}" x2="{x}" y1="{top}" y2="{bottom}"/>'
+            f'<line class="axis" x1="{x}" x2="{x}" y1="{top - 4}" y2="{top}"/>'
+            f'<line class="axis" x1="{x}" x2="{x}" y1="{bottom}" y2="{bottom + 4}"/>'
+            f'<text class="tick" x="{x}" y="{top - 8}" text-anchor="{anchor}">{label}</text>'
+            f'<text class="tick" x="{x}" y="{bottom + 16}" text-anchor="{anchor}">{label}'
+            "</text>\n"
+        )
+
+    for y in separators:
+        out.append(f'<line class="sep" x1="4" x2="{x0 + PLOT_W}" y1="{y}" y2="{y}"/>\n')
+
+    # The bars: one per test, in lane order.
+    for i, lane in enumerate(lanes):
+        bar_y = _n(top + i * LANE_H + (LANE_H - BAR_H) / 2)
+        is_critical = lane is critical
+        out.append(f'<g data-lane="{_e(lane.label)}">\n')
+        for test in lane.tests:
+            start = (test.start or 0.0) - origin
+            end = (test.end or 0.0) - origin
+            min_w = MIN_INFRA_W if test.infra else MIN_BAR_W
+            w = max(min_w, (end - start) * scale)
+            bar_x = x0 + start * scale
+            classes = f"b o-{_outcome_class(test.outcome)}"
+            if test.infra:
+                classes += " infra"
+            if is_critical:
+                classes += " crit"
+            if w < THIN_BAR_W:
+                classes += " thin"
+            out.append(
+                f'<rect class="{classes}" x="{_n(bar_x)}" y="{bar_y}" width="{_n(w)}" '
+                f'height="{BAR_H}" data-nodeid="{_e(test.nodeid)}">'
+                f"<title>{_e(_bar_title(test, lane, origin))}</title></rect>\n"
+            )
+        out.append("</g>\n")
+
+    # Right column: busy share per lane; the critical lane outlined, its end marked.
+    for i, lane in enumerate(lanes):
+        y = top + i * LANE_H
+        span = lane.last - origin
+        share = lane.busy / span if span > 0 else None
+        text = f"{_percent(share)} busy"
+        if lane is critical:
+            out.append(
+                f'<rect class="critlane" x="{x0}" y="{y + 1}" width="{PLOT_W}" '
+                f'height="{LANE_H - 2}"/>\n'
+            )
+            text = f"\u25c0 critical \u00b7 {text}"
+        cls = "busy critlbl" if lane is critical else "busy"
+        out.append(
+            f'<text class="{cls}" x="{x0 + PLOT_W + 8}" y="{y + LANE_H - 8}">{_e(text)}</text>\n'
+        )
+    if critical is not None:
+        end_x = _n(x0 + (critical.last - origin) * scale)
+        out.append(f'<line class="critend" x1="{end_x}" x2="{end_x}" y1="{top}" y2="{bottom}"/>\n')
+    out.append("</svg>\n</div>\n")
+    return "".join(out)
+
+
+def _bar_title(test: _Test, lane: _Lane, origin: float) -> str:
+    start = (test.start or 0.0) - origin
+    end = (test.end or 0.0) - origin
+    lines = [
+        test.nodeid,
+        f"{test.outcome} \u00b7 duration {_seconds(test.duration)} (setup + call + teardown)",
+        f"worker {test.worker or '-'} \u00b7 queue {test.queue or 'local'} \u00b7 attempt "
+        f"{test.attempts if test.attempts is not None else '-'}",
+    ]
+    if test.finished is not None and test.started is not None:
+        lines.append(f"started {start:.3f} s, finished {end:.3f} s")
+    elif test.started is not None:
+        lines.append(f"started {start:.3f} s, no finish time (bar = phase durations)")
+    else:
+        lines.append(f"finished {end:.3f} s, no start time (bar = phase durations)")
+    lines.append(f"lane {lane.label}")
+    if test.hostname:
+        lines.append(f"host {test.hostname}")
+    if test.task_id:
+        lines.append(f"task {test.task_id}")
+    if test.infra:
+        lines.append("infrastructure error: " + _short(test.infra, TITLE_ERROR_CHARS))
+    return "\n".join(lines)
+
+
+def _untimed_table(untimed: list[_Test]) -> str:
+    if not untimed:
+        return ""
+    # Dispatched tests that never started (lost work, no worker) first; then local ones.
+    untimed = sorted(untimed, key=lambda t: (t.local, t.nodeid))
+    local = sum(1 for t in untimed if t.local)
+    out = [
+        f"<h2>Tests without a bar ({len(untimed)}: {len(untimed) - local} dispatched without "
+        f"start time, {local} run in the controller)</h2>\n",
+        '<table>\n<tr><th>test</th><th>outcome</th><th>where</th><th class="num">duration'
+        "</th><th>why no bar</th></tr>\n",
+    ]
+    for test in untimed[:TABLE_LIMIT]:
+        if test.local:
+            where = "local (controller)"
+            why = "ran in the controller, no start time recorded"
+        else:
+            where = f"{test.worker or '-'} / {test.queue}"
+            why = test.infra or "never started on a worker"
+        out.append(
+            f'<tr><td>{_e(test.nodeid)}</td><td><span class="chip c-'
+            f'{_outcome_class(test.outcome)}">{_e(test.outcome)}</span></td>'
+            f'<td>{_e(where)}</td><td class="num">{_seconds(test.duration)}</td>'
+            f"<td>{_e(_short(why, TITLE_ERROR_CHARS))}</td></tr>\n"
+        )
+    if len(untimed) > TABLE_LIMIT:
+        out.append(
+            f'<tr><td colspan="5">\u2026 and {len(untimed) - TABLE_LIMIT} more '
+            "(see the JSON report)</td></tr>\n"
+        )
+    out.append("</table>\n")
+    return "".join(out)
