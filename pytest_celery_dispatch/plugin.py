@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from . import settings as S
+from .routing import FANOUT_PARAM
 from .runner import ENV_RUNNER
 
 SETTINGS_KEY = pytest.StashKey[S.Settings]()
@@ -23,8 +24,9 @@ SESSION_KEY = pytest.StashKey[Any]()
 JSON_KEY = pytest.StashKey[Any]()
 
 MARKER_HELP = (
-    "queue(name): run this test on a Celery worker that consumes queue NAME "
-    "(with --celery-dispatch); the closest marker (function, class, module) wins"
+    "queue(name, ...): run this test on a Celery worker that consumes queue NAME "
+    "(with --celery-dispatch); the closest marker (function, class, module) wins; several "
+    "names run the test once on each queue"
 )
 
 
@@ -80,6 +82,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     ):
         parser.addini(f"celery_dispatch_{name}", help_text, default=None)
     parser.addini("celery_dispatch_queues", S.HELP_QUEUES, type="linelist", default=[])
+    parser.addini("celery_dispatch_routes", S.HELP_ROUTES, type="linelist", default=[])
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from . import newhooks
+
+    pluginmanager.add_hookspecs(newhooks)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """``@pytest.mark.queue("queue_a", "queue_b")``: one item per queue, ids ``[queue_a]``.
+
+    Done with or without --celery-dispatch, on the controller and on the worker alike, so the
+    nodeids match on both sides.
+    """
+    marker = metafunc.definition.get_closest_marker("queue")
+    if marker is None or len(marker.args) < 2 or marker.kwargs:
+        return
+    queues = list(marker.args)
+    if not all(isinstance(q, str) for q in queues) or len(set(queues)) != len(queues):
+        return  # routing reports the invalid marker on the test
+    metafunc.fixturenames.append(FANOUT_PARAM)
+    metafunc.parametrize(FANOUT_PARAM, queues, ids=queues)
 
 
 def is_runner() -> bool:

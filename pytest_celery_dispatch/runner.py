@@ -35,6 +35,7 @@ ENV_RUNNER = "PYTEST_CELERY_DISPATCH_RUNNER"
 ENV_EVENT_FD = "PYTEST_CELERY_DISPATCH_EVENT_FD"
 ENV_NODEIDS = "PYTEST_CELERY_DISPATCH_NODEIDS"
 ENV_COMMAND_FD = "PYTEST_CELERY_DISPATCH_COMMAND_FD"
+ENV_OPTIONS = "PYTEST_CELERY_DISPATCH_OPTIONS"
 ENV_PARENT = "PYTEST_CELERY_DISPATCH_PARENT_PID"
 
 #: Where the tail of a crashed runner's own output is quoted from.
@@ -95,11 +96,16 @@ def _request_stop(signum: int, frame: Any) -> None:
     _stop_requested = True
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     global _writer
     fd = os.environ.get(ENV_EVENT_FD)
     if fd is None or os.environ.get(ENV_RUNNER) != "1":
         return
+    # The controller's values of other plugins' options, for the plugins installed here.
+    for name, value in json.loads(os.environ.get(ENV_OPTIONS) or "{}").items():
+        if hasattr(config.option, name):
+            setattr(config.option, name, value)
     _die_with_parent()
     _writer = _EventWriter(int(fd))
     signal.signal(STOP_SIGNAL, _request_stop)
@@ -217,6 +223,25 @@ def pytest_collectreport(report: pytest.CollectReport) -> None:
         _collect_errors[report.nodeid] = str(report.longreprtext)[-CRASH_OUTPUT_TAIL:]
 
 
+def pytest_warning_recorded(
+    warning_message: Any, when: str, nodeid: str, location: tuple[str, int, str] | None
+) -> None:
+    """Warnings raised on the worker travel home for the controller's warnings summary."""
+    if _writer is None:
+        return
+    _emit(
+        {
+            "type": "warning",
+            "nodeid": nodeid,
+            "when": when,
+            "category": getattr(warning_message.category, "__name__", "UserWarning"),
+            "message": str(warning_message.message),
+            "filename": str(warning_message.filename),
+            "lineno": warning_message.lineno,
+        }
+    )
+
+
 def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
     _emit({"type": "logstart", "nodeid": nodeid, "location": list(location), "ts": time.time()})
 
@@ -264,6 +289,7 @@ class RunnerSpec:
     pytest_args: list[str]
     env: dict[str, str]
     stream: bool = False  # -s on the controller: forward the tests' output as it comes
+    plugin_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def runner_command(spec: RunnerSpec, nodeids: list[str]) -> list[str]:
@@ -357,6 +383,7 @@ class _Runner:
                 ENV_COMMAND_FD: str(command_r),
                 ENV_NODEIDS: nodeids_file,
                 ENV_PARENT: str(os.getpid()),
+                ENV_OPTIONS: json.dumps(spec.plugin_options),
             }
         )
         with open(self.log_path, "wb") as log_file:

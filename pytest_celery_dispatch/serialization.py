@@ -31,6 +31,7 @@ EventType = Literal[
     "missing",  # nodeids the worker could not collect
     "refused",  # nodeids the worker refused (outside its workspace, a different file)
     "output",  # what tests printed, streamed as it comes (-s on the controller)
+    "warning",  # a warning recorded on the worker
 ]
 
 
@@ -48,6 +49,7 @@ class SessionPayload(TypedDict):
     pytest_args: list[str]
     files: dict[str, str]  # test file (workspace-relative) -> sha256 of its bytes
     stream: bool  # -s on the controller: stream the tests' output as it comes
+    plugin_options: dict[str, Any]  # other plugins' option values, applied if they exist there
 
 
 class Chunk(TypedDict):
@@ -79,6 +81,10 @@ class Event(TypedDict, total=False):
     reason: str
     message: str
     data: str  # output
+    category: str  # warning
+    filename: str  # warning
+    lineno: int  # warning
+    when: str  # warning
 
 
 def reply_queue_name(run_id: str) -> str:

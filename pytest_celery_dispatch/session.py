@@ -107,6 +107,22 @@ def _outcome(reports: list[Any]) -> str:
     return "passed"
 
 
+#: Options of other plugins that shape a test's run, applied on the worker when that plugin is
+#: installed there too (a plain argument would make its pytest refuse to start otherwise):
+#: pytest-timeout's --timeout, pytest-randomly's seed (so a worker's random values repeat), and
+#: pytest-rerunfailures' --reruns / --reruns-delay (reruns happen on the worker).
+PLUGIN_OPTIONS = ("timeout", "randomly_seed", "reruns", "reruns_delay")
+
+
+def forwarded_plugin_options(config: pytest.Config) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    for name in PLUGIN_OPTIONS:
+        value = getattr(config.option, name, None)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool) and value != "":
+            found[name] = value
+    return found
+
+
 def forwarded_pytest_args(config: pytest.Config) -> list[str]:
     """Options that shape how a test runs or reports, replayed on the worker's runner."""
     opt = config.option
@@ -126,9 +142,6 @@ def forwarded_pytest_args(config: pytest.Config) -> list[str]:
     verbose = int(getattr(opt, "verbose", 0) or 0)
     if verbose > 1:
         args.append("-" + "v" * verbose)
-    timeout = getattr(opt, "timeout", None)
-    if timeout is not None:
-        args.append(f"--timeout={timeout}")
     maxfail = int(getattr(opt, "maxfail", 0) or 0)
     if maxfail > 0:
         # A runner stops after its own failures too, without waiting for the controller's word.
@@ -191,23 +204,53 @@ class DispatchSession:
         """Route after every other plugin, so markers added in this hook count too."""
         self.routes.clear()
         for item in items:
-            marker = item.get_closest_marker("queue")
-            self.routes[item.nodeid] = routing.route(
-                (marker.args, marker.kwargs) if marker is not None else None,
-                self.settings.default_queue,
-                self.settings.allowed_queues,
-            )
+            self.routes[item.nodeid] = self._route(item)
+
+    def _route(self, item: pytest.Item) -> routing.Route:
+        marker = item.get_closest_marker("queue")
+        callspec = getattr(item, "callspec", None)
+        fanout = callspec.params.get(routing.FANOUT_PARAM) if callspec is not None else None
+        hook = None
+        if marker is None:
+            hook = item.config.hook.pytest_celery_dispatch_route(item=item)
+        return routing.route(
+            (marker.args, marker.kwargs) if marker is not None else None,
+            self.settings.default_queue,
+            self.settings.allowed_queues,
+            nodeid=item.nodeid,
+            fanout=fanout,
+            hook=hook,
+            rules=self.settings.routes,
+        )
 
     def route_of(self, item: pytest.Item) -> routing.Route:
         found = self.routes.get(item.nodeid)
         if found is None:
-            marker = item.get_closest_marker("queue")
-            found = routing.route(
-                (marker.args, marker.kwargs) if marker is not None else None,
-                self.settings.default_queue,
-                self.settings.allowed_queues,
-            )
+            found = self.routes[item.nodeid] = self._route(item)
         return found
+
+    def _write_plan(self, items: list[pytest.Item]) -> None:
+        """--collect-only: where each test would run; nothing is sent."""
+        plan: dict[str, list[str]] = {}
+        errors: list[str] = []
+        for item in items:
+            route = self.route_of(item)
+            if route.error is not None:
+                errors.append(f"    {item.nodeid}: {route.error}")
+            else:
+                plan.setdefault(route.queue or "local (controller)", []).append(
+                    f"    {item.nodeid}  [{route.source}]"
+                )
+        self._write_line("celery-dispatch plan (--collect-only: nothing is sent)", bold=True)
+        for queue_name in sorted(plan, key=lambda q: (q.startswith("local"), q)):
+            lines = plan[queue_name]
+            self._write_line(f"  {queue_name}: {len(lines)} test{'s' if len(lines) != 1 else ''}")
+            for line in lines:
+                self._write_line(line)
+        if errors:
+            self._write_line(f"  invalid routing: {len(errors)} test(s)", red=True)
+            for line in errors:
+                self._write_line(line, red=True)
 
     # ------------------------------------------------------------------ reporting helpers
 
@@ -322,6 +365,7 @@ class DispatchSession:
                 "during collection"
             )
         if session.config.option.collectonly:
+            self._write_plan(session.items)
             return True
 
         self._session = session
@@ -539,6 +583,7 @@ class DispatchSession:
             "pytest_args": self._pytest_args,
             "files": self._file_digests(self.queue_nodeids[queue_name]),
             "stream": self._stream_output,
+            "plugin_options": forwarded_plugin_options(self.config),
         }
         state = scheduling.SessionState(session_id, queue_name, sent_at=time.monotonic())
         self.sessions[session_id] = state
@@ -606,6 +651,8 @@ class DispatchSession:
             self._not_runnable(event)
         elif kind == "output":
             self._write_output(event)
+        elif kind == "warning":
+            self._record_warning(event)
         elif kind == "session_finished":
             self._write_output({**event, "data": "\n"})  # a last line without its newline
         batch = self.batches.get(str(event.get("batch_id", "")))
@@ -676,6 +723,30 @@ class DispatchSession:
                         f"result for {n}",
                     )
                 self._mark_done(n)
+
+    def _record_warning(self, event: Event) -> None:
+        """A worker's warning, fed to pytest_warning_recorded: the warnings summary shows it."""
+        import builtins
+        import warnings
+
+        name = str(event.get("category") or "UserWarning")
+        category = getattr(builtins, name, None) or getattr(pytest, name, None)
+        if not (isinstance(category, type) and issubclass(category, Warning)):
+            category = type(name, (UserWarning,), {"__module__": "worker"})
+        message = warnings.WarningMessage(
+            category(str(event.get("message", ""))),
+            category,
+            str(event.get("filename", "")),
+            int(event.get("lineno") or 0),
+        )
+        self.config.hook.pytest_warning_recorded.call_historic(
+            kwargs={
+                "warning_message": message,
+                "when": str(event.get("when") or "runtest"),
+                "nodeid": str(event.get("nodeid", "")),
+                "location": None,
+            }
+        )
 
     def _write_output(self, event: Event) -> None:
         """-s: what a dispatched test prints, shown as it arrives, each line tagged."""

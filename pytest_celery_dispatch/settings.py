@@ -18,6 +18,8 @@ import pytest
 
 from .celeryconf import DEFAULT_BACKEND as DEFAULT_BACKEND
 from .celeryconf import DEFAULT_BROKER as DEFAULT_BROKER
+from .routing import QUEUE_NAME_RE as QUEUE_NAME_RE
+from .routing import RouteRule, parse_routes
 
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_WAIT_WORKERS = 10.0
@@ -26,7 +28,6 @@ EMBEDDED = "embedded"
 
 BROKER_SCHEMES = frozenset({"amqp", "amqps", "pyamqp", "redis", "rediss", "memory"})
 BACKEND_SCHEMES = frozenset({"rpc", "redis", "rediss", "amqp", "disabled"})
-QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,255}$")
 
 HELP_DISPATCH = "send tests marked @pytest.mark.queue(NAME) to Celery workers consuming NAME"
 HELP_BROKER = (
@@ -54,6 +55,10 @@ HELP_LOCAL_WORKERS = (
 HELP_TIMELINE = "write a self-contained HTML timeline of the run to PATH"
 HELP_EVENT_LOG = "write JSON lines (sent / started / finished per test) to PATH"
 HELP_QUEUES = "allowed queue names (one per line or comma separated); unset = any name"
+HELP_ROUTES = (
+    "routing without markers, one '<glob or nodeid prefix> = <queue>' per line; the first match "
+    "wins, a queue marker still overrides it"
+)
 
 
 def _mask(url: str) -> str:
@@ -88,6 +93,7 @@ class Settings:
     timeline: str | None = None
     event_log: str | None = None
     allowed_queues: frozenset[str] | None = None
+    routes: tuple[RouteRule, ...] = ()
 
     @property
     def broker_masked(self) -> str:
@@ -294,6 +300,22 @@ def resolve(
                 "choose one of those"
             )
 
+    raw_routes = ini("celery_dispatch_routes") or []
+    rules, errors = parse_routes(
+        raw_routes if isinstance(raw_routes, list) else str(raw_routes).splitlines()
+    )
+    if errors:
+        raise pytest.UsageError(
+            "celery-dispatch: invalid ini celery_dispatch_routes: " + "; ".join(errors)
+        )
+    if allowed is not None:
+        unknown = sorted({r.queue for r in rules} - allowed)
+        if unknown:
+            raise pytest.UsageError(
+                f"celery-dispatch: ini celery_dispatch_routes names queue(s) "
+                f"{', '.join(unknown)} that ini celery_dispatch_queues does not allow"
+            )
+
     return Settings(
         dispatch=dispatch,
         broker=broker,
@@ -308,4 +330,5 @@ def resolve(
         timeline=timeline,
         event_log=event_log,
         allowed_queues=allowed,
+        routes=tuple(rules),
     )

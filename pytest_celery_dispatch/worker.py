@@ -257,6 +257,7 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             pytest_args=[str(a) for a in payload.get("pytest_args", [])],
             env=env,
             stream=bool(payload.get("stream")),
+            plugin_options=dict(payload.get("plugin_options") or {}),
         )
         emit_logged = _ChunkLog(reply.emit, extra)
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
-from pytest_celery_dispatch.session import forwarded_pytest_args, restore_tuples
+from pytest_celery_dispatch.session import (
+    forwarded_plugin_options,
+    forwarded_pytest_args,
+    restore_tuples,
+)
 
 
 def fake_config(**option: Any) -> Any:
@@ -48,8 +52,21 @@ def test_options_that_shape_a_run_are_forwarded_in_order() -> None:
         "error::DeprecationWarning",
         "--import-mode=importlib",
         "-vv",
-        "--timeout=5.0",
     ]
+
+
+def test_other_plugins_options_travel_as_values_not_arguments() -> None:
+    # A worker without pytest-randomly must not refuse "--randomly-seed": these are applied
+    # there only when the plugin exists.
+    config = fake_config(timeout=5.0, randomly_seed=1234, reruns=2, reruns_delay=0.5, maxfail=0)
+    assert forwarded_plugin_options(config) == {
+        "timeout": 5.0,
+        "randomly_seed": 1234,
+        "reruns": 2,
+        "reruns_delay": 0.5,
+    }
+    assert forwarded_plugin_options(fake_config()) == {}
+    assert forwarded_pytest_args(fake_config(maxfail=3)) == ["--maxfail=3"]
 
 
 def test_restore_tuples() -> None:
