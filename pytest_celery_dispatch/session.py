@@ -883,20 +883,14 @@ class DispatchSession:
                     continue
             # Work waiting while the queue makes no progress at all (a frozen worker holds
             # the session task): try another session, count it as an attempt.
-            stalled_for = now - max(
-                self.queue_last_seen.get(queue_name, 0.0),
-                max((b.sent_at or 0.0) for b in waiting.get(queue_name, []))
-                if waiting.get(queue_name)
-                else 0.0,
-            )
-            limit = self.settings.timeout + scheduling.grace_for(self.settings.timeout)
-            if waiting.get(queue_name) and not self._started_in(queue_name) and stalled_for > limit:
-                self._requeue_waiting(
-                    queue_name,
-                    waiting[queue_name],
-                    now,
-                    f"not taken from the queue within {limit:g}s",
-                )
+            last_progress = self.queue_last_seen.get(queue_name)
+            stalled = [
+                why
+                for b in waiting.get(queue_name, [])
+                if (why := scheduling.is_lost(b, now, self.settings.timeout, last_progress))
+            ]
+            if stalled and not self._started_in(queue_name):
+                self._requeue_waiting(queue_name, waiting[queue_name], now, stalled[0])
         for session in list(self.sessions.values()):
             last = session.last_seen
             if session.live and session.started_at is not None and last is not None:

@@ -32,7 +32,7 @@ from .settings import mask_url
 log = logging.getLogger(__name__)
 
 #: An abandoned reply queue (its controller died) is deleted by RabbitMQ after this long unused.
-REPLY_QUEUE_EXPIRES_MS = 30 * 60 * 1000
+RUN_QUEUE_EXPIRES_MS = 30 * 60 * 1000
 #: The stop signal of a run (-x) outlives any test a worker may still be finishing... mostly.
 STOP_QUEUE_EXPIRES_MS = 60 * 60 * 1000
 
@@ -75,26 +75,16 @@ def task_queue(app: Celery, name: str) -> Queue:
     return app.amqp.queues[name]
 
 
-def work_queue(name: str) -> Queue:
+def run_queue(name: str) -> Queue:
+    """A queue of this run (reply or work): durable, on the default exchange, deleted by the
+    controller at the end, and by RabbitMQ if the controller died and left it unused."""
     return Queue(
         name,
         exchange=Exchange("", type="direct"),
         routing_key=name,
         durable=True,
         auto_delete=False,
-        queue_arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
-    )
-
-
-def reply_queue(name: str) -> Queue:
-    return Queue(
-        name,
-        exchange=Exchange("", type="direct"),
-        routing_key=name,
-        durable=True,
-        auto_delete=False,
-        queue_arguments={"x-expires": REPLY_QUEUE_EXPIRES_MS},
-        no_declare=False,
+        queue_arguments={"x-expires": RUN_QUEUE_EXPIRES_MS},
     )
 
 
@@ -124,7 +114,7 @@ class Broker:
         task_queue(self.app, name)(self.channel).declare()
 
     def declare_reply_queue(self, name: str) -> None:
-        reply_queue(name)(self.channel).declare()
+        run_queue(name)(self.channel).declare()
 
     def consumer_count(self, name: str) -> int | None:
         """Consumers on a queue (a passive declare: about 0.2 ms on RabbitMQ).
@@ -186,7 +176,7 @@ class Broker:
 
     def declare_work_queue(self, name: str) -> None:
         """A run's work for one queue: chunks of nodeids that its sessions pull."""
-        work_queue(name)(self.channel).declare()
+        run_queue(name)(self.channel).declare()
 
     def publish_work(self, name: str, chunk: Chunk) -> None:
         producer = self.app.amqp.Producer(self.channel)
@@ -261,7 +251,7 @@ class ReplyConsumer(threading.Thread):
                 channel.basic_qos(prefetch_size=0, prefetch_count=200, a_global=False)
                 with Consumer(
                     channel,
-                    queues=[reply_queue(self.queue_name)],
+                    queues=[run_queue(self.queue_name)],
                     callbacks=[self._on_message],
                     accept=["json"],
                 ):
