@@ -361,6 +361,59 @@ def _read_lines(fd: int, buffer: bytearray) -> Iterator[dict[str, Any]]:
 #: What the task's control callback may answer while a session runs.
 RUN, STOP, KILL = "run", "stop", "kill"
 
+
+class _Coalescer:
+    """Sends finished tests home together: one ``results`` message for up to ``max_tests``
+    tests or ``max_age`` seconds, instead of five messages (logstart, three reports, logfinish)
+    per test. Any other event first flushes what is pending, so the order is kept."""
+
+    def __init__(
+        self, emit: Callable[[dict[str, Any]], None], max_tests: int = 100, max_age: float = 0.05
+    ) -> None:
+        self._emit = emit
+        self.max_tests = max_tests
+        self.max_age = max_age
+        self.open: dict[str, dict[str, Any]] = {}
+        self.ready: list[dict[str, Any]] = []
+        self.since: float | None = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind not in ("logstart", "report", "logfinish"):
+            self.flush()
+            self._emit(event)
+            return
+        nodeid = str(event.get("nodeid", ""))
+        test = self.open.setdefault(
+            nodeid, {"nodeid": nodeid, "batch_id": event.get("batch_id", ""), "reports": []}
+        )
+        if kind == "logstart":
+            test["location"] = event.get("location")
+            test["started"] = event.get("ts")
+        elif kind == "report":
+            test["reports"].append(event.get("report"))
+        else:
+            test["finished"] = event.get("ts")
+            self.ready.append(self.open.pop(nodeid))
+            if self.since is None:
+                self.since = time.monotonic()
+            if len(self.ready) >= self.max_tests:
+                self.flush()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.ready)
+
+    def tick(self) -> None:
+        if self.since is not None and time.monotonic() - self.since >= self.max_age:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.ready:
+            tests, self.ready, self.since = self.ready, [], None
+            self._emit({"type": "results", "tests": tests})
+
+
 #: A chunk of work as fetched from the run's work queue.
 Chunk = dict[str, Any]
 
@@ -454,6 +507,7 @@ def drive_session(
     * A runner that dies (crash, timeout kill) costs only its current test: a new runner picks
       up the rest.
     """
+    emit = coalesced = _Coalescer(emit)
     done: set[str] = set()
     assigned: dict[str, str] = {}  # nodeid -> batch_id, given to the runner, not finished
     chunk_left: dict[str, set[str]] = {}  # batch_id -> its unfinished nodeids
@@ -547,7 +601,10 @@ def drive_session(
                             continue  # at once: the chunk may have been all done or missing
                     if out_of_work:
                         runner.shutdown()
-                exited = _pump(runner, emit, assigned, missing, finish)
+                exited = _pump(
+                    runner, emit, assigned, missing, finish, 0.05 if coalesced.pending else 0.2
+                )
+                coalesced.tick()
                 now = time.monotonic()
                 if runner.current is not None and now - runner.current_since > spec.timeout:
                     reason = (
@@ -569,7 +626,12 @@ def drive_session(
                     last_beat = now
                     current = runner.current or ""
                     emit(
-                        {"type": "alive", "nodeid": current, "batch_id": assigned.get(current, "")}
+                        {
+                            "type": "alive",
+                            "nodeid": current,
+                            "batch_id": assigned.get(current, ""),
+                            "elapsed": round(now - runner.current_since, 3) if current else 0.0,
+                        }
                     )
                 if not exited:
                     continue
@@ -611,6 +673,7 @@ def drive_session(
                 _kill_group(runner.proc)  # the reply channel failed, or the task was cancelled
                 runner.close()
             raise
+    coalesced.flush()
     return {"state": state, "done": len(done), "chunks": chunks, "runner_starts": starts}
 
 
@@ -620,10 +683,11 @@ def _pump(
     assigned: dict[str, str],
     missing: dict[str, str],
     finish: Callable[[str], None],
+    wait: float = 0.2,
 ) -> bool:
-    """Forward what the runner wrote (waiting up to 0.2 s); True once it has exited."""
+    """Forward what the runner wrote (waiting up to ``wait`` s); True once it has exited."""
     watched = [runner.event_fd] + ([runner.out_fd] if runner.out_fd is not None else [])
-    ready, _, _ = select.select(watched, [], [], 0.2)
+    ready, _, _ = select.select(watched, [], [], wait)
     if not ready:
         return False
     if runner.out_fd is not None and runner.out_fd in ready:

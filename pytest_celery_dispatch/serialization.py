@@ -32,6 +32,7 @@ EventType = Literal[
     "refused",  # nodeids the worker refused (outside its workspace, a different file)
     "output",  # what tests printed, streamed as it comes (-s on the controller)
     "warning",  # a warning recorded on the worker
+    "results",  # finished tests sent together: each with its location, times and reports
 ]
 
 
@@ -85,6 +86,9 @@ class Event(TypedDict, total=False):
     filename: str  # warning
     lineno: int  # warning
     when: str  # warning
+    elapsed: float  # alive: how long the current test has run
+    tests: list[dict[str, Any]]  # results
+    concurrency: int  # session_started: the worker's slots
 
 
 def reply_queue_name(run_id: str) -> str:

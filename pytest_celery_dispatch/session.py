@@ -16,7 +16,7 @@ import queue as queue_mod
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -185,6 +185,9 @@ class DispatchSession:
         self._session_not_before: dict[str, float] = {}
         self._stream_output = config.getoption("capture", "fd") == "no"
         self._local_workers: Any = None
+        self._records_finalized = 0
+        self._worker_slots: dict[str, dict[str, int]] = {}
+        self._batches_of: dict[str, list[str]] = {}
         self._partial_output: dict[str, str] = {}
         self._last_activity = self._last_status = time.monotonic()
         self.queue_last_seen: dict[str, float] = {}
@@ -292,6 +295,8 @@ class DispatchSession:
         if item_nodeid in self.finalized:
             return  # never report a test twice (counted above for the invariant check)
         self.finalized.add(item_nodeid)
+        if item_nodeid in self.records:
+            self._records_finalized += 1
         hook.pytest_runtest_logstart(nodeid=item_nodeid, location=location)
         duration = 0.0
         for index, report in enumerate(reports):
@@ -527,7 +532,8 @@ class DispatchSession:
 
     def _publish(self, batch: scheduling.Batch) -> None:
         """Put a chunk on the queue's work queue (or retry shortly if the broker is away)."""
-        self.batches[batch.batch_id] = batch
+        if batch.batch_id not in self.batches:
+            self._add_batch(batch)
         chunk: Chunk = {
             "batch_id": batch.batch_id,
             "attempt": batch.attempt,
@@ -606,7 +612,7 @@ class DispatchSession:
         return [n for n in self.records if n not in self.finalized]
 
     def _run_remote(self, session: pytest.Session) -> None:
-        while self._unfinished():
+        while self._records_finalized < len(self.records):  # O(1): this loop runs per event
             self.loop_once(block=True)
             self._check_stop(session)
 
@@ -636,6 +642,9 @@ class DispatchSession:
         if event.get("run_id") != self.run_id:
             return
         kind = event.get("type")
+        if kind == "results":
+            self._handle_results(event)
+            return
         now = time.monotonic()
         session = self.sessions.get(str(event.get("session_id", "")))
         if session is not None:
@@ -644,6 +653,7 @@ class DispatchSession:
             self.queue_last_seen[session.queue] = now
             if kind == "session_started":
                 session.started_at = now
+                self._learn_slots(session, int(event.get("concurrency") or 0))
             elif kind == "session_finished":
                 session.finished = True
         nodeid = str(event.get("nodeid", ""))
@@ -661,7 +671,12 @@ class DispatchSession:
         batch.last_seen = now
         self.queue_last_seen[batch.queue] = now
         stream = str(event.get("session_id", ""))
-        if kind == "started":
+        if kind == "alive" and nodeid and nodeid not in self.finalized:
+            elapsed = float(event.get("elapsed") or 0.0)
+            batch.current_since = now - elapsed
+            self.running.add(nodeid)
+            self._note_started(nodeid, event, batch, time.time() - elapsed)
+        elif kind == "started":
             batch.started_at = batch.started_at or now
             batch.worker = str(event.get("worker"))
             batch.session_id = stream
@@ -670,18 +685,7 @@ class DispatchSession:
         elif kind == "logstart":
             batch.current_since = now
             self.running.add(nodeid)
-            record = self.records.get(nodeid)
-            if record is not None and nodeid not in self.finalized:
-                self._annotate(nodeid, event, batch)
-                record.started = float(event.get("ts") or time.time())
-                self.log_event(
-                    "started",
-                    nodeid,
-                    queue=record.queue,
-                    worker=record.worker,
-                    task_id=record.task_id,
-                    attempt=record.attempts,
-                )
+            self._note_started(nodeid, event, batch, float(event.get("ts") or time.time()))
         elif kind == "report":
             if nodeid in self.finalized or nodeid not in self.records:
                 return
@@ -780,6 +784,57 @@ class DispatchSession:
         if parts:
             self._write_line("celery-dispatch waiting: " + "; ".join(parts), cyan=True)
 
+    def _note_started(
+        self, nodeid: str, event: Event, batch: scheduling.Batch, started: float
+    ) -> None:
+        record = self.records.get(nodeid)
+        if record is None or nodeid in self.finalized:
+            return
+        self._annotate(nodeid, event, batch)
+        first = record.started is None
+        record.started = started
+        if first:
+            self.log_event(
+                "started",
+                nodeid,
+                queue=record.queue,
+                worker=record.worker,
+                task_id=record.task_id,
+                attempt=record.attempts,
+            )
+
+    def _learn_slots(self, session: scheduling.SessionState, concurrency: int) -> None:
+        """A session says how many slots its worker has: start more sessions to fill them
+        (the broadcast at the start may have missed a worker on a busy broker)."""
+        if concurrency <= 0 or not session.worker:
+            return
+        known = self._worker_slots.setdefault(session.queue, {})
+        known[session.worker] = concurrency
+        unknown_workers = max(0, self.consumers.get(session.queue, 0) - len(known))
+        wanted = sum(known.values()) + unknown_workers
+        self.slots[session.queue] = max(self.slots.get(session.queue, 0), wanted)
+        live = sum(1 for s in self.sessions.values() if s.live and s.queue == session.queue)
+        waiting = sum(
+            1 for b in self._live_batches() if b.queue == session.queue and b.started_at is None
+        )
+        for _ in range(min(wanted - live, waiting)):
+            self._send_session(session.queue)
+
+    def _handle_results(self, event: Event) -> None:
+        """Finished tests sent together: each is one logstart, its reports, one logfinish."""
+        base: dict[str, Any] = {k: v for k, v in event.items() if k not in ("type", "tests")}
+        tests: list[dict[str, Any]] = list(event.get("tests") or [])
+        for test in tests:
+            common = {**base, "nodeid": test.get("nodeid", ""), "batch_id": test.get("batch_id")}
+            start = {**common, "type": "logstart", "location": test.get("location")}
+            self.handle_event(cast(Event, {**start, "ts": test.get("started")}))
+            for report in test.get("reports", []):
+                self.handle_event(cast(Event, {**common, "type": "report", "report": report}))
+            finish = {**common, "type": "logfinish", "ts": test.get("finished")}
+            self.handle_event(cast(Event, finish))
+            if self._should_stop():
+                return  # -x / --maxfail: nothing after the failure that tripped it
+
     def _not_runnable(self, event: Event) -> None:
         """Tests a worker could not collect, or refused to run: each fails by name."""
         kind = event.get("type")
@@ -814,9 +869,13 @@ class DispatchSession:
         record.session = str(event.get("session_id") or record.session or "") or None
 
     def _mark_done(self, nodeid: str) -> None:
-        for batch in self.batches.values():
-            if nodeid in batch.nodeids:
-                batch.done.add(nodeid)
+        for batch_id in self._batches_of.get(nodeid, ()):
+            self.batches[batch_id].done.add(nodeid)
+
+    def _add_batch(self, batch: scheduling.Batch) -> None:
+        self.batches[batch.batch_id] = batch
+        for nodeid in batch.nodeids:
+            self._batches_of.setdefault(nodeid, []).append(batch.batch_id)
 
     def _poll(self, now: float) -> None:
         """The clocks: queues without consumers, lost work, sessions, work waiting on backoff."""
@@ -1000,7 +1059,7 @@ class DispatchSession:
             f"(attempt {follow_up.attempt} of {self.settings.retries + 1})",
             yellow=True,
         )
-        self.batches[follow_up.batch_id] = follow_up
+        self._add_batch(follow_up)
         self.unsent.append(follow_up)
         self._session_not_before[batch.queue] = follow_up.not_before
 

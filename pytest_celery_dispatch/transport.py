@@ -161,7 +161,19 @@ class Broker:
         try:
             inspector = self.app.control.inspect(timeout=timeout, limit=expected)
             queues_by_node = inspector.active_queues() or {}
-            stats = inspector.stats() or {}
+            ours = [
+                node
+                for node, queues in queues_by_node.items()
+                if any(isinstance(q, dict) and q.get("name") in names for q in queues or [])
+            ]
+            stats: dict[str, Any] = {}
+            if ours:
+                stats = (
+                    self.app.control.inspect(
+                        destination=ours, timeout=timeout, limit=len(ours)
+                    ).stats()
+                    or {}
+                )
         except Exception as exc:
             log.debug("inspect failed: %s", exc)
             return result

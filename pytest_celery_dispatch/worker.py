@@ -89,6 +89,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
+@signals.worker_init.connect  # type: ignore[untyped-decorator]
+def _note_concurrency(sender: Any = None, **kwargs: Any) -> None:
+    """Pool processes inherit this: each session tells the controller its worker's slots."""
+    concurrency = getattr(sender, "concurrency", None)
+    if isinstance(concurrency, int):
+        os.environ["DISPATCH_WORKER_CONCURRENCY"] = str(concurrency)
+
+
 @signals.after_setup_logger.connect  # type: ignore[untyped-decorator]
 def _setup_logging(logger: logging.Logger, *args: Any, **kwargs: Any) -> None:
     if os.environ.get("DISPATCH_LOG_FORMAT", "json").lower() != "json":
@@ -236,7 +244,13 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
                 log.warning("refused: %s", reason, extra=extra)
             nodeids = [n for n in nodeids if n not in set(bad)]
         started = time.monotonic()
-        reply.emit({"type": "session_started", "nodeids_total": len(nodeids)})
+        reply.emit(
+            {
+                "type": "session_started",
+                "nodeids_total": len(nodeids),
+                "concurrency": int(os.environ.get("DISPATCH_WORKER_CONCURRENCY") or 0),
+            }
+        )
         log.info("session started", extra={**extra, "tests": len(nodeids)})
         env = dict(os.environ)
         env.update(
