@@ -296,21 +296,28 @@ class Dispatcher:
             sent_at = time.time()
             async_result = self.app.send_task(name, kwargs=kwargs, **options)
             sent.append((name, queue, async_result, sent_at))
-        results: dict[int, TaskResult] = {}
-        deadline = time.monotonic() + timeout
-        while len(results) < len(sent):
-            if time.monotonic() > deadline:
-                waiting = [sent[i][0] for i in range(len(sent)) if i not in results]
-                pytest.fail(f"dispatcher: no result within {timeout:g}s for {', '.join(waiting)}")
-            for index, (name, queue, async_result, sent_at) in enumerate(sent):
-                if index in results or not async_result.ready():
-                    continue
-                value = async_result.get(timeout=1.0, propagate=True)
-                results[index] = TaskResult(
-                    name, queue, str(async_result.id), value, sent_at, time.time()
-                )
-            time.sleep(0.005)
-        return [results[i] for i in range(len(sent))]
+        from celery.exceptions import TimeoutError as CeleryTimeout
+        from celery.result import ResultSet
+
+        arrived: dict[str, float] = {}
+        values: dict[str, Any] = {}
+
+        def on_result(task_id: str, value: Any) -> None:
+            arrived[task_id] = time.time()
+            values[task_id] = value
+
+        results = ResultSet([async_result for _, _, async_result, _ in sent], app=self.app)
+        try:
+            # Results are taken as they arrive (the backend's native join), so each one's
+            # round trip is its own, not the time until the slowest one came back.
+            results.join_native(timeout=timeout, callback=on_result, propagate=True)
+        except CeleryTimeout:
+            waiting = [name for name, _, r, _ in sent if str(r.id) not in arrived]
+            pytest.fail(f"dispatcher: no result within {timeout:g}s for {', '.join(waiting)}")
+        return [
+            TaskResult(name, queue, str(r.id), values[str(r.id)], sent_at, arrived[str(r.id)])
+            for name, queue, r, sent_at in sent
+        ]
 
     def call(
         self, name: str, queue: str | None = None, timeout: float = 60.0, **kwargs: Any

@@ -500,3 +500,33 @@ def test_dash_s_streams_dispatched_output_as_it_arrives(pytester, queues, run_di
     # Shown as it came: the first line before the test finished, not with its report.
     out = run.result.stdout.str()
     assert out.index("first line from the bench") < out.index("test_stream.py .")
+
+
+@pytest.mark.usefixtures("workers")
+def test_dispatcher_gathers_concurrently_even_after_a_plain_get(pytester, queues, monkeypatch):
+    from tests.helpers import BROKER
+
+    monkeypatch.setenv("CELERY_BROKER_URL", BROKER)
+    pytester.makepyfile(
+        test_gather=queues.render(
+            """
+            A, B = "pytest_celery_dispatch.task_a", "pytest_celery_dispatch.task_b"
+            CALLS = [(A, "QUEUE_A", {"duration": 0.3}), (B, "QUEUE_B", {"duration": 0.6})]
+
+            def test_gather_get_gather(dispatcher, dispatch_app):
+                dispatcher.require("QUEUE_A", "QUEUE_B")
+                first = dispatcher.gather(CALLS, timeout=20)
+                plain = dispatch_app.send_task(A, kwargs={"duration": 0}, queue="QUEUE_A")
+                assert plain.get(timeout=20)["message"] == "Hello from Task A"
+                a, b = dispatcher.gather(CALLS, timeout=20)
+                assert (a.result["worker"], b.result["worker"]) == ("worker-a", "worker-b")
+                # Each round trip is the task's own: A is not made to wait for B.
+                assert a.round_trip < b.round_trip
+                assert [r.result["message"] for r in first] == [
+                    "Hello from Task A", "Hello from Task B"
+                ]
+            """
+        )
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=90)
+    result.assert_outcomes(passed=1)
