@@ -30,8 +30,16 @@ test: lint
 demo: venv
 	$(BIN)/python scripts/demo.py
 
-bench: venv
-	$(BIN)/python -m bench
+## Local pytest vs pytest-xdist vs --celery-dispatch on generated workloads (bench/README.md).
+BENCH_STAMP := $(VENV)/.bench-stamp
+BENCH_ARGS  ?=
+
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-output bench/work .pytest_cache .mypy_cache .ruff_cache *.egg-info

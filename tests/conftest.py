@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,25 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import BROKER, WorkerProcess, consumer_count, delete_queues
+
+# pytest-randomly (a dev dependency, tests/e2e/test_compat.py) reorders every run it is loaded
+# in and reseeds `random`; many tests here rely on order. Keep it off in every pytest process
+# this suite starts (pytester runs, the workers' runner processes); a test that wants it passes
+# `-p randomly`, which re-enables it.
+os.environ["PYTEST_ADDOPTS"] = (os.environ.get("PYTEST_ADDOPTS", "") + " -p no:randomly").strip()
+
+
+@pytest.fixture(autouse=True)
+def _randomly_off_in_pytester_runs(request: pytest.FixtureRequest) -> None:
+    """pytester deletes PYTEST_ADDOPTS for its runs: put ``-p no:randomly`` back (see above).
+
+    Otherwise a pytester controller would run with pytest-randomly and forward its seed to
+    workers whose runners have it off ("unrecognized arguments: --randomly-seed=...").
+    """
+    if "pytester" in request.fixturenames:
+        request.getfixturevalue("pytester")
+        request.getfixturevalue("monkeypatch").setenv("PYTEST_ADDOPTS", "-p no:randomly")
+
 
 SCHEMA = json.loads(
     (Path(__file__).parents[1] / "pytest_celery_dispatch" / "report.schema.json").read_text()
