@@ -30,6 +30,16 @@ def worker_id_for(queue: str) -> str:
     return f"worker-{match.group(1) if match else queue}"
 
 
+def _die_with_controller() -> None:
+    """Linux: the worker is killed when the controller dies, even by SIGKILL (no atexit then)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class LocalWorker:
     def __init__(
         self,
@@ -73,6 +83,7 @@ class LocalWorker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_controller,
             )
 
     def exited(self) -> int | None:
