@@ -295,6 +295,15 @@ class _ChunkLog:
         self.chunks: dict[str, dict[str, Any]] = {}
         self.outcomes: dict[str, str] = {}
 
+    def _note(self, nodeid: str, report: dict[str, Any]) -> None:
+        outcome, when = report.get("outcome"), report.get("when")
+        if outcome == "failed":
+            self.outcomes[nodeid] = "failed" if when == "call" else "error"
+        elif outcome == "skipped" and self.outcomes.get(nodeid) not in ("failed", "error"):
+            self.outcomes[nodeid] = "skipped"
+        else:
+            self.outcomes.setdefault(nodeid, "passed")
+
     def __call__(self, event: dict[str, Any]) -> None:
         self.emit(event)
         kind = event.get("type")
@@ -314,16 +323,11 @@ class _ChunkLog:
                     "attempt": event.get("attempt"),
                 },
             )
-        elif kind == "report":
-            report = event.get("report") or {}
-            nodeid = str(event.get("nodeid", ""))
-            outcome, when = report.get("outcome"), report.get("when")
-            if outcome == "failed":
-                self.outcomes[nodeid] = "failed" if when == "call" else "error"
-            elif outcome == "skipped" and self.outcomes.get(nodeid) not in ("failed", "error"):
-                self.outcomes[nodeid] = "skipped"
-            else:
-                self.outcomes.setdefault(nodeid, "passed")
+        elif kind == "results":
+            for test in event.get("tests", []):
+                nodeid = str(test.get("nodeid", ""))
+                for report in test.get("reports", []):
+                    self._note(nodeid, report or {})
         elif kind == "crashed":
             self.outcomes[str(event.get("nodeid", ""))] = "crashed"
             log.warning(

@@ -211,3 +211,27 @@ def test_timeline_draws_every_dispatched_test_once(pytester, queues, run_dispatc
     drawn = [html.unescape(n) for n in re.findall(r'data-nodeid="([^"]*)"', page)]
     nodeids = [t["nodeid"] for t in run.report["tests"]]
     assert sorted(drawn) == sorted(nodeids)
+
+
+def test_workers_log_one_json_object_per_chunk(pytester, queues, workers, run_dispatched):
+    pytester.makepyfile(test_suite=queues.render(SUITE))
+    run = run_dispatched()
+    run_id = run.report["dispatch"]["run_id"]
+    records = []
+    for line in workers["a"].log_path.read_text().splitlines():
+        if line.startswith("{") and run_id in line:
+            records.append(json.loads(line))  # every line of this run is one JSON object
+    finished = [r for r in records if r["message"] == "chunk finished"]
+    assert finished, records
+    for record in finished:
+        assert {"time", "level", "task_id", "worker", "queue", "nodeids", "attempt", "duration",
+                "outcomes"} <= set(record)  # fmt: skip
+        assert record["worker"] == "worker-a"
+        assert record["queue"] == queues.a
+    outcomes: dict[str, int] = {}
+    for record in finished:
+        for outcome, count in record["outcomes"].items():
+            outcomes[outcome] = outcomes.get(outcome, 0) + count
+    # pytest's phase outcomes: xfail is a skip, xpass a pass, a setup failure an error.
+    assert outcomes == {"passed": 2, "failed": 1, "skipped": 2, "error": 1}
+    assert any(r["message"] == "chunk received" for r in records)
