@@ -242,8 +242,24 @@ def pytest_warning_recorded(
     )
 
 
+_started: set[str] = set()
+
+
 def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
-    _emit({"type": "logstart", "nodeid": nodeid, "location": list(location), "ts": time.time()})
+    # Once per test: a plugin that reruns a test (pytest-rerunfailures) logs each attempt.
+    if nodeid not in _started:
+        _started.add(nodeid)
+        _emit({"type": "logstart", "nodeid": nodeid, "location": list(location), "ts": time.time()})
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
+    """A test ends when its whole protocol has, reruns included, not at its first logfinish."""
+    try:
+        return (yield)
+    finally:
+        if item.nodeid in _started:
+            _emit({"type": "logfinish", "nodeid": item.nodeid, "ts": time.time()})
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -257,10 +273,6 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         else {}
     )
     _emit({"type": "report", "nodeid": report.nodeid, "report": data, "ts": time.time()})
-
-
-def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str]) -> None:
-    _emit({"type": "logfinish", "nodeid": nodeid, "ts": time.time()})
 
 
 _config: pytest.Config | None = None
@@ -292,22 +304,27 @@ class RunnerSpec:
     plugin_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def runner_command(spec: RunnerSpec, nodeids: list[str]) -> list[str]:
+def runner_command(spec: RunnerSpec, nodeids: list[str], cache_dir: str) -> list[str]:
     paths = list(dict.fromkeys(nodeid_path(n) for n in nodeids))
+    forwarded = list(spec.pytest_args)
+    for index in range(len(forwarded) - 1, 0, -1):  # the worker keeps its own cache
+        if forwarded[index - 1] == "-o" and forwarded[index].startswith("cache_dir="):
+            del forwarded[index - 1 : index + 1]
     return [
         sys.executable,
         "-m",
         "pytest",
         "-p",
         "pytest_celery_dispatch.runner",
-        "-p",
-        "no:cacheprovider",
         "--rootdir",
         spec.workspace,
         "--continue-on-collection-errors",
         # -s: only the tests' own output may reach stdout, which is streamed home.
         *(["-s", "-p", "no:terminal"] if spec.stream else ["-q", "--no-header"]),
-        *spec.pytest_args,
+        *forwarded,
+        # Never write into the (maybe read-only) workspace; --lf & co stay the controller's.
+        "-o",
+        f"cache_dir={cache_dir}",
         "--",
         *paths,
     ]
@@ -441,7 +458,7 @@ class _Runner:
         )
         with open(self.log_path, "wb") as log_file:
             self.proc = subprocess.Popen(
-                runner_command(spec, eligible),
+                runner_command(spec, eligible, os.path.join(tmp, "pytest-cache")),
                 cwd=spec.workspace,
                 env=env,
                 stdin=subprocess.DEVNULL,

@@ -663,7 +663,7 @@ class DispatchSession:
             self._write_output(event)
         elif kind == "warning":
             self._record_warning(event)
-        elif kind == "session_finished":
+        elif kind == "session_finished" and str(event.get("session_id")) in self._partial_output:
             self._write_output({**event, "data": "\n"})  # a last line without its newline
         batch = self.batches.get(str(event.get("batch_id", "")))
         if batch is None:

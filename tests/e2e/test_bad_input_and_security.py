@@ -123,7 +123,10 @@ def test_unknown_queue_in_a_declared_list_is_an_error_for_that_test(
     run = run_dispatched()
     run.result.assert_outcomes(passed=1, errors=1)
     run.result.stdout.fnmatch_lines(
-        ["*@pytest.mark.queue('queue_typo'): unknown queue; ini celery_dispatch_queues allows*"]
+        [
+            "*@pytest.mark.queue('queue_typo'): 'queue_typo' is an unknown queue; "
+            "ini celery_dispatch_queues allows*"
+        ]
     )
 
 
