@@ -248,3 +248,25 @@ def controller(pytester: pytest.Pytester, workspace: Path):
     yield start
     for ctl in running:
         ctl.kill()
+
+
+@pytest.fixture(scope="module")
+def vhost_broker() -> Iterator[str]:
+    """A private RabbitMQ vhost, for tests that need the real queue names queue_a / queue_b."""
+    import shutil
+    import subprocess
+
+    rabbitmqctl = shutil.which("rabbitmqctl")
+    if rabbitmqctl is None:
+        pytest.skip("rabbitmqctl is needed to create a private vhost for queue_a / queue_b")
+    name = f"cdtest-{uuid.uuid4().hex[:8]}"
+    subprocess.run([rabbitmqctl, "add_vhost", name], check=True, capture_output=True)
+    try:
+        subprocess.run(
+            [rabbitmqctl, "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
+            check=True,
+            capture_output=True,
+        )
+        yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
+    finally:
+        subprocess.run([rabbitmqctl, "delete_vhost", name], capture_output=True)

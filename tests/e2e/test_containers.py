@@ -204,24 +204,6 @@ def test_entrypoint_runs_other_commands_unchecked(bin_dir, tmp_path):
     assert out.strip() == "a debugging shell"
 
 
-@pytest.fixture(scope="module")
-def vhost_broker() -> Iterator[str]:
-    rabbitmqctl = shutil.which("rabbitmqctl")
-    if rabbitmqctl is None:
-        pytest.skip("rabbitmqctl is needed to create a private vhost for queue_a / queue_b")
-    name = f"cdtest-{uuid.uuid4().hex[:8]}"
-    subprocess.run([rabbitmqctl, "add_vhost", name], check=True, capture_output=True)
-    try:
-        subprocess.run(
-            [rabbitmqctl, "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
-            check=True,
-            capture_output=True,
-        )
-        yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
-    finally:
-        subprocess.run([rabbitmqctl, "delete_vhost", name], capture_output=True)
-
-
 def test_compose_healthchecks_against_the_compose_workers(vhost_broker, bin_dir, tmp_path):
     compose = compose_workers.load()
     specs = compose_workers.worker_services(compose)

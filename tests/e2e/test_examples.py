@@ -9,38 +9,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import jsonschema
-import pytest
 
 from tests.conftest import SCHEMA
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 import compose_workers  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def vhost_broker():
-    rabbitmqctl = shutil.which("rabbitmqctl")
-    if rabbitmqctl is None:
-        pytest.skip("rabbitmqctl is needed to create a private vhost for the example run")
-    name = f"cdtest-{uuid.uuid4().hex[:8]}"
-    subprocess.run([rabbitmqctl, "add_vhost", name], check=True, capture_output=True)
-    try:
-        subprocess.run(
-            [rabbitmqctl, "set_permissions", "-p", name, "guest", ".*", ".*", ".*"],
-            check=True,
-            capture_output=True,
-        )
-        yield f"amqp://guest:guest@127.0.0.1:5672/{name}"
-    finally:
-        subprocess.run([rabbitmqctl, "delete_vhost", name], capture_output=True)
 
 
 def run_examples(*args: str, env: dict[str, str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
