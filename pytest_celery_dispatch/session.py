@@ -422,7 +422,9 @@ class DispatchSession:
     def _start_remote(self, remote: Mapping[str, list[str]]) -> None:
         from . import transport
 
-        self._app = transport.make_app(self.settings.broker, self.settings.backend)
+        # The dispatch engine needs no result backend (reports come on the reply queue); with
+        # rpc:// every controller would leave a reply queue of its own on the broker for an hour.
+        self._app = transport.make_app(self.settings.broker, "disabled")
         try:
             conn = transport.connect(self._app)
         except transport.BrokerUnavailable as exc:
