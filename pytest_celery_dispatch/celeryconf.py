@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+from . import embedded
 
 DEFAULT_BROKER = "amqp://guest@localhost//"
 DEFAULT_BACKEND = "rpc://"
@@ -20,7 +23,8 @@ TASK_ROUTES = {
 
 def broker_from_env(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
-    return env.get("CELERY_BROKER_URL") or env.get("BROKER_URL") or DEFAULT_BROKER
+    broker = env.get("CELERY_BROKER_URL") or env.get("BROKER_URL") or DEFAULT_BROKER
+    return embedded.EMBEDDED if embedded.is_embedded(broker) else broker
 
 
 def backend_from_env(environ: Mapping[str, str] | None = None) -> str:
@@ -54,9 +58,16 @@ def broker_ssl_options(
     return {"server_hostname": host, "context": {"cafile": ca, "check_hostname": True}}
 
 
-def celery_config(broker: str, backend: str) -> dict[str, Any]:
-    """JSON only (pickle is refused), late acks, one message prefetched per process."""
-    return {
+def celery_config(
+    broker: str, backend: str, embedded_root: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
+    """JSON only (pickle is refused), late acks, one message prefetched per process.
+
+    ``broker="embedded"`` selects the embedded broker (:mod:`.embedded`) in ``embedded_root``
+    (default: ``DISPATCH_EMBEDDED_DIR``, else ``.pytest_cache/celery-dispatch/broker`` under
+    ``DISPATCH_WORKSPACE`` or the current directory); its results go to a ``file://`` folder.
+    """
+    config = {
         "broker_use_ssl": broker_ssl_options(broker),
         "broker_url": broker,
         "result_backend": backend,
@@ -78,3 +89,15 @@ def celery_config(broker: str, backend: str) -> dict[str, Any]:
         "worker_send_task_events": True,
         "task_send_sent_event": True,
     }
+    if embedded.is_embedded(broker):
+        root = Path(embedded_root) if embedded_root else embedded_root_from_env()
+        config.update(embedded.celery_settings(root, backend))
+    # Celery lets the environment's CELERY_BROKER_URL beat broker_url; the read and write URLs
+    # beat that, so the URL resolved here (e.g. from --celery-broker) is the one used.
+    config["broker_read_url"] = config["broker_write_url"] = config["broker_url"]
+    return config
+
+
+def embedded_root_from_env(environ: Mapping[str, str] | None = None) -> Path:
+    env = os.environ if environ is None else environ
+    return embedded.root_dir(env.get("DISPATCH_WORKSPACE") or None, env)

@@ -22,6 +22,10 @@ from pathlib import Path
 
 #: How long a local worker may take to consume its queue.
 READY_TIMEOUT = 60.0
+#: How long a warm shutdown may take before the worker's process group is killed. The run is
+#: over when workers are stopped, so nothing is lost; a prefork worker on the embedded broker
+#: (a polling loop) needs 3-7 s for a warm shutdown, which would double a short run.
+STOP_GRACE = 3.0
 
 
 def worker_id_for(queue: str) -> str:
@@ -55,7 +59,9 @@ class LocalWorker:
         self.env = dict(os.environ if env is None else env)
         self.env.update(
             {
+                # The celery command makes BROKER_URL (its --broker) beat CELERY_BROKER_URL.
                 "CELERY_BROKER_URL": broker,
+                "BROKER_URL": broker,
                 "WORKER_ID": self.worker_id,
                 "DISPATCH_WORKSPACE": workspace,
                 "PYTHONUNBUFFERED": "1",
@@ -67,9 +73,11 @@ class LocalWorker:
 
     @property
     def command(self) -> list[str]:
+        # Task events (-E) are for Flower on RabbitMQ; the embedded broker has no reader for them.
+        events = [] if self.env["CELERY_BROKER_URL"] == "embedded" else ["-E"]
         return [
             sys.executable, "-m", "celery", "-A", "pytest_celery_dispatch.worker", "worker",
-            "-Q", self.queue, "-n", f"{self.worker_id}@%h", "-E", "-l", "INFO",
+            "-Q", self.queue, "-n", f"{self.worker_id}@%h", *events, "-l", "INFO",
             "--without-gossip", "--without-mingle",
         ]  # fmt: skip
 
@@ -89,15 +97,19 @@ class LocalWorker:
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
-    def stop(self, grace: float = 10.0) -> None:
+    def terminate(self) -> None:
+        """Ask for a warm shutdown (SIGTERM to the whole process group)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+
+    def stop(self, grace: float = STOP_GRACE) -> None:
         proc = self.proc
         if proc is None:
             return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(grace)
+        self.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
         # Whatever is left of the group (pool processes, test processes): gone.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
@@ -158,8 +170,11 @@ class LocalWorkers:
                 time.sleep(0.1)
 
     def stop(self) -> None:
+        deadline = time.monotonic() + STOP_GRACE
         for worker in self.workers:
-            worker.stop()
+            worker.terminate()  # all at once: they shut down in parallel
+        for worker in self.workers:
+            worker.stop(grace=max(0.0, deadline - time.monotonic()))
         self.workers.clear()
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)

@@ -165,11 +165,6 @@ def pytest_configure(config: pytest.Config) -> None:
 def _check_compatible(config: pytest.Config, settings: S.Settings) -> None:
     from .jsonreport import check_writable
 
-    if settings.broker == S.EMBEDDED:
-        raise pytest.UsageError(
-            "celery-dispatch: --celery-broker embedded is not available in this version yet; "
-            f"use RabbitMQ ({S.DEFAULT_BROKER})"
-        )
     if config.getoption("usepdb", False):
         raise pytest.UsageError(
             "celery-dispatch: --pdb cannot debug a test that runs on a remote worker; run the "
@@ -199,10 +194,16 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     if dsession is None:
         return None
     st = dsession.settings
-    return [
+    lines = [
         f"celery-dispatch: broker {st.broker_masked}, backend {st.backend_masked}, "
         f"timeout {st.timeout:g}s, retries {st.retries}, run {dsession.run_id}"
     ]
+    if dsession.embedded_root is not None:
+        lines.append(
+            f"celery-dispatch: embedded broker in {dsession.embedded_root}: this machine only; "
+            f"for workers on other machines use RabbitMQ (--celery-broker {S.DEFAULT_BROKER})"
+        )
+    return lines
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
@@ -234,10 +235,12 @@ def _settings_for_fixture(config: pytest.Config) -> S.Settings:
 @pytest.fixture(scope="session")
 def dispatch_app(pytestconfig: pytest.Config) -> Iterator[Any]:
     """The Celery app configured from this run's settings (broker, backend, JSON only)."""
+    from .embedded import EMBEDDED, root_dir
     from .transport import make_app
 
     settings = _settings_for_fixture(pytestconfig)
-    app = make_app(settings.broker, settings.backend)
+    root = root_dir(pytestconfig.rootpath) if settings.broker == EMBEDDED else None
+    app = make_app(settings.broker, settings.backend, embedded_root=root)
     yield app
     app.close()
 
@@ -310,7 +313,7 @@ class Dispatcher:
         try:
             # Results are taken as they arrive (the backend's native join), so each one's
             # round trip is its own, not the time until the slowest one came back.
-            results.join_native(timeout=timeout, callback=on_result, propagate=True)
+            results.join_native(timeout=timeout, callback=on_result, propagate=True, interval=0.05)
         except CeleryTimeout:
             waiting = [name for name, _, r, _ in sent if str(r.id) not in arrived]
             pytest.fail(f"dispatcher: no result within {timeout:g}s for {', '.join(waiting)}")

@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import os
 import queue as queue_mod
 import time
 import uuid
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -419,12 +421,27 @@ class DispatchSession:
             reporter.ensure_newline()
             reporter.write_line(line, **markup)
 
+    @property
+    def embedded_root(self) -> Path | None:
+        """The embedded broker's folder (``--celery-broker embedded``), else None."""
+        from .embedded import EMBEDDED, root_dir
+
+        if self.settings.broker != EMBEDDED:
+            return None
+        return root_dir(self.config.rootpath)
+
     def _start_remote(self, remote: Mapping[str, list[str]]) -> None:
         from . import transport
 
         # The dispatch engine needs no result backend (reports come on the reply queue); with
         # rpc:// every controller would leave a reply queue of its own on the broker for an hour.
-        self._app = transport.make_app(self.settings.broker, "disabled")
+        self._app = transport.make_app(
+            self.settings.broker, "disabled", embedded_root=self.embedded_root
+        )
+        if self.embedded_root is not None:
+            from .embedded import sweep
+
+            sweep(self.embedded_root)
         try:
             conn = transport.connect(self._app)
         except transport.BrokerUnavailable as exc:
@@ -473,7 +490,10 @@ class DispatchSession:
         from .localworkers import LocalWorkers
 
         queues = list(remote) if settings.local_workers_auto else list(settings.local_workers)
-        self._local_workers = LocalWorkers(settings.broker, str(self.config.rootpath))
+        env = dict(os.environ)
+        if self.embedded_root is not None:
+            env["DISPATCH_EMBEDDED_DIR"] = str(self.embedded_root)
+        self._local_workers = LocalWorkers(settings.broker, str(self.config.rootpath), env)
         try:
             self._local_workers.start(queues, self._broker.consumer_count)
         except RuntimeError as exc:

@@ -27,14 +27,17 @@ DEFAULT_RETRIES = 2
 EMBEDDED = "embedded"
 
 BROKER_SCHEMES = frozenset({"amqp", "amqps", "pyamqp", "redis", "rediss", "memory"})
-BACKEND_SCHEMES = frozenset({"rpc", "redis", "rediss", "amqp", "disabled"})
+BACKEND_SCHEMES = frozenset({"rpc", "redis", "rediss", "amqp", "disabled", "file"})
 
 HELP_DISPATCH = "send tests marked @pytest.mark.queue(NAME) to Celery workers consuming NAME"
 HELP_BROKER = (
     "broker URL (env CELERY_BROKER_URL, then BROKER_URL); "
-    f"default {DEFAULT_BROKER}; 'embedded' is reserved for the serverless broker"
+    f"default {DEFAULT_BROKER}; 'embedded' = a serverless broker in a folder, for one machine"
 )
-HELP_BACKEND = f"Celery result backend used by the dispatcher fixture; default {DEFAULT_BACKEND}"
+HELP_BACKEND = (
+    f"Celery result backend used by the dispatcher fixture; default {DEFAULT_BACKEND} "
+    "(with the embedded broker: a folder beside it)"
+)
 HELP_DEFAULT_QUEUE = "queue for tests without a queue marker; unset = run them locally"
 HELP_JSON_REPORT = "JSON report path; default dispatch_results_<YYYYmmdd_HHMMSS>.json"
 HELP_TIMEOUT = (
@@ -161,8 +164,8 @@ def parse_queue_list(raw: str, source: str) -> tuple[str, ...]:
 
 def parse_url(raw: str, source: str, schemes: frozenset[str], what: str) -> str:
     url = str(raw).strip()
-    if what == "broker" and url == EMBEDDED:
-        return url
+    if what == "broker" and url in (EMBEDDED, EMBEDDED + "://"):
+        return EMBEDDED
     form = (
         f"expected a {what} URL like {DEFAULT_BROKER if what == 'broker' else DEFAULT_BACKEND}"
         f" (schemes: {', '.join(sorted(schemes))})"
@@ -228,9 +231,10 @@ def resolve(
         ("env CELERY_RESULT_BACKEND", env.get("CELERY_RESULT_BACKEND")),
         ("ini celery_dispatch_backend", ini("celery_dispatch_backend")),
     )
-    backend = (
-        parse_url(picked[1], picked[0], BACKEND_SCHEMES, "backend") if picked else DEFAULT_BACKEND
-    )
+    if picked:
+        backend = parse_url(picked[1], picked[0], BACKEND_SCHEMES, "backend")
+    else:  # the embedded broker keeps results in its own folder (rpc:// needs AMQP)
+        backend = EMBEDDED if broker == EMBEDDED else DEFAULT_BACKEND
 
     picked = _first(
         ("--celery-default-queue", option("celery_default_queue")),

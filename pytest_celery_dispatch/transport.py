@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue as queue_mod
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from celery import Celery
 from kombu import Connection, Consumer, Exchange, Queue
 
+from . import embedded
 from .celeryconf import celery_config
 from .serialization import (
     SESSION_TASK,
@@ -41,10 +44,25 @@ class BrokerUnavailable(Exception):
     """The broker cannot be reached or refused us; the message carries the masked URL."""
 
 
-def make_app(broker: str, backend: str, name: str = "pytest_celery_dispatch.controller") -> Celery:
+def make_app(
+    broker: str,
+    backend: str,
+    name: str = "pytest_celery_dispatch.controller",
+    embedded_root: str | os.PathLike[str] | None = None,
+) -> Celery:
+    config = celery_config(broker, backend, embedded_root)
     app = Celery(name, set_as_current=False)
-    app.conf.update(celery_config(broker, backend))
+    app.conf.update(config)
+    # Celery prefers the environment's CELERY_RESULT_BACKEND to its settings; this beats both.
+    app.backend_cls = config["result_backend"]
     return app
+
+
+def embedded_root_of(app: Celery) -> Path | None:
+    """The embedded broker's folder when ``app`` uses it, else None."""
+    if not embedded.is_embedded(app.conf.broker_write_url):
+        return None
+    return Path((app.conf.broker_transport_options or {})["root"])
 
 
 def describe_error(exc: BaseException) -> str:
@@ -158,6 +176,14 @@ class Broker:
         early, otherwise it lasts the whole ``timeout``.
         """
         result: dict[str, list[tuple[str, int]]] = {name: [] for name in names}
+        root = embedded_root_of(self.app)
+        if root is not None:  # the workers' presence files say it all, without a broadcast
+            for worker in embedded.read_presence(root):
+                for qname in worker.get("queues") or []:
+                    if qname in result:
+                        node = str(worker.get("node"))
+                        result[qname].append((node, int(worker.get("concurrency") or 1)))
+            return result
         try:
             inspector = self.app.control.inspect(timeout=timeout, limit=expected)
             queues_by_node = inspector.active_queues() or {}
@@ -260,7 +286,7 @@ class ReplyConsumer(threading.Thread):
             try:
                 conn.ensure_connection(max_retries=0)
                 channel = conn.channel()
-                channel.basic_qos(prefetch_size=0, prefetch_count=200, a_global=False)
+                channel.basic_qos(0, 200, False)
                 with Consumer(
                     channel,
                     queues=[run_queue(self.queue_name)],

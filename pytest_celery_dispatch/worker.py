@@ -25,10 +25,12 @@ import random
 import socket
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, Task, signals
 
+from . import embedded
 from .celeryconf import backend_from_env, broker_from_env, celery_config
 from .runner import KILL, RUN, STOP, RunnerSpec, drive_session
 from .serialization import (
@@ -45,6 +47,9 @@ from .serialization import (
 
 log = logging.getLogger("pytest_celery_dispatch.worker")
 
+if embedded.is_embedded(os.environ.get("CELERY_BROKER_URL")):
+    # Celery reads CELERY_BROKER_URL itself, as a URL: "embedded" alone would be a host name.
+    os.environ["CELERY_BROKER_URL"] = f"{embedded.EMBEDDED}://"
 app = Celery("pytest_celery_dispatch.worker")
 app.conf.update(celery_config(broker_from_env(), backend_from_env()))
 
@@ -95,6 +100,34 @@ def _note_concurrency(sender: Any = None, **kwargs: Any) -> None:
     concurrency = getattr(sender, "concurrency", None)
     if isinstance(concurrency, int):
         os.environ["DISPATCH_WORKER_CONCURRENCY"] = str(concurrency)
+
+
+_presence: list[embedded.Presence] = []
+
+
+@signals.worker_ready.connect  # type: ignore[untyped-decorator]
+def _announce_presence(sender: Any = None, **kwargs: Any) -> None:
+    """On the embedded broker, a worker's presence file is what counts it as a consumer."""
+    conf = sender.app.conf
+    if not embedded.is_embedded(conf.broker_write_url):
+        return
+    queues = list(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)
+    concurrency = getattr(getattr(sender, "controller", None), "concurrency", None)
+    presence = embedded.Presence(
+        Path(conf.broker_transport_options["root"]),
+        str(sender.hostname),
+        queues,
+        concurrency if isinstance(concurrency, int) else 1,
+    )
+    presence.write()
+    presence.start()
+    _presence.append(presence)
+
+
+@signals.worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _withdraw_presence(sender: Any = None, **kwargs: Any) -> None:
+    while _presence:
+        _presence.pop().stop()
 
 
 @signals.after_setup_logger.connect  # type: ignore[untyped-decorator]

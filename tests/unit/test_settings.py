@@ -181,6 +181,7 @@ def test_parse_url_accepts_broker_urls() -> None:
 
 def test_embedded_is_a_broker_word_only() -> None:
     assert S.parse_url("embedded", "--celery-broker", S.BROKER_SCHEMES, "broker") == "embedded"
+    assert S.parse_url("embedded://", "env BROKER_URL", S.BROKER_SCHEMES, "broker") == "embedded"
     with pytest.raises(pytest.UsageError, match="--celery-backend"):
         S.parse_url("embedded", "--celery-backend", S.BACKEND_SCHEMES, "backend")
 
@@ -252,3 +253,11 @@ def test_local_workers_auto_or_list() -> None:
     listed = resolve(ini={"celery_dispatch_local_workers": "queue_a,queue_b"})
     assert listed.local_workers_auto is False
     assert listed.local_workers == ("queue_a", "queue_b")
+
+
+def test_the_embedded_broker_keeps_results_beside_it_unless_told_otherwise() -> None:
+    assert resolve(environ={"CELERY_BROKER_URL": "embedded"}).backend == "embedded"
+    assert resolve(ini={"celery_dispatch_broker": "embedded"}).backend == "embedded"
+    explicit = resolve(option={"celery_broker": "embedded", "celery_backend": "file:///tmp/r"})
+    assert explicit.backend == "file:///tmp/r"
+    assert resolve().backend == S.DEFAULT_BACKEND
