@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_celery_dispatch.embedded import EMBEDDED
 from tests.helpers import BROKER, WorkerProcess, consumer_count, delete_queues
 
 # pytest-randomly (a dev dependency, tests/e2e/test_compat.py) reorders every run it is loaded
@@ -98,6 +99,33 @@ def workers(queues: Queues, workspace: Path) -> Iterator[dict[str, WorkerProcess
             worker.stop()
 
 
+@pytest.fixture(scope="session")
+def embedded_workers(queues: Queues, workspace: Path) -> Iterator[dict[str, WorkerProcess]]:
+    """worker-a and worker-b on the embedded broker (its default folder under the workspace,
+    which is also the dispatched runs' rootdir), for the whole session."""
+    logs = workspace / "worker-logs"
+    logs.mkdir(exist_ok=True)
+    started: dict[str, WorkerProcess] = {}
+    try:
+        for key, queue in (("a", queues.a), ("b", queues.b)):
+            worker = WorkerProcess(queue, f"worker-{key}", workspace, logs, broker=EMBEDDED)
+            started[key] = worker.start()
+        yield started
+    finally:
+        for worker in started.values():
+            worker.stop()
+
+
+@pytest.fixture(params=["rabbitmq", "embedded"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """The broker URL of a run on each transport, with worker-a / worker-b consuming on it."""
+    if request.param == "embedded":
+        request.getfixturevalue("embedded_workers")
+        return EMBEDDED
+    request.getfixturevalue("workers")
+    return BROKER
+
+
 @dataclasses.dataclass
 class Dispatched:
     """A finished ``pytest --celery-dispatch`` subprocess run and its JSON report."""
@@ -119,10 +147,15 @@ class Dispatched:
 
 
 @pytest.fixture
-def run_dispatched(pytester: pytest.Pytester, workspace: Path, queues: Queues):
-    """Run pytest --celery-dispatch in a subprocess against the test broker and workers."""
+def run_dispatched(
+    pytester: pytest.Pytester, workspace: Path, queues: Queues, request: pytest.FixtureRequest
+):
+    """Run pytest --celery-dispatch in a subprocess against the test broker and workers
+    (on the transport of the ``transport`` fixture when the test uses it)."""
+    uses_transport = "transport" in request.fixturenames
+    default = request.getfixturevalue("transport") if uses_transport else BROKER
 
-    def run(*args: str, timeout: float = 120, broker: str = BROKER) -> Dispatched:
+    def run(*args: str, timeout: float = 120, broker: str = default) -> Dispatched:
         report = pytester.path / "dispatch-report.json"
         result = pytester.runpytest_subprocess(
             "--celery-dispatch",
@@ -177,7 +210,9 @@ def worker_factory(workspace: Path):
 class Controller:
     """``pytest --celery-dispatch`` running in the background, for faults injected mid-run."""
 
-    def __init__(self, pytester: pytest.Pytester, workspace: Path, args: list[str]) -> None:
+    def __init__(
+        self, pytester: pytest.Pytester, workspace: Path, args: list[str], broker: str = BROKER
+    ) -> None:
         import subprocess
         import sys
 
@@ -189,7 +224,7 @@ class Controller:
             "-m",
             "pytest",
             "--celery-dispatch",
-            f"--celery-broker={BROKER}",
+            f"--celery-broker={broker}",
             f"--rootdir={workspace}",
             f"--celery-json-report={self.report}",
             f"--celery-event-log={self.events}",
@@ -240,8 +275,8 @@ class Controller:
 def controller(pytester: pytest.Pytester, workspace: Path):
     running: list[Controller] = []
 
-    def start(*args: str) -> Controller:
-        ctl = Controller(pytester, workspace, list(args))
+    def start(*args: str, broker: str = BROKER) -> Controller:
+        ctl = Controller(pytester, workspace, list(args), broker)
         running.append(ctl)
         return ctl
 

@@ -13,11 +13,15 @@ from pathlib import Path
 from kombu import Connection
 
 from pytest_celery_dispatch.celeryconf import broker_ssl_options
+from pytest_celery_dispatch.embedded import EMBEDDED, consumers_of, root_dir
 
 BROKER = os.environ.get("CELERY_DISPATCH_TEST_BROKER", "amqp://guest:guest@127.0.0.1:5672//")
 
 
 def consumer_count(queue: str, broker: str = BROKER, environ: dict[str, str] | None = None) -> int:
+    if broker == EMBEDDED:
+        env = os.environ if environ is None else environ
+        return consumers_of(root_dir(env.get("DISPATCH_WORKSPACE"), env), queue)
     ssl = broker_ssl_options(broker, environ)
     with Connection(broker, connect_timeout=3, ssl=ssl or False) as conn:
         channel = conn.channel()
@@ -56,6 +60,7 @@ class WorkerProcess:
         self.env.update(
             {
                 "CELERY_BROKER_URL": broker,
+                "BROKER_URL": broker,  # the celery command's --broker: it beats the line above
                 "WORKER_ID": worker_id,
                 "DISPATCH_WORKSPACE": str(workspace),
                 "DISPATCH_LOG_FORMAT": "json",

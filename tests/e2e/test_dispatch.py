@@ -1,4 +1,5 @@
-"""End to end: a real pytest --celery-dispatch subprocess, real RabbitMQ, real celery workers."""
+"""End to end: a real pytest --celery-dispatch subprocess, real celery workers, on RabbitMQ
+(and, for the tests that take the `transport` fixture, on the embedded broker too)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from tests.conftest import SCHEMA
 pytestmark = pytest.mark.usefixtures("workers")
 
 
-def test_routing_sends_each_test_to_its_queue_worker(pytester, queues, run_dispatched):
+def test_routing_sends_each_test_to_its_queue_worker(pytester, queues, run_dispatched, transport):
     pytester.makepyfile(
         test_routing=queues.render(
             """
@@ -109,7 +110,7 @@ def junit_cases(path):
     return cases
 
 
-def test_outcome_parity_with_a_local_run(pytester, queues, run_dispatched):
+def test_outcome_parity_with_a_local_run(pytester, queues, run_dispatched, transport):
     pytester.makepyfile(test_parity=queues.render(PARITY_SOURCE))
     local = pytester.runpytest_subprocess(
         "-p", "no:cacheprovider", "-rA", f"--junitxml={pytester.path / 'local.xml'}"
@@ -147,7 +148,7 @@ def test_outcome_parity_with_a_local_run(pytester, queues, run_dispatched):
     jsonschema.validate(remote.report, SCHEMA)
 
 
-def test_captured_output_of_a_failure_comes_home(pytester, queues, run_dispatched):
+def test_captured_output_of_a_failure_comes_home(pytester, queues, run_dispatched, transport):
     pytester.makepyfile(
         test_output=queues.render(
             """
@@ -183,7 +184,9 @@ def test_captured_output_of_a_failure_comes_home(pytester, queues, run_dispatche
     assert "the device said no" in call["longrepr"]
 
 
-def test_junitxml_lists_dispatched_tests_with_provenance(pytester, queues, run_dispatched):
+def test_junitxml_lists_dispatched_tests_with_provenance(
+    pytester, queues, run_dispatched, transport
+):
     pytester.makepyfile(
         test_junit=queues.render(
             """
@@ -250,7 +253,7 @@ def test_broker_down_fails_fast_with_masked_url(pytester, queues):
     jsonschema.validate(data, SCHEMA)
 
 
-def test_queue_without_consumer_fails_its_tests_only(pytester, queues, run_dispatched):
+def test_queue_without_consumer_fails_its_tests_only(pytester, queues, run_dispatched, transport):
     pytester.makepyfile(
         test_noconsumer=queues.render(
             """
@@ -274,7 +277,7 @@ def test_queue_without_consumer_fails_its_tests_only(pytester, queues, run_dispa
     assert outcomes["test_noconsumer.py::test_orphan"] == "failed"
 
 
-def test_hanging_test_is_killed_after_the_timeout(pytester, queues, run_dispatched):
+def test_hanging_test_is_killed_after_the_timeout(pytester, queues, run_dispatched, transport):
     pytester.makepyfile(
         test_hang=queues.render(
             """
@@ -363,7 +366,7 @@ def test_default_queue_sends_unmarked_tests(pytester, queues, run_dispatched):
     assert run.report["tests"][0]["dispatch"]["queue"] == queues.b
 
 
-def test_report_and_summary_describe_the_run(pytester, queues, run_dispatched):
+def test_report_and_summary_describe_the_run(pytester, queues, run_dispatched, transport):
     pytester.makepyfile(
         test_summary=queues.render(
             """
@@ -470,7 +473,9 @@ def test_the_worker_never_dispatches_again(pytester, queues, run_dispatched):
     assert run.report["tests"][0]["dispatch"]["attempts"] == 1
 
 
-def test_dash_s_streams_dispatched_output_as_it_arrives(pytester, queues, run_dispatched):
+def test_dash_s_streams_dispatched_output_as_it_arrives(
+    pytester, queues, run_dispatched, transport
+):
     pytester.makepyfile(
         test_stream=queues.render(
             """

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from pytest_celery_dispatch.embedded import EMBEDDED
 from tests.helpers import BROKER, delete_queues
 
 
@@ -30,7 +31,13 @@ def private_queues():
     delete_queues(*names)
 
 
-def test_auto_starts_a_worker_per_needed_queue_and_stops_it(pytester, workspace, private_queues):
+TRANSPORTS = pytest.mark.parametrize("broker", [BROKER, EMBEDDED], ids=["rabbitmq", "embedded"])
+
+
+@TRANSPORTS
+def test_auto_starts_a_worker_per_needed_queue_and_stops_it(
+    pytester, workspace, private_queues, broker
+):
     qa, qb = private_queues
     pytester.makepyfile(
         test_local=f"""
@@ -48,7 +55,7 @@ def test_auto_starts_a_worker_per_needed_queue_and_stops_it(pytester, workspace,
     )
     result = pytester.runpytest_subprocess(
         "--celery-dispatch",
-        f"--celery-broker={BROKER}",
+        f"--celery-broker={broker}",
         f"--rootdir={workspace}",
         "--celery-local-workers=auto",
         f"--celery-json-report={pytester.path / 'r.json'}",
@@ -60,7 +67,10 @@ def test_auto_starts_a_worker_per_needed_queue_and_stops_it(pytester, workspace,
     assert processes_mentioning(qb) == []
 
 
-def test_listed_queues_and_ctrl_c_leave_no_process_behind(pytester, workspace, private_queues):
+@TRANSPORTS
+def test_listed_queues_and_ctrl_c_leave_no_process_behind(
+    pytester, workspace, private_queues, broker
+):
     qa, _ = private_queues
     pytester.makepyfile(
         test_slow=f"""
@@ -75,7 +85,7 @@ def test_listed_queues_and_ctrl_c_leave_no_process_behind(pytester, workspace, p
     )
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "pytest", "--celery-dispatch", f"--celery-broker={BROKER}",
+            sys.executable, "-m", "pytest", "--celery-dispatch", f"--celery-broker={broker}",
             f"--rootdir={workspace}", f"--celery-local-workers={qa}",
             f"--celery-json-report={pytester.path / 'r.json'}", "-p", "no:cacheprovider",
         ],
