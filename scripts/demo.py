@@ -1,12 +1,12 @@
 """`make demo`: the documented run, end to end, on this machine.
 
-1. checks that RabbitMQ answers (and says plainly how to start it when it does not);
-2. starts worker-a (queue_a) and worker-b (queue_b) as local processes, with the command and
-   environment that docker-compose.yml gives the containers;
-3. runs ``pytest --celery-dispatch example_tests -v`` (summary, JSON report, JUnit XML, HTML
-   timeline, event log);
-4. checks the JSON report: every queue_a test ran on worker-a, every queue_b test on worker-b;
-5. stops the workers and exits with pytest's exit code.
+1. picks the broker: RabbitMQ when it answers (``BROKER_URL``, default localhost:5672), else
+   the embedded broker (a folder, nothing to install), and says which in one line;
+2. runs ``pytest --celery-dispatch --celery-local-workers auto example_tests -v``: pytest starts
+   worker-a (queue_a) and worker-b (queue_b) with the contract's worker command, runs the
+   examples on them (summary, JSON report, JUnit XML, HTML timeline, event log) and stops them;
+3. checks the JSON report: every queue_a test ran on worker-a, every queue_b test on worker-b;
+4. exits with pytest's exit code.
 """
 
 from __future__ import annotations
@@ -21,10 +21,7 @@ from pathlib import Path
 from kombu import Connection
 from kombu.utils.url import maybe_sanitize_url
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import compose_workers
-
-ROOT = compose_workers.ROOT
+ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "demo-output"
 EXPECTED = {"queue_a": "worker-a", "queue_b": "worker-b"}
 
@@ -33,16 +30,29 @@ def say(text: str) -> None:
     print(f"[demo] {text}", flush=True)
 
 
-def main() -> int:
-    broker = os.environ.get("BROKER_URL") or "amqp://guest:guest@127.0.0.1:5672//"
+def rabbitmq_answers(broker: str) -> str | None:
+    """None when the broker answers, else why not (one line)."""
     try:
-        with Connection(broker, connect_timeout=3) as conn:
-            conn.ensure_connection(max_retries=0)
+        with Connection(broker, connect_timeout=2) as conn:
+            conn.ensure_connection(max_retries=0, timeout=2)
     except Exception as exc:
-        say(f"RabbitMQ is not reachable at {maybe_sanitize_url(broker)}: {exc}")
-        say("start it:  rabbitmq-server -detached   (or: docker compose --profile broker up -d)")
-        say("or point BROKER_URL at yours, e.g.  BROKER_URL=amqp://user:pw@host:5672// make demo")
-        return 2
+        return (str(exc) or type(exc).__name__).splitlines()[0]
+    return None
+
+
+def main() -> int:
+    rabbitmq = os.environ.get("BROKER_URL") or "amqp://guest:guest@127.0.0.1:5672//"
+    why = rabbitmq_answers(rabbitmq)
+    if why is None:
+        broker = rabbitmq
+        say(f"broker: RabbitMQ at {maybe_sanitize_url(rabbitmq)}")
+    else:
+        broker = "embedded"
+        say(
+            f"broker: embedded (.pytest_cache/celery-dispatch/broker, this machine only): "
+            f"no RabbitMQ at {maybe_sanitize_url(rabbitmq)} ({why}); start one "
+            "(rabbitmq-server -detached) or set BROKER_URL to use it"
+        )
 
     OUT.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d_%H%M%S")
@@ -51,33 +61,28 @@ def main() -> int:
     timeline = OUT / "timeline.html"
     events = OUT / "events.jsonl"
     events.unlink(missing_ok=True)  # the event log appends; one run per file here
-    env = dict(os.environ, BROKER_URL=broker)
-    say(f"broker {maybe_sanitize_url(broker)}; starting worker-a, worker-b (docker-compose.yml)")
-    with compose_workers.running(environ=env, log_dir=OUT) as services:
-        for service in services:
-            log = service.log_path.relative_to(ROOT)
-            say(f"{service.name}: {service.display_command}  (log {log})")
-        command = [
-            sys.executable,
-            "-m",
-            "pytest",
-            "--celery-dispatch",
-            "example_tests",
-            "-v",
-            "-rP",  # show what passing tests printed: the task_a / task_b report
-            f"--celery-broker={broker}",
-            f"--celery-json-report={report}",
-            f"--junitxml={junit}",
-            f"--celery-timeline={timeline}",
-            f"--celery-event-log={events}",
-            "-p",
-            "no:cacheprovider",
-        ]
-        say("running: pytest " + " ".join(command[3:]).replace(broker, maybe_sanitize_url(broker)))
-        started = time.perf_counter()
-        code = subprocess.call(command, cwd=ROOT, env=env)
-        wall = time.perf_counter() - started
-    say(f"pytest exited {code} after {wall:.2f}s; workers stopped")
+    env = dict(os.environ)
+    env.pop("CELERY_BROKER_URL", None)  # --celery-broker below says it all
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "--celery-dispatch",
+        "--celery-local-workers=auto",
+        "example_tests",
+        "-v",
+        "-rP",  # show what passing tests printed: the task_a / task_b report
+        f"--celery-broker={broker}",
+        f"--celery-json-report={report}",
+        f"--junitxml={junit}",
+        f"--celery-timeline={timeline}",
+        f"--celery-event-log={events}",
+    ]
+    say("running: pytest " + " ".join(command[3:]).replace(broker, maybe_sanitize_url(broker)))
+    started = time.perf_counter()
+    code = subprocess.call(command, cwd=ROOT, env=env)
+    wall = time.perf_counter() - started
+    say(f"pytest exited {code} after {wall:.2f}s; its local workers are stopped")
 
     data = json.loads(report.read_text())
     wrong = [

@@ -72,3 +72,60 @@ def test_examples_run_locally_without_the_flag(tmp_path):
         proc.stdout
     )
     assert set(ROOT.glob("dispatch_results_*.json")) == before  # no report without the flag
+
+
+def demo_processes() -> list[str]:
+    """Worker or runner processes of a demo run (queue_a / queue_b under this checkout)."""
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid,stat,args"], capture_output=True, text=True)
+    return [
+        line
+        for line in ps.stdout.splitlines()
+        if ("-Q queue_a" in line or "-Q queue_b" in line) and " Z" not in line
+    ]
+
+
+def make_demo(broker_url: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, BROKER_URL=broker_url)
+    env.pop("CELERY_BROKER_URL", None)
+    return subprocess.run(
+        ["make", "--no-print-directory", "demo"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def check_demo_run(proc: subprocess.CompletedProcess) -> None:
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "started local workers worker-a (queue_a), worker-b (queue_b)" in out
+    assert "Hello from Task A' from worker-a via queue_a" in out
+    assert "Hello from Task B' from worker-b via queue_b" in out
+    assert "3 tests on worker-a via queue_a, 5 on worker-b via queue_b, exit code 0" in out
+    assert "10 passed" in out
+    assert demo_processes() == []  # the local workers and their runners are gone
+
+
+def test_make_demo_falls_back_to_the_embedded_broker(tmp_path):
+    # A closed port stands for "no RabbitMQ on this machine" without stopping the shared one.
+    proc = make_demo("amqp://guest:guest@127.0.0.1:1//")
+    out = proc.stdout
+    fallback = "[demo] broker: embedded (.pytest_cache/celery-dispatch/broker, this machine only): "
+    assert fallback in out
+    assert "no RabbitMQ at amqp://guest:**@127.0.0.1:1//" in out
+    assert "celery-dispatch: broker embedded, backend embedded" in out
+    assert "celery-dispatch: embedded broker in " in out
+    assert "guest:guest" not in out
+    check_demo_run(proc)
+
+
+def test_make_demo_uses_rabbitmq_when_it_answers(vhost_broker):
+    proc = make_demo(vhost_broker)
+    out = proc.stdout
+    vhost = vhost_broker.rsplit("/", 1)[-1]
+    assert f"[demo] broker: RabbitMQ at amqp://guest:**@127.0.0.1:5672/{vhost}" in out
+    assert "embedded" not in out
+    assert "guest:guest" not in out
+    check_demo_run(proc)
