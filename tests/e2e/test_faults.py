@@ -224,10 +224,11 @@ def test_pytest_timeout_marker_is_honoured_on_the_worker(pytester, queues, run_d
     run.result.stdout.fnmatch_lines(["*Failed: Timeout (>1.0s) from pytest-timeout*"])
 
 
-def test_ctrl_c_stops_the_run_and_the_workers(pytester, worker_factory, controller):
-    worker = worker_factory(worker_id="worker-int", concurrency=2)
+@TRANSPORTS
+def test_ctrl_c_stops_the_run_and_the_workers(pytester, worker_factory, controller, broker):
+    worker = worker_factory(worker_id="worker-int", concurrency=2, broker=broker)
     log = slow_tests(pytester, worker.queue, count=12, sleep=30)
-    ctl = controller()
+    ctl = controller(broker=broker)
     ctl.wait_for(lambda lines: started_on(lines, "worker-int") >= 2)
     ctl.proc.send_signal(signal.SIGINT)
     assert ctl.wait(30) == 2, ctl.text()  # pytest's "interrupted"
@@ -255,9 +256,13 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@pytest.mark.parametrize("option", ["-x", "--maxfail=2"])
-def test_maxfail_stops_and_starts_no_new_test(pytester, worker_factory, controller, option):
-    worker = worker_factory(worker_id="worker-x", concurrency=2)
+@pytest.mark.parametrize(
+    ("option", "broker"),
+    [("-x", BROKER), ("--maxfail=2", BROKER), ("-x", EMBEDDED)],
+    ids=["-x", "--maxfail=2", "-x-embedded"],
+)
+def test_maxfail_stops_and_starts_no_new_test(pytester, worker_factory, controller, option, broker):
+    worker = worker_factory(worker_id="worker-x", concurrency=2, broker=broker)
     log = str(pytester.path / "runs.log")
     pytester.makepyfile(
         test_stop=f"""
@@ -276,7 +281,7 @@ def test_maxfail_stops_and_starts_no_new_test(pytester, worker_factory, controll
             assert n not in (1, 9), "planned failure"
         """
     )
-    ctl = controller(option)
+    ctl = controller(option, broker=broker)
     assert ctl.wait(90) == 1, ctl.text()
     out = ctl.text()
     limit = 1 if option == "-x" else 2
