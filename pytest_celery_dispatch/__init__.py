@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .session import DispatchError
+# Light on purpose: every pytest process imports this package (the plugin is an entry point).
+from .serialization import DispatchError
 
 try:
     __version__ = version("pytest-celery-dispatch")

@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from . import embedded
-
 DEFAULT_BROKER = "amqp://guest@localhost//"
 DEFAULT_BACKEND = "rpc://"
 
@@ -24,7 +22,16 @@ TASK_ROUTES = {
 def broker_from_env(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
     broker = env.get("CELERY_BROKER_URL") or env.get("BROKER_URL") or DEFAULT_BROKER
-    return embedded.EMBEDDED if embedded.is_embedded(broker) else broker
+    return EMBEDDED if is_embedded(broker) else broker
+
+
+#: ``--celery-broker embedded``: the serverless broker of :mod:`.embedded` (imported only then:
+#: every pytest process reads this module, and kombu is heavy).
+EMBEDDED = "embedded"
+
+
+def is_embedded(url: str | None) -> bool:
+    return bool(url) and (url == EMBEDDED or str(url).startswith(EMBEDDED + "://"))
 
 
 def backend_from_env(environ: Mapping[str, str] | None = None) -> str:
@@ -89,7 +96,9 @@ def celery_config(
         "worker_send_task_events": True,
         "task_send_sent_event": True,
     }
-    if embedded.is_embedded(broker):
+    if is_embedded(broker):
+        from . import embedded
+
         root = Path(embedded_root) if embedded_root else embedded_root_from_env()
         config.update(embedded.celery_settings(root, backend))
     # Celery lets the environment's CELERY_BROKER_URL beat broker_url; the read and write URLs
@@ -99,5 +108,7 @@ def celery_config(
 
 
 def embedded_root_from_env(environ: Mapping[str, str] | None = None) -> Path:
+    from .embedded import root_dir
+
     env = os.environ if environ is None else environ
-    return embedded.root_dir(env.get("DISPATCH_WORKSPACE") or None, env)
+    return root_dir(env.get("DISPATCH_WORKSPACE") or None, env)

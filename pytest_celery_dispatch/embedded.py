@@ -48,9 +48,11 @@ from kombu.transport.virtual.base import queue_declare_ok_t
 from kombu.utils.encoding import bytes_to_str, str_to_bytes
 from kombu.utils.json import dumps, loads
 
+from .celeryconf import EMBEDDED as EMBEDDED
+from .celeryconf import is_embedded as is_embedded
+
 log = logging.getLogger(__name__)
 
-EMBEDDED = "embedded"
 ENV_DIR = "DISPATCH_EMBEDDED_DIR"
 DEFAULT_DIR = Path(".pytest_cache") / "celery-dispatch" / "broker"
 #: How often an idle consumer looks for new messages (kombu's default is 1 s).
@@ -63,10 +65,6 @@ PRESENCE_STALE = 3.5
 ABANDONED_AFTER = 30 * 60.0
 
 _MSG = ".msg"
-
-
-def is_embedded(url: str | None) -> bool:
-    return bool(url) and (url == EMBEDDED or str(url).startswith(EMBEDDED + "://"))
 
 
 def root_dir(

@@ -13,6 +13,13 @@ import os
 import posixpath
 from typing import Any, Literal, TypedDict
 
+
+class DispatchError(Exception):
+    """An infrastructure failure that ends a dispatched test (worker lost, no consumer...)."""
+
+    __module__ = "pytest_celery_dispatch"
+
+
 PROTOCOL = 1
 SESSION_TASK = "pytest_celery_dispatch.run_session"
 #: A running batch sends an ``alive`` event this often (seconds).

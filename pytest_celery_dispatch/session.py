@@ -26,6 +26,7 @@ from . import routing, scheduling
 from .serialization import (
     PROTOCOL,
     Chunk,
+    DispatchError,
     Event,
     SessionPayload,
     dumps,
@@ -34,18 +35,12 @@ from .serialization import (
     reply_queue_name,
     work_queue_name,
 )
-from .settings import Settings
+from .settings import EMBEDDED, Settings
 
 #: How often queues are polled for consumers while waiting, and batches checked for deadlines.
 POLL_INTERVAL = 0.5
 #: With nothing reported for this long, a status line says what each queue is doing.
 STATUS_EVERY = 5.0
-
-
-class DispatchError(Exception):
-    """An infrastructure failure that ends a dispatched test (worker lost, no consumer...)."""
-
-    __module__ = "pytest_celery_dispatch"
 
 
 @dataclasses.dataclass
@@ -424,10 +419,10 @@ class DispatchSession:
     @property
     def embedded_root(self) -> Path | None:
         """The embedded broker's folder (``--celery-broker embedded``), else None."""
-        from .embedded import EMBEDDED, root_dir
-
         if self.settings.broker != EMBEDDED:
             return None
+        from .embedded import root_dir
+
         return root_dir(self.config.rootpath)
 
     def _start_remote(self, remote: Mapping[str, list[str]]) -> None:
