@@ -247,7 +247,9 @@ def check_writable(path: str) -> str | None:
 
 def write_atomic(path: str, data: Mapping[str, Any]) -> None:
     """Write JSON to a temp file beside ``path`` and rename it into place."""
-    write_text_atomic(path, json.dumps(data, indent=2, default=str, ensure_ascii=False) + "\n")
+    # Compact, like pytest-json-report: with indent the json module falls back from C to Python
+    # (0.14 s for 500 tests).
+    write_text_atomic(path, json.dumps(data, default=str, ensure_ascii=False) + "\n")
 
 
 def write_text_atomic(path: str, text: str) -> None:

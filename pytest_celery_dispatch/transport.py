@@ -298,7 +298,7 @@ class ReplyConsumer(threading.Thread):
                     delay = 0.2
                     while not self.stop_event.is_set():
                         try:
-                            conn.drain_events(timeout=0.2)
+                            conn.drain_events(timeout=0.05)  # stop() waits at most this long
                         except TimeoutError:
                             conn.heartbeat_check()
             except Exception as exc:  # connection lost: wait and re-subscribe
