@@ -153,6 +153,7 @@ class Bench:
         if json_report is not None and json_report.exists():
             json_report.unlink()
         worker_pids = [w.pid for w in self.workers if w.pid is not None]
+        procs.wait_quiet(worker_pids)
         cpu_before = procs.tree_cpu(worker_pids)
         busy_before, total_before = procs.machine_ticks()
         broker_before = procs.process_cpu(self.broker_pid)

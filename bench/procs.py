@@ -110,6 +110,31 @@ def tree_cpu(root_pids: Sequence[int]) -> dict[int, float]:
     return result
 
 
+def wait_quiet(
+    root_pids: Sequence[int],
+    quiet_for: float = 2.0,
+    window: float = 0.25,
+    busy: float = 0.02,
+    limit: float = 10.0,
+) -> float:
+    """Wait until the workers' process trees have used less than ``busy`` CPU seconds per
+    ``window`` for ``quiet_for`` seconds in a row (at most ``limit`` seconds): every timed run
+    starts on a quiet machine, whatever the workers still do after the previous one (runners
+    exiting; spare runners, which wait 1.5 s before they warm up). Returns the time waited."""
+    started = time.monotonic()
+    quiet_since = started
+    before = sum(tree_cpu(root_pids).values())
+    while time.monotonic() - started < limit:
+        time.sleep(window)
+        now = sum(tree_cpu(root_pids).values())
+        if now - before >= busy:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_for:
+            break
+        before = now
+    return time.monotonic() - started
+
+
 def machine_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
     first = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
