@@ -23,8 +23,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -435,6 +436,157 @@ class _Coalescer:
 Chunk = dict[str, Any]
 
 
+#: What a spare runner does before it is needed: start the interpreter and import pytest with its
+#: own plugins, then wait on the boot pipe for one session's command line, environment and
+#: directory. It imports no test code, no conftest and no third-party plugin (pytest refuses to
+#: rewrite the asserts of a plugin imported before it configures), so a run sees nothing an
+#: earlier one left: each spare serves one runner and a new interpreter replaces it.
+SPARE_BOOT = """
+import importlib, json, os, select, sys
+boot = os.fdopen(int(os.environ.pop("PYTEST_CELERY_DISPATCH_BOOT_FD")), "rb")
+# Warm up only once the worker is quiet: a spare is started as a session ends, when its tests'
+# processes exit and the controller writes its reports; the next run is seconds away.
+select.select([boot], [], [], float(os.environ.pop("PYTEST_CELERY_DISPATCH_SPARE_DELAY", "0")))
+import pytest
+import importlib.metadata
+from _pytest.config import default_plugins, essential_plugins
+for name in (*essential_plugins, *default_plugins):
+    try:
+        importlib.import_module("_pytest." + name)
+    except ImportError:
+        pass
+importlib.metadata.entry_points(group="pytest11")
+line = boot.readline()
+boot.close()
+if not line:
+    sys.exit(0)
+order = json.loads(line)
+os.chdir(order["cwd"])
+sys.path[0] = os.getcwd()  # as "python -m pytest" started there would have it
+os.environ.clear()
+os.environ.update(order["env"])
+if order.get("log"):
+    log = os.open(order["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+sys.argv = [os.path.join(os.path.dirname(pytest.__file__), "__main__.py"), *order["args"]]
+sys.exit(pytest.console_main())
+"""
+ENV_BOOT_FD = "PYTEST_CELERY_DISPATCH_BOOT_FD"
+#: ``DISPATCH_SPARE_RUNNER=0`` on a worker: start every runner cold (a new ``python -m pytest``).
+ENV_SPARE = "DISPATCH_SPARE_RUNNER"
+
+
+def _startup_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The variables that shape an interpreter when it starts (PYTHONPATH, PYTHONHASHSEED...)."""
+    return {k: v for k, v in env.items() if k.startswith("PYTHON")}
+
+
+class _Spare:
+    """A runner process started ahead of time (see :data:`SPARE_BOOT`)."""
+
+    def __init__(self, workspace: str, env: Mapping[str, str], delay: float = 0.0) -> None:
+        self.workspace = os.path.realpath(workspace)
+        self.startup_env = _startup_env(env)
+        boot_r, self.boot_w = os.pipe()
+        self.event_fd, self.event_w = os.pipe()
+        self.command_r, self.command_fd = os.pipe()
+        child_env = dict(env)
+        child_env[ENV_BOOT_FD] = str(boot_r)
+        child_env["PYTEST_CELERY_DISPATCH_SPARE_DELAY"] = str(delay)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", SPARE_BOOT],
+                cwd=self.workspace,
+                env=child_env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                pass_fds=(boot_r, self.event_w, self.command_r),
+                start_new_session=True,
+            )
+        except BaseException:
+            for fd in (boot_r, self.boot_w, self.event_fd, self.event_w, self.command_r):
+                os.close(fd)
+            os.close(self.command_fd)
+            raise
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(boot_r)
+        os.close(self.event_w)
+        os.close(self.command_r)
+
+    def fits(self, spec: RunnerSpec) -> bool:
+        return (
+            self.proc.poll() is None
+            and os.path.realpath(spec.workspace) == self.workspace
+            and _startup_env(spec.env) == self.startup_env
+        )
+
+    def activate(self, args: list[str], env: Mapping[str, str], log: str | None) -> bool:
+        order = {"cwd": self.workspace, "env": dict(env), "args": args, "log": log}
+        try:
+            with os.fdopen(self.boot_w, "wb") as boot:
+                boot.write((json.dumps(order) + "\n").encode())
+            return True
+        except OSError:
+            return False
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.boot_w)  # end of file: the spare exits by itself
+        for fd in (self.event_fd, self.command_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(2)
+        _kill_group(self.proc)
+        with contextlib.suppress(Exception):
+            self.proc.wait(2)
+
+
+_spare: _Spare | None = None
+_spare_lock = threading.Lock()
+
+
+#: How long a spare started at the end of a session waits before it warms up.
+SPARE_DELAY = 1.5
+
+
+def prepare_spare(workspace: str, env: Mapping[str, str], delay: float = 0.0) -> None:
+    """Start this process's spare runner unless it has a live one (the worker calls this when a
+    pool process starts, and with ``delay=SPARE_DELAY`` after each session)."""
+    global _spare
+    if env.get(ENV_SPARE, "1") == "0":
+        return
+    with _spare_lock:
+        if _spare is not None and _spare.proc.poll() is None:
+            return
+        if _spare is not None:
+            _spare.discard()
+        try:
+            _spare = _Spare(workspace, env, delay)
+        except OSError:
+            _spare = None
+
+
+def _take_spare(spec: RunnerSpec) -> _Spare | None:
+    global _spare
+    with _spare_lock:
+        spare, _spare = _spare, None
+    if spare is None:
+        return None
+    if spare.fits(spec):
+        return spare
+    spare.discard()
+    return None
+
+
 class _Runner:
     """One warm runner process: pipes in and out, and what it was given."""
 
@@ -443,8 +595,49 @@ class _Runner:
         with open(nodeids_file, "w", encoding="utf-8") as fh:
             json.dump(eligible, fh)
         self.log_path = os.path.join(tmp, f"runner-{number}.log")
-        self.event_fd, event_w = os.pipe()
-        command_r, self.command_fd = os.pipe()
+        command = runner_command(spec, eligible, os.path.join(tmp, "pytest-cache"))
+        spare = _take_spare(spec) if number == 1 else None
+        self.warm_start = False
+        if spare is not None:
+            env = self._env(spec, nodeids_file, spare.event_w, spare.command_r)
+            log = None if spec.stream else self.log_path
+            if spare.activate(command[3:], env, log):
+                self.proc = spare.proc
+                self.event_fd, self.command_fd = spare.event_fd, spare.command_fd
+                if not spec.stream and self.proc.stdout is not None:
+                    self.proc.stdout.close()  # its output goes to the log file now
+                    self.proc.stdout = None
+                self.warm_start = True
+            else:
+                spare.discard()
+        if not self.warm_start:
+            self.event_fd, event_w = os.pipe()
+            command_r, self.command_fd = os.pipe()
+            with open(self.log_path, "wb") as log_file:
+                self.proc = subprocess.Popen(
+                    command,
+                    cwd=spec.workspace,
+                    env=self._env(spec, nodeids_file, event_w, command_r),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE if spec.stream else log_file,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(event_w, command_r),
+                    start_new_session=True,
+                )
+            os.close(event_w)
+            os.close(command_r)
+        self.out_fd: int | None = self.proc.stdout.fileno() if self.proc.stdout else None
+        self.out_tail = ""  # the last output, for crash messages when it is streamed
+        self.eligible = set(eligible)
+        self.collected = False
+        self.buffer = bytearray()
+        self.current: str | None = None
+        self.current_since = 0.0
+        self.shutdown_sent = False
+        self.self_stopped = False
+
+    @staticmethod
+    def _env(spec: RunnerSpec, nodeids_file: str, event_w: int, command_r: int) -> dict[str, str]:
         env = dict(spec.env)
         env.update(
             {
@@ -456,28 +649,7 @@ class _Runner:
                 ENV_OPTIONS: json.dumps(spec.plugin_options),
             }
         )
-        with open(self.log_path, "wb") as log_file:
-            self.proc = subprocess.Popen(
-                runner_command(spec, eligible, os.path.join(tmp, "pytest-cache")),
-                cwd=spec.workspace,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE if spec.stream else log_file,
-                stderr=subprocess.STDOUT,
-                pass_fds=(event_w, command_r),
-                start_new_session=True,
-            )
-        os.close(event_w)
-        os.close(command_r)
-        self.out_fd: int | None = self.proc.stdout.fileno() if self.proc.stdout else None
-        self.out_tail = ""  # the last output, for crash messages when it is streamed
-        self.eligible = set(eligible)
-        self.collected = False
-        self.buffer = bytearray()
-        self.current: str | None = None
-        self.current_since = 0.0
-        self.shutdown_sent = False
-        self.self_stopped = False
+        return env
 
     def send(self, command: dict[str, Any]) -> None:
         data = (json.dumps(command) + "\n").encode()
@@ -533,6 +705,7 @@ def drive_session(
     state = RUN
     starts = chunks = 0
     out_of_work = False
+    warm = False  # the first runner was a spare (interpreter and pytest already loaded)
 
     def finish(nodeid: str) -> None:
         done.add(nodeid)
@@ -597,6 +770,7 @@ def drive_session(
                         continue
                     starts += 1
                     runner = _Runner(spec, eligible, tmp, starts)
+                    warm = warm or runner.warm_start
                     redo = [n for n in assigned if n not in done]
                     progress_at_start = len(done)
                     reason = None
@@ -691,7 +865,13 @@ def drive_session(
                 runner.close()
             raise
     coalesced.flush()
-    return {"state": state, "done": len(done), "chunks": chunks, "runner_starts": starts}
+    return {
+        "state": state,
+        "done": len(done),
+        "chunks": chunks,
+        "runner_starts": starts,
+        "warm_start": warm,
+    }
 
 
 def _pump(

@@ -32,7 +32,7 @@ from celery import Celery, Task, signals
 
 from . import embedded
 from .celeryconf import backend_from_env, broker_from_env, celery_config
-from .runner import KILL, RUN, STOP, RunnerSpec, drive_session
+from .runner import KILL, RUN, SPARE_DELAY, STOP, RunnerSpec, drive_session, prepare_spare
 from .serialization import (
     PROTOCOL,
     SESSION_TASK,
@@ -100,6 +100,14 @@ def _note_concurrency(sender: Any = None, **kwargs: Any) -> None:
     concurrency = getattr(sender, "concurrency", None)
     if isinstance(concurrency, int):
         os.environ["DISPATCH_WORKER_CONCURRENCY"] = str(concurrency)
+
+
+@signals.worker_process_init.connect  # type: ignore[untyped-decorator]
+def _start_spare_runner(**kwargs: Any) -> None:
+    """Each pool process keeps a spare runner: the interpreter started and pytest imported
+    before a run needs it (see runner.SPARE_BOOT); ``DISPATCH_SPARE_RUNNER=0`` turns it off."""
+    with contextlib.suppress(Exception):
+        prepare_spare(workspace(), dict(os.environ))
 
 
 _presence: list[embedded.Presence] = []
@@ -308,7 +316,10 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         )
         emit_logged = _ChunkLog(reply.emit, extra)
 
-        summary = drive_session(spec, emit_logged, reply.fetch, control=reply.control)
+        try:
+            summary = drive_session(spec, emit_logged, reply.fetch, control=reply.control)
+        finally:
+            prepare_spare(ws, env, SPARE_DELAY)  # the next run's first runner
         summary["duration"] = round(time.monotonic() - started, 3)
         if summary["state"] == RUN:
             reply.emit({"type": "session_finished", "summary": summary})
