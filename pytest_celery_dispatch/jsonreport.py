@@ -293,6 +293,8 @@ class JsonReportPlugin:
         self.data: dict[str, Any] | None = None
         self.collectors: list[dict[str, Any]] = []
         self.warnings: list[dict[str, Any]] = []
+        # id(report) -> (report, teststatus category); the report is kept so the id stays its own
+        self._status: dict[int, tuple[pytest.TestReport, str]] = {}
 
     def pytest_deselected(self, items: list[pytest.Item]) -> None:
         self.deselected += len(items)
@@ -325,9 +327,27 @@ class JsonReportPlugin:
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         self.collected = len(session.items) + self.deselected
 
+    @pytest.hookimpl(wrapper=True)
+    def pytest_report_teststatus(
+        self, report: pytest.TestReport | pytest.CollectReport, config: pytest.Config
+    ) -> Any:
+        """Keep the category the terminal asked for, instead of asking the hook a second time
+        for every phase of every test (a third of this plugin's time on 5,000 tests)."""
+        result = yield
+        if result and isinstance(report, pytest.TestReport):
+            self._status[id(report)] = (report, str(result[0]))
+        return result
+
+    @pytest.hookimpl(trylast=True)  # after the terminal reporter, which asks for the status
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        category = self.config.hook.pytest_report_teststatus(report=report, config=self.config)[0]
-        self.collector.add(report, str(category))
+        known = self._status.pop(id(report), None)
+        if known is not None and known[0] is report:
+            category = known[1]
+        else:
+            status = self.config.hook.pytest_report_teststatus(report=report, config=self.config)
+            category = str(status[0])
+            self._status.pop(id(report), None)
+        self.collector.add(report, category)
 
     def build(self, exitstatus: int) -> dict[str, Any]:
         tests = []

@@ -446,7 +446,11 @@ import importlib, json, os, select, sys
 boot = os.fdopen(int(os.environ.pop("PYTEST_CELERY_DISPATCH_BOOT_FD")), "rb")
 # Warm up only once the worker is quiet: a spare is started as a session ends, when its tests'
 # processes exit and the controller writes its reports; the next run is seconds away.
-select.select([boot], [], [], float(os.environ.pop("PYTEST_CELERY_DISPATCH_SPARE_DELAY", "0")))
+delay = float(os.environ.pop("PYTEST_CELERY_DISPATCH_SPARE_DELAY", "0"))
+ready = select.select([boot], [], [], delay)
+line = boot.readline() if ready[0] else None
+if line == b"":
+    sys.exit(0)  # the worker process went away (or no longer needs a spare)
 import pytest
 import importlib.metadata
 from _pytest.config import default_plugins, essential_plugins
@@ -456,7 +460,8 @@ for name in (*essential_plugins, *default_plugins):
     except ImportError:
         pass
 importlib.metadata.entry_points(group="pytest11")
-line = boot.readline()
+if line is None:
+    line = boot.readline()
 boot.close()
 if not line:
     sys.exit(0)

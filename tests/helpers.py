@@ -127,3 +127,27 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.signal(signal.SIGKILL)
             self.proc.wait(5)
+
+
+def orphaned_spare_runners() -> list[str]:
+    """Spare runner processes whose parent is no celery worker any more (left behind)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                cmdline = fh.read()
+            if b"PYTEST_CELERY_DISPATCH_BOOT_FD" not in cmdline:
+                continue
+            with open(f"/proc/{entry}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+            if fields[0] == "Z":
+                continue
+            with open(f"/proc/{fields[1]}/cmdline", "rb") as fh:
+                parent = fh.read()
+        except OSError:
+            continue
+        if b"celery" not in parent:
+            found.append(f"{entry} (parent {fields[1]}: {parent[:80]!r})")
+    return found

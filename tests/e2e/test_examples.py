@@ -11,11 +11,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jsonschema
 
 from tests.conftest import SCHEMA
+from tests.helpers import orphaned_spare_runners
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -106,6 +108,10 @@ def check_demo_run(proc: subprocess.CompletedProcess) -> None:
     assert "3 tests on worker-a via queue_a, 5 on worker-b via queue_b, exit code 0" in out
     assert "10 passed" in out
     assert demo_processes() == []  # the local workers and their runners are gone
+    deadline = time.monotonic() + 5  # a spare runner leaves when its worker's pipe closes
+    while orphaned_spare_runners() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert orphaned_spare_runners() == []
 
 
 def test_make_demo_falls_back_to_the_embedded_broker(tmp_path):

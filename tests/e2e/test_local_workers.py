@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from pytest_celery_dispatch.embedded import EMBEDDED
-from tests.helpers import BROKER, delete_queues
+from tests.helpers import BROKER, delete_queues, orphaned_spare_runners
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -21,6 +21,13 @@ def processes_mentioning(text: str) -> list[str]:
         for line in ps.stdout.splitlines()
         if text in line and " Z" not in line and "ps -eo" not in line
     ]
+
+
+def no_spare_left() -> None:
+    deadline = time.monotonic() + 5  # a spare runner leaves when its worker's pipe closes
+    while orphaned_spare_runners() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert orphaned_spare_runners() == []
 
 
 @pytest.fixture
@@ -65,6 +72,7 @@ def test_auto_starts_a_worker_per_needed_queue_and_stops_it(
     result.stdout.fnmatch_lines([f"*started local workers worker-{qa} ({qa}), worker-{qb} ({qb})*"])
     assert processes_mentioning(qa) == []
     assert processes_mentioning(qb) == []
+    no_spare_left()
 
 
 @TRANSPORTS
@@ -110,3 +118,4 @@ def test_listed_queues_and_ctrl_c_leave_no_process_behind(
     assert proc.returncode == 2, out
     time.sleep(1)
     assert processes_mentioning(f"-Q {qa}") == []
+    no_spare_left()
