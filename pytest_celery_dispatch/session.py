@@ -476,6 +476,9 @@ class DispatchSession:
             else:
                 self.waiting_queues[queue_name] = now + self.settings.wait_workers
         self._write_header()
+        from .jsonreport import prefetch_environment
+
+        prefetch_environment()  # while the first results are on their way
 
     def _start_local_workers(self, remote: Mapping[str, list[str]]) -> None:
         """--celery-local-workers: one worker per queue, started and awaited now."""
