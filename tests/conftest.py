@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from pytest_celery_dispatch.embedded import EMBEDDED
-from tests.helpers import BROKER, WorkerProcess, consumer_count, delete_queues
+from tests.helpers import BROKER, WorkerProcess, consumer_count, delete_queues, stop_all
 
 # pytest-randomly (a dev dependency, tests/e2e/test_compat.py) reorders every run it is loaded
 # in and reseeds `random`; many tests here rely on order. Keep it off in every pytest process
@@ -95,8 +95,7 @@ def workers(queues: Queues, workspace: Path) -> Iterator[dict[str, WorkerProcess
             started[key] = WorkerProcess(queue, f"worker-{key}", workspace, logs).start()
         yield started
     finally:
-        for worker in started.values():
-            worker.stop()
+        stop_all(list(started.values()))
 
 
 @pytest.fixture(scope="session")
@@ -112,8 +111,7 @@ def embedded_workers(queues: Queues, workspace: Path) -> Iterator[dict[str, Work
             started[key] = worker.start()
         yield started
     finally:
-        for worker in started.values():
-            worker.stop()
+        stop_all(list(started.values()))
 
 
 @pytest.fixture(params=["rabbitmq", "embedded"])
@@ -201,8 +199,7 @@ def worker_factory(workspace: Path):
         return worker.start()
 
     yield start
-    for worker in started:
-        worker.stop()
+    stop_all(started)
     if broker_reachable():
         delete_queues(*{w.queue for w in started})
 
