@@ -78,6 +78,15 @@ def root_dir(
     return (Path(base or os.getcwd()) / DEFAULT_DIR).resolve()
 
 
+def private_dir(path: Path) -> None:
+    """Create ``path`` readable by this user only: whoever can drop a message into a queue's
+    folder can make a worker run tests. A folder that exists keeps its mode (a group-shared
+    ``DISPATCH_EMBEDDED_DIR`` is the owner's choice)."""
+    if not path.is_dir():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+
+
 def register() -> None:
     """Make ``embedded://`` a kombu transport name (in this process)."""
     TRANSPORT_ALIASES.setdefault(EMBEDDED, "pytest_celery_dispatch.embedded:Transport")
@@ -86,8 +95,9 @@ def register() -> None:
 def celery_settings(root: Path, backend: str) -> dict[str, Any]:
     """The Celery settings that select the embedded broker in ``root``."""
     register()
+    private_dir(root)
     for sub in ("queues", "taken", "exchanges", "workers", "results"):
-        (root / sub).mkdir(parents=True, exist_ok=True)
+        private_dir(root / sub)
     if backend in ("", EMBEDDED, "rpc://"):
         backend = (root / "results").as_uri()
     return {
@@ -223,7 +233,7 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
         return self.root / "queues" / name
 
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
-        self._queue_dir(queue).mkdir(parents=True, exist_ok=True)
+        private_dir(self._queue_dir(queue))
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         return self._queue_dir(queue).is_dir()
@@ -272,7 +282,7 @@ class Channel(filesystem.Channel):  # type: ignore[misc]
         taken = self.root / "taken"
         names = self._names(queue)
         if names:
-            taken.mkdir(parents=True, exist_ok=True)
+            private_dir(taken)
         for name in names:
             target = taken / f"{uuid.uuid4().hex}-{name}"
             try:

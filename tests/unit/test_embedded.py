@@ -159,6 +159,15 @@ def test_root_dir_default_and_override(tmp_path):
     )
 
 
+def test_the_broker_folders_are_private_to_their_user(tmp_path):
+    root = tmp_path / "new" / "broker"
+    celery_config("embedded", "rpc://", root)
+    with connection(root) as conn:
+        conn.channel().queue_declare(queue="queue_a")
+    for folder in (root, root / "queues", root / "workers", root / "queues" / "queue_a"):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder
+
+
 def test_celery_config_for_the_embedded_broker(tmp_path):
     config = celery_config("embedded", "rpc://", tmp_path)
     assert config["broker_url"] == config["broker_write_url"] == "embedded://"
