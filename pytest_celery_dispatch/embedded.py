@@ -98,6 +98,10 @@ def celery_settings(root: Path, backend: str) -> dict[str, Any]:
     private_dir(root)
     for sub in ("queues", "taken", "exchanges", "workers", "results"):
         private_dir(root / sub)
+    ignore = root / ".gitignore"  # as pytest does for its cache: never committed by accident
+    if not ignore.exists():
+        with contextlib.suppress(OSError):
+            ignore.write_text("# created by pytest-celery-dispatch's embedded broker\n*\n")
     if backend in ("", EMBEDDED, "rpc://"):
         backend = (root / "results").as_uri()
     return {

@@ -166,6 +166,7 @@ def test_the_broker_folders_are_private_to_their_user(tmp_path):
         conn.channel().queue_declare(queue="queue_a")
     for folder in (root, root / "queues", root / "workers", root / "queues" / "queue_a"):
         assert folder.stat().st_mode & 0o777 == 0o700, folder
+    assert "*" in (root / ".gitignore").read_text().splitlines()  # never committed by accident
 
 
 def test_celery_config_for_the_embedded_broker(tmp_path):
