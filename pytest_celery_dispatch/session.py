@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 import queue as queue_mod
@@ -416,7 +417,7 @@ class DispatchSession:
             reporter.ensure_newline()
             reporter.write_line(line, **markup)
 
-    @property
+    @functools.cached_property
     def embedded_root(self) -> Path | None:
         """The embedded broker's folder (``--celery-broker embedded``), else None."""
         if self.settings.broker != EMBEDDED:
