@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import select
@@ -143,6 +144,10 @@ def pytest_collection_modifyitems(
     items[:] = selected
     if deselected:
         config.hook.pytest_deselected(items=deselected)
+    # The imported modules and the collected items live as long as this process: keep them out
+    # of the collector's way (its full passes, pytest's gc.collect() at the end). What the tests
+    # themselves leave behind is collected as usual.
+    gc.freeze()
     _emit(
         {
             "type": "collected",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gc
 import itertools
 import os
 import queue as queue_mod
@@ -480,6 +481,10 @@ class DispatchSession:
         from .jsonreport import prefetch_environment
 
         prefetch_environment()  # while the first results are on their way
+        # Everything imported and collected so far lives to the end of the run: out of the
+        # collector's way, so that neither the collections while reports are replayed nor
+        # pytest's gc.collect() at unconfigure walk Celery's and the items' object graphs again.
+        gc.freeze()
 
     def _start_local_workers(self, remote: Mapping[str, list[str]]) -> None:
         """--celery-local-workers: one worker per queue, started and awaited now."""
