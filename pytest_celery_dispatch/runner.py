@@ -21,6 +21,7 @@ import json
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -490,6 +491,49 @@ ENV_BOOT_FD = "PYTEST_CELERY_DISPATCH_BOOT_FD"
 ENV_SPARE = "DISPATCH_SPARE_RUNNER"
 
 
+#: ``DISPATCH_RUNNER_PYCACHE`` on a worker: where runners keep compiled and assert-rewritten
+#: modules (a folder), or ``off``. Default: a folder of this user's under the temp directory.
+ENV_PYCACHE = "DISPATCH_RUNNER_PYCACHE"
+
+
+def runner_pycache(env: Mapping[str, str]) -> str | None:
+    """The bytecode cache of this worker's runners, or None to leave Python's settings alone.
+
+    Without it every runner parses, assert-rewrites and compiles each test module and conftest
+    again: the workspace is often read-only (a container's mounted checkout) and images set
+    ``PYTHONDONTWRITEBYTECODE``. The cache lives outside the workspace and is only used when it
+    is this user's alone: whoever can write a cached module there can run code in the runners.
+    A ``PYTHONPYCACHEPREFIX`` of the worker's own wins.
+    """
+    setting = env.get(ENV_PYCACHE, "").strip()
+    if setting.lower() in ("0", "off", "no", "false") or env.get("PYTHONPYCACHEPREFIX"):
+        return None
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    top = setting or os.path.join(tempfile.gettempdir(), f"pytest-celery-dispatch-{uid}")
+    try:
+        os.makedirs(top, mode=0o700, exist_ok=True)
+        info = os.lstat(top)
+    except OSError:
+        return None
+    if (
+        not stat.S_ISDIR(info.st_mode)
+        or (hasattr(os, "getuid") and info.st_uid != uid)
+        or info.st_mode & 0o022
+    ):
+        return None
+    return os.path.join(top, "pycache") if not setting else top
+
+
+def runner_env(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with the runners' bytecode cache switched on (see :func:`runner_pycache`)."""
+    result = dict(env)
+    prefix = runner_pycache(env)
+    if prefix is not None:
+        result["PYTHONPYCACHEPREFIX"] = prefix
+        result.pop("PYTHONDONTWRITEBYTECODE", None)  # it writes there, never in the workspace
+    return result
+
+
 def _startup_env(env: Mapping[str, str]) -> dict[str, str]:
     """The variables that shape an interpreter when it starts (PYTHONPATH, PYTHONHASHSEED...)."""
     return {k: v for k, v in env.items() if k.startswith("PYTHON")}
@@ -500,6 +544,7 @@ class _Spare:
 
     def __init__(self, workspace: str, env: Mapping[str, str], delay: float = 0.0) -> None:
         self.workspace = os.path.realpath(workspace)
+        env = runner_env(env)
         self.startup_env = _startup_env(env)
         boot_r, self.boot_w = os.pipe()
         self.event_fd, self.event_w = os.pipe()
@@ -533,7 +578,7 @@ class _Spare:
         return (
             self.proc.poll() is None
             and os.path.realpath(spec.workspace) == self.workspace
-            and _startup_env(spec.env) == self.startup_env
+            and _startup_env(runner_env(spec.env)) == self.startup_env
         )
 
     def activate(self, args: list[str], env: Mapping[str, str], log: str | None) -> bool:
@@ -648,7 +693,7 @@ class _Runner:
 
     @staticmethod
     def _env(spec: RunnerSpec, nodeids_file: str, event_w: int, command_r: int) -> dict[str, str]:
-        env = dict(spec.env)
+        env = runner_env(spec.env)
         env.update(
             {
                 ENV_RUNNER: "1",

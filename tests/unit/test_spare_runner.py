@@ -70,9 +70,10 @@ def test_prepare_spare_keeps_one_and_can_be_turned_off(tmp_path, monkeypatch):
     taken.discard()
 
 
-def test_a_spare_imports_no_plugin_before_pytest_configures(tmp_path):
+def test_what_a_spare_imports_before_pytest_configures_never_makes_pytest_warn(tmp_path):
     # pytest cannot rewrite the asserts of a plugin imported before it configures and warns
     # ("Module already imported so cannot be rewritten"): made an error here, it must not come.
+    # The spare imports only pytest and this plugin's modules, which say PYTEST_DONT_REWRITE.
     (tmp_path / "test_one.py").write_text("def test_one():\n    assert True\n")
     spare = _Spare(str(tmp_path), dict(os.environ))
     log = tmp_path / "runner.log"
@@ -86,3 +87,62 @@ def test_a_spare_imports_no_plugin_before_pytest_configures(tmp_path):
         assert "1 passed" in log.read_text()
     finally:
         spare.discard()
+
+
+def test_runners_keep_bytecode_in_a_private_cache_outside_the_workspace(tmp_path):
+    cache = tmp_path / "cache"
+    env = {**os.environ, runner.ENV_PYCACHE: str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
+    result = runner.runner_env(env)
+    assert result["PYTHONPYCACHEPREFIX"] == str(cache)
+    assert "PYTHONDONTWRITEBYTECODE" not in result
+    assert cache.stat().st_mode & 0o777 == 0o700
+    # A folder others may write into is not trusted: Python's settings stay as they were.
+    cache.chmod(0o777)
+    assert runner.runner_pycache(env) is None
+    assert runner.runner_env(env)["PYTHONDONTWRITEBYTECODE"] == "1"
+
+
+def test_the_runner_bytecode_cache_can_be_turned_off_or_chosen_by_the_worker(tmp_path):
+    for off in ("off", "0"):
+        env = {**os.environ, runner.ENV_PYCACHE: off, "PYTHONDONTWRITEBYTECODE": "1"}
+        assert runner.runner_pycache(env) is None
+        assert runner.runner_env(env) == env
+    own = {**os.environ, "PYTHONPYCACHEPREFIX": str(tmp_path / "mine")}
+    own.pop(runner.ENV_PYCACHE, None)
+    assert runner.runner_env(own)["PYTHONPYCACHEPREFIX"] == str(tmp_path / "mine")
+    default = {k: v for k, v in os.environ.items() if k not in ("PYTHONPYCACHEPREFIX",)}
+    default.pop(runner.ENV_PYCACHE, None)
+    prefix = runner.runner_pycache(default)
+    assert prefix is not None
+    assert prefix.endswith(os.path.join(f"-{os.getuid()}", "pycache"))
+
+
+def test_a_read_only_workspace_s_test_modules_are_rewritten_once_then_read_from_the_cache(
+    tmp_path,
+):
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "test_cached.py").write_text("def test_cached():\n    assert 1 + 1 == 2\n")
+    workspace.chmod(0o555)
+    cache = tmp_path / "cache"
+    env = {**os.environ, runner.ENV_PYCACHE: str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
+    try:
+        for attempt in (1, 2):
+            spare = _Spare(str(workspace), env)
+            log = tmp_path / f"runner-{attempt}.log"
+            try:
+                args = ["-p", "no:cacheprovider", "--debug=" + str(tmp_path / f"d{attempt}.log")]
+                assert spare.activate([*args, "test_cached.py"], runner.runner_env(env), str(log))
+                assert spare.proc.wait(60) == 0, log.read_text()
+            finally:
+                spare.discard()
+        first = (tmp_path / "d1.log").read_text()
+        second = (tmp_path / "d2.log").read_text()
+        assert "rewriting" in first
+        assert "test_cached.py" in first
+        assert "found cached rewritten pyc" in second
+        cached = list(cache.rglob("test_cached.*pytest*.pyc"))
+        assert cached, sorted(str(p) for p in cache.rglob("*"))
+        assert not (workspace / "__pycache__").exists()
+    finally:
+        workspace.chmod(0o755)
