@@ -4,6 +4,8 @@ Mark a test ``@pytest.mark.queue("queue_a")`` and run ``pytest --celery-dispatch
 runs on a ``celery -A pytest_celery_dispatch.worker worker -Q queue_a`` process and its report
 comes back into the local session. The plugin itself lives in :mod:`.plugin` (entry point
 ``celery_dispatch``); this package exports only what users name in their code.
+
+PYTEST_DONT_REWRITE: spare runners import it before pytest configures (runner.SPARE_BOOT).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Celery settings shared by the controller's app and the worker app (no controller imports)."""
+"""Celery settings shared by the controller's app and the worker app (no controller imports).
+
+PYTEST_DONT_REWRITE: spare runners import it before pytest configures (runner.SPARE_BOOT).
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 Without ``--celery-dispatch`` the plugin only registers the marker, the options and the
 fixtures; the run is untouched.
+
+PYTEST_DONT_REWRITE: spare runners import it before pytest configures (runner.SPARE_BOOT).
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Precedence, first answer wins: the closest ``queue`` marker, then the
 ``pytest_celery_dispatch_route`` hook, then the ini ``celery_dispatch_routes`` lines, then
 ``--celery-default-queue``, then local. No Celery, no terminal: the plugin hands in the marker's
 arguments, the hook's answer and the item's nodeid.
+
+PYTEST_DONT_REWRITE: spare runners import it before pytest configures (runner.SPARE_BOOT).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ crashed and starts a new runner for the rest.
 
 This module is also the pytest plugin loaded into that runner process (``-p``). It never
 imports the controller side.
+
+PYTEST_DONT_REWRITE: spare runners import it before pytest configures (runner.SPARE_BOOT).
 """
 
 from __future__ import annotations
@@ -443,10 +445,11 @@ Chunk = dict[str, Any]
 
 
 #: What a spare runner does before it is needed: start the interpreter and import pytest with its
-#: own plugins, then wait on the boot pipe for one session's command line, environment and
-#: directory. It imports no test code, no conftest and no third-party plugin (pytest refuses to
-#: rewrite the asserts of a plugin imported before it configures), so a run sees nothing an
-#: earlier one left: each spare serves one runner and a new interpreter replaces it.
+#: own plugins and this plugin's modules, then wait on the boot pipe for one session's command
+#: line, environment and directory. It imports no test code, no conftest and no third-party
+#: plugin (pytest refuses to rewrite the asserts of a plugin imported before it configures), so
+#: a run sees nothing an earlier one left: each spare serves one runner and a new interpreter
+#: replaces it.
 SPARE_BOOT = """
 import importlib, json, os, select, sys
 boot = os.fdopen(int(os.environ.pop("PYTEST_CELERY_DISPATCH_BOOT_FD")), "rb")
@@ -466,6 +469,12 @@ for name in (*essential_plugins, *default_plugins):
     except ImportError:
         pass
 importlib.metadata.entry_points(group="pytest11")
+# This plugin's own modules (marked PYTEST_DONT_REWRITE, so importing them early is allowed).
+for name in ("pytest_celery_dispatch.runner", "pytest_celery_dispatch.plugin"):
+    try:
+        importlib.import_module(name)
+    except Exception:
+        pass
 if line is None:
     line = boot.readline()
 boot.close()
