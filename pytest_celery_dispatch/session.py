@@ -472,11 +472,14 @@ class DispatchSession:
             )
             self.workers_by_queue = {q: [name for name, _ in found[q]] for q in found}
             self.slots = {q: sum(c for _, c in found[q]) or self.consumers[q] for q in found}
+        later: list[scheduling.Batch] = []
         for queue_name in remote:
             if self.consumers[queue_name] > 0:
-                self._start_queue(queue_name)
+                later.extend(self._start_queue(queue_name))
             else:
                 self.waiting_queues[queue_name] = now + self.settings.wait_workers
+        for batch in later:
+            self._publish(batch)
         self._write_header()
         from .jsonreport import prefetch_environment
 
@@ -531,16 +534,28 @@ class DispatchSession:
                 )
         self._write_line("celery-dispatch workers: " + "; ".join(parts), cyan=True)
 
-    def _start_queue(self, queue_name: str) -> None:
-        """Publish the queue's work as chunks and start one session per worker slot."""
+    def _start_queue(self, queue_name: str, publish_all: bool = False) -> list[scheduling.Batch]:
+        """Cut the queue's work into chunks, publish the first, start one session per worker
+        slot, and return the other chunks for the caller to publish (all of them when
+        ``publish_all``): the workers start their runners while the rest is sent. A session
+        that finds the work queue empty just ends; ``_ensure_session`` starts another."""
         nodeids = self.queue_nodeids[queue_name]
         slots = max(1, self.slots.get(queue_name) or self.consumers.get(queue_name) or 1)
         self._broker.declare_work_queue(work_queue_name(self.run_id, queue_name))
-        chunks = scheduling.plan_chunks(nodeids, slots)
-        for ids in chunks:
-            self._publish(scheduling.Batch(scheduling.new_batch_id(self.run_id), queue_name, ids))
-        for _ in range(min(slots, len(chunks))):
+        batches = [
+            scheduling.Batch(scheduling.new_batch_id(self.run_id), queue_name, ids)
+            for ids in scheduling.plan_chunks(nodeids, slots)
+        ]
+        if batches:
+            self._publish(batches[0])
+        for _ in range(min(slots, len(batches))):
             self._send_session(queue_name)
+        rest = batches[1:]
+        if publish_all:
+            for batch in rest:
+                self._publish(batch)
+            return []
+        return rest
 
     def _file_digests(self, nodeids: list[str]) -> dict[str, str]:
         """sha256 of each test file of these nodeids, computed once per run and file."""
@@ -1052,7 +1067,7 @@ class DispatchSession:
                     f"{len(nodeids)} test{'s' if len(nodeids) != 1 else ''}",
                     cyan=True,
                 )
-                self._start_queue(queue_name)
+                self._start_queue(queue_name, publish_all=True)
             elif now >= deadline:
                 del self.waiting_queues[queue_name]
                 for nodeid in nodeids:
