@@ -534,11 +534,11 @@ class DispatchSession:
                 )
         self._write_line("celery-dispatch workers: " + "; ".join(parts), cyan=True)
 
-    def _start_queue(self, queue_name: str, publish_all: bool = False) -> list[scheduling.Batch]:
+    def _start_queue(self, queue_name: str) -> list[scheduling.Batch]:
         """Cut the queue's work into chunks, publish the first, start one session per worker
-        slot, and return the other chunks for the caller to publish (all of them when
-        ``publish_all``): the workers start their runners while the rest is sent. A session
-        that finds the work queue empty just ends; ``_ensure_session`` starts another."""
+        slot, and return the other chunks for the caller to publish: the workers start their
+        runners while the rest is sent. A session that finds the work queue empty just ends;
+        ``_ensure_session`` starts another."""
         nodeids = self.queue_nodeids[queue_name]
         slots = max(1, self.slots.get(queue_name) or self.consumers.get(queue_name) or 1)
         self._broker.declare_work_queue(work_queue_name(self.run_id, queue_name))
@@ -550,12 +550,7 @@ class DispatchSession:
             self._publish(batches[0])
         for _ in range(min(slots, len(batches))):
             self._send_session(queue_name)
-        rest = batches[1:]
-        if publish_all:
-            for batch in rest:
-                self._publish(batch)
-            return []
-        return rest
+        return batches[1:]
 
     def _file_digests(self, nodeids: list[str]) -> dict[str, str]:
         """sha256 of each test file of these nodeids, computed once per run and file."""
@@ -1067,7 +1062,8 @@ class DispatchSession:
                     f"{len(nodeids)} test{'s' if len(nodeids) != 1 else ''}",
                     cyan=True,
                 )
-                self._start_queue(queue_name, publish_all=True)
+                for batch in self._start_queue(queue_name):
+                    self._publish(batch)
             elif now >= deadline:
                 del self.waiting_queues[queue_name]
                 for nodeid in nodeids:

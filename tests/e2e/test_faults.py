@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+import uuid
 
 import pytest
 
@@ -125,6 +126,26 @@ def test_the_only_worker_of_a_queue_goes_away(pytester, worker_factory, controll
         # The batch it was running is lost by name; SIGTERM lets that batch finish instead.
         assert any("(worked on by worker-only)" in e for e in errors), errors
     assert "re-dispatching" in ctl.text()
+
+
+@TRANSPORTS
+def test_a_worker_started_while_the_controller_waits_gets_the_work(
+    pytester, worker_factory, controller, broker
+):
+    queue = f"cdtest-late-{uuid.uuid4().hex[:8]}"
+    slow_tests(pytester, queue, count=5, sleep=0.0)
+    ctl = controller("--celery-wait-workers=60", broker=broker)
+    deadline = time.monotonic() + 60
+    while "no worker yet, waiting up to 60s" not in ctl.text():
+        assert ctl.proc.poll() is None, ctl.text()
+        assert time.monotonic() < deadline, ctl.text()
+        time.sleep(0.05)
+    worker_factory(queue=queue, worker_id="worker-late", broker=broker)
+    assert ctl.wait(120) == 0, ctl.text()
+    assert f"a worker now consumes {queue}; sending 5 tests" in ctl.text()
+    report = pytester_report(ctl)
+    assert [t["outcome"] for t in report["tests"]] == ["passed"] * 5
+    assert {t["dispatch"]["worker"] for t in report["tests"]} == {"worker-late"}
 
 
 @pytest.fixture
