@@ -518,7 +518,10 @@ def runner_pycache(env: Mapping[str, str]) -> str | None:
     if setting.lower() in ("0", "off", "no", "false") or env.get("PYTHONPYCACHEPREFIX"):
         return None
     uid = os.getuid() if hasattr(os, "getuid") else 0
-    top = setting or os.path.join(tempfile.gettempdir(), f"pytest-celery-dispatch-{uid}")
+    # Absolute: a runner starts in the workspace, where a relative folder would land.
+    top = os.path.abspath(
+        setting or os.path.join(tempfile.gettempdir(), f"pytest-celery-dispatch-{uid}")
+    )
     try:
         os.makedirs(top, mode=0o700, exist_ok=True)
         info = os.lstat(top)

@@ -102,7 +102,7 @@ def test_runners_keep_bytecode_in_a_private_cache_outside_the_workspace(tmp_path
     assert runner.runner_env(env)["PYTHONDONTWRITEBYTECODE"] == "1"
 
 
-def test_the_runner_bytecode_cache_can_be_turned_off_or_chosen_by_the_worker(tmp_path):
+def test_the_runner_bytecode_cache_can_be_turned_off_or_chosen_by_the_worker(tmp_path, monkeypatch):
     for off in ("off", "0"):
         env = {**os.environ, runner.ENV_PYCACHE: off, "PYTHONDONTWRITEBYTECODE": "1"}
         assert runner.runner_pycache(env) is None
@@ -110,6 +110,10 @@ def test_the_runner_bytecode_cache_can_be_turned_off_or_chosen_by_the_worker(tmp
     own = {**os.environ, "PYTHONPYCACHEPREFIX": str(tmp_path / "mine")}
     own.pop(runner.ENV_PYCACHE, None)
     assert runner.runner_env(own)["PYTHONPYCACHEPREFIX"] == str(tmp_path / "mine")
+    relative = {**os.environ, runner.ENV_PYCACHE: "rel-cache"}
+    relative.pop("PYTHONPYCACHEPREFIX", None)
+    monkeypatch.chdir(tmp_path)
+    assert runner.runner_pycache(relative) == str(tmp_path / "rel-cache")
     default = {k: v for k, v in os.environ.items() if k not in ("PYTHONPYCACHEPREFIX",)}
     default.pop(runner.ENV_PYCACHE, None)
     prefix = runner.runner_pycache(default)
