@@ -16,13 +16,18 @@ PYTEST_DONT_REWRITE: spare runners import it before pytest configures (runner.SP
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import fcntl
 import gc
+import hashlib
 import json
 import os
 import select
+import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -42,6 +47,10 @@ ENV_NODEIDS = "PYTEST_CELERY_DISPATCH_NODEIDS"
 ENV_COMMAND_FD = "PYTEST_CELERY_DISPATCH_COMMAND_FD"
 ENV_OPTIONS = "PYTEST_CELERY_DISPATCH_OPTIONS"
 ENV_PARENT = "PYTEST_CELERY_DISPATCH_PARENT_PID"
+#: Set on a zygote runner: the Unix socket on which it forks the slots' runners (see _serve_forks).
+ENV_ZYGOTE = "PYTEST_CELERY_DISPATCH_ZYGOTE"
+#: ... and its folder (nodeids, log, pytest cache), removed when it exits.
+ENV_ZYGOTE_HOME = "PYTEST_CELERY_DISPATCH_ZYGOTE_HOME"
 
 #: Where the tail of a crashed runner's own output is quoted from.
 CRASH_OUTPUT_TAIL = 4000
@@ -105,15 +114,40 @@ def _request_stop(signum: int, frame: Any) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     global _writer
     fd = os.environ.get(ENV_EVENT_FD)
-    if fd is None or os.environ.get(ENV_RUNNER) != "1":
+    zygote = os.environ.get(ENV_ZYGOTE)
+    if (fd is None and not zygote) or os.environ.get(ENV_RUNNER) != "1":
         return
     # The controller's values of other plugins' options, for the plugins installed here.
     for name, value in json.loads(os.environ.get(ENV_OPTIONS) or "{}").items():
         if hasattr(config.option, name):
             setattr(config.option, name, value)
     _die_with_parent()
-    _writer = _EventWriter(int(fd))
+    if zygote:
+        _listen(zygote)
+        _writer = _EventWriter(os.open(os.devnull, os.O_WRONLY))  # it runs no test
+    else:
+        _writer = _EventWriter(int(str(fd)))
     signal.signal(STOP_SIGNAL, _request_stop)
+
+
+_listener: socket.socket | None = None
+
+
+def _listen(path: str) -> None:
+    """A zygote listens from its start: the slots' drivers connect while it loads the conftest
+    files and collects, and wait for their runners."""
+    global _listener
+    if _listener is None:
+        _listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        _listener.bind(path)
+        _listener.listen(64)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    zygote = os.environ.get(ENV_ZYGOTE)
+    if zygote and os.environ.get(ENV_RUNNER) == "1":
+        _listen(zygote)  # before the conftest files, which may take long to import
 
 
 def truncate_section(text: str, limit: int = MAX_SECTION_CHARS) -> str:
@@ -151,7 +185,7 @@ def pytest_collection_modifyitems(
     # of the collector's way (its full passes, pytest's gc.collect() at the end). What the tests
     # themselves leave behind is collected as usual.
     gc.freeze()
-    _emit(
+    _collected.update(
         {
             "type": "collected",
             "count": len(selected),
@@ -159,6 +193,10 @@ def pytest_collection_modifyitems(
             "reason": _collect_errors_for(missing) if missing else "",
         }
     )
+    _emit(dict(_collected))
+
+
+_collected: dict[str, Any] = {}  # this process's "collected" event, for the runners it forks
 
 
 def _commands(fd: int) -> Iterator[dict[str, Any]]:
@@ -185,10 +223,19 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
     ``nextitem`` is right and module / class fixtures are not torn down between chunks.
     """
     fd = os.environ.get(ENV_COMMAND_FD)
-    if _writer is None or fd is None:
+    if _writer is None or (fd is None and _listener is None):
         return None
     if session.config.option.collectonly:
         return True
+    if _listener is not None:
+        _serve_forks(session, _listener)
+        fd = os.environ.get(ENV_COMMAND_FD)  # set in a forked runner; the zygote ends here
+    if fd is None:
+        return True
+    return _run_commands(session, int(fd))
+
+
+def _run_commands(session: pytest.Session, fd: int) -> bool:
     index = {item.nodeid: item for item in session.items}
     pending: list[pytest.Item] = []
 
@@ -196,7 +243,7 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
         item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
         return not (session.shouldfail or session.shouldstop or _stop_requested)
 
-    for command in _commands(int(fd)):
+    for command in _commands(fd):
         if command.get("type") == "run":
             pending.extend(index[n] for n in command.get("nodeids", []) if n in index)
             while len(pending) > 1:
@@ -209,6 +256,150 @@ def pytest_runtestloop(session: pytest.Session) -> bool | None:
                     return True
             return True
     return True
+
+
+#: A zygote with no driver connected ends after this long (the run is over or has its runners).
+ZYGOTE_IDLE = 3.0
+#: ... and one that nobody asked for a runner ends after this long.
+ZYGOTE_FIRST_WAIT = 30.0
+
+
+def _serve_forks(session: pytest.Session, listener: socket.socket) -> None:
+    """A zygote's loop: it has collected and runs no test; each driver that connects gets a
+    runner forked from it (a copy of the collected session, with the driver's pipes, log file
+    and environment) and, later, that runner's exit status. A driver that goes away takes its
+    runner with it. Returns in the zygote when it is no longer needed, and in each forked runner
+    (with ``ENV_COMMAND_FD`` set) to run the driver's commands."""
+    path = listener.getsockname()
+    clients: dict[socket.socket, int] = {}  # connection -> its runner's pid (0: none yet)
+    last_active = time.monotonic()
+    served = False
+    while clients or time.monotonic() - last_active < (
+        ZYGOTE_IDLE if served else ZYGOTE_FIRST_WAIT
+    ):
+        ready, _, _ = select.select([listener, *clients], [], [], 0.05)
+        for sock in ready:
+            if sock is listener:
+                with contextlib.suppress(OSError):
+                    clients[listener.accept()[0]] = 0
+                continue
+            if clients.get(sock) == 0:
+                request = _read_request(sock)
+                if request is None:
+                    clients.pop(sock)
+                    sock.close()
+                    continue
+                env, fds = request
+                sys.stdout.flush()
+                sys.stderr.flush()
+                zygote = os.getpid()
+                pid = os.fork()
+                if pid == 0:
+                    _become_runner(session, env, fds, [listener, *clients], zygote)
+                    return
+                for fd in fds:
+                    os.close(fd)
+                clients[sock] = pid
+                served = True
+                try:
+                    _send_json(sock, {"pid": pid})
+                except OSError:  # the driver gave up waiting: nobody will feed this runner
+                    with contextlib.suppress(OSError):
+                        os.killpg(pid, signal.SIGKILL)
+                continue
+            # The driver closed its end: after its runner's exit status, or because it is gone.
+            with contextlib.suppress(OSError):
+                if sock.recv(64):
+                    continue
+            pid = clients.pop(sock)
+            sock.close()
+            if pid > 0:
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
+        while True:  # reap the runners, tell their drivers
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            for sock, child in clients.items():
+                if child == pid:
+                    clients[sock] = -pid
+                    with contextlib.suppress(OSError):
+                        _send_json(sock, {"status": status})
+        if clients:
+            last_active = time.monotonic()
+    listener.close()
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+    home = os.environ.get(ENV_ZYGOTE_HOME)
+    if home:  # after pytest's own end, which still writes its cache there
+        atexit.register(shutil.rmtree, home, ignore_errors=True)
+
+
+def _read_request(sock: socket.socket) -> tuple[dict[str, str], list[int]] | None:
+    """A driver's request: one JSON line (its environment) and its fds (events, commands, log)."""
+    sock.settimeout(5.0)
+    fds: list[int] = []
+    try:
+        data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 3)
+        while not data.endswith(b"\n"):
+            more = sock.recv(1 << 16)
+            if not more:
+                raise OSError("the driver went away")
+            data += more
+        if len(fds) != 3:
+            raise OSError("expected 3 file descriptors")
+        return json.loads(data), list(fds)
+    except (OSError, ValueError):
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        return None
+    finally:
+        sock.settimeout(None)
+
+
+def _send_json(sock: socket.socket, message: dict[str, Any]) -> None:
+    sock.sendall((json.dumps(message) + "\n").encode())
+
+
+def _become_runner(
+    session: pytest.Session,
+    env: dict[str, str],
+    fds: list[int],
+    sockets: list[socket.socket],
+    zygote: int,
+) -> None:
+    """In a freshly forked runner: drop the zygote's sockets, take the driver's pipes, log file
+    and environment, re-open pytest's output capturing on files of its own, announce what was
+    collected. Session fixtures are set up here, per runner, as in any runner."""
+    global _writer, _listener
+    event_fd, command_fd, log_fd = fds
+    for sock in sockets:
+        sock.close()
+    _listener = None
+    os.setsid()  # its own process group: the driver kills it (and what its tests started) alone
+    capman = session.config.pluginmanager.getplugin("capturemanager")
+    if capman is not None:
+        capman.stop_global_capturing()  # the zygote's capture files are shared with its runners
+    os.dup2(log_fd, 1)
+    os.dup2(log_fd, 2)
+    os.close(log_fd)
+    if capman is not None:
+        capman.start_global_capturing()
+    os.environ.clear()
+    os.environ.update(env)
+    os.environ[ENV_EVENT_FD] = str(event_fd)
+    os.environ[ENV_COMMAND_FD] = str(command_fd)
+    _writer = _EventWriter(event_fd)
+    # Killed with the zygote, which is killed with the worker's pool process that started it (a
+    # killed worker takes its running tests with it at once); a driver that goes away while the
+    # zygote lives gets its runner killed by the zygote.
+    os.environ[ENV_PARENT] = str(zygote)
+    _die_with_parent()
+    _emit(dict(_collected))
 
 
 _collect_errors: dict[str, str] = {}
@@ -311,6 +502,9 @@ class RunnerSpec:
     env: dict[str, str]
     stream: bool = False  # -s on the controller: forward the tests' output as it comes
     plugin_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: The run and queue: the sessions of one run on one worker share a zygote (see
+    #: ``_fork_from_zygote``); empty: every session starts its own runner.
+    key: str = ""
 
 
 def runner_command(spec: RunnerSpec, nodeids: list[str], cache_dir: str) -> list[str]:
@@ -362,7 +556,7 @@ def _tail(path: str) -> str:
         return ""
 
 
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+def _kill_group(proc: subprocess.Popen[bytes] | _ForkedProcess) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(Exception):
@@ -517,23 +711,31 @@ def runner_pycache(env: Mapping[str, str]) -> str | None:
     setting = env.get(ENV_PYCACHE, "").strip()
     if setting.lower() in ("0", "off", "no", "false") or env.get("PYTHONPYCACHEPREFIX"):
         return None
-    uid = os.getuid() if hasattr(os, "getuid") else 0
-    # Absolute: a runner starts in the workspace, where a relative folder would land.
-    top = os.path.abspath(
-        setting or os.path.join(tempfile.gettempdir(), f"pytest-celery-dispatch-{uid}")
-    )
+    if setting:
+        # Absolute: a runner starts in the workspace, where a relative folder would land.
+        return _private_dir(os.path.abspath(setting))
+    top = _private_top()
+    return os.path.join(top, "pycache") if top else None
+
+
+def _private_dir(path: str) -> str | None:
+    """``path``, created 0700 if missing, when it is a folder of this user's that others cannot
+    write into; else None."""
     try:
-        os.makedirs(top, mode=0o700, exist_ok=True)
-        info = os.lstat(top)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        info = os.lstat(path)
     except OSError:
         return None
-    if (
-        not stat.S_ISDIR(info.st_mode)
-        or (hasattr(os, "getuid") and info.st_uid != uid)
-        or info.st_mode & 0o022
-    ):
+    mine = not hasattr(os, "getuid") or info.st_uid == os.getuid()
+    if not stat.S_ISDIR(info.st_mode) or not mine or info.st_mode & 0o022:
         return None
-    return os.path.join(top, "pycache") if not setting else top
+    return path
+
+
+def _private_top() -> str | None:
+    """This user's folder under the temp directory (runner bytecode, zygote sockets)."""
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return _private_dir(os.path.join(tempfile.gettempdir(), f"pytest-celery-dispatch-{uid}"))
 
 
 def runner_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -654,6 +856,207 @@ def _take_spare(spec: RunnerSpec) -> _Spare | None:
     return None
 
 
+#: ``DISPATCH_FORK_RUNNERS=0`` on a worker: every slot's runner collects for itself.
+ENV_FORK = "DISPATCH_FORK_RUNNERS"
+#: How long a driver waits for a zygote it starts to listen, then for its forked runner (the
+#: zygote may still be collecting): together well under the controller's 10 s heartbeat limit,
+#: as the driver sends none meanwhile. A slower collection gets runners of their own.
+ZYGOTE_START_WAIT = 2.0
+ZYGOTE_REPLY_WAIT = 4.0
+
+_zygotes: list[subprocess.Popen[bytes]] = []  # started by this process: reaped as they end
+
+
+class _ForkedProcess:
+    """A runner forked by a zygote: not our child, so its exit status comes over the socket."""
+
+    stdout = None
+
+    def __init__(self, conn: socket.socket, pid: int) -> None:
+        self.conn = conn
+        self.pid = pid
+        self.returncode: int | None = None
+        self._buffer = b""
+
+    def _read(self, timeout: float) -> None:
+        if self.returncode is not None:
+            return
+        if not select.select([self.conn], [], [], timeout)[0]:
+            return
+        data = b""
+        with contextlib.suppress(OSError):
+            data = self.conn.recv(4096)
+        if not data:  # the zygote is gone: the status is lost with it
+            self.returncode = 255
+        self._buffer += data
+        while b"\n" in self._buffer:
+            line, _, self._buffer = self._buffer.partition(b"\n")
+            with contextlib.suppress(ValueError):
+                status = json.loads(line).get("status")
+                if isinstance(status, int):
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        if self.returncode is not None:
+            self.conn.close()
+
+    def poll(self) -> int | None:
+        self._read(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            left = 0.5 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired("forked runner", timeout or 0)
+            self._read(min(left, 0.5))
+        return self.returncode
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def _connect(path: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+def _zygote_path(spec: RunnerSpec) -> str | None:
+    if (
+        not spec.key
+        or spec.stream
+        or spec.env.get(ENV_FORK, "1") == "0"
+        or not sys.platform.startswith("linux")
+    ):
+        return None
+    top = _private_top()
+    if top is None:
+        return None
+    identity = json.dumps(
+        [
+            os.getppid(),  # the worker's main process: one zygote per worker, not per machine
+            spec.key,
+            os.path.realpath(spec.workspace),
+            spec.nodeids,
+            spec.pytest_args,
+            spec.plugin_options,
+            _startup_env(runner_env(spec.env)),
+        ],
+        sort_keys=True,
+        default=str,
+    )
+    path = os.path.join(top, f"z-{hashlib.sha256(identity.encode()).hexdigest()[:20]}.sock")
+    return path if len(path) < 100 else None
+
+
+def _start_zygote(spec: RunnerSpec, path: str) -> bool:
+    """Start the zygote of ``spec``'s run on this worker; True once it listens on ``path``."""
+    for old in list(_zygotes):
+        if old.poll() is not None:
+            _zygotes.remove(old)
+    home = tempfile.mkdtemp(prefix="celery-dispatch-zygote-")
+    nodeids_file = os.path.join(home, "nodeids.json")
+    with open(nodeids_file, "w", encoding="utf-8") as fh:
+        json.dump(spec.nodeids, fh)
+    command = runner_command(spec, spec.nodeids, os.path.join(home, "pytest-cache"))
+    env = runner_env(spec.env)
+    env.update(
+        {
+            ENV_RUNNER: "1",
+            ENV_ZYGOTE: path,
+            ENV_ZYGOTE_HOME: home,
+            ENV_NODEIDS: nodeids_file,
+            ENV_PARENT: str(os.getpid()),
+            ENV_OPTIONS: json.dumps(spec.plugin_options),
+        }
+    )
+    log = os.path.join(home, "zygote.log")
+    spare = _take_spare(spec)
+    proc: subprocess.Popen[bytes] | None = None
+    if spare is not None:
+        for fd in (spare.event_fd, spare.command_fd):
+            os.close(fd)
+        if spare.activate(command[3:], env, log):
+            proc = spare.proc
+            if proc.stdout is not None:
+                proc.stdout.close()
+                proc.stdout = None
+        else:
+            spare.discard()
+    if proc is None:
+        with open(log, "wb") as log_file:
+            proc = subprocess.Popen(
+                command,
+                cwd=spec.workspace,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+    _zygotes.append(proc)
+    deadline = time.monotonic() + ZYGOTE_START_WAIT
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            _kill_group(proc)
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def _fork_from_zygote(spec: RunnerSpec, log_path: str) -> tuple[_ForkedProcess, int, int] | None:
+    """A runner forked from the run's zygote on this worker (started here if there is none), as
+    (process, event fd, command fd); None when that cannot be had (the caller starts a runner
+    of its own). The sessions of one run on one worker share one collection this way."""
+    path = _zygote_path(spec)
+    top = _private_top()
+    if path is None or top is None:
+        return None
+    with open(os.path.join(top, "zygotes.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one zygote per run, queue and worker
+        conn = _connect(path)
+        if conn is None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # left by a zygote that was killed
+            if _start_zygote(spec, path):
+                conn = _connect(path)
+    if conn is None:
+        return None
+    event_fd, event_w = os.pipe()
+    command_r, command_fd = os.pipe()
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    env = runner_env(spec.env)
+    env.update({ENV_RUNNER: "1", ENV_OPTIONS: json.dumps(spec.plugin_options)})
+    pid = 0
+    try:
+        socket.send_fds(conn, [(json.dumps(env) + "\n").encode()], [event_w, command_r, log_fd])
+        conn.settimeout(ZYGOTE_REPLY_WAIT)
+        reply = b""
+        while not reply.endswith(b"\n"):
+            more = conn.recv(4096)
+            if not more:
+                break
+            reply += more
+        conn.settimeout(None)
+        pid = int(json.loads(reply or b"{}").get("pid") or 0)
+    except (OSError, ValueError):
+        pid = 0
+    finally:
+        for fd in (event_w, command_r, log_fd):
+            os.close(fd)
+    if pid <= 0:
+        conn.close()  # the zygote kills what it may still fork for us
+        os.close(event_fd)
+        os.close(command_fd)
+        return None
+    return _ForkedProcess(conn, pid), event_fd, command_fd
+
+
 class _Runner:
     """One warm runner process: pipes in and out, and what it was given."""
 
@@ -663,8 +1066,13 @@ class _Runner:
             json.dump(eligible, fh)
         self.log_path = os.path.join(tmp, f"runner-{number}.log")
         command = runner_command(spec, eligible, os.path.join(tmp, "pytest-cache"))
-        spare = _take_spare(spec) if number == 1 else None
-        self.warm_start = False
+        self.proc: subprocess.Popen[bytes] | _ForkedProcess
+        self.warm_start = self.forked = False
+        forked = _fork_from_zygote(spec, self.log_path) if number == 1 else None
+        if forked is not None:
+            self.proc, self.event_fd, self.command_fd = forked
+            self.warm_start = self.forked = True
+        spare = _take_spare(spec) if number == 1 and not self.forked else None
         if spare is not None:
             env = self._env(spec, nodeids_file, spare.event_w, spare.command_r)
             log = None if spec.stream else self.log_path

@@ -32,7 +32,16 @@ from celery import Celery, Task, signals
 
 from . import embedded
 from .celeryconf import backend_from_env, broker_from_env, celery_config
-from .runner import KILL, RUN, SPARE_DELAY, STOP, RunnerSpec, drive_session, prepare_spare
+from .runner import (
+    ENV_FORK,
+    KILL,
+    RUN,
+    SPARE_DELAY,
+    STOP,
+    RunnerSpec,
+    drive_session,
+    prepare_spare,
+)
 from .serialization import (
     PROTOCOL,
     SESSION_TASK,
@@ -100,6 +109,13 @@ def _note_concurrency(sender: Any = None, **kwargs: Any) -> None:
     concurrency = getattr(sender, "concurrency", None)
     if isinstance(concurrency, int):
         os.environ["DISPATCH_WORKER_CONCURRENCY"] = str(concurrency)
+    # A run's zygote (see runner._fork_from_zygote) lives in the pool process that started it:
+    # with pool processes replaced after N tasks or M bytes it would go, and the runners forked
+    # from it for the other slots with it. Such workers start a runner per slot.
+    if getattr(sender, "max_tasks_per_child", None) or getattr(
+        sender, "max_memory_per_child", None
+    ):
+        os.environ.setdefault(ENV_FORK, "0")
 
 
 @signals.worker_process_init.connect  # type: ignore[untyped-decorator]
@@ -313,6 +329,7 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             env=env,
             stream=bool(payload.get("stream")),
             plugin_options=dict(payload.get("plugin_options") or {}),
+            key=f"{base['run_id']}/{base['queue']}",
         )
         emit_logged = _ChunkLog(reply.emit, extra)
 
