@@ -16,7 +16,6 @@ PYTEST_DONT_REWRITE: spare runners import it before pytest configures (runner.SP
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import fcntl
@@ -334,8 +333,8 @@ def _serve_forks(session: pytest.Session, listener: socket.socket) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
     home = os.environ.get(ENV_ZYGOTE_HOME)
-    if home:  # after pytest's own end, which still writes its cache there
-        atexit.register(shutil.rmtree, home, ignore_errors=True)
+    if home:  # (pytest's own end may still write its cache there: swept with the dead ones)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def _read_request(sock: socket.socket) -> tuple[dict[str, str], list[int]] | None:
@@ -950,8 +949,22 @@ def _zygote_path(spec: RunnerSpec) -> str | None:
         sort_keys=True,
         default=str,
     )
-    path = os.path.join(top, f"z-{hashlib.sha256(identity.encode()).hexdigest()[:20]}.sock")
+    # <top>/z-<key>/sock: the zygote's folder also holds its nodeids, log and pytest cache.
+    path = os.path.join(top, f"z-{hashlib.sha256(identity.encode()).hexdigest()[:20]}", "sock")
     return path if len(path) < 100 else None
+
+
+def _sweep_zygotes(top: str) -> None:
+    """Remove the folders of zygotes that are gone without cleaning up (killed with their
+    worker): a live zygote accepts a connection on its socket, a dead one's refuses it."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(top):
+            if entry.name.startswith("z-") and entry.is_dir(follow_symlinks=False):
+                conn = _connect(os.path.join(entry.path, "sock"))
+                if conn is None:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    conn.close()
 
 
 def _start_zygote(spec: RunnerSpec, path: str) -> bool:
@@ -959,7 +972,8 @@ def _start_zygote(spec: RunnerSpec, path: str) -> bool:
     for old in list(_zygotes):
         if old.poll() is not None:
             _zygotes.remove(old)
-    home = tempfile.mkdtemp(prefix="celery-dispatch-zygote-")
+    home = os.path.dirname(path)
+    os.makedirs(home, mode=0o700, exist_ok=True)
     nodeids_file = os.path.join(home, "nodeids.json")
     with open(nodeids_file, "w", encoding="utf-8") as fh:
         json.dump(spec.nodeids, fh)
@@ -1021,8 +1035,7 @@ def _fork_from_zygote(spec: RunnerSpec, log_path: str) -> tuple[_ForkedProcess, 
         fcntl.flock(lock, fcntl.LOCK_EX)  # one zygote per run, queue and worker
         conn = _connect(path)
         if conn is None:
-            with contextlib.suppress(OSError):
-                os.unlink(path)  # left by a zygote that was killed
+            _sweep_zygotes(top)  # this one's folder too, if its zygote was killed
             if _start_zygote(spec, path):
                 conn = _connect(path)
     if conn is None:

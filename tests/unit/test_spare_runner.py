@@ -150,3 +150,28 @@ def test_a_read_only_workspace_s_test_modules_are_rewritten_once_then_read_from_
         assert not (workspace / "__pycache__").exists()
     finally:
         workspace.chmod(0o755)
+
+
+def test_the_folders_of_killed_zygotes_are_swept_and_live_ones_kept(tmp_path):
+    import socket
+
+    dead = tmp_path / "z-dead"
+    dead.mkdir()
+    gone = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    gone.bind(str(dead / "sock"))
+    gone.close()  # the socket file stays, nobody listens: a zygote killed with its worker
+    (dead / "zygote.log").write_text("collected\n")
+    live = tmp_path / "z-live"
+    live.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(live / "sock"))
+    listener.listen(1)
+    other = tmp_path / "pycache"
+    other.mkdir()
+    try:
+        runner._sweep_zygotes(str(tmp_path))
+        assert not dead.exists()
+        assert (live / "sock").exists()
+        assert other.exists()
+    finally:
+        listener.close()
