@@ -1028,9 +1028,9 @@ def _fork_from_zygote(spec: RunnerSpec, log_path: str) -> tuple[_ForkedProcess, 
     (process, event fd, command fd); None when that cannot be had (the caller starts a runner
     of its own). The sessions of one run on one worker share one collection this way."""
     path = _zygote_path(spec)
-    top = _private_top()
-    if path is None or top is None:
+    if path is None:
         return None
+    top = os.path.dirname(os.path.dirname(path))  # <top>/z-<key>/sock
     with open(os.path.join(top, "zygotes.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one zygote per run, queue and worker
         conn = _connect(path)
