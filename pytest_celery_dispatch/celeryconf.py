@@ -12,34 +12,35 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-DEFAULT_BROKER = "amqp://guest@localhost//"
-DEFAULT_BACKEND = "rpc://"
+from .names import (
+    DEFAULT_BACKEND,
+    DEFAULT_BROKER,
+    EMBEDDED,
+    ENV_BROKER_URL,
+    ENV_BROKER_URL_FALLBACK,
+    ENV_RESULT_BACKEND,
+    ENV_WORKSPACE,
+    TASK_A,
+    TASK_B,
+    is_embedded,
+)
 
 #: The example tasks of the original demo, each pinned to its queue.
 TASK_ROUTES = {
-    "pytest_celery_dispatch.task_a": {"queue": "queue_a"},
-    "pytest_celery_dispatch.task_b": {"queue": "queue_b"},
+    TASK_A: {"queue": "queue_a"},
+    TASK_B: {"queue": "queue_b"},
 }
 
 
 def broker_from_env(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
-    broker = env.get("CELERY_BROKER_URL") or env.get("BROKER_URL") or DEFAULT_BROKER
+    broker = env.get(ENV_BROKER_URL) or env.get(ENV_BROKER_URL_FALLBACK) or DEFAULT_BROKER
     return EMBEDDED if is_embedded(broker) else broker
-
-
-#: ``--celery-broker embedded``: the serverless broker of :mod:`.embedded` (imported only then:
-#: every pytest process reads this module, and kombu is heavy).
-EMBEDDED = "embedded"
-
-
-def is_embedded(url: str | None) -> bool:
-    return bool(url) and (url == EMBEDDED or str(url).startswith(EMBEDDED + "://"))
 
 
 def backend_from_env(environ: Mapping[str, str] | None = None) -> str:
     env = os.environ if environ is None else environ
-    return env.get("CELERY_RESULT_BACKEND") or DEFAULT_BACKEND
+    return env.get(ENV_RESULT_BACKEND) or DEFAULT_BACKEND
 
 
 def broker_ssl_options(
@@ -114,4 +115,4 @@ def embedded_root_from_env(environ: Mapping[str, str] | None = None) -> Path:
     from .embedded import root_dir
 
     env = os.environ if environ is None else environ
-    return root_dir(env.get("DISPATCH_WORKSPACE") or None, env)
+    return root_dir(env.get(ENV_WORKSPACE) or None, env)

@@ -48,12 +48,13 @@ from kombu.transport.virtual.base import queue_declare_ok_t
 from kombu.utils.encoding import bytes_to_str, str_to_bytes
 from kombu.utils.json import dumps, loads
 
-from .celeryconf import EMBEDDED as EMBEDDED
-from .celeryconf import is_embedded as is_embedded
+from .names import EMBEDDED as EMBEDDED
+from .names import ENV_EMBEDDED_DIR
+from .names import is_embedded as is_embedded
 
 log = logging.getLogger(__name__)
 
-ENV_DIR = "DISPATCH_EMBEDDED_DIR"
+ENV_DIR = ENV_EMBEDDED_DIR
 DEFAULT_DIR = Path(".pytest_cache") / "celery-dispatch" / "broker"
 #: How often an idle consumer looks for new messages (kombu's default is 1 s).
 POLLING_INTERVAL = 0.05

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from .outcome import outcome_of
+
 REPORT_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 
@@ -100,18 +102,6 @@ def _fileloc(loc: Any) -> dict[str, Any]:
     return {"path": str(loc.path), "lineno": loc.lineno, "message": str(loc.message)}
 
 
-def final_outcome(categories: Mapping[str, str]) -> str:
-    """One outcome per test from the teststatus category of each phase (json-report's rule)."""
-    for when in ("setup", "call", "teardown"):
-        category = categories.get(when, "")
-        if category in ("", "passed", "rerun"):
-            continue
-        if when != "call" and category == "failed":
-            return "error"
-        return category
-    return "passed" if categories else "error"
-
-
 class TestsCollector:
     """Gathers every phase report (local and replayed) into json-report test records."""
 
@@ -138,7 +128,7 @@ class TestsCollector:
             self.times[report.nodeid] = (min(first, start), max(last, stop))
         cats = self.categories.setdefault(report.nodeid, {})
         cats[report.when] = category
-        record["outcome"] = final_outcome(cats)
+        record["outcome"] = outcome_of(cats)
         if report.user_properties:
             record["user_properties"] = [
                 {str(k): v if isinstance(v, (str, int, float, bool)) else str(v)}

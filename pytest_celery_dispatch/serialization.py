@@ -15,6 +15,11 @@ import os
 import posixpath
 from typing import Any, Literal, TypedDict
 
+from .names import SLOT_TASK
+from .names import reply_queue_name as reply_queue_name
+from .names import stop_queue_name as stop_queue_name
+from .names import work_queue_name as work_queue_name
+
 
 class DispatchError(Exception):
     """An infrastructure failure that ends a dispatched test (worker lost, no consumer...)."""
@@ -23,7 +28,7 @@ class DispatchError(Exception):
 
 
 PROTOCOL = 1
-SESSION_TASK = "pytest_celery_dispatch.run_session"
+SESSION_TASK = SLOT_TASK
 #: A running batch sends an ``alive`` event this often (seconds).
 HEARTBEAT_INTERVAL = 2.0
 
@@ -98,19 +103,6 @@ class Event(TypedDict, total=False):
     elapsed: float  # alive: how long the current test has run
     tests: list[dict[str, Any]]  # results
     concurrency: int  # session_started: the worker's slots
-
-
-def reply_queue_name(run_id: str) -> str:
-    return f"celery-dispatch.reply.{run_id}"
-
-
-def work_queue_name(run_id: str, queue: str) -> str:
-    return f"celery-dispatch.work.{run_id}.{queue}"
-
-
-def stop_queue_name(run_id: str) -> str:
-    """Exists while the controller asks its workers to stop after their running test."""
-    return f"celery-dispatch.stop.{run_id}"
 
 
 def dumps(obj: Any) -> str:

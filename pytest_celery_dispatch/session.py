@@ -25,6 +25,7 @@ from typing import Any, cast
 import pytest
 
 from . import routing, scheduling
+from .outcome import outcome_of_reports
 from .serialization import (
     PROTOCOL,
     Chunk,
@@ -94,16 +95,6 @@ def restore_tuples(report: Any) -> None:
         report.longrepr = tuple(report.longrepr)
     if isinstance(report.location, list):
         report.location = tuple(report.location)
-
-
-def _outcome(reports: list[Any]) -> str:
-    for report in reports:
-        if report.failed:
-            return "error" if report.when != "call" else "failed"
-    for report in reports:
-        if report.skipped:
-            return "skipped"
-    return "passed"
 
 
 #: Options of other plugins that shape a test's run, applied on the worker when that plugin is
@@ -323,7 +314,7 @@ class DispatchSession:
                 task_id=record.task_id,
                 attempt=record.attempts,
                 duration=duration,
-                outcome=_outcome(reports),
+                outcome=outcome_of_reports(reports),
                 infrastructure_error=record.infrastructure_error,
             )
 

@@ -18,15 +18,16 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from .celeryconf import DEFAULT_BACKEND as DEFAULT_BACKEND
-from .celeryconf import DEFAULT_BROKER as DEFAULT_BROKER
+from .names import DEFAULT_BACKEND as DEFAULT_BACKEND
+from .names import DEFAULT_BROKER as DEFAULT_BROKER
+from .names import EMBEDDED as EMBEDDED
+from .names import mask_url as mask_url
 from .routing import QUEUE_NAME_RE as QUEUE_NAME_RE
 from .routing import RouteRule, parse_routes
 
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_WAIT_WORKERS = 10.0
 DEFAULT_RETRIES = 2
-EMBEDDED = "embedded"
 
 BROKER_SCHEMES = frozenset({"amqp", "amqps", "pyamqp", "redis", "rediss", "memory"})
 BACKEND_SCHEMES = frozenset({"rpc", "redis", "rediss", "amqp", "disabled", "file"})
@@ -64,23 +65,6 @@ HELP_ROUTES = (
     "routing without markers, one '<glob or nodeid prefix> = <queue>' per line; the first match "
     "wins, a queue marker still overrides it"
 )
-
-
-def _mask(url: str) -> str:
-    """Mask the password of a URL (kombu's own helper, with a fallback for unparsable text)."""
-    try:
-        from kombu.utils.url import maybe_sanitize_url
-
-        return str(maybe_sanitize_url(url))
-    except Exception:
-        return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1**@", url)
-
-
-def mask_url(url: str) -> str:
-    """``amqp://user:secret@host//`` -> ``amqp://user:**@host//``; other text unchanged."""
-    if url == EMBEDDED or "@" not in url:
-        return url
-    return _mask(url)
 
 
 @dataclasses.dataclass(frozen=True)

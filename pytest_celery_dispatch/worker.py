@@ -32,6 +32,7 @@ from celery import Celery, Task, signals
 
 from . import embedded
 from .celeryconf import backend_from_env, broker_from_env, celery_config
+from .outcome import outcome_of_reports
 from .runner import (
     ENV_FORK,
     KILL,
@@ -356,15 +357,6 @@ class _ChunkLog:
         self.chunks: dict[str, dict[str, Any]] = {}
         self.outcomes: dict[str, str] = {}
 
-    def _note(self, nodeid: str, report: dict[str, Any]) -> None:
-        outcome, when = report.get("outcome"), report.get("when")
-        if outcome == "failed":
-            self.outcomes[nodeid] = "failed" if when == "call" else "error"
-        elif outcome == "skipped" and self.outcomes.get(nodeid) not in ("failed", "error"):
-            self.outcomes[nodeid] = "skipped"
-        else:
-            self.outcomes.setdefault(nodeid, "passed")
-
     def __call__(self, event: dict[str, Any]) -> None:
         self.emit(event)
         kind = event.get("type")
@@ -386,9 +378,8 @@ class _ChunkLog:
             )
         elif kind == "results":
             for test in event.get("tests", []):
-                nodeid = str(test.get("nodeid", ""))
-                for report in test.get("reports", []):
-                    self._note(nodeid, report or {})
+                reports = [r or {} for r in test.get("reports", [])]
+                self.outcomes[str(test.get("nodeid", ""))] = outcome_of_reports(reports)
         elif kind == "crashed":
             self.outcomes[str(event.get("nodeid", ""))] = "crashed"
             log.warning(

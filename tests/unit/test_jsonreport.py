@@ -11,6 +11,7 @@ import jsonschema
 import pytest
 
 from pytest_celery_dispatch import jsonreport as jr
+from pytest_celery_dispatch.outcome import outcome_of
 from pytest_celery_dispatch.settings import mask_url
 
 SCHEMA = json.loads(jr.SCHEMA_PATH.read_text(encoding="utf-8"))
@@ -73,8 +74,8 @@ def sample_tests() -> list[dict[str, Any]]:
         ({}, "error"),
     ],
 )
-def test_final_outcome(categories: dict[str, str], expected: str) -> None:
-    assert jr.final_outcome(categories) == expected
+def test_outcome_of(categories: dict[str, str], expected: str) -> None:
+    assert outcome_of(categories) == expected
 
 
 def test_dispatch_figures_per_queue_and_per_worker() -> None:
