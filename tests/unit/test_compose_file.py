@@ -226,10 +226,10 @@ def test_the_scale_override_drops_the_fixed_names_and_nothing_else(compose):
         assert "container_name" not in merged
         assert "hostname" not in merged
         assert merged["command"] == base["command"]
-    # The README gives the same command, with the scale.
-    readme = (ROOT / "README.md").read_text()
+    # docs/workers.md gives the same command, with the scale.
+    workers_doc = (ROOT / "docs" / "workers.md").read_text()
     assert SCALE_COMMAND in SCALE_FILE.read_text()
-    assert f"{SCALE_COMMAND} --scale worker-a=3" in readme
+    assert f"{SCALE_COMMAND} --scale worker-a=3" in workers_doc
 
 
 # ---------------------------------------------------------------------------- workers/Dockerfile
