@@ -1,55 +1,61 @@
-"""Pure scheduling: batches per queue, outstanding work, deadlines and retry decisions.
+"""Pure scheduling: chunks and slots per queue, deadlines and retry decisions.
+
+The controller's :class:`QueueScheduler` owns the run's work and clocks and answers with
+*actions* (:class:`Publish`, :class:`StartSlot`, :class:`Fail`, :class:`Notice`,
+:class:`Attempt`) that :class:`~.session.DispatchSession` carries out with the Celery client.
+No Celery, no pytest, no I/O but the injected ``consumer_count``: unit-tested with a fake clock.
+
+Words: a *chunk* is a list of nodeids published to the run's work queue of one Celery queue
+(``batch_id`` on the wire); a *slot* is one ``run_session`` task, a worker process pulling
+chunks (``session_id`` on the wire).
 
 Invariants the controller relies on:
 
-* every dispatched nodeid belongs to exactly one outstanding batch until it has a final report;
-* a batch is *lost* when its heartbeats stop, when a test of it outlives the worker's own hard
+* every dispatched nodeid belongs to exactly one outstanding chunk until it has a final report;
+* a chunk is *lost* when its heartbeats stop, when a test of it outlives the worker's own hard
   kill, when its queue has no consumer any more, or when it waited in its queue for
   ``timeout + grace`` seconds while the queue made no progress (see :func:`is_lost`);
-* a lost batch's unfinished nodeids are re-dispatched as a new batch (attempt + 1) after an
-  exponential backoff, until ``retries`` re-dispatches are used up; then they fail by name.
-
-No Celery, no pytest: plain data, unit-tested with fakes.
+* every retry is decided by one :class:`RetryPolicy`, and every delay is a ``not_before``: a lost
+  chunk's unfinished nodeids are re-dispatched as a new chunk (attempt + 1) after an exponential
+  backoff until ``retries`` re-dispatches are used up, then they fail by name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Sequence
 
-#: Seconds added to the per-test timeout before an overdue test counts as lost.
-LOST_GRACE = 10.0
-#: A started batch whose heartbeats (every 2 s) stop for this long is lost.
-SILENCE_LIMIT = 10.0
-#: A started batch is lost once its queue has had no consumer at all for this long.
-CONSUMER_GONE_GRACE = 2.0
-#: First re-dispatch delay; doubles with each further attempt.
-BACKOFF_BASE = 1.0
-BACKOFF_MAX = 30.0
-
-_batch_counter = itertools.count(1)
+from .retry import BACKOFF_BASE as BACKOFF_BASE
+from .retry import BACKOFF_MAX as BACKOFF_MAX
+from .retry import CONSUMER_GONE_GRACE as CONSUMER_GONE_GRACE
+from .retry import LOST_GRACE as LOST_GRACE
+from .retry import SILENCE_LIMIT as SILENCE_LIMIT
+from .retry import GiveUp as GiveUp
+from .retry import Retry as Retry
+from .retry import RetryPolicy as RetryPolicy
+from .retry import backoff as backoff
+from .retry import grace_for as grace_for
 
 
 @dataclasses.dataclass
-class Batch:
-    """A group of nodeids sent as one Celery task to one queue."""
+class ChunkState:
+    """A group of nodeids published as one message to one queue's work queue."""
 
     batch_id: str
     queue: str
     nodeids: list[str]
     attempt: int = 1
-    task_id: str | None = None
     sent_at: float | None = None
     started_at: float | None = None
     last_seen: float | None = None
     worker: str | None = None
     done: set[str] = dataclasses.field(default_factory=set)
-    not_before: float = 0.0  # backoff: do not send before this monotonic time
+    not_before: float = 0.0  # the one delay field: nothing happens to it before this time
     current_since: float | None = None  # when the test running now began (monotonic)
     lost_by: list[str] = dataclasses.field(default_factory=list)  # workers of earlier attempts
-    session_id: str | None = None  # the session working on it
+    session_id: str | None = None  # the slot working on it
     send_failed_since: float | None = None
 
     @property
@@ -62,7 +68,7 @@ class Batch:
 
 
 @dataclasses.dataclass
-class SessionState:
+class SlotState:
     """One ``run_session`` task: a worker slot pulling chunks from the run's work queue."""
 
     session_id: str
@@ -78,6 +84,53 @@ class SessionState:
     @property
     def live(self) -> bool:
         return not self.finished and not self.lost
+
+
+# ----------------------------------------------------------------------------- actions
+
+
+@dataclasses.dataclass(frozen=True)
+class Publish:
+    """Put this chunk on its queue's work queue."""
+
+    chunk: ChunkState
+
+
+@dataclasses.dataclass(frozen=True)
+class StartSlot:
+    """Send one more ``run_session`` task to this slot's Celery queue."""
+
+    slot: SlotState
+
+
+@dataclasses.dataclass(frozen=True)
+class Fail:
+    """End this test with a named infrastructure failure."""
+
+    nodeid: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Notice:
+    """A line for the terminal (``yellow``: a retry, ``cyan``: news)."""
+
+    text: str
+    color: str = "yellow"
+
+
+@dataclasses.dataclass(frozen=True)
+class Attempt:
+    """These tests are now on this attempt (for the reports)."""
+
+    nodeids: tuple[str, ...]
+    attempt: int
+
+
+Action = Publish | StartSlot | Fail | Notice | Attempt
+
+
+# ----------------------------------------------------------------------------- pure rules
 
 
 def plan_chunks(
@@ -100,73 +153,451 @@ def plan_chunks(
     return chunks
 
 
-def new_batch_id(run_id: str) -> str:
-    return f"{run_id}.{next(_batch_counter)}"
-
-
-def backoff(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_MAX) -> float:
-    """Delay before sending attempt ``attempt`` (2 -> base, 3 -> 2*base, ...)."""
-    if attempt <= 1:
-        return 0.0
-    exponent = min(attempt - 2, 64)  # 2**64 seconds is past any cap; no float overflow
-    return float(min(cap, base * math.pow(2, exponent)))
-
-
-def grace_for(timeout: float) -> float:
-    """Slack added to the per-test timeout before an overdue test means loss: 2 to 10 s."""
-    return min(LOST_GRACE, max(2.0, timeout))
-
-
 def is_lost(
-    batch: Batch,
+    chunk: ChunkState,
     now: float,
     timeout: float,
     queue_last_seen: float | None = None,
     silence: float = SILENCE_LIMIT,
 ) -> str | None:
-    """Why this unfinished batch counts as lost, or ``None`` while it is fine.
+    """Why this unfinished chunk counts as lost, or ``None`` while it is fine.
 
-    * A started batch sends a heartbeat every couple of seconds: silent for ``silence``
+    * A started chunk sends a heartbeat every couple of seconds: silent for ``silence``
       seconds, its worker is gone or cut off.
-    * A test of a started batch that is still running ``timeout + grace`` after it began has
+    * A test of a started chunk that is still running ``timeout + grace`` after it began has
       outlived the worker's own hard kill: the worker cannot be trusted with it any more.
-    * A batch still waiting in its queue is lost when neither it nor any other batch of this
-      run on that queue made progress for ``timeout + grace``: while the queue moves, waiting
-      there is fine.
+    * A chunk still waiting in its queue is lost when neither it nor any other chunk of this
+      run on that queue made progress for ``timeout + grace`` (counted from its send, or from
+      its ``not_before`` after a retry): while the queue moves, waiting there is fine.
     """
-    if batch.finished or batch.sent_at is None:
+    if chunk.finished or chunk.sent_at is None:
         return None
     grace = grace_for(timeout)
-    if batch.started_at is not None:
-        last = batch.last_seen if batch.last_seen is not None else batch.started_at
+    if chunk.started_at is not None:
+        last = chunk.last_seen if chunk.last_seen is not None else chunk.started_at
         if now - last > silence:
             return f"no heartbeat for {silence:g}s"
-        if batch.current_since is not None and now - batch.current_since > timeout + grace:
+        if chunk.current_since is not None and now - chunk.current_since > timeout + grace:
             return f"a test still running {timeout + grace:g}s after it started"
         return None
-    last = max(batch.sent_at, queue_last_seen or 0.0)
+    last = max(chunk.sent_at, chunk.not_before, queue_last_seen or 0.0)
     if now - last > timeout + grace:
         return f"not taken from the queue within {timeout + grace:g}s"
     return None
 
 
-def redispatch(
-    batch: Batch, run_id: str, retries: int, now: float, base: float = BACKOFF_BASE
-) -> Batch | None:
-    """The follow-up batch for a lost one, or ``None`` when its retries are used up."""
-    remaining = batch.remaining
-    if not remaining or batch.attempt > retries:
-        return None
-    attempt = batch.attempt + 1
-    return Batch(
-        batch_id=new_batch_id(run_id),
-        queue=batch.queue,
-        nodeids=remaining,
-        attempt=attempt,
-        not_before=now + backoff(attempt, base),
-        lost_by=[*batch.lost_by, *([batch.worker] if batch.worker else [])],
-    )
+# ----------------------------------------------------------------------------- the scheduler
 
 
-def outstanding(batches: Iterable[Batch]) -> list[Batch]:
-    return [b for b in batches if not b.finished]
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+class QueueScheduler:
+    """The run's work per queue: chunks, slots, waiting queues, deadlines, retries.
+
+    Event methods (``slot_seen``, ``chunk_started``, ``test_started``, ...) record what the
+    workers said; :meth:`begin`, :meth:`poll`, :meth:`send_failed` and :meth:`slot_started`
+    return the actions to take. Times come from ``clock`` (monotonic seconds).
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        *,
+        timeout: float,
+        wait_workers: float,
+        policy: RetryPolicy,
+        broker: str,
+        consumer_count: Callable[[str], int | None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.run_id = run_id
+        self.timeout = timeout
+        self.wait_workers = wait_workers
+        self.policy = policy
+        self.broker = broker  # masked, for messages
+        self.consumer_count = consumer_count
+        self.clock = clock
+        self.queue_nodeids: dict[str, list[str]] = {}
+        self.chunks: dict[str, ChunkState] = {}
+        self.abandoned: set[str] = set()
+        self.unsent: list[ChunkState] = []
+        self.slots: dict[str, SlotState] = {}
+        self.capacity: dict[str, int] = {}  # queue -> worker slots known to consume it
+        self.consumers: dict[str, int] = {}
+        self.waiting_queues: dict[str, float] = {}  # queue -> deadline for a first consumer
+        self.queue_last_seen: dict[str, float] = {}
+        self.running: set[str] = set()
+        self.stopping = False
+        self._chunks_of: dict[str, list[str]] = {}
+        self._worker_slots: dict[str, dict[str, int]] = {}
+        self._no_consumer_since: dict[str, float] = {}
+        self._slot_not_before: dict[str, float] = {}
+        self._outage_since: float | None = None
+        self._chunk_numbers = itertools.count(1)
+        self._slot_numbers = itertools.count(1)
+
+    # ------------------------------------------------------------------ the start
+
+    def begin(self, consumers: dict[str, int], capacity: dict[str, int]) -> list[Action]:
+        """Queues with a consumer start now (first chunk, a slot per worker slot, then the other
+        chunks: workers start their runners while the rest is sent); the others wait up to
+        ``wait_workers`` for one."""
+        self.consumers.update(consumers)
+        self.capacity.update(capacity)
+        first: list[Action] = []
+        later: list[Action] = []
+        for queue in self.queue_nodeids:
+            if self.consumers.get(queue, 0) > 0:
+                now_actions, rest = self._start_queue(queue)
+                first.extend(now_actions)
+                later.extend(rest)
+            else:
+                self.waiting_queues[queue] = self.clock() + self.wait_workers
+        return first + later
+
+    def _start_queue(self, queue: str) -> tuple[list[Action], list[Action]]:
+        """The first chunk and a slot per worker slot now; the other chunks after."""
+        nodeids = self.queue_nodeids[queue]
+        slots = max(1, self.capacity.get(queue) or self.consumers.get(queue) or 1)
+        chunks = [self._new_chunk(queue, ids) for ids in plan_chunks(nodeids, slots)]
+        first: list[Action] = [Publish(c) for c in chunks[:1]]
+        first.extend(self._new_slot(queue) for _ in range(min(slots, len(chunks))))
+        return first, [Publish(c) for c in chunks[1:]]
+
+    def _new_chunk(self, queue: str, nodeids: list[str], **fields: object) -> ChunkState:
+        chunk = ChunkState(f"{self.run_id}.{next(self._chunk_numbers)}", queue, nodeids)
+        for name, value in fields.items():
+            setattr(chunk, name, value)
+        self.chunks[chunk.batch_id] = chunk
+        for nodeid in nodeids:
+            self._chunks_of.setdefault(nodeid, []).append(chunk.batch_id)
+        return chunk
+
+    def _new_slot(self, queue: str) -> StartSlot:
+        slot_id = f"{self.run_id}.s{next(self._slot_numbers)}"
+        slot = self.slots[slot_id] = SlotState(slot_id, queue, sent_at=self.clock())
+        return StartSlot(slot)
+
+    # ------------------------------------------------------------------ sending
+
+    def sent(self, chunk: ChunkState) -> None:
+        chunk.send_failed_since = None
+        chunk.sent_at = self.clock()
+
+    def send_failed(self, chunk: ChunkState, error: str) -> list[Action]:
+        """The broker refused the chunk: send it again shortly, or fail its tests by name."""
+        now = self.clock()
+        if chunk.send_failed_since is None:
+            chunk.send_failed_since = now
+        decision = self.policy.after_send_failure(
+            chunk.attempt, chunk.send_failed_since, now, error
+        )
+        if isinstance(decision, Retry):
+            chunk.not_before = decision.at
+            if chunk not in self.unsent:
+                self.unsent.append(chunk)
+            return []
+        actions: list[Action] = []
+        for nodeid in chunk.remaining:
+            actions.append(
+                Fail(
+                    nodeid,
+                    f"could not send {nodeid} to queue {chunk.queue!r} on {self.broker} for "
+                    f"{self.policy.send_limit:g}s: {error}",
+                )
+            )
+            self.done(nodeid)
+        return actions
+
+    def slot_send_failed(self, slot: SlotState) -> None:
+        slot.lost = True  # the next poll starts another
+
+    # ------------------------------------------------------------------ what workers say
+
+    def slot_seen(self, slot_id: str, worker: str | None) -> SlotState | None:
+        slot = self.slots.get(slot_id)
+        if slot is not None:
+            now = self.clock()
+            slot.last_seen = now
+            slot.worker = str(worker or slot.worker or "")
+            self.queue_last_seen[slot.queue] = now
+        return slot
+
+    def slot_started(self, slot: SlotState, concurrency: int) -> list[Action]:
+        """A slot says how many slots its worker has: start more slots to fill them (the
+        broadcast at the start may have missed a worker on a busy broker)."""
+        slot.started_at = self.clock()
+        if concurrency <= 0 or not slot.worker:
+            return []
+        known = self._worker_slots.setdefault(slot.queue, {})
+        known[slot.worker] = concurrency
+        unknown_workers = max(0, self.consumers.get(slot.queue, 0) - len(known))
+        wanted = sum(known.values()) + unknown_workers
+        self.capacity[slot.queue] = max(self.capacity.get(slot.queue, 0), wanted)
+        live = sum(1 for s in self.slots.values() if s.live and s.queue == slot.queue)
+        waiting = sum(1 for c in self.live_chunks(slot.queue) if c.started_at is None)
+        return [self._new_slot(slot.queue) for _ in range(min(wanted - live, waiting))]
+
+    def chunk_seen(self, batch_id: str) -> ChunkState | None:
+        chunk = self.chunks.get(batch_id)
+        if chunk is not None:
+            now = self.clock()
+            chunk.last_seen = now
+            self.queue_last_seen[chunk.queue] = now
+        return chunk
+
+    def chunk_started(self, chunk: ChunkState, worker: str, slot_id: str) -> None:
+        chunk.started_at = chunk.started_at or self.clock()
+        chunk.worker = worker
+        chunk.session_id = slot_id
+
+    def test_started(self, chunk: ChunkState, nodeid: str, elapsed: float = 0.0) -> None:
+        chunk.current_since = self.clock() - elapsed
+        self.running.add(nodeid)
+
+    def test_ended(self, chunk: ChunkState, nodeid: str) -> None:
+        chunk.current_since = None
+        self.running.discard(nodeid)
+
+    def done(self, nodeid: str) -> None:
+        """The test has its final outcome: no chunk waits for it any more."""
+        for batch_id in self._chunks_of.get(nodeid, ()):
+            self.chunks[batch_id].done.add(nodeid)
+
+    # ------------------------------------------------------------------ queries
+
+    def live_chunks(self, queue: str | None = None) -> list[ChunkState]:
+        return [
+            c
+            for c in self.chunks.values()
+            if not c.finished
+            and c.batch_id not in self.abandoned
+            and c.sent_at is not None
+            and (queue is None or c.queue == queue)
+        ]
+
+    def unfinished_in(self, queue: str) -> bool:
+        """Work of this queue is sent, being sent, or waiting to be sent again."""
+        return any(
+            c.queue == queue and not c.finished and c.batch_id not in self.abandoned
+            for c in self.chunks.values()
+        )
+
+    # ------------------------------------------------------------------ the clocks
+
+    def poll(self, connected: bool = True) -> list[Action]:
+        """Queues without consumers, lost work, silent slots, work waiting on a backoff."""
+        now = self.clock()
+        actions: list[Action] = []
+        if not connected:
+            if self._outage_since is None:
+                self._outage_since = now
+                actions.append(
+                    Notice(f"lost the connection to {self.broker}; reconnecting (deadlines paused)")
+                )
+            return actions
+        if self._outage_since is not None:
+            actions.append(Notice(f"reconnected after {now - self._outage_since:.1f}s", "cyan"))
+            self._outage_since = None
+            self._restart_clocks(now)
+        actions.extend(self._poll_waiting_queues(now))
+        waiting: dict[str, list[ChunkState]] = {}
+        for chunk in self.live_chunks():
+            if chunk.started_at is None:
+                waiting.setdefault(chunk.queue, []).append(chunk)
+            elif why := is_lost(chunk, now, self.timeout):
+                actions.extend(self._lost(chunk, now, why))
+        for queue in list(self.queue_nodeids):
+            if queue not in self.waiting_queues and self.unfinished_in(queue):
+                actions.extend(self._check_queue(queue, waiting.get(queue, []), now))
+        for slot in self.slots.values():
+            if slot.live and slot.started_at is not None and slot.last_seen is not None:
+                slot.lost = now - slot.last_seen > SILENCE_LIMIT
+        for chunk in list(self.unsent):
+            if now >= chunk.not_before:
+                self.unsent.remove(chunk)
+                actions.append(Publish(chunk))
+        for queue in self.queue_nodeids:
+            actions.extend(self._ensure_slot(queue, now))
+        return actions
+
+    def _restart_clocks(self, now: float) -> None:
+        """Back from a broker outage: nobody could speak meanwhile."""
+        for chunk in self.chunks.values():
+            if chunk.started_at is not None:
+                chunk.last_seen = now
+            if chunk.current_since is not None:
+                chunk.current_since = max(chunk.current_since, now - 1.0)
+        for slot in self.slots.values():
+            slot.last_seen = now
+        for queue in self.queue_last_seen:
+            self.queue_last_seen[queue] = now
+        self._no_consumer_since.clear()
+
+    def _poll_waiting_queues(self, now: float) -> list[Action]:
+        """Queues that had no consumer at the start: start once one shows up, or give up."""
+        actions: list[Action] = []
+        for queue, deadline in list(self.waiting_queues.items()):
+            count = self.consumer_count(queue)
+            nodeids = self.queue_nodeids.get(queue, [])
+            if count:
+                self.consumers[queue] = count
+                del self.waiting_queues[queue]
+                actions.append(
+                    Notice(
+                        f"a worker now consumes {queue}; sending {_plural(len(nodeids), 'test')}",
+                        "cyan",
+                    )
+                )
+                first, rest = self._start_queue(queue)
+                actions.extend(first + rest)
+            elif now >= deadline:
+                del self.waiting_queues[queue]
+                actions.extend(Fail(n, self.no_consumer_message(queue)) for n in nodeids)
+        return actions
+
+    def no_consumer_message(self, queue: str) -> str:
+        return (
+            f"no worker consumes queue {queue!r} (waited {self.wait_workers:g}s, "
+            f"--celery-wait-workers). Start one: celery -A pytest_celery_dispatch.worker "
+            f"worker -Q {queue} -n worker@%h"
+        )
+
+    def _check_queue(self, queue: str, waiting: list[ChunkState], now: float) -> list[Action]:
+        """A started queue with work left: still consumed, and moving?"""
+        count = self.consumer_count(queue)
+        if count is None:
+            return []  # cannot tell right now
+        self.consumers[queue] = count
+        actions: list[Action] = []
+        if count > 0:
+            self._no_consumer_since.pop(queue, None)
+        else:
+            gone_for = now - self._no_consumer_since.setdefault(queue, now)
+            why = f"no worker consumes queue {queue!r} any more"
+            if gone_for >= CONSUMER_GONE_GRACE:
+                for chunk in self.live_chunks(queue):
+                    if chunk.started_at is not None:
+                        actions.extend(self._lost(chunk, now, why))
+            if gone_for >= self.wait_workers and waiting:
+                return actions + self._requeue_waiting(queue, waiting, now, why)
+        # Work waiting while the queue makes no progress at all (a frozen worker holds the
+        # slot task): try another slot, count it as an attempt.
+        last_progress = self.queue_last_seen.get(queue)
+        stalled = [r for c in waiting if (r := is_lost(c, now, self.timeout, last_progress))]
+        if stalled and not any(c.started_at is not None for c in self.live_chunks(queue)):
+            actions.extend(self._requeue_waiting(queue, waiting, now, stalled[0]))
+        return actions
+
+    def _ensure_slot(self, queue: str, now: float) -> list[Action]:
+        """While work for a queue is left, at least one live slot must pull it."""
+        if queue in self.waiting_queues or self.stopping or not self.unfinished_in(queue):
+            return []
+        if any(s.live and s.queue == queue for s in self.slots.values()):
+            return []
+        if now < self._slot_not_before.get(queue, 0.0):
+            return []  # backing off before the next attempt
+        return [self._new_slot(queue)]
+
+    # ------------------------------------------------------------------ retries
+
+    def _requeue_waiting(
+        self, queue: str, chunks: list[ChunkState], now: float, why: str
+    ) -> list[Action]:
+        """Chunks still in the work queue, with nobody to take them: count an attempt, start a
+        fresh slot after the backoff, or fail them by name once the retries are used up."""
+        self._no_consumer_since.pop(queue, None)
+        self.queue_last_seen[queue] = now
+        for slot in self.slots.values():
+            if slot.queue == queue and slot.started_at is None:
+                slot.lost = True  # never started: another one replaces it
+        actions: list[Action] = []
+        retried: list[tuple[ChunkState, Retry]] = []
+        for chunk in chunks:
+            decision = self.policy.after_loss(chunk.attempt, now, why)
+            if isinstance(decision, Retry):
+                retried.append((chunk, decision))
+            else:
+                actions.extend(self._give_up(chunk, why))
+        if not retried:
+            return actions
+        for chunk, decision in retried:
+            chunk.attempt, chunk.not_before = decision.attempt, decision.at
+            actions.append(Attempt(tuple(chunk.remaining), chunk.attempt))
+        latest = max((d for _, d in retried), key=lambda d: d.attempt)
+        self._slot_not_before[queue] = latest.at
+        tests = sum(len(c.remaining) for c, _ in retried)
+        actions.append(
+            Notice(
+                f"queue {queue}: {why}; re-dispatching {tests} test(s) in {latest.at - now:g}s "
+                f"(attempt {latest.attempt} of {self.policy.retries + 1})"
+            )
+        )
+        return actions
+
+    def _lost(self, chunk: ChunkState, now: float, why: str) -> list[Action]:
+        """Re-dispatch what a lost chunk had not finished, or fail it by name."""
+        self.abandoned.add(chunk.batch_id)
+        for nodeid in chunk.remaining:
+            self.running.discard(nodeid)
+        slot = self.slots.get(chunk.session_id or "")
+        if slot is not None:
+            slot.lost = True
+        decision = self.policy.after_loss(chunk.attempt, now, why)
+        remaining = chunk.remaining
+        if isinstance(decision, GiveUp) or not remaining:
+            return self._give_up(chunk, why)
+        follow_up = self._new_chunk(
+            chunk.queue,
+            remaining,
+            attempt=decision.attempt,
+            not_before=decision.at,
+            lost_by=[*chunk.lost_by, *([chunk.worker] if chunk.worker else [])],
+        )
+        self.unsent.append(follow_up)
+        self._slot_not_before[chunk.queue] = decision.at
+        where = f"{chunk.worker} on {chunk.queue}" if chunk.worker else f"queue {chunk.queue}"
+        return [
+            Notice(
+                f"{where}: {why}; re-dispatching {len(remaining)} test(s) in "
+                f"{decision.at - now:g}s (attempt {decision.attempt} of "
+                f"{self.policy.retries + 1})"
+            )
+        ]
+
+    def _give_up(self, chunk: ChunkState, why: str) -> list[Action]:
+        self.abandoned.add(chunk.batch_id)
+        attempts = _plural(chunk.attempt, "attempt")
+        lost_by = [*chunk.lost_by, *([chunk.worker] if chunk.worker else [])]
+        if lost_by:
+            attempts += f" (worked on by {', '.join(dict.fromkeys(lost_by))})"
+        actions: list[Action] = []
+        for nodeid in chunk.remaining:
+            if chunk.started_at is not None:
+                what = f"{chunk.worker} lost while running {nodeid} (queue {chunk.queue})"
+            else:
+                what = f"no worker of queue {chunk.queue} started {nodeid}"
+            actions.append(
+                Fail(
+                    nodeid,
+                    f"{what} after {attempts}: {why} (--celery-timeout {self.timeout:g}, "
+                    f"--celery-retries {self.policy.retries})",
+                )
+            )
+            self.done(nodeid)
+        return actions
+
+    # ------------------------------------------------------------------ stopping
+
+    def stop(self) -> list[str]:
+        """-x / --maxfail: start nothing more; the tests queued and not started, sorted."""
+        self.stopping = True
+        queued = {n for c in self.live_chunks() if c.started_at is None for n in c.remaining}
+        queued |= {n for c in self.unsent for n in c.remaining}
+        self.unsent.clear()
+        return sorted(queued)
+
+    def unstarted_slot_task_ids(self) -> list[str]:
+        return [s.task_id for s in self.slots.values() if s.task_id and s.started_at is None]

@@ -1,14 +1,25 @@
-"""The "celery dispatch" terminal summary, formatted from the JSON report's data (pure)."""
+"""What the controller writes to the terminal.
+
+:class:`DispatchTerminal` (registered as a plugin, like xdist's ``TerminalDistReporter``): the
+plan of ``--collect-only``, the workers header, notices, "waiting" status lines, ``-s`` output of
+remote tests and the ``[worker/queue]`` tags of ``-v`` lines. :func:`summary_lines` formats the
+"celery dispatch" summary from the JSON report's data (pure).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+import pytest
 
 from .jsonreport import test_duration
 
 Line = tuple[str, dict[str, bool]]
 
+#: With nothing reported for this long, a status line says what each queue is doing.
+STATUS_EVERY = 5.0
 #: Above this many dispatched tests the per-test table is shown only with -v.
 DETAIL_LIMIT = 50
 
@@ -141,3 +152,131 @@ def summary_lines(report: Mapping[str, Any], verbose: int = 0) -> list[Line]:
         )
     lines.extend((text, {}) for text in _table(rows))
     return lines
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'s' if n != 1 else ''}"
+
+
+class DispatchTerminal:
+    """The controller's lines in pytest's terminal."""
+
+    def __init__(self, config: pytest.Config, tag: Callable[[str], str | None]) -> None:
+        self.config = config
+        self.tag = tag  # nodeid -> "worker/queue" once the test is replayed, else None
+        self._partial_output: dict[str, str] = {}
+        self._last_status = time.monotonic()
+
+    def write_line(self, line: str, **markup: bool) -> None:
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.ensure_newline()
+            reporter.write_line(line, **markup)
+
+    def notice(self, text: str, color: str = "yellow") -> None:
+        self.write_line(f"celery-dispatch: {text}", **{color: True})
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_report_teststatus(
+        self, report: pytest.TestReport | pytest.CollectReport, config: pytest.Config
+    ) -> Any:
+        result = yield
+        if result and config.get_verbosity() > 0 and isinstance(report, pytest.TestReport):
+            tag = self.tag(report.nodeid)
+            category, letter, word = result
+            if tag and word:
+                if isinstance(word, tuple):
+                    word = (f"{word[0]} [{tag}]", word[1])
+                else:
+                    word = f"{word} [{tag}]"
+                return category, letter, word
+        return result
+
+    def write_plan(self, routes: Iterable[tuple[str, str | None, str, str | None]]) -> None:
+        """--collect-only: where each test would run, from (nodeid, queue, source, error)."""
+        plan: dict[str, list[str]] = {}
+        errors: list[str] = []
+        for nodeid, queue, source, error in routes:
+            if error is not None:
+                errors.append(f"    {nodeid}: {error}")
+            else:
+                plan.setdefault(queue or "local (controller)", []).append(
+                    f"    {nodeid}  [{source}]"
+                )
+        self.write_line("celery-dispatch plan (--collect-only: nothing is sent)", bold=True)
+        for queue_name in sorted(plan, key=lambda q: (q.startswith("local"), q)):
+            lines = plan[queue_name]
+            self.write_line(f"  {queue_name}: {_plural(len(lines), 'test')}")
+            for line in lines:
+                self.write_line(line)
+        if errors:
+            self.write_line(f"  invalid routing: {len(errors)} test(s)", red=True)
+            for line in errors:
+                self.write_line(line, red=True)
+
+    def write_header(
+        self,
+        consumers: Mapping[str, int],
+        workers_by_queue: Mapping[str, list[str]],
+        capacity: Mapping[str, int],
+        queue_nodeids: Mapping[str, list[str]],
+        wait_workers: float,
+    ) -> None:
+        parts = []
+        for queue_name in sorted(consumers):
+            count = consumers[queue_name]
+            names = workers_by_queue.get(queue_name) or []
+            shown = f" ({', '.join(names)})" if names else ""
+            tests = _plural(len(queue_nodeids.get(queue_name, [])), "test")
+            if count:
+                slots = capacity.get(queue_name, count)
+                parts.append(
+                    f"{queue_name}: {_plural(count, 'worker')}{shown}, "
+                    f"{_plural(slots, 'slot')}, {tests}"
+                )
+            else:
+                parts.append(
+                    f"{queue_name}: no worker yet, waiting up to {wait_workers:g}s for {tests}"
+                )
+        self.write_line("celery-dispatch workers: " + "; ".join(parts), cyan=True)
+
+    def write_status(
+        self,
+        now: float,
+        last_activity: float,
+        queue_nodeids: Mapping[str, list[str]],
+        finalized: set[str],
+        running: set[str],
+    ) -> None:
+        """While slow benches keep everyone waiting: queued / running / done per queue."""
+        if now - last_activity < STATUS_EVERY or now - self._last_status < STATUS_EVERY:
+            return
+        self._last_status = now
+        parts = []
+        for queue_name in sorted(queue_nodeids):
+            nodeids = queue_nodeids[queue_name]
+            done = sum(1 for n in nodeids if n in finalized)
+            busy = sum(1 for n in nodeids if n in running and n not in finalized)
+            parts.append(
+                f"{queue_name} {len(nodeids) - done - busy} queued, {busy} running, {done} done"
+            )
+        if parts:
+            self.write_line("celery-dispatch waiting: " + "; ".join(parts), cyan=True)
+
+    def write_output(self, slot_id: str, worker: object, data: str) -> None:
+        """-s: what a dispatched test prints, shown as it arrives, each line tagged."""
+        text = self._partial_output.pop(slot_id, "") + data
+        *lines, rest = text.split("\n")
+        if rest:
+            self._partial_output[slot_id] = rest
+        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None or not lines:
+            return
+        reporter.ensure_newline()
+        for line in lines:
+            reporter.write_line(f"[{worker}] {line}", cyan=True)
+
+    def end_output(self, slot_id: str, worker: object) -> None:
+        """A slot ended: its last line without a newline is shown too."""
+        if slot_id in self._partial_output:
+            self.write_output(slot_id, worker, "\n")

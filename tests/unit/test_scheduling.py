@@ -1,11 +1,11 @@
-"""scheduling.py: chunks, sessions, backoff, loss detection and re-dispatch."""
+"""scheduling.py rules: chunks, slots, backoff, loss detection and the retry policy."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from pytest_celery_dispatch import scheduling as sch
-from pytest_celery_dispatch.scheduling import Batch
+from pytest_celery_dispatch.scheduling import ChunkState
 
 
 def test_plan_chunks_is_contiguous_ordered_and_shrinking() -> None:
@@ -31,11 +31,11 @@ def test_plan_chunks_sizes_follow_remaining_over_four_slots() -> None:
 
 
 def test_session_state_is_live_until_finished_or_lost() -> None:
-    state = sch.SessionState("r.s1", "queue_a", sent_at=0.0)
+    state = sch.SlotState("r.s1", "queue_a", sent_at=0.0)
     assert state.live
     state.finished = True
     assert not state.live
-    assert not sch.SessionState("r.s2", "queue_a", sent_at=0.0, lost=True).live
+    assert not sch.SlotState("r.s2", "queue_a", sent_at=0.0, lost=True).live
 
 
 def test_backoff_is_exponential_and_capped() -> None:
@@ -56,8 +56,8 @@ def test_grace_for_is_between_two_and_ten_seconds() -> None:
     assert sch.grace_for(300.0) == sch.LOST_GRACE == 10.0
 
 
-def _batch(**fields: Any) -> Batch:
-    return Batch(batch_id="r.1", queue="queue_a", nodeids=["a", "b"], **fields)
+def _batch(**fields: Any) -> ChunkState:
+    return ChunkState(batch_id="r.1", queue="queue_a", nodeids=["a", "b"], **fields)
 
 
 def test_started_batch_is_lost_when_its_heartbeats_stop() -> None:
@@ -101,25 +101,24 @@ def test_finished_or_unsent_batches_are_never_lost() -> None:
     assert not sch.is_lost(_batch(), now=1e9, timeout=1.0)
 
 
-def test_redispatch_sends_only_remaining_nodeids_after_backoff() -> None:
-    batch = Batch(batch_id="r.own", queue="queue_a", nodeids=["a", "b", "c"], attempt=1, done={"b"})
-    follow = sch.redispatch(batch, "r", retries=2, now=1000.0, base=3.0)
-    assert follow is not None
-    assert follow.nodeids == ["a", "c"]
-    assert follow.queue == "queue_a"
-    assert follow.attempt == 2
-    assert follow.not_before == 1000.0 + 3.0
-    assert follow.batch_id != batch.batch_id
-    assert follow.sent_at is None
-    assert follow.done == set()
-
-    second = sch.redispatch(follow, "r", retries=2, now=2000.0, base=3.0)
-    assert second is not None
-    assert second.attempt == 3
-    assert second.not_before == 2000.0 + 6.0
+def test_waiting_chunk_counts_from_its_retry_time_too() -> None:
+    chunk = _batch(sent_at=100.0, not_before=130.0)
+    assert not sch.is_lost(chunk, now=140.0, timeout=5.0)
+    assert sch.is_lost(chunk, now=140.5, timeout=5.0)
 
 
-def test_redispatch_gives_up_when_retries_are_used_or_nothing_remains() -> None:
-    assert sch.redispatch(_batch(attempt=3), "r", retries=2, now=0.0) is None
-    assert sch.redispatch(_batch(attempt=1), "r", retries=0, now=0.0) is None
-    assert sch.redispatch(_batch(attempt=1, done={"a", "b"}), "r", retries=5, now=0.0) is None
+def test_retry_policy_after_loss_backs_off_then_gives_up() -> None:
+    policy = sch.RetryPolicy(retries=2, base=3.0)
+    assert policy.after_loss(1, now=1000.0, why="x") == sch.Retry(at=1003.0, attempt=2)
+    assert policy.after_loss(2, now=2000.0, why="x") == sch.Retry(at=2006.0, attempt=3)
+    assert policy.after_loss(3, now=3000.0, why="gone") == sch.GiveUp("gone")
+    assert sch.RetryPolicy(retries=0).after_loss(1, now=0.0, why="y") == sch.GiveUp("y")
+
+
+def test_retry_policy_after_send_failure_retries_the_same_attempt_until_its_limit() -> None:
+    policy = sch.RetryPolicy(retries=2, resend_interval=1.0, send_limit=20.0)
+    assert policy.after_send_failure(2, failing_since=100.0, now=100.0, why="e") == sch.Retry(
+        at=101.0, attempt=2
+    )
+    assert policy.after_send_failure(2, 100.0, now=119.9, why="e") == sch.Retry(120.9, 2)
+    assert policy.after_send_failure(2, 100.0, now=120.0, why="e") == sch.GiveUp("e")

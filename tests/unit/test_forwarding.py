@@ -1,15 +1,12 @@
-"""session.py pure helpers: options forwarded to workers, JSON tuples restored."""
+"""forwarding.py and replay.py pure helpers: options forwarded to workers, JSON tuples restored."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 from typing import Any
 
-from pytest_celery_dispatch.session import (
-    forwarded_plugin_options,
-    forwarded_pytest_args,
-    restore_tuples,
-)
+from pytest_celery_dispatch.forwarding import forwarded_plugin_options, forwarded_pytest_args
+from pytest_celery_dispatch.replay import restore_tuples
 
 
 def fake_config(**option: Any) -> Any:

@@ -1,0 +1,77 @@
+"""Deadlines and retries: when dispatched work counts as lost, and when to try again.
+
+One :class:`RetryPolicy` answers every retry question of a run with :class:`Retry` (when, and
+as which attempt) or :class:`GiveUp`. Pure: no clock of its own, times are passed in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+#: Seconds added to the per-test timeout before an overdue test counts as lost.
+LOST_GRACE = 10.0
+#: A started chunk whose heartbeats (every 2 s) stop for this long is lost.
+SILENCE_LIMIT = 10.0
+#: A started chunk is lost once its queue has had no consumer at all for this long.
+CONSUMER_GONE_GRACE = 2.0
+#: First re-dispatch delay; doubles with each further attempt.
+BACKOFF_BASE = 1.0
+BACKOFF_MAX = 30.0
+#: A chunk the broker refused to take is sent again this often (within the send deadline).
+RESEND_INTERVAL = 1.0
+
+
+def backoff(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_MAX) -> float:
+    """Delay before sending attempt ``attempt`` (2 -> base, 3 -> 2*base, ...)."""
+    if attempt <= 1:
+        return 0.0
+    exponent = min(attempt - 2, 64)  # 2**64 seconds is past any cap; no float overflow
+    return float(min(cap, base * math.pow(2, exponent)))
+
+
+def grace_for(timeout: float) -> float:
+    """Slack added to the per-test timeout before an overdue test means loss: 2 to 10 s."""
+    return min(LOST_GRACE, max(2.0, timeout))
+
+
+@dataclasses.dataclass(frozen=True)
+class Retry:
+    """Try again at ``at`` (monotonic) as attempt ``attempt``."""
+
+    at: float
+    attempt: int
+
+
+@dataclasses.dataclass(frozen=True)
+class GiveUp:
+    why: str
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Every retry decision of a run.
+
+    * :meth:`after_loss`: attempt ``n`` of some tests was lost (worker gone, nobody took the
+      chunk): attempt ``n + 1`` after ``backoff(n + 1)``, while ``n <= retries``.
+    * :meth:`after_send_failure`: the broker refused a publish (it may be restarting): the same
+      attempt again every ``resend_interval`` seconds until ``send_limit`` seconds of failures.
+    """
+
+    retries: int
+    base: float = BACKOFF_BASE
+    cap: float = BACKOFF_MAX
+    resend_interval: float = RESEND_INTERVAL
+    send_limit: float = math.inf
+
+    def after_loss(self, attempt: int, now: float, why: str) -> Retry | GiveUp:
+        if attempt > self.retries:
+            return GiveUp(why)
+        return Retry(now + backoff(attempt + 1, self.base, self.cap), attempt + 1)
+
+    def after_send_failure(
+        self, attempt: int, failing_since: float, now: float, why: str
+    ) -> Retry | GiveUp:
+        if now - failing_since >= self.send_limit:
+            return GiveUp(why)
+        return Retry(now + self.resend_interval, attempt)
