@@ -83,6 +83,57 @@ def test_a_tool_written_for_pytest_json_report_reads_ours(pytester, queues, run_
     assert ours_tests["test_pass"]["call"]["stdout"] == theirs_tests["test_pass"]["call"]["stdout"]
 
 
+def test_every_report_gives_each_test_the_same_outcome_as_a_local_run(
+    pytester, queues, run_dispatched
+):
+    """Terminal (-rA), JSON report, JUnit XML and event log agree per test, with
+    pytest-json-report on a local run of the same suite."""
+    import xml.etree.ElementTree as ET
+
+    pytester.makepyfile(test_suite=queues.render(SUITE))
+    theirs_path = pytester.path / "theirs.json"
+    local = pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--json-report", f"--json-report-file={theirs_path}"
+    )
+    assert local.ret == 1
+    expected = {
+        n: t["outcome"] for n, t in by_name(json.loads(theirs_path.read_text())["tests"]).items()
+    }
+    assert expected == {
+        "test_pass": "passed", "test_fail": "failed", "test_skip": "skipped",
+        "test_xfail": "xfailed", "test_xpass": "xpassed", "test_error": "error",
+    }  # fmt: skip
+
+    junit, events = pytester.path / "junit.xml", pytester.path / "events.jsonl"
+    run = run_dispatched("-rA", f"--junitxml={junit}", f"--celery-event-log={events}")
+    assert {n: t["outcome"] for n, t in by_name(run.report["tests"]).items()} == expected
+
+    finished = [json.loads(line) for line in events.read_text().splitlines()]
+    finished = [e for e in finished if e["event"] == "finished"]
+    assert {e["nodeid"].split("::")[-1]: e["outcome"] for e in finished} == expected
+
+    # -rA short summary: PASSED / FAILED / SKIPPED / XFAIL / XPASS / ERROR per test.
+    words = {"passed": "PASSED", "failed": "FAILED", "skipped": "SKIPPED", "xfailed": "XFAIL",
+             "xpassed": "XPASS", "error": "ERROR"}  # fmt: skip
+    summary = run.result.stdout.str().split("short test summary info")[1]
+    for name, outcome in expected.items():
+        if outcome == "skipped":
+            assert "SKIPPED [1] test_suite.py" in summary  # skips are listed by location
+        else:
+            assert f"{words[outcome]} test_suite.py::{name}" in summary, (name, summary)
+
+    junit_outcome = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        tags = {child.tag for child in case}
+        junit_outcome[case.get("name")] = (
+            "error" if "error" in tags else "failed" if "failure" in tags
+            else "skipped" if "skipped" in tags else "passed"
+        )  # fmt: skip
+    # JUnit has no xfail / xpass: pytest writes an xfail as skipped and an xpass as passed.
+    junit_words = {**expected, "test_xfail": "skipped", "test_xpass": "passed"}
+    assert junit_outcome == junit_words
+
+
 def test_both_reports_together_are_written_and_agree(pytester, queues, run_dispatched):
     pytester.makepyfile(test_suite=queues.render(SUITE))
     theirs_path = pytester.path / "theirs.json"
@@ -232,6 +283,8 @@ def test_workers_log_one_json_object_per_chunk(pytester, queues, workers, run_di
     for record in finished:
         for outcome, count in record["outcomes"].items():
             outcomes[outcome] = outcomes.get(outcome, 0) + count
-    # pytest's phase outcomes: xfail is a skip, xpass a pass, a setup failure an error.
-    assert outcomes == {"passed": 2, "failed": 1, "skipped": 2, "error": 1}
+    # The one outcome rule (outcome.py), as in the JSON report and the terminal.
+    assert outcomes == {
+        "passed": 1, "failed": 1, "skipped": 1, "xfailed": 1, "xpassed": 1, "error": 1
+    }  # fmt: skip
     assert any(r["message"] == "chunk received" for r in records)

@@ -1,0 +1,321 @@
+"""QueueScheduler, one test per row of the fault table (docs/reliability.md), on a fake clock.
+
+The scheduler is driven as the controller drives it: events from workers go to its event
+methods, ``poll()`` runs the clocks, and the returned actions are checked. Deadlines come from
+the scheduler's own constants, never from wall-clock time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from pytest_celery_dispatch import retry
+from pytest_celery_dispatch import scheduling as sch
+from pytest_celery_dispatch.scheduling import (
+    Action,
+    Attempt,
+    ChunkState,
+    Fail,
+    Notice,
+    Publish,
+    QueueScheduler,
+    RetryPolicy,
+    SlotState,
+    StartSlot,
+)
+
+BROKER = "amqp://guest:**@127.0.0.1:5672//"
+
+
+@dataclass
+class Clock:
+    now: float = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class Lab:
+    """A scheduler with a fake clock and fake consumer counts; sends always succeed."""
+
+    clock: Clock = field(default_factory=Clock)
+    counts: dict[str, int | None] = field(default_factory=dict)
+    retries: int = 2
+    timeout: float = 300.0
+    wait_workers: float = 10.0
+    sched: QueueScheduler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sched = QueueScheduler(
+            "run",
+            timeout=self.timeout,
+            wait_workers=self.wait_workers,
+            policy=RetryPolicy(self.retries, send_limit=self.wait_workers + sch.SILENCE_LIMIT),
+            broker=BROKER,
+            consumer_count=lambda q: self.counts.get(q),
+            clock=self.clock,
+        )
+
+    def send(self, actions: list[Action]) -> list[Action]:
+        """Carry out Publish as a successful send; return every action."""
+        for action in actions:
+            if isinstance(action, Publish):
+                self.sched.sent(action.chunk)
+        return actions
+
+    def begin(self, nodeids: list[str], consumers: int = 1, slots: int = 1) -> list[Action]:
+        self.sched.queue_nodeids["queue_a"] = list(nodeids)
+        self.counts["queue_a"] = consumers
+        return self.send(self.sched.begin({"queue_a": consumers}, {"queue_a": slots}))
+
+    def poll(self, connected: bool = True) -> list[Action]:
+        return self.send(self.sched.poll(connected))
+
+    def take(self, chunk: ChunkState, slot: SlotState, worker: str = "w1") -> None:
+        """The slot starts and takes the chunk (the events a worker sends)."""
+        self.sched.slot_seen(slot.session_id, worker)
+        self.sched.slot_started(slot, 1)
+        self.sched.chunk_seen(chunk.batch_id)
+        self.sched.chunk_started(chunk, worker, slot.session_id)
+
+    def heartbeat(self, chunk: ChunkState, slot: SlotState) -> None:
+        self.sched.slot_seen(slot.session_id, slot.worker)
+        self.sched.chunk_seen(chunk.batch_id)
+
+
+def of(kind: type, actions: list[Action]) -> list:  # type: ignore[type-arg]
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def started_run(lab: Lab, nodeids: list[str]) -> tuple[ChunkState, SlotState]:
+    """One slot takes the first chunk; with up to 4 tests a queue has one chunk per test."""
+    actions = lab.begin(nodeids)
+    chunk = of(Publish, actions)[0].chunk
+    (start,) = of(StartSlot, actions)
+    lab.take(chunk, start.slot)
+    return chunk, start.slot
+
+
+TWELVE = [f"t{i}" for i in range(12)]  # one slot: chunks of 3, 2, 1, ...
+
+
+def test_start_publishes_the_first_chunk_then_a_slot_per_worker_slot_then_the_rest() -> None:
+    lab = Lab()
+    actions = lab.begin([f"t{i}" for i in range(20)], consumers=1, slots=2)
+    kinds = [type(a).__name__ for a in actions]
+    assert kinds[:3] == ["Publish", "StartSlot", "StartSlot"]
+    assert set(kinds[3:]) == {"Publish"}
+    sent = [n for a in of(Publish, actions) for n in a.chunk.nodeids]
+    assert sent == [f"t{i}" for i in range(20)]
+
+
+def test_silent_slot_its_work_is_sent_again_after_the_backoff() -> None:
+    lab = Lab()
+    _chunk, slot = started_run(lab, ["a"])
+    lab.clock.advance(sch.SILENCE_LIMIT)
+    assert lab.poll() == []  # silent for exactly the limit: still fine
+    lab.clock.advance(0.1)
+    actions = lab.poll()
+    (notice,) = of(Notice, actions)
+    assert notice.text == (
+        "w1 on queue_a: no heartbeat for 10s; re-dispatching 1 test(s) in 1s (attempt 2 of 3)"
+    )
+    assert slot.lost
+    assert not of(Publish, actions)
+    assert not of(StartSlot, actions)
+    lab.clock.advance(sch.backoff(2))
+    actions = lab.poll()
+    (publish,) = of(Publish, actions)
+    assert publish.chunk.nodeids == ["a"]
+    assert publish.chunk.attempt == 2
+    assert publish.chunk.lost_by == ["w1"]
+    assert len(of(StartSlot, actions)) == 1  # a fresh slot pulls it
+
+
+def test_only_unfinished_tests_of_a_lost_chunk_are_sent_again() -> None:
+    lab = Lab()
+    chunk, _slot = started_run(lab, TWELVE)
+    assert chunk.nodeids == ["t0", "t1", "t2"]
+    lab.sched.done("t1")
+    lab.clock.advance(sch.SILENCE_LIMIT + 0.1)
+    lab.poll()
+    lab.clock.advance(sch.backoff(2))
+    (publish,) = of(Publish, lab.poll())
+    assert publish.chunk.nodeids == ["t0", "t2"]
+
+
+def test_queue_lost_its_last_consumer() -> None:
+    lab = Lab()
+    chunk, slot = started_run(lab, ["a"])
+    lab.counts["queue_a"] = 0
+    assert lab.poll() == []  # the first poll that sees no consumer starts the grace
+    lab.clock.advance(sch.CONSUMER_GONE_GRACE - 0.1)
+    lab.heartbeat(chunk, slot)
+    assert lab.poll() == []
+    lab.clock.advance(0.1)
+    (notice,) = of(Notice, lab.poll())
+    assert "no worker consumes queue 'queue_a' any more; re-dispatching 1 test(s)" in notice.text
+
+
+def test_no_consumer_ever_fails_each_test_by_name_after_wait_workers() -> None:
+    lab = Lab()
+    assert lab.begin(["a", "b"], consumers=0) == []
+    assert lab.sched.waiting_queues == {"queue_a": 1000.0 + lab.wait_workers}
+    lab.clock.advance(lab.wait_workers - 0.1)
+    assert lab.poll() == []
+    lab.clock.advance(0.1)
+    fails = of(Fail, lab.poll())
+    assert [f.nodeid for f in fails] == ["a", "b"]
+    assert fails[0].message == (
+        "no worker consumes queue 'queue_a' (waited 10s, --celery-wait-workers). Start one: "
+        "celery -A pytest_celery_dispatch.worker worker -Q queue_a -n worker@%h"
+    )
+
+
+def test_a_consumer_that_shows_up_while_waiting_gets_all_the_work() -> None:
+    lab = Lab()
+    lab.begin([f"t{i}" for i in range(10)], consumers=0)
+    lab.clock.advance(lab.wait_workers / 2)
+    lab.counts["queue_a"] = 1
+    actions = lab.poll()
+    assert of(Notice, actions)[0] == Notice(
+        "a worker now consumes queue_a; sending 10 tests", "cyan"
+    )
+    assert sorted(n for a in of(Publish, actions) for n in a.chunk.nodeids) == sorted(
+        f"t{i}" for i in range(10)
+    )
+    assert len(of(StartSlot, actions)) == 1
+
+
+def test_stalled_queue_a_frozen_worker_holds_the_slot_task() -> None:
+    # The consumer is there but nothing on the queue moves: after timeout + grace the waiting
+    # chunk counts an attempt and a fresh slot is sent after the backoff.
+    lab = Lab(timeout=5.0)
+    actions = lab.begin(["a"])
+    (chunk,) = (a.chunk for a in of(Publish, actions))
+    (first_slot,) = (a.slot for a in of(StartSlot, actions))
+    limit = lab.timeout + sch.grace_for(lab.timeout)
+    lab.clock.advance(limit)
+    assert lab.poll() == []
+    lab.clock.advance(0.1)
+    actions = lab.poll()
+    assert of(Attempt, actions) == [Attempt(("a",), 2)]
+    (notice,) = of(Notice, actions)
+    assert notice.text == (
+        "queue queue_a: not taken from the queue within 10s; re-dispatching 1 test(s) in 1s "
+        "(attempt 2 of 3)"
+    )
+    assert first_slot.lost
+    assert chunk.attempt == 2
+    assert not of(StartSlot, actions)
+    lab.clock.advance(sch.backoff(2))
+    assert len(of(StartSlot, lab.poll())) == 1
+    assert not of(Publish, lab.poll())  # the chunk is still in the work queue
+
+
+def test_send_failure_is_retried_each_second_then_fails_by_name() -> None:
+    lab = Lab()
+    lab.sched.queue_nodeids["queue_a"] = TWELVE
+    actions = lab.sched.begin({"queue_a": 1}, {"queue_a": 1})
+    publish = of(Publish, actions)[0]
+    for other in of(Publish, actions)[1:]:
+        lab.sched.sent(other.chunk)
+    assert lab.sched.send_failed(publish.chunk, "[Errno 111] Connection refused") == []
+    assert lab.sched.poll() == []  # not before the resend interval
+    lab.clock.advance(retry.RESEND_INTERVAL)
+    again = of(Publish, lab.sched.poll())
+    assert [a.chunk for a in again] == [publish.chunk]
+    lab.clock.advance(lab.wait_workers + sch.SILENCE_LIMIT)
+    fails = lab.sched.send_failed(publish.chunk, "[Errno 111] Connection refused")
+    assert [f.nodeid for f in fails] == ["t0", "t1", "t2"]
+    assert fails[0].message == (
+        f"could not send t0 to queue 'queue_a' on {BROKER} for 20s: [Errno 111] Connection refused"
+    )
+
+
+def test_broker_outage_pauses_every_deadline() -> None:
+    lab = Lab()
+    _chunk, _slot = started_run(lab, ["a"])
+    (lost,) = lab.poll(connected=False)
+    assert lost == Notice(f"lost the connection to {BROKER}; reconnecting (deadlines paused)")
+    lab.clock.advance(sch.SILENCE_LIMIT * 3)
+    assert lab.poll(connected=False) == []  # said once
+    actions = lab.poll(connected=True)
+    assert actions == [Notice("reconnected after 30.0s", "cyan")]
+    lab.clock.advance(sch.SILENCE_LIMIT)
+    assert lab.poll() == []  # the silence counts from the reconnection
+    lab.clock.advance(0.1)
+    assert of(Notice, lab.poll())
+
+
+def test_gives_up_after_the_retries_naming_every_worker() -> None:
+    lab = Lab(retries=1)
+    _chunk, _slot = started_run(lab, ["a"])
+    lab.clock.advance(sch.SILENCE_LIMIT + 0.1)
+    lab.poll()
+    lab.clock.advance(sch.backoff(2))
+    actions = lab.poll()
+    (retry,) = (a.chunk for a in of(Publish, actions))
+    (second,) = (a.slot for a in of(StartSlot, actions))
+    lab.take(retry, second, worker="w2")
+    lab.clock.advance(sch.SILENCE_LIMIT + 0.1)
+    (fail,) = of(Fail, lab.poll())
+    assert fail.message == (
+        "w2 lost while running a (queue queue_a) after 2 attempts (worked on by w1, w2): "
+        "no heartbeat for 10s (--celery-timeout 300, --celery-retries 1)"
+    )
+    lab.clock.advance(60)
+    assert lab.poll() == []  # nothing left: no slot, no publish
+
+
+def test_a_test_outliving_the_workers_hard_kill_is_lost_even_with_heartbeats() -> None:
+    lab = Lab(timeout=5.0)
+    chunk, slot = started_run(lab, ["a"])
+    lab.sched.test_started(chunk, "a")
+    for _ in range(5):
+        lab.clock.advance(2.0)
+        lab.heartbeat(chunk, slot)
+        assert lab.poll() == []
+    lab.clock.advance(0.1)
+    (notice,) = of(Notice, lab.poll())
+    assert "a test still running 10s after it started" in notice.text
+
+
+def test_stop_revokes_queued_work_and_starts_nothing_more() -> None:
+    lab = Lab()
+    actions = lab.begin([f"t{i}" for i in range(12)], consumers=1, slots=1)
+    chunks = [a.chunk for a in of(Publish, actions)]
+    first_slot = of(StartSlot, actions)[0].slot
+    lab.take(chunks[0], first_slot)
+    queued = lab.sched.stop()
+    assert queued == sorted(n for c in chunks[1:] for n in c.nodeids)
+    first_slot.lost = True
+    lab.clock.advance(5)
+    assert not of(StartSlot, lab.poll())
+
+
+def test_a_slot_that_reports_more_worker_slots_brings_more_slots() -> None:
+    lab = Lab()
+    actions = lab.begin([f"t{i}" for i in range(40)], consumers=1, slots=1)
+    slot = of(StartSlot, actions)[0].slot
+    lab.sched.slot_seen(slot.session_id, "w1")
+    more = lab.sched.slot_started(slot, 3)
+    assert len(of(StartSlot, more)) == 2
+    assert lab.sched.capacity["queue_a"] == 3
+
+
+@pytest.mark.parametrize("count", [None, 1])
+def test_an_unknown_consumer_count_changes_nothing(count: int | None) -> None:
+    lab = Lab()
+    chunk, slot = started_run(lab, ["a"])
+    lab.counts["queue_a"] = count
+    for _ in range(10):
+        lab.clock.advance(1.0)
+        lab.heartbeat(chunk, slot)
+        assert lab.poll() == []
