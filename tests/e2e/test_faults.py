@@ -38,9 +38,11 @@ def test_slow(n):
 """
 
 
-def slow_tests(pytester, queue: str, count: int, sleep: float) -> str:
+def slow_tests(pytester, queue: str, count: int, sleep: float, gate: str | None = None) -> str:
+    """Tests that sleep; with ``gate``, every test but the first also waits for that file."""
     log = str(pytester.path / "runs.log")
-    pytester.makepyfile(test_slow=SLOW_TESTS.format(log=log, queue=queue, count=count, sleep=sleep))
+    source = SLOW_TESTS.format(log=log, queue=queue, count=count, sleep=sleep, gate=gate)
+    pytester.makepyfile(test_slow=source)
     return log
 
 
@@ -172,10 +174,12 @@ def broker_restart():
 
 def test_broker_restart_mid_run_loses_nothing(pytester, worker_factory, controller, broker_restart):
     worker = worker_factory(worker_id="worker-r", concurrency=2)
-    log = slow_tests(pytester, worker.queue, count=10, sleep=0.5)
+    gate = pytester.path / "broker-back"
+    log = slow_tests(pytester, worker.queue, count=10, sleep=0.5, gate=str(gate))
     ctl = controller("--celery-timeout=60")
     ctl.wait_for(lambda lines: finished_by(lines, "worker-r") >= 1)
     broker_restart(down_for=5.0)
+    gate.touch()  # the other tests were held on the worker across the whole outage
     assert ctl.wait(180) == 0, ctl.text()
     report = pytester_report(ctl)
     assert len(report["tests"]) == 10
