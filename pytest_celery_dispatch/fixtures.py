@@ -15,7 +15,16 @@ from typing import Any
 import pytest
 
 from . import settings as S
-from .names import ENV_RUNNER
+from .names import (
+    ENV_CTX_ATTEMPT,
+    ENV_CTX_HOSTNAME,
+    ENV_CTX_QUEUE,
+    ENV_CTX_RUN_ID,
+    ENV_CTX_TASK_ID,
+    ENV_CTX_WORKER_ID,
+    ENV_RUNNER,
+    ENV_WORKSPACE,
+)
 from .stashkeys import SESSION_KEY, SETTINGS_ERROR_KEY, SETTINGS_KEY
 
 
@@ -147,13 +156,13 @@ def current_context() -> DispatchContext:
     if env.get(ENV_RUNNER) == "1":
         return DispatchContext(
             dispatched=True,
-            worker=env.get("DISPATCH_WORKER_ID", ""),
-            queue=env.get("DISPATCH_QUEUE") or None,
-            hostname=env.get("DISPATCH_HOSTNAME") or None,
-            task_id=env.get("DISPATCH_TASK_ID") or None,
-            attempt=int(env.get("DISPATCH_ATTEMPT", "1") or 1),
-            run_id=env.get("DISPATCH_RUN_ID") or None,
-            workspace=env.get("DISPATCH_WORKSPACE") or None,
+            worker=env.get(ENV_CTX_WORKER_ID, ""),
+            queue=env.get(ENV_CTX_QUEUE) or None,
+            hostname=env.get(ENV_CTX_HOSTNAME) or None,
+            task_id=env.get(ENV_CTX_TASK_ID) or None,
+            attempt=int(env.get(ENV_CTX_ATTEMPT, "1") or 1),
+            run_id=env.get(ENV_CTX_RUN_ID) or None,
+            workspace=env.get(ENV_WORKSPACE) or None,
         )
     import socket
 

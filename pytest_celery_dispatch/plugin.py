@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from . import settings as S
+from .names import ENV_RUNNER
 from .routing import FANOUT_PARAM
-from .runner import ENV_RUNNER
 from .stashkeys import JSON_KEY, SESSION_KEY, SETTINGS_ERROR_KEY, SETTINGS_KEY
 
 #: The fixtures live in their own module, registered with (and disabled with) this plugin.
