@@ -128,19 +128,26 @@ def resolve_settings(config: pytest.Config) -> S.Settings:
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
-    dispatch_requested = bool(config.getoption("celery_dispatch", False)) and not is_runner()
-    if not dispatch_requested:
-        try:
-            config.stash[SETTINGS_KEY] = resolve_settings(config)
-        except pytest.UsageError as exc:
-            # Not dispatching: a bad value only matters to a fixture that uses it.
-            config.stash[SETTINGS_ERROR_KEY] = str(exc)
+    if not config.getoption("celery_dispatch", False) or is_runner():
+        _stash_settings_for_fixtures(config)
         return
-
     settings = resolve_settings(config)
     config.stash[SETTINGS_KEY] = settings
-    _check_compatible(config, settings)
+    _check_compatible(config)
+    _check_writable_outputs(settings)
+    _register_session(config, settings)
 
+
+def _stash_settings_for_fixtures(config: pytest.Config) -> None:
+    """Not dispatching: a bad value only matters to a fixture that uses it."""
+    try:
+        config.stash[SETTINGS_KEY] = resolve_settings(config)
+    except pytest.UsageError as exc:
+        config.stash[SETTINGS_ERROR_KEY] = str(exc)
+
+
+def _register_session(config: pytest.Config, settings: S.Settings) -> None:
+    """The controller's session and its JSON report, as plugins of this run."""
     from .jsonreport import JsonReportPlugin
     from .session import DispatchSession
 
@@ -160,9 +167,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(json_plugin, "celery_dispatch_json")
 
 
-def _check_compatible(config: pytest.Config, settings: S.Settings) -> None:
-    from .jsonreport import check_writable
-
+def _check_compatible(config: pytest.Config) -> None:
+    """Options of other plugins that cannot work with tests running on remote workers."""
     if config.getoption("usepdb", False):
         raise pytest.UsageError(
             "celery-dispatch: --pdb cannot debug a test that runs on a remote worker; run the "
@@ -174,6 +180,12 @@ def _check_compatible(config: pytest.Config, settings: S.Settings) -> None:
             "--celery-dispatch; a worker's parallel slots are its Celery concurrency "
             "(celery worker -c N)"
         )
+
+
+def _check_writable_outputs(settings: S.Settings) -> None:
+    """Fail before the run, not after it, when an output file cannot be written."""
+    from .jsonreport import check_writable
+
     for what, path, option in (
         ("the JSON report", settings.json_report, "--celery-json-report"),
         ("the timeline", settings.timeline, "--celery-timeline"),
