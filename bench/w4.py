@@ -59,7 +59,7 @@ def _via_app(app: Any, durations: tuple[float, float]) -> tuple[float, Any, Any]
 
 
 def run(broker: str, repeats: int, durations: tuple[float, float] = (0.5, 0.8)) -> dict[str, Any]:
-    from pytest_celery_dispatch.plugin import Dispatcher
+    from pytest_celery_dispatch.fixtures import Dispatcher
     from pytest_celery_dispatch.transport import make_app
 
     # One app per path: once AsyncResult.get() has started the rpc backend's result consumer,

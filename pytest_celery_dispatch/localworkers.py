@@ -20,6 +20,15 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+from .names import (
+    EMBEDDED,
+    ENV_BROKER_URL,
+    ENV_BROKER_URL_FALLBACK,
+    ENV_RUNNER,
+    ENV_WORKER_ID,
+    ENV_WORKSPACE,
+)
+
 #: How long a local worker may take to consume its queue.
 READY_TIMEOUT = 60.0
 #: How long a warm shutdown may take before the worker's process group is killed. The run is
@@ -60,21 +69,21 @@ class LocalWorker:
         self.env.update(
             {
                 # The celery command makes BROKER_URL (its --broker) beat CELERY_BROKER_URL.
-                "CELERY_BROKER_URL": broker,
-                "BROKER_URL": broker,
-                "WORKER_ID": self.worker_id,
-                "DISPATCH_WORKSPACE": workspace,
+                ENV_BROKER_URL: broker,
+                ENV_BROKER_URL_FALLBACK: broker,
+                ENV_WORKER_ID: self.worker_id,
+                ENV_WORKSPACE: workspace,
                 "PYTHONUNBUFFERED": "1",
             }
         )
-        self.env.pop("PYTEST_CELERY_DISPATCH_RUNNER", None)
+        self.env.pop(ENV_RUNNER, None)
         self.workspace = workspace
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def command(self) -> list[str]:
         # Task events (-E) are for Flower on RabbitMQ; the embedded broker has no reader for them.
-        events = [] if self.env["CELERY_BROKER_URL"] == "embedded" else ["-E"]
+        events = [] if self.env[ENV_BROKER_URL] == EMBEDDED else ["-E"]
         return [
             sys.executable, "-m", "celery", "-A", "pytest_celery_dispatch.worker", "worker",
             "-Q", self.queue, "-n", f"{self.worker_id}@%h", *events, "-l", "INFO",

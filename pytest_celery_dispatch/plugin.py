@@ -1,29 +1,25 @@
-"""pytest11 entry point ``celery_dispatch``: options, the ``queue`` marker, fixtures, wiring.
+"""pytest11 entry point ``celery_dispatch``: options, the ``queue`` marker, wiring, reporting.
 
 Without ``--celery-dispatch`` the plugin only registers the marker, the options and the
-fixtures; the run is untouched.
+fixtures (:mod:`.fixtures`); the run is untouched.
 
 PYTEST_DONT_REWRITE: spare runners import it before pytest configures (runner.SPARE_BOOT).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import time
-from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
 
 from . import settings as S
+from .names import ENV_RUNNER
 from .routing import FANOUT_PARAM
-from .runner import ENV_RUNNER
+from .stashkeys import JSON_KEY, SESSION_KEY, SETTINGS_ERROR_KEY, SETTINGS_KEY
 
-SETTINGS_KEY = pytest.StashKey[S.Settings]()
-SETTINGS_ERROR_KEY = pytest.StashKey[str]()
-SESSION_KEY = pytest.StashKey[Any]()
-JSON_KEY = pytest.StashKey[Any]()
+#: The fixtures live in their own module, registered with (and disabled with) this plugin.
+pytest_plugins = ["pytest_celery_dispatch.fixtures"]
 
 MARKER_HELP = (
     "queue(name, ...): run this test on a Celery worker that consumes queue NAME "
@@ -132,19 +128,26 @@ def resolve_settings(config: pytest.Config) -> S.Settings:
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
-    dispatch_requested = bool(config.getoption("celery_dispatch", False)) and not is_runner()
-    if not dispatch_requested:
-        try:
-            config.stash[SETTINGS_KEY] = resolve_settings(config)
-        except pytest.UsageError as exc:
-            # Not dispatching: a bad value only matters to a fixture that uses it.
-            config.stash[SETTINGS_ERROR_KEY] = str(exc)
+    if not config.getoption("celery_dispatch", False) or is_runner():
+        _stash_settings_for_fixtures(config)
         return
-
     settings = resolve_settings(config)
     config.stash[SETTINGS_KEY] = settings
-    _check_compatible(config, settings)
+    _check_compatible(config)
+    _check_writable_outputs(settings)
+    _register_session(config, settings)
 
+
+def _stash_settings_for_fixtures(config: pytest.Config) -> None:
+    """Not dispatching: a bad value only matters to a fixture that uses it."""
+    try:
+        config.stash[SETTINGS_KEY] = resolve_settings(config)
+    except pytest.UsageError as exc:
+        config.stash[SETTINGS_ERROR_KEY] = str(exc)
+
+
+def _register_session(config: pytest.Config, settings: S.Settings) -> None:
+    """The controller's session and its JSON report, as plugins of this run."""
     from .jsonreport import JsonReportPlugin
     from .session import DispatchSession
 
@@ -164,9 +167,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(json_plugin, "celery_dispatch_json")
 
 
-def _check_compatible(config: pytest.Config, settings: S.Settings) -> None:
-    from .jsonreport import check_writable
-
+def _check_compatible(config: pytest.Config) -> None:
+    """Options of other plugins that cannot work with tests running on remote workers."""
     if config.getoption("usepdb", False):
         raise pytest.UsageError(
             "celery-dispatch: --pdb cannot debug a test that runs on a remote worker; run the "
@@ -178,6 +180,12 @@ def _check_compatible(config: pytest.Config, settings: S.Settings) -> None:
             "--celery-dispatch; a worker's parallel slots are its Celery concurrency "
             "(celery worker -c N)"
         )
+
+
+def _check_writable_outputs(settings: S.Settings) -> None:
+    """Fail before the run, not after it, when an output file cannot be written."""
+    from .jsonreport import check_writable
+
     for what, path, option in (
         ("the JSON report", settings.json_report, "--celery-json-report"),
         ("the timeline", settings.timeline, "--celery-timeline"),
@@ -222,153 +230,3 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     if json_plugin.timeline_written:
         path = os.path.abspath(json_plugin.timeline_written)
         terminalreporter.write_line(f"timeline: {path}")
-
-
-# ---------------------------------------------------------------------------- fixtures
-
-
-def _settings_for_fixture(config: pytest.Config) -> S.Settings:
-    error = config.stash.get(SETTINGS_ERROR_KEY, None)
-    if error is not None:
-        raise pytest.UsageError(error)
-    return config.stash[SETTINGS_KEY]
-
-
-@pytest.fixture(scope="session")
-def dispatch_app(pytestconfig: pytest.Config) -> Iterator[Any]:
-    """The Celery app configured from this run's settings (broker, backend, JSON only)."""
-    from .embedded import EMBEDDED, root_dir
-    from .transport import make_app
-
-    settings = _settings_for_fixture(pytestconfig)
-    root = root_dir(pytestconfig.rootpath) if settings.broker == EMBEDDED else None
-    app = make_app(settings.broker, settings.backend, embedded_root=root)
-    yield app
-    app.close()
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskResult:
-    """One finished task as seen by the dispatcher: its return value and the timing."""
-
-    name: str
-    queue: str | None
-    task_id: str
-    result: Any
-    sent_at: float
-    received_at: float
-
-    @property
-    def round_trip(self) -> float:
-        return self.received_at - self.sent_at
-
-
-class Dispatcher:
-    """Send tasks to queues from a test and gather their results concurrently."""
-
-    def __init__(self, app: Any, dispatching: bool) -> None:
-        self.app = app
-        self.dispatching = dispatching
-
-    def require(self, *queues: str, wait: float = 3.0) -> None:
-        """Skip (plain run) or fail (``--celery-dispatch`` run) unless each queue has a worker."""
-        from .transport import Broker, BrokerUnavailable, connect, wait_until
-
-        react = pytest.fail if self.dispatching else pytest.skip
-        try:
-            conn = connect(self.app, timeout=3.0)
-        except BrokerUnavailable as exc:
-            react(f"dispatcher needs a broker: {exc}")
-        broker = Broker(self.app, conn)
-        try:
-            for queue in queues:
-                broker.declare_task_queue(queue)
-                if not wait_until(lambda q=queue: (broker.consumer_count(q) or 0) > 0, wait, 0.1):
-                    react(
-                        f"dispatcher needs a worker on queue {queue!r}: none consumes it "
-                        f"(start one: celery -A pytest_celery_dispatch.worker worker -Q {queue})"
-                    )
-        finally:
-            broker.close()
-
-    def gather(
-        self, calls: Sequence[tuple[str, str | None, dict[str, Any]]], timeout: float = 60.0
-    ) -> list[TaskResult]:
-        """Send every ``(task_name, queue, kwargs)`` at once; return results in call order."""
-        sent = []
-        for name, queue, kwargs in calls:
-            options: dict[str, Any] = {"queue": queue} if queue else {}
-            sent_at = time.time()
-            async_result = self.app.send_task(name, kwargs=kwargs, **options)
-            sent.append((name, queue, async_result, sent_at))
-        from celery.exceptions import TimeoutError as CeleryTimeout
-        from celery.result import ResultSet
-
-        arrived: dict[str, float] = {}
-        values: dict[str, Any] = {}
-
-        def on_result(task_id: str, value: Any) -> None:
-            arrived[task_id] = time.time()
-            values[task_id] = value
-
-        results = ResultSet([async_result for _, _, async_result, _ in sent], app=self.app)
-        try:
-            # Results are taken as they arrive (the backend's native join), so each one's
-            # round trip is its own, not the time until the slowest one came back.
-            results.join_native(timeout=timeout, callback=on_result, propagate=True, interval=0.05)
-        except CeleryTimeout:
-            waiting = [name for name, _, r, _ in sent if str(r.id) not in arrived]
-            pytest.fail(f"dispatcher: no result within {timeout:g}s for {', '.join(waiting)}")
-        return [
-            TaskResult(name, queue, str(r.id), values[str(r.id)], sent_at, arrived[str(r.id)])
-            for name, queue, r, sent_at in sent
-        ]
-
-    def call(
-        self, name: str, queue: str | None = None, timeout: float = 60.0, **kwargs: Any
-    ) -> TaskResult:
-        return self.gather([(name, queue, kwargs)], timeout=timeout)[0]
-
-
-@pytest.fixture
-def dispatcher(dispatch_app: Any, pytestconfig: pytest.Config) -> Dispatcher:
-    """Send tasks to queues and gather results concurrently, with per-task timing."""
-    return Dispatcher(dispatch_app, dispatching=SESSION_KEY in pytestconfig.stash)
-
-
-@dataclasses.dataclass(frozen=True)
-class DispatchContext:
-    """Where this test runs: on a worker (``dispatched``) or locally."""
-
-    dispatched: bool
-    worker: str
-    queue: str | None
-    hostname: str | None
-    task_id: str | None
-    attempt: int
-    run_id: str | None
-    workspace: str | None
-
-
-def current_context() -> DispatchContext:
-    env = os.environ
-    if env.get(ENV_RUNNER) == "1":
-        return DispatchContext(
-            dispatched=True,
-            worker=env.get("DISPATCH_WORKER_ID", ""),
-            queue=env.get("DISPATCH_QUEUE") or None,
-            hostname=env.get("DISPATCH_HOSTNAME") or None,
-            task_id=env.get("DISPATCH_TASK_ID") or None,
-            attempt=int(env.get("DISPATCH_ATTEMPT", "1") or 1),
-            run_id=env.get("DISPATCH_RUN_ID") or None,
-            workspace=env.get("DISPATCH_WORKSPACE") or None,
-        )
-    import socket
-
-    return DispatchContext(False, "local", None, socket.gethostname(), None, 0, None, None)
-
-
-@pytest.fixture
-def dispatch_context() -> DispatchContext:
-    """Where this test runs: worker id, queue and host on a worker; ``worker='local'`` here."""
-    return current_context()

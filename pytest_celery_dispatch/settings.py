@@ -21,6 +21,7 @@ import pytest
 from .names import DEFAULT_BACKEND as DEFAULT_BACKEND
 from .names import DEFAULT_BROKER as DEFAULT_BROKER
 from .names import EMBEDDED as EMBEDDED
+from .names import ENV_BROKER_URL, ENV_BROKER_URL_FALLBACK, ENV_RESULT_BACKEND
 from .names import mask_url as mask_url
 from .routing import QUEUE_NAME_RE as QUEUE_NAME_RE
 from .routing import RouteRule, parse_routes
@@ -206,15 +207,15 @@ def resolve(
 
     picked = _first(
         ("--celery-broker", option("celery_broker")),
-        ("env CELERY_BROKER_URL", env.get("CELERY_BROKER_URL")),
-        ("env BROKER_URL", env.get("BROKER_URL")),
+        (f"env {ENV_BROKER_URL}", env.get(ENV_BROKER_URL)),
+        (f"env {ENV_BROKER_URL_FALLBACK}", env.get(ENV_BROKER_URL_FALLBACK)),
         ("ini celery_dispatch_broker", ini("celery_dispatch_broker")),
     )
     broker = parse_url(picked[1], picked[0], BROKER_SCHEMES, "broker") if picked else DEFAULT_BROKER
 
     picked = _first(
         ("--celery-backend", option("celery_backend")),
-        ("env CELERY_RESULT_BACKEND", env.get("CELERY_RESULT_BACKEND")),
+        (f"env {ENV_RESULT_BACKEND}", env.get(ENV_RESULT_BACKEND)),
         ("ini celery_dispatch_backend", ini("celery_dispatch_backend")),
     )
     if picked:

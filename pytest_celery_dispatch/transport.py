@@ -21,16 +21,8 @@ from kombu import Connection, Consumer, Exchange, Queue
 
 from . import embedded
 from .celeryconf import celery_config
-from .serialization import (
-    SESSION_TASK,
-    Chunk,
-    Event,
-    SessionPayload,
-    dumps,
-    loads,
-    stop_queue_name,
-)
-from .settings import mask_url
+from .names import SLOT_TASK, mask_url, stop_queue_name
+from .serialization import Chunk, Event, SessionPayload, dumps, loads
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +221,7 @@ class Broker:
 
     def send_session(self, payload: SessionPayload, task_id: str) -> str:
         result = self.app.send_task(
-            SESSION_TASK,
+            SLOT_TASK,
             args=[payload],
             queue=payload["queue"],
             routing_key=payload["queue"],
