@@ -26,7 +26,7 @@ import pytest
 from . import routing
 from .events import EventHandlers
 from .forwarding import SlotPayloads
-from .names import EMBEDDED
+from .names import EMBEDDED, ENV_EMBEDDED_DIR
 from .replay import EventLog, Replayer
 from .scheduling import (
     SILENCE_LIMIT,
@@ -256,7 +256,7 @@ class DispatchSession(EventHandlers):
 
         env = dict(os.environ)
         if self.embedded_root is not None:
-            env["DISPATCH_EMBEDDED_DIR"] = str(self.embedded_root)
+            env[ENV_EMBEDDED_DIR] = str(self.embedded_root)
         self._local_workers = LocalWorkers(settings.broker, str(self.config.rootpath), env)
         try:
             self._local_workers.start(
