@@ -293,9 +293,12 @@ class JsonReportPlugin:
         dispatch_info: Callable[[str], dict[str, Any] | None],
         session_info: Callable[[], dict[str, Any]],
         timeline: str | None = None,
+        path_asked: bool = True,
     ) -> None:
         self.config = config
         self.path = path
+        # A --collect-only run writes the report only when it was asked for by path.
+        self.path_asked = path_asked
         self.timeline = timeline
         self.timeline_written: str | None = None
         self.dispatch_info = dispatch_info
@@ -398,6 +401,8 @@ class JsonReportPlugin:
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         data = self.data = self.build(int(exitstatus))
+        if self.config.option.collectonly and not self.path_asked:
+            return  # nothing ran: no report, no timeline, unless one was asked for
         write_atomic(self.path, data)
         self.written = self.path
         if self.timeline:

@@ -162,9 +162,18 @@ def _register_session(config: pytest.Config, settings: S.Settings) -> None:
         ),
         session_info=dsession.report_info,
         timeline=settings.timeline,
+        path_asked=_json_report_asked(config),
     )
     config.stash[JSON_KEY] = json_plugin
     config.pluginmanager.register(json_plugin, "celery_dispatch_json")
+
+
+def _json_report_asked(config: pytest.Config) -> bool:
+    """A JSON report path was given (option or ini), not the default one with a timestamp."""
+    given = config.getoption("celery_json_report", None) or _ini(config)(
+        "celery_dispatch_json_report"
+    )
+    return bool(str(given or "").strip())
 
 
 def _check_compatible(config: pytest.Config) -> None:

@@ -446,4 +446,5 @@ class DispatchSession(EventHandlers):
             "sessions": len(sch.slots),
             "workers_by_queue": {q: list(w) for q, w in self.workers_by_queue.items()},
             "wall_time": max(0.0, end - self.started_at),
+            "collect_only": bool(self.config.option.collectonly),
         }

@@ -20,6 +20,9 @@ Line = tuple[str, dict[str, bool]]
 
 #: With nothing reported for this long, a status line says what each queue is doing.
 STATUS_EVERY = 5.0
+#: The summary of a ``--collect-only`` run, and of a run whose tests all ran locally.
+COLLECT_ONLY_SUMMARY = "nothing was sent: a collect-only run (--co); the plan is above"
+NOTHING_DISPATCHED = "no test was dispatched (no queue marker, no default queue)"
 #: Above this many dispatched tests the per-test table is shown only with -v.
 DETAIL_LIMIT = 50
 
@@ -60,8 +63,11 @@ def summary_lines(report: Mapping[str, Any], verbose: int = 0) -> list[Line]:
     tests = report["tests"]
     remote = [t for t in tests if t["dispatch"]["queue"]]
     lines: list[Line] = []
+    if dispatch.get("collect_only"):
+        lines.append((COLLECT_ONLY_SUMMARY, {}))
+        return lines
     if not remote:
-        lines.append(("no test was dispatched (no queue marker, no default queue)", {}))
+        lines.append((NOTHING_DISPATCHED, {}))
         return lines
 
     outcomes: dict[str, int] = {}

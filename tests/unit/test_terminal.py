@@ -98,3 +98,11 @@ def test_fmt_seconds() -> None:
     assert fmt_seconds(0.25) == "250ms"
     assert fmt_seconds(1) == "1.00s"
     assert fmt_seconds(12.345) == "12.35s"
+
+
+def test_a_collect_only_run_says_so_instead_of_nothing_dispatched() -> None:
+    report = make_report([])
+    report["dispatch"]["collect_only"] = True
+    assert texts(summary_lines(report)) == [
+        "nothing was sent: a collect-only run (--co); the plan is above"
+    ]

@@ -1,0 +1,59 @@
+"""What a new user meets on a first try: the plan of ``--co``, no RabbitMQ, a typo in a queue
+name, and the slots in the reports (issue #22)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+PLAN_PROJECT = """
+import pytest
+
+@pytest.mark.queue("queue_a")
+def test_on_a():
+    pass
+
+@pytest.mark.queue("queue_b")
+def test_on_b():
+    pass
+
+def test_here():
+    pass
+"""
+
+
+def test_collect_only_says_why_nothing_was_sent_and_writes_no_report(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(test_plan=PLAN_PROJECT)
+    result = pytester.runpytest_subprocess("--celery-dispatch", "--co", "-p", "no:cacheprovider")
+    assert result.ret == 0
+    result.stdout.fnmatch_lines(
+        [
+            "celery-dispatch plan (--collect-only: nothing is sent)",
+            "  queue_a: 1 test",
+            "  queue_b: 1 test",
+            "  local (controller): 1 test",
+            "*celery dispatch*",
+            "nothing was sent: a collect-only run (--co); the plan is above",
+        ]
+    )
+    out = result.stdout.str()
+    assert "no test was dispatched" not in out
+    assert "JSON report:" not in out
+    assert list(pytester.path.glob("dispatch_results_*.json")) == []
+
+
+def test_collect_only_writes_the_report_asked_for_by_path(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_plan=PLAN_PROJECT)
+    report = pytester.path / "plan.json"
+    result = pytester.runpytest_subprocess(
+        "--celery-dispatch", "--co", "-p", "no:cacheprovider", f"--celery-json-report={report}"
+    )
+    assert result.ret == 0
+    data = json.loads(report.read_text())
+    assert data["tests"] == []
+    assert data["summary"]["collected"] == 3
+    assert data["dispatch"]["collect_only"] is True
+    result.stdout.fnmatch_lines([f"JSON report: {report}"])
