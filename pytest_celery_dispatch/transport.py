@@ -32,8 +32,22 @@ RUN_QUEUE_EXPIRES_MS = 30 * 60 * 1000
 STOP_QUEUE_EXPIRES_MS = 60 * 60 * 1000
 
 
+#: What to do when the broker cannot be reached (and when it refused the credentials).
+HINT_NO_BROKER = (
+    "start RabbitMQ (rabbitmq-server -detached), pass --celery-broker URL, "
+    "or try it on this machine: --celery-broker embedded --celery-local-workers auto"
+)
+HINT_ACCESS_REFUSED = "check the user name and password in the broker URL"
+
+
 class BrokerUnavailable(Exception):
     """The broker cannot be reached or refused us; the message carries the masked URL."""
+
+
+def unreachable_message(masked_url: str, error: str, refused: bool = False) -> str:
+    """``cannot reach the broker URL: ERROR; HINT`` (pure); ``refused``: bad credentials."""
+    hint = HINT_ACCESS_REFUSED if refused else HINT_NO_BROKER
+    return f"cannot reach the broker {masked_url}: {error}; {hint}"
 
 
 def make_app(
@@ -71,12 +85,8 @@ def connect(app: Celery, timeout: float = 4.0) -> Connection:
     except Exception as exc:  # kombu raises OperationalError, amqp AccessRefused, socket errors
         conn.release()
         url = mask_url(app.conf.broker_url)
-        hint = "start RabbitMQ (rabbitmq-server -detached) or pass --celery-broker URL"
-        if "ACCESS_REFUSED" in str(exc) or "403" in str(exc):
-            hint = "check the user name and password in the broker URL"
-        raise BrokerUnavailable(
-            f"cannot reach the broker {url}: {describe_error(exc)} ({hint})"
-        ) from None
+        refused = "ACCESS_REFUSED" in str(exc) or "403" in str(exc)
+        raise BrokerUnavailable(unreachable_message(url, describe_error(exc), refused)) from None
     return conn
 
 

@@ -57,3 +57,33 @@ def test_collect_only_writes_the_report_asked_for_by_path(pytester: pytest.Pytes
     assert data["summary"]["collected"] == 3
     assert data["dispatch"]["collect_only"] is True
     result.stdout.fnmatch_lines([f"JSON report: {report}"])
+
+
+def test_no_broker_points_at_the_one_machine_way(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        test_nobroker="""
+        import pytest
+
+        @pytest.mark.queue("queue_a")
+        def test_remote():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "--celery-dispatch",
+        "--celery-broker=amqp://guest:guest@127.0.0.1:1//",
+        "-p",
+        "no:cacheprovider",
+        f"--celery-json-report={pytester.path / 'report.json'}",
+        timeout=60,
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "celery-dispatch: cannot reach the broker amqp://guest:**@127.0.0.1:1//: "
+            "*Connection refused; start RabbitMQ (rabbitmq-server -detached), "
+            "pass --celery-broker URL, "
+            "or try it on this machine: --celery-broker embedded --celery-local-workers auto"
+        ]
+    )
+    assert "))" not in result.stdout.str()
