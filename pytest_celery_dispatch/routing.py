@@ -57,6 +57,31 @@ class RouteRule:
         return nodeid == pattern or nodeid.startswith((pattern + "/", pattern + "::"))
 
 
+def one_edit_apart(a: str, b: str) -> bool:
+    """``a`` and ``b`` differ by one inserted, deleted or replaced character, or by two
+    neighbouring characters swapped (the typos of a queue name)."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) > len(b):
+        a, b = b, a
+    i = 0
+    while i < len(a) and a[i] == b[i]:
+        i += 1
+    if len(a) < len(b):  # one insertion into a
+        return a[i:] == b[i + 1 :]
+    if a[i + 1 :] == b[i + 1 :]:  # one replacement
+        return True
+    return a[i : i + 2] == b[i : i + 2][::-1] and a[i + 2 :] == b[i + 2 :]
+
+
+def did_you_mean(name: str, candidates: Iterable[str]) -> str | None:
+    """``queue_a`` or ``queue_a or queue_b``: the known names one edit away from ``name``."""
+    close = sorted({c for c in candidates if one_edit_apart(name, c)})
+    if not close:
+        return None
+    return close[0] if len(close) == 1 else f"{', '.join(close[:-1])} or {close[-1]}"
+
+
 def check_queue_name(name: object, allowed: Iterable[str] | None, what: str) -> str | None:
     """The error for one queue name, or None when it is fine."""
     if not isinstance(name, str):

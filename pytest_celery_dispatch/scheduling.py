@@ -227,6 +227,7 @@ class QueueScheduler:
         self.capacity: dict[str, int] = {}  # queue -> worker slots known to consume it
         self.consumers: dict[str, int] = {}
         self.waiting_queues: dict[str, float] = {}  # queue -> deadline for a first consumer
+        self.guesses: dict[str, str] = {}  # queue without consumer -> served names one edit away
         self.queue_last_seen: dict[str, float] = {}
         self.running: set[str] = set()
         self.stopping = False
@@ -459,9 +460,11 @@ class QueueScheduler:
         return actions
 
     def no_consumer_message(self, queue: str) -> str:
+        guess = self.guesses.get(queue)
+        start = f"Did you mean {guess}? Otherwise start" if guess else "Start"
         return (
             f"no worker consumes queue {queue!r} (waited {self.wait_workers:g}s, "
-            f"--celery-wait-workers). Start one: celery -A pytest_celery_dispatch.worker "
+            f"--celery-wait-workers). {start} one: celery -A pytest_celery_dispatch.worker "
             f"worker -Q {queue} -n worker@%h"
         )
 

@@ -236,8 +236,15 @@ class DispatchSession(EventHandlers):
             capacity = {q: sum(c for _, c in found[q]) or consumers[q] for q in found}
         self.execute(self.scheduler.begin(consumers, capacity))
         sch = self.scheduler
+        if sch.waiting_queues:
+            self._guess_queue_names()
         self.terminal.write_header(
-            sch.consumers, self.workers_by_queue, sch.capacity, queues, self.settings.wait_workers
+            sch.consumers,
+            self.workers_by_queue,
+            sch.capacity,
+            queues,
+            self.settings.wait_workers,
+            guesses=sch.guesses,
         )
         from .jsonreport import prefetch_environment
 
@@ -246,6 +253,18 @@ class DispatchSession(EventHandlers):
         # collector's way, so that neither the collections while reports are replayed nor
         # pytest's gc.collect() at unconfigure walk Celery's and the items' object graphs again.
         gc.freeze()
+
+    def _guess_queue_names(self) -> None:
+        """A queue without consumer may be a typo: guess the served or declared queues one edit
+        away (their names cost a broadcast: only asked on this unhappy path)."""
+        sch = self.scheduler
+        known = {q for q, count in sch.consumers.items() if count > 0}
+        known |= self.settings.allowed_queues or set()
+        known |= self._broker.served_queues()
+        for queue_name in sch.waiting_queues:
+            guess = routing.did_you_mean(queue_name, known)
+            if guess:
+                sch.guesses[queue_name] = guess
 
     def _start_local_workers(self, queues: list[str]) -> None:
         """--celery-local-workers: one worker per queue, started and awaited now."""
@@ -344,12 +363,14 @@ class DispatchSession(EventHandlers):
             self._last_poll = now
             connected = self._consumer is None or self._consumer.connected.is_set()
             self.execute(self.scheduler.poll(connected))
+            sch = self.scheduler
             self.terminal.write_status(
                 now,
                 self.replayer.last_activity,
-                self.scheduler.queue_nodeids,
+                sch.queue_nodeids,
                 self.replayer.finalized,
-                self.scheduler.running,
+                sch.running,
+                guesses={q: g for q, g in sch.guesses.items() if q in sch.waiting_queues},
             )
 
     def handle_event(self, event: Event) -> None:

@@ -164,6 +164,12 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
+def _guess(queue_name: str, guesses: Mapping[str, str] | None) -> str:
+    """`` (no worker; did you mean queue_a?)`` for a queue without consumer, else nothing."""
+    guess = (guesses or {}).get(queue_name)
+    return f" (no worker; did you mean {guess}?)" if guess else ""
+
+
 class DispatchTerminal:
     """The controller's lines in pytest's terminal."""
 
@@ -227,6 +233,7 @@ class DispatchTerminal:
         capacity: Mapping[str, int],
         queue_nodeids: Mapping[str, list[str]],
         wait_workers: float,
+        guesses: Mapping[str, str] | None = None,
     ) -> None:
         parts = []
         for queue_name in sorted(consumers):
@@ -241,8 +248,10 @@ class DispatchTerminal:
                     f"{_plural(slots, 'slot')}, {tests}"
                 )
             else:
+                guess = (guesses or {}).get(queue_name)
                 parts.append(
                     f"{queue_name}: no worker yet, waiting up to {wait_workers:g}s for {tests}"
+                    + (f" (did you mean {guess}?)" if guess else "")
                 )
         self.write_line("celery-dispatch workers: " + "; ".join(parts), cyan=True)
 
@@ -253,6 +262,7 @@ class DispatchTerminal:
         queue_nodeids: Mapping[str, list[str]],
         finalized: set[str],
         running: set[str],
+        guesses: Mapping[str, str] | None = None,
     ) -> None:
         """While slow benches keep everyone waiting: queued / running / done per queue."""
         if now - last_activity < STATUS_EVERY or now - self._last_status < STATUS_EVERY:
@@ -265,6 +275,7 @@ class DispatchTerminal:
             busy = sum(1 for n in nodeids if n in running and n not in finalized)
             parts.append(
                 f"{queue_name} {len(nodeids) - done - busy} queued, {busy} running, {done} done"
+                + _guess(queue_name, guesses)
             )
         if parts:
             self.write_line("celery-dispatch waiting: " + "; ".join(parts), cyan=True)

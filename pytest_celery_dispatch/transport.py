@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 RUN_QUEUE_EXPIRES_MS = 30 * 60 * 1000
 #: The stop signal of a run (-x) outlives any test a worker may still be finishing... mostly.
 STOP_QUEUE_EXPIRES_MS = 60 * 60 * 1000
+#: How long the broadcast that lists the served queues waits for replies (it waits all of it).
+SERVED_QUEUES_TIMEOUT = 0.5
 
 
 #: What to do when the broker cannot be reached (and when it refused the credentials).
@@ -213,6 +215,25 @@ class Broker:
                 if qname in result:
                     result[qname].append((node, concurrency))
         return result
+
+    def served_queues(self, timeout: float = SERVED_QUEUES_TIMEOUT) -> set[str]:
+        """Every queue some worker consumes now: the embedded workers' presence files, else one
+        ``active_queues`` broadcast, which waits its whole ``timeout`` (0.5 s measured for 0.5).
+        Only asked when a queue of the run has no consumer."""
+        root = embedded_root_of(self.app)
+        if root is not None:
+            return {str(q) for w in embedded.read_presence(root) for q in w.get("queues") or []}
+        try:
+            replies = self.app.control.inspect(timeout=timeout).active_queues() or {}
+        except Exception as exc:
+            log.debug("inspect failed: %s", exc)
+            return set()
+        return {
+            str(q["name"])
+            for queues in replies.values()
+            for q in queues or []
+            if isinstance(q, dict) and q.get("name")
+        }
 
     def declare_work_queue(self, name: str) -> None:
         """A run's work for one queue: chunks of nodeids that its sessions pull."""

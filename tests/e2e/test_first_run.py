@@ -87,3 +87,30 @@ def test_no_broker_points_at_the_one_machine_way(pytester: pytest.Pytester) -> N
         ]
     )
     assert "))" not in result.stdout.str()
+
+
+def test_a_typo_in_a_queue_name_gets_a_guess(pytester, queues, workers, run_dispatched) -> None:
+    # workers serve queues.a (...-a) and queues.b (...-b); the test names ...-c, one edit away
+    # from both. The run has no other queue: the guess comes from the workers' active queues.
+    typo = queues.a[:-1] + "c"
+    pytester.makepyfile(
+        test_typo=f"""
+        import pytest
+
+        @pytest.mark.queue({typo!r})
+        def test_on_the_bench():
+            pass
+        """
+    )
+    run = run_dispatched("--celery-wait-workers=7", timeout=90)
+    run.result.assert_outcomes(failed=1)
+    guess = f"did you mean {queues.a} or {queues.b}?"
+    run.result.stdout.fnmatch_lines(
+        [
+            f"celery-dispatch workers: {typo}: no worker yet, waiting up to 7s for 1 test "
+            f"({guess})",
+            f"celery-dispatch waiting: {typo} 1 queued, 0 running, 0 done (no worker; {guess})",
+            f"*no worker consumes queue '{typo}' (waited 7s, --celery-wait-workers). D{guess[1:]}"
+            " Otherwise start one:*",
+        ]
+    )

@@ -319,3 +319,16 @@ def test_an_unknown_consumer_count_changes_nothing(count: int | None) -> None:
         lab.clock.advance(1.0)
         lab.heartbeat(chunk, slot)
         assert lab.poll() == []
+
+
+def test_no_consumer_failure_guesses_a_served_queue_one_edit_away() -> None:
+    lab = Lab()
+    lab.begin(["a"], consumers=0)
+    lab.sched.guesses["queue_a"] = "queue_b"  # the controller's guess (routing.did_you_mean)
+    lab.clock.advance(lab.wait_workers)
+    (fail,) = of(Fail, lab.poll())
+    assert fail.message == (
+        "no worker consumes queue 'queue_a' (waited 10s, --celery-wait-workers). Did you mean "
+        "queue_b? Otherwise start one: "
+        "celery -A pytest_celery_dispatch.worker worker -Q queue_a -n worker@%h"
+    )

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from pytest_celery_dispatch import routing
 from pytest_celery_dispatch.routing import Route, RouteRule, parse_routes, route, validate_marker
 
 
@@ -124,3 +125,31 @@ def test_a_hook_or_route_naming_an_unknown_queue_is_an_error() -> None:
     rules = [RouteRule("*", "queue_x")]
     assert route(None, None, ["queue_a"], nodeid="t.py::t", rules=rules).error is not None
     assert route(None, None, ["queue_a"], hook="queue_a") == Route("queue_a", "hook")
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ("queue_c", "queue_a", True),  # replaced
+        ("queue_aa", "queue_a", True),  # inserted
+        ("queu_a", "queue_a", True),  # deleted
+        ("qeuue_a", "queue_a", True),  # neighbours swapped
+        ("queue_a", "queue_a", False),  # the same name is no typo
+        ("queue_ab", "queue_cd", False),  # two replacements
+        ("queue", "queue_a", False),  # two deleted
+        ("", "a", True),
+    ],
+)
+def test_one_edit_apart(a: str, b: str, expected: bool) -> None:
+    assert routing.one_edit_apart(a, b) is expected
+    assert routing.one_edit_apart(b, a) is expected
+
+
+def test_did_you_mean_names_every_close_queue() -> None:
+    assert routing.did_you_mean("queue_c", ["queue_a", "bench_x"]) == "queue_a"
+    assert routing.did_you_mean("queue_c", ["queue_b", "queue_a"]) == "queue_a or queue_b"
+    assert (
+        routing.did_you_mean("queue_x", ["queue_b", "queue_a", "queue_c"])
+        == "queue_a, queue_b or queue_c"
+    )
+    assert routing.did_you_mean("bench_7", ["queue_a", "bench_7"]) is None
