@@ -140,11 +140,18 @@ def dispatch_figures(
     tests: Iterable[Mapping[str, Any]],
     consumers: Mapping[str, int],
     wall_time: float,
+    slots: Mapping[str, int] | None = None,
+    worker_slots: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """Per-queue and per-worker figures, the speed-up and duration statistics.
 
     ``tests`` are JSON-report test records carrying ``dispatch`` and phase durations.
+    ``slots`` (per queue) and ``worker_slots`` are the *configured* slots (Celery concurrency);
+    ``lanes_used`` counts the slots' ``run_session`` tasks that ran tests (the timeline's lanes).
     """
+    slots = slots or {}
+    worker_slots = worker_slots or {}
+    lanes: dict[tuple[str, str], set[str]] = {}
     queues: dict[str, dict[str, Any]] = {}
     workers: dict[str, dict[str, Any]] = {}
     all_durations: list[float] = []
@@ -157,7 +164,13 @@ def dispatch_figures(
             continue
         q = queues.setdefault(
             queue,
-            {"consumers": consumers.get(queue, 0), "tests": 0, "outcomes": {}, "_d": []},
+            {
+                "consumers": consumers.get(queue, 0),
+                "slots": slots.get(queue),
+                "tests": 0,
+                "outcomes": {},
+                "_d": [],
+            },
         )
         q["tests"] += 1
         q["outcomes"][test["outcome"]] = q["outcomes"].get(test["outcome"], 0) + 1
@@ -165,18 +178,29 @@ def dispatch_figures(
         worker = info.get("worker") or "unknown"
         w = workers.setdefault(
             worker,
-            {"queues": [], "hostname": info.get("hostname"), "tests": 0, "outcomes": {}},
+            {
+                "queues": [],
+                "hostname": info.get("hostname"),
+                "slots": worker_slots.get(worker),
+                "tests": 0,
+                "outcomes": {},
+            },
         )
+        if info.get("session"):
+            lanes.setdefault(("queue", queue), set()).add(str(info["session"]))
+            lanes.setdefault(("worker", worker), set()).add(str(info["session"]))
         w.setdefault("busy_time", 0.0)
         w["tests"] += 1
         w["busy_time"] += duration
         w["outcomes"][test["outcome"]] = w["outcomes"].get(test["outcome"], 0) + 1
         if queue not in w["queues"]:
             w["queues"].append(queue)
-    for q in queues.values():
+    for name, q in queues.items():
         durations = q.pop("_d")
+        q["lanes_used"] = len(lanes.get(("queue", name), ()))
         q.update(duration_stats(durations))
-    for w in workers.values():
+    for name, w in workers.items():
+        w["lanes_used"] = len(lanes.get(("worker", name), ()))
         w["busy_time"] = round(w["busy_time"], 6)
         w["utilisation"] = round(w["busy_time"] / wall_time, 4) if wall_time > 0 else None
     total = sum(all_durations)
@@ -379,7 +403,13 @@ class JsonReportPlugin:
             tests.append(record)
         extra = self.session_info()
         wall = float(extra.pop("wall_time", time.time() - self.created))
-        figures = dispatch_figures(tests, extra.pop("consumers", {}), wall)
+        figures = dispatch_figures(
+            tests,
+            extra.pop("consumers", {}),
+            wall,
+            slots=extra.get("slots"),
+            worker_slots=extra.pop("worker_slots", None),
+        )
         dispatch = {"report_version": REPORT_VERSION, **extra, **figures}
         dispatch["tests_dispatched"] = sum(1 for t in tests if t["dispatch"]["queue"])
         dispatch["tests_local"] = len(tests) - dispatch["tests_dispatched"]

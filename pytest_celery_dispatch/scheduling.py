@@ -379,6 +379,14 @@ class QueueScheduler:
             and (queue is None or c.queue == queue)
         ]
 
+    def worker_slots(self) -> dict[str, int]:
+        """Each worker's configured slots (its Celery concurrency), as its slots told us."""
+        slots: dict[str, int] = {}
+        for known in self._worker_slots.values():
+            for worker, concurrency in known.items():
+                slots[worker] = max(slots.get(worker, 0), concurrency)
+        return slots
+
     def unfinished_in(self, queue: str) -> bool:
         """Work of this queue is sent, being sent, or waiting to be sent again."""
         return any(

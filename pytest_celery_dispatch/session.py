@@ -464,6 +464,7 @@ class DispatchSession(EventHandlers):
             "broker_error": self.broker_error,
             "consumers": dict(sch.consumers),
             "slots": dict(sch.capacity),
+            "worker_slots": sch.worker_slots(),  # into dispatch.workers[...].slots
             "sessions": len(sch.slots),
             "workers_by_queue": {q: list(w) for q, w in self.workers_by_queue.items()},
             "wall_time": max(0.0, end - self.started_at),

@@ -11,6 +11,8 @@ returns one HTML document: inline CSS and SVG, no script, nothing fetched from t
   filled by outcome; infrastructure failures (crash, lost worker...) are hatched and outlined.
   Each bar carries ``data-nodeid`` and an SVG ``<title>`` (the hover text).
 * The lane background is idle time; the lane that finishes last is the critical path.
+* The queue and worker tables show configured slots (the report's ``slots``) and the lanes used
+  (drawn) apart; utilisation is busy / (wall x configured slots).
 
 Every string that comes from the report is escaped. The output is linear in the number of tests
 (no per-bar script), so a run of thousands of tests stays a file of a few megabytes.
@@ -337,7 +339,8 @@ def render_timeline(report: Mapping[str, Any]) -> str:
         _css(),
         "</head>\n<body>\n",
         _header(report, dispatch, tests, lanes, wall),
-        f"<h2>Timeline: {len(drawn)} tests on {len(lanes)} lanes (one per worker slot)</h2>\n",
+        f"<h2>Timeline: {len(drawn)} tests on {len(lanes)} lanes "
+        "(one per slot that ran tests)</h2>\n",
         _critical_note(critical, origin),
         _legend(),
         _chart(lanes, critical, origin),
@@ -539,7 +542,9 @@ def _counts_text(outcomes: object) -> str:
 def _queue_table(
     dispatch: Mapping[str, Any], tests: list[_Test], lanes: list[_Lane], wall: float | None
 ) -> str:
-    """Per queue: busy time / (wall time x slots); slots from the report, else lanes drawn."""
+    """Per queue: busy time / (wall time x slots). Slots are the configured ones (the report's
+    ``dispatch.slots``); lanes used are the lanes drawn; the utilisation falls back to those when
+    the slots are unknown."""
     queues = dict(_map(dispatch.get("queues")))
     busy_from_tests: dict[str, float] = {}
     for test in tests:
@@ -556,8 +561,9 @@ def _queue_table(
             lanes_per_queue[lane.queue] = lanes_per_queue.get(lane.queue, 0) + 1
     rows = [
         '<h2>Queues</h2><table>\n<tr><th>queue</th><th class="num">consumers</th>'
-        '<th class="num">slots</th><th class="num">tests</th><th>outcomes</th>'
-        '<th class="num">busy</th><th>utilisation (busy \u00f7 wall \u00d7 slots)</th></tr>\n'
+        '<th class="num">slots</th><th class="num">lanes used</th><th class="num">tests</th>'
+        '<th>outcomes</th><th class="num">busy</th>'
+        "<th>utilisation (busy \u00f7 wall \u00d7 slots)</th></tr>\n"
     ]
     for name in sorted(queues, key=str):
         q = _map(queues[name])
@@ -565,13 +571,10 @@ def _queue_table(
         if busy is None:
             busy = busy_from_tests.get(name, 0.0)
         drawn_lanes = lanes_per_queue.get(name, 0)
-        reported = slots_reported.get(name)
-        if isinstance(reported, int) and not isinstance(reported, bool) and reported >= 0:
-            n_slots = max(reported, drawn_lanes)
-        else:
-            consumers_n = q.get("consumers")
-            n_slots = drawn_lanes or (consumers_n if isinstance(consumers_n, int) else 0)
-        util = busy / (wall * n_slots) if wall and wall > 0 and n_slots > 0 else None
+        n_slots = _count(slots_reported.get(name))
+        if n_slots is None:
+            n_slots = _count(q.get("slots"))
+        util = _utilisation(busy, wall, n_slots or drawn_lanes)
         n = q.get("tests")
         if not isinstance(n, int):
             n = sum(1 for t in tests if t.queue == name)
@@ -579,7 +582,8 @@ def _queue_table(
         consumers_text = _e(consumers if consumers is not None else "-")
         rows.append(
             f'<tr><td>{_e(name)}</td><td class="num">{consumers_text}'
-            f'</td><td class="num">{n_slots}</td><td class="num">{_e(n)}</td>'
+            f'</td><td class="num">{_e(n_slots if n_slots is not None else "-")}</td>'
+            f'<td class="num">{drawn_lanes}</td><td class="num">{_e(n)}</td>'
             f'<td>{_counts_text(q.get("outcomes"))}</td><td class="num">{_seconds(busy)}</td>'
             f"<td>{_meter(util)}</td></tr>\n"
         )
@@ -587,8 +591,22 @@ def _queue_table(
     return "".join(rows)
 
 
+def _count(value: object) -> int | None:
+    """A non-negative integer from the report, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
+
+
+def _utilisation(busy: float | None, wall: float | None, slots: int) -> float | None:
+    if busy is None or not wall or wall <= 0 or slots <= 0:
+        return None
+    return busy / (wall * slots)
+
+
 def _worker_table(dispatch: Mapping[str, Any], lanes: list[_Lane], wall: float | None) -> str:
-    """Per worker: busy time / (wall time x its slots drawn); one slot when none is drawn."""
+    """Per worker: busy time / (wall time x its configured slots); lanes used (drawn) when the
+    report does not know its slots, one slot when none is drawn either."""
     workers = _map(dispatch.get("workers"))
     if not workers:
         return ""
@@ -598,22 +616,24 @@ def _worker_table(dispatch: Mapping[str, Any], lanes: list[_Lane], wall: float |
             lanes_per_worker[lane.worker] = lanes_per_worker.get(lane.worker, 0) + 1
     rows = [
         "<h2>Workers</h2><table>\n<tr><th>worker</th><th>queues</th>"
-        '<th class="num">slots</th><th class="num">tests</th><th>outcomes</th>'
-        '<th class="num">busy</th><th>utilisation (busy \u00f7 wall \u00d7 slots)</th></tr>\n'
+        '<th class="num">slots</th><th class="num">lanes used</th><th class="num">tests</th>'
+        '<th>outcomes</th><th class="num">busy</th>'
+        "<th>utilisation (busy \u00f7 wall \u00d7 slots)</th></tr>\n"
     ]
     for name in sorted(workers, key=str):
         w = _map(workers[name])
         queues = w.get("queues")
         queue_text = ", ".join(str(q) for q in queues) if isinstance(queues, list) else ""
         busy = _num(w.get("busy_time"))
-        n_slots = lanes_per_worker.get(str(name), 0)
-        if busy is not None and wall and wall > 0:
-            util: float | None = busy / (wall * max(1, n_slots))
-        else:
+        drawn_lanes = lanes_per_worker.get(str(name), 0)
+        n_slots = _count(w.get("slots"))
+        util = _utilisation(busy, wall, max(1, n_slots or drawn_lanes))
+        if util is None:
             util = _num(w.get("utilisation"))
         rows.append(
             f"<tr><td>{_e(name)}</td><td>{_e(queue_text)}</td>"
-            f'<td class="num">{n_slots or "-"}</td>'
+            f'<td class="num">{_e(n_slots if n_slots is not None else "-")}</td>'
+            f'<td class="num">{drawn_lanes or "-"}</td>'
             f'<td class="num">{_e(w.get("tests", "-"))}</td>'
             f"<td>{_counts_text(w.get('outcomes'))}</td>"
             f'<td class="num">{_seconds(busy)}</td>'

@@ -114,3 +114,40 @@ def test_a_typo_in_a_queue_name_gets_a_guess(pytester, queues, workers, run_disp
             " Otherwise start one:*",
         ]
     )
+
+
+def test_slots_mean_configured_slots_in_the_report_and_the_timeline(
+    pytester, worker_factory, run_dispatched
+) -> None:
+    # A worker alone on its queue with -c 2, as worker-a in `make demo`.
+    bench = worker_factory(worker_id="worker-two-slots", concurrency=2)
+    pytester.makepyfile(
+        test_slots=f"""
+        import pytest
+
+        pytestmark = pytest.mark.queue({bench.queue!r})
+
+        @pytest.mark.parametrize("n", range(3))
+        def test_device(n):
+            pass
+        """
+    )
+    timeline = pytester.path / "timeline.html"
+    run = run_dispatched(f"--celery-timeline={timeline}")
+    run.result.assert_outcomes(passed=3)
+    dispatch = run.report["dispatch"]
+    queue = dispatch["queues"][bench.queue]
+    worker = dispatch["workers"]["worker-two-slots"]
+    assert dispatch["slots"][bench.queue] == queue["slots"] == worker["slots"] == 2
+    sessions = {t["dispatch"]["session"] for t in run.report["tests"]}
+    assert queue["lanes_used"] == worker["lanes_used"] == len(sessions) in (1, 2)
+    page = timeline.read_text()
+    lanes = len(sessions)
+    assert (
+        f'<td>{bench.queue}</td><td class="num">1</td><td class="num">2</td>'
+        f'<td class="num">{lanes}</td><td class="num">3</td>'
+    ) in page
+    assert (
+        f'<td>worker-two-slots</td><td>{bench.queue}</td><td class="num">2</td>'
+        f'<td class="num">{lanes}</td><td class="num">3</td>'
+    ) in page

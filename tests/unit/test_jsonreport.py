@@ -83,6 +83,8 @@ def test_dispatch_figures_per_queue_and_per_worker() -> None:
     assert figures["queues"] == {
         "queue_a": {
             "consumers": 2,
+            "slots": None,
+            "lanes_used": 0,
             "tests": 2,
             "outcomes": {"passed": 1, "failed": 1},
             "total_duration": 1.5,
@@ -92,6 +94,8 @@ def test_dispatch_figures_per_queue_and_per_worker() -> None:
         },
         "queue_b": {
             "consumers": 1,
+            "slots": None,
+            "lanes_used": 0,
             "tests": 1,
             "outcomes": {"passed": 1},
             "total_duration": 2.0,
@@ -104,6 +108,8 @@ def test_dispatch_figures_per_queue_and_per_worker() -> None:
         "worker-1": {
             "queues": ["queue_a"],
             "hostname": "host-1",
+            "slots": None,
+            "lanes_used": 0,
             "tests": 2,
             "outcomes": {"passed": 1, "failed": 1},
             "busy_time": 1.5,
@@ -112,6 +118,8 @@ def test_dispatch_figures_per_queue_and_per_worker() -> None:
         "worker-2": {
             "queues": ["queue_b"],
             "hostname": "host-1",
+            "slots": None,
+            "lanes_used": 0,
             "tests": 1,
             "outcomes": {"passed": 1},
             "busy_time": 2.0,
@@ -259,3 +267,27 @@ def test_write_atomic_failure_keeps_the_old_file_and_cleans_up(tmp_path: Path) -
         jr.write_atomic(str(target), circular)
     assert target.read_text() == '{"old": true}'
     assert os.listdir(tmp_path) == ["report.json"]
+
+
+def test_slots_are_configured_slots_and_lanes_used_are_counted_apart() -> None:
+    # worker-1 (-c 2) serves queue_a alone and ran both its tests on one slot: 2 slots, 1 lane.
+    tests = sample_tests()
+    for test in tests:
+        if test["dispatch"]["queue"]:
+            test["dispatch"]["session"] = "run.s1" if test["nodeid"] != "t.py::b1" else "run.s2"
+    figures = jr.dispatch_figures(
+        tests,
+        {"queue_a": 1, "queue_b": 1},
+        wall_time=2.0,
+        slots={"queue_a": 2, "queue_b": 1},
+        worker_slots={"worker-1": 2, "worker-2": 1},
+    )
+    assert figures["queues"]["queue_a"]["slots"] == 2
+    assert figures["queues"]["queue_a"]["lanes_used"] == 1
+    assert figures["workers"]["worker-1"]["slots"] == 2
+    assert figures["workers"]["worker-1"]["lanes_used"] == 1
+    assert figures["workers"]["worker-2"]["slots"] == 1
+    # A worker whose slots never said their concurrency: unknown, not guessed from its lanes.
+    unknown = jr.dispatch_figures(tests, {}, wall_time=2.0)
+    assert unknown["workers"]["worker-1"]["slots"] is None
+    assert unknown["queues"]["queue_a"]["slots"] is None

@@ -380,12 +380,14 @@ def test_header_numbers(doc: Doc) -> None:
     assert "speed-up 1.23\u00d7" in text
     for count in ("4 passed", "4 failed", "1 error", "1 skipped", "1 xfailed", "1 xpassed"):
         assert count in text, count
-    # queue utilisation: busy / (wall x slots): 7.5 / (12.5 x 3) and 10 / (12.5 x 1)
-    assert re.search(r"queue_a 2 3 7 .*? 7\.50 s 20%", text)
-    assert re.search(r"queue_b 1 1 3 .*? 10\.00 s 80%", text)
-    # worker utilisation per slot: worker-a 6 / (12.5 x 2 lanes)
-    assert re.search(r"worker-a queue_a 2 6 .*? 6\.00 s 24%", text)
-    assert re.search(r"worker-b queue_b 1 2 .*? 9\.00 s 72%", text)
+    # queue: consumers, configured slots, lanes used, tests; utilisation busy / (wall x slots):
+    # 7.5 / (12.5 x 3) and 10 / (12.5 x 1)
+    assert re.search(r"queue_a 2 3 3 7 .*? 7\.50 s 20%", text)
+    assert re.search(r"queue_b 1 1 1 3 .*? 10\.00 s 80%", text)
+    # workers whose slots the report does not know: "-", utilisation per lane used:
+    # worker-a 6 / (12.5 x 2 lanes)
+    assert re.search(r"worker-a queue_a - 2 6 .*? 6\.00 s 24%", text)
+    assert re.search(r"worker-b queue_b - 1 2 .*? 9\.00 s 72%", text)
 
 
 def test_critical_path_is_the_lane_that_ends_last(doc: Doc) -> None:
@@ -480,3 +482,29 @@ def test_five_thousand_tests() -> None:
     assert set(drawn.values()) == {1}
     assert page.count('<rect class="lane') == lanes
     print(f"5000 tests: {elapsed:.2f}s, {size / 1e6:.2f} MB")
+
+
+def test_slots_mean_configured_slots_in_both_tables_and_lanes_used_apart() -> None:
+    # `make demo`: worker-a alone on queue_a with -c 2 ran its 3 tests on one slot.
+    tests = [
+        record(f"t.py::test_{i}", "passed", queue="queue_a", worker="worker-a",
+               session="r.s1", started=float(i), finished=i + 1.0)
+        for i in range(3)
+    ]  # fmt: skip
+    report = sample_report(tests)
+    report["dispatch"]["consumers"] = {"queue_a": 1}
+    report["dispatch"]["slots"] = {"queue_a": 2}
+    report["dispatch"]["queues"] = {
+        "queue_a": {"consumers": 1, "tests": 3, "outcomes": {"passed": 3},
+                    "total_duration": 3.0, "slots": 2, "lanes_used": 1},
+    }  # fmt: skip
+    report["dispatch"]["workers"] = {
+        "worker-a": {"queues": ["queue_a"], "tests": 3, "outcomes": {"passed": 3},
+                     "busy_time": 3.0, "slots": 2, "lanes_used": 1},
+    }  # fmt: skip
+    report["dispatch"]["wall_time"] = 4.0
+    text = Doc(render_timeline(report)).text
+    assert "consumers slots lanes used tests" in text
+    # busy / (wall x configured slots) = 3 / (4 x 2), in both tables
+    assert re.search(r"queue_a 1 2 1 3 .*? 3\.00 s 38%", text), text
+    assert re.search(r"worker-a queue_a 2 1 3 .*? 3\.00 s 38%", text), text
