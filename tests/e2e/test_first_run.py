@@ -89,9 +89,10 @@ def test_no_broker_points_at_the_one_machine_way(pytester: pytest.Pytester) -> N
     assert "))" not in result.stdout.str()
 
 
-def test_a_typo_in_a_queue_name_gets_a_guess(pytester, queues, workers, run_dispatched) -> None:
+def test_a_typo_in_a_queue_name_gets_a_guess(pytester, queues, transport, run_dispatched) -> None:
     # workers serve queues.a (...-a) and queues.b (...-b); the test names ...-c, one edit away
-    # from both. The run has no other queue: the guess comes from the workers' active queues.
+    # from both. The run has no other queue: the guess comes from the workers' active queues
+    # (RabbitMQ: an active_queues broadcast; embedded broker: the workers' presence files).
     typo = queues.a[:-1] + "c"
     pytester.makepyfile(
         test_typo=f"""
