@@ -431,10 +431,10 @@ class JsonReportPlugin:
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         data = self.data = self.build(int(exitstatus))
-        if self.config.option.collectonly and not self.path_asked:
-            return  # nothing ran: no report, no timeline, unless one was asked for
-        write_atomic(self.path, data)
-        self.written = self.path
+        # --co: nothing ran; the report at its default path would only litter the folder.
+        if self.path_asked or not self.config.option.collectonly:
+            write_atomic(self.path, data)
+            self.written = self.path
         if self.timeline:
             from .timeline import render_timeline
 
