@@ -24,6 +24,7 @@ from .names import (
     EMBEDDED,
     ENV_BROKER_URL,
     ENV_BROKER_URL_FALLBACK,
+    ENV_EMBEDDED_DIR,
     ENV_RUNNER,
     ENV_WORKER_ID,
     ENV_WORKSPACE,
@@ -187,3 +188,29 @@ class LocalWorkers:
         self.workers.clear()
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
+
+
+def start_for_run(
+    broker: str,
+    rootpath: Path,
+    embedded_root: Path | None,
+    queues: list[str],
+    consumers: Callable[[str], int | None],
+    write_line: Callable[..., None],
+) -> LocalWorkers:
+    """Start and await one worker per queue for this run, and say so (or why not). The
+    returned workers are stopped at the end of the run, also when starting failed halfway."""
+    env = dict(os.environ)
+    if embedded_root is not None:
+        env[ENV_EMBEDDED_DIR] = str(embedded_root)
+    workers = LocalWorkers(broker, str(rootpath), env)
+    try:
+        workers.start(queues, consumers)
+    except RuntimeError as exc:
+        write_line(f"celery-dispatch: {exc}", red=True, bold=True)
+        return workers
+    names = ", ".join(f"{w.worker_id} ({w.queue})" for w in workers.workers)
+    write_line(
+        f"celery-dispatch: started local workers {names}; logs in {workers.log_dir}", cyan=True
+    )
+    return workers

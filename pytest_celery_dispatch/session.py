@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
-import os
 import queue as queue_mod
 import time
 import uuid
@@ -26,7 +25,7 @@ import pytest
 from . import routing
 from .events import EventHandlers
 from .forwarding import SlotPayloads
-from .names import EMBEDDED, ENV_EMBEDDED_DIR
+from .names import EMBEDDED
 from .replay import EventLog, Replayer
 from .scheduling import (
     SILENCE_LIMIT,
@@ -238,14 +237,7 @@ class DispatchSession(EventHandlers):
         sch = self.scheduler
         if sch.waiting_queues:
             self._guess_queue_names()
-        self.terminal.write_header(
-            sch.consumers,
-            self.workers_by_queue,
-            sch.capacity,
-            queues,
-            self.settings.wait_workers,
-            guesses=sch.guesses,
-        )
+        self.terminal.write_header(sch, self.workers_by_queue, self.settings.wait_workers)
         from .jsonreport import prefetch_environment
 
         prefetch_environment()  # while the first results are on their way
@@ -269,26 +261,17 @@ class DispatchSession(EventHandlers):
     def _start_local_workers(self, queues: list[str]) -> None:
         """--celery-local-workers: one worker per queue, started and awaited now."""
         settings = self.settings
-        if not settings.local_workers and not settings.local_workers_auto:
-            return
-        from .localworkers import LocalWorkers
+        if settings.local_workers or settings.local_workers_auto:
+            from .localworkers import start_for_run
 
-        env = dict(os.environ)
-        if self.embedded_root is not None:
-            env[ENV_EMBEDDED_DIR] = str(self.embedded_root)
-        self._local_workers = LocalWorkers(settings.broker, str(self.config.rootpath), env)
-        try:
-            self._local_workers.start(
+            self._local_workers = start_for_run(
+                settings.broker,
+                self.config.rootpath,
+                self.embedded_root,
                 queues if settings.local_workers_auto else list(settings.local_workers),
                 self._broker.consumer_count,
+                self.terminal.write_line,
             )
-        except RuntimeError as exc:
-            self.terminal.write_line(f"celery-dispatch: {exc}", red=True, bold=True)
-            return
-        names = ", ".join(f"{w.worker_id} ({w.queue})" for w in self._local_workers.workers)
-        self.terminal.notice(
-            f"started local workers {names}; logs in {self._local_workers.log_dir}", "cyan"
-        )
 
     def _consumer_count(self, queue_name: str) -> int | None:
         return self._broker.consumer_count(queue_name) if self._broker is not None else None
@@ -363,15 +346,8 @@ class DispatchSession(EventHandlers):
             self._last_poll = now
             connected = self._consumer is None or self._consumer.connected.is_set()
             self.execute(self.scheduler.poll(connected))
-            sch = self.scheduler
-            self.terminal.write_status(
-                now,
-                self.replayer.last_activity,
-                sch.queue_nodeids,
-                self.replayer.finalized,
-                sch.running,
-                guesses={q: g for q, g in sch.guesses.items() if q in sch.waiting_queues},
-            )
+            last, finalized = self.replayer.last_activity, self.replayer.finalized
+            self.terminal.write_status(now, last, finalized, self.scheduler)
 
     def handle_event(self, event: Event) -> None:
         """One event from a worker, to its ``on_<type>`` method (xdist's ``worker_<name>``)."""

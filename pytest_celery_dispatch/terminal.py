@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from .jsonreport import test_duration
+from .scheduling import QueueScheduler
 
 Line = tuple[str, dict[str, bool]]
 
@@ -227,14 +228,12 @@ class DispatchTerminal:
                 self.write_line(line, red=True)
 
     def write_header(
-        self,
-        consumers: Mapping[str, int],
-        workers_by_queue: Mapping[str, list[str]],
-        capacity: Mapping[str, int],
-        queue_nodeids: Mapping[str, list[str]],
-        wait_workers: float,
-        guesses: Mapping[str, str] | None = None,
+        self, sch: QueueScheduler, workers_by_queue: Mapping[str, list[str]], wait_workers: float
     ) -> None:
+        """Per queue: its workers and slots, or how long the run waits for one."""
+        consumers, capacity, queue_nodeids, guesses = (
+            sch.consumers, sch.capacity, sch.queue_nodeids, sch.guesses
+        )  # fmt: skip
         parts = []
         for queue_name in sorted(consumers):
             count = consumers[queue_name]
@@ -256,18 +255,14 @@ class DispatchTerminal:
         self.write_line("celery-dispatch workers: " + "; ".join(parts), cyan=True)
 
     def write_status(
-        self,
-        now: float,
-        last_activity: float,
-        queue_nodeids: Mapping[str, list[str]],
-        finalized: set[str],
-        running: set[str],
-        guesses: Mapping[str, str] | None = None,
+        self, now: float, last_activity: float, finalized: set[str], sch: QueueScheduler
     ) -> None:
         """While slow benches keep everyone waiting: queued / running / done per queue."""
         if now - last_activity < STATUS_EVERY or now - self._last_status < STATUS_EVERY:
             return
         self._last_status = now
+        queue_nodeids, running = sch.queue_nodeids, sch.running
+        guesses = {q: g for q, g in sch.guesses.items() if q in sch.waiting_queues}
         parts = []
         for queue_name in sorted(queue_nodeids):
             nodeids = queue_nodeids[queue_name]
