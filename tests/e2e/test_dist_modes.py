@@ -340,3 +340,48 @@ def test_xdist_group_works_with_strict_markers_without_xdist(pytester):
     )
     result = pytester.runpytest_subprocess("-p", "no:xdist", "--strict-markers")
     result.assert_outcomes(passed=1)
+
+
+CRASHING_GROUP = """
+import os
+import pytest
+from distsync import log
+
+pytestmark = pytest.mark.queue("QUEUE")
+
+
+@pytest.mark.xdist_group("bench")
+class TestBench:
+    def test_1_connect(self):
+        log("connect")
+
+    def test_2_firmware_crashes_the_process(self):
+        log("crash")
+        os._exit(3)
+
+    def test_3_recover(self):
+        log("recover")
+
+    def test_4_disconnect(self):
+        log("disconnect")
+
+
+def test_free():
+    pass
+"""
+
+
+def test_a_crash_inside_a_group_leaves_the_rest_of_it_on_its_slot_in_order(
+    pytester, bench, run_dispatched
+):
+    project(pytester, bench, test_crash=CRASHING_GROUP)
+    run = run_dispatched("--celery-dist", "loadgroup")
+    run.result.assert_outcomes(passed=4, failed=1)
+    tests = by_name(run.report)
+    group = [t for name, t in tests.items() if name.startswith("TestBench::")]
+    assert [t["outcome"] for t in group] == ["passed", "failed", "passed", "passed"]
+    assert "crashed" in group[1]["call"]["longrepr"]
+    assert len({t["dispatch"]["session"] for t in group}) == 1
+    order = (pytester.path / "state" / "order.log").read_text().split()
+    assert order[0::2] == ["connect", "crash", "recover", "disconnect"]
+    assert order[1] == order[3] != order[5] == order[7]  # a new runner took over after the crash
