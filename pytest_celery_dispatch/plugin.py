@@ -27,6 +27,12 @@ MARKER_HELP = (
     "names run the test once on each queue"
 )
 
+#: pytest-xdist's group marker, registered here when xdist is not installed (--strict-markers).
+XDIST_GROUP_HELP = (
+    "xdist_group(name): with --celery-dist loadgroup, tests of the same group run on one "
+    "worker slot, in order (pytest-xdist's marker, honoured by celery-dispatch)"
+)
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("celery-dispatch", "distributed runs on Celery workers")
@@ -66,6 +72,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--celery-event-log", dest="celery_event_log", metavar="PATH", help=S.HELP_EVENT_LOG
     )
+    # Checked by settings.parse_dist (not argparse choices), which names where a bad value
+    # came from, the ini key included.
+    group.addoption("--celery-dist", dest="celery_dist", metavar="MODE", help=S.HELP_DIST)
     for name, help_text in (
         ("broker", S.HELP_BROKER),
         ("backend", S.HELP_BACKEND),
@@ -77,6 +86,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ("local_workers", S.HELP_LOCAL_WORKERS),
         ("timeline", S.HELP_TIMELINE),
         ("event_log", S.HELP_EVENT_LOG),
+        ("dist", S.HELP_DIST),
     ):
         parser.addini(f"celery_dispatch_{name}", help_text, default=None)
     parser.addini("celery_dispatch_queues", S.HELP_QUEUES, type="linelist", default=[])
@@ -128,6 +138,8 @@ def resolve_settings(config: pytest.Config) -> S.Settings:
 @pytest.hookimpl(trylast=True)
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
+    if not config.pluginmanager.hasplugin("xdist"):
+        config.addinivalue_line("markers", XDIST_GROUP_HELP)
     if not config.getoption("celery_dispatch", False) or is_runner():
         _stash_settings_for_fixtures(config)
         return

@@ -17,7 +17,10 @@ Invariants the controller relies on:
   ``timeout + grace`` seconds while the queue made no progress (see :func:`is_lost`);
 * every retry is decided by one :class:`RetryPolicy`, and every delay is a ``not_before``: a lost
   chunk's unfinished nodeids are re-dispatched as a new chunk (attempt + 1) after an exponential
-  backoff until ``retries`` re-dispatches are used up, then they fail by name.
+  backoff until ``retries`` re-dispatches are used up, then they fail by name; the follow-up
+  is one chunk, in the lost chunk's order, so a group (``--celery-dist``) stays on one slot.
+
+How a queue's tests become chunks (``load`` or groups) is :mod:`.planning`.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
+from .planning import LOAD, plan_work
+from .planning import plan_chunks as plan_chunks
 from .retry import BACKOFF_BASE as BACKOFF_BASE
 from .retry import BACKOFF_MAX as BACKOFF_MAX
 from .retry import CONSUMER_GONE_GRACE as CONSUMER_GONE_GRACE
@@ -133,26 +138,6 @@ Action = Publish | StartSlot | Fail | Notice | Attempt
 # ----------------------------------------------------------------------------- pure rules
 
 
-def plan_chunks(
-    nodeids: Sequence[str], slots: int, divisor: int = 4, cap: int = 200
-) -> list[list[str]]:
-    """Cut a queue's tests into contiguous chunks that shrink as the work drains.
-
-    Each chunk is ``remaining / (divisor * slots)`` tests (at least 1, at most ``cap``): early
-    chunks are big enough to amortize a broker round trip, the last ones are single tests, so
-    no slot idles while another holds a long tail (the idea of xdist's ``load`` scheduling).
-    Contiguous chunks keep a module's tests together for its fixtures.
-    """
-    remaining = list(nodeids)
-    chunks: list[list[str]] = []
-    per_round = max(1, divisor * max(1, slots))
-    while remaining:
-        size = max(1, min(cap, len(remaining) // per_round))
-        chunks.append(remaining[:size])
-        remaining = remaining[size:]
-    return chunks
-
-
 def is_lost(
     chunk: ChunkState,
     now: float,
@@ -211,6 +196,7 @@ class QueueScheduler:
         broker: str,
         consumer_count: Callable[[str], int | None],
         clock: Callable[[], float] = time.monotonic,
+        dist: str = LOAD,
     ) -> None:
         self.run_id = run_id
         self.timeout = timeout
@@ -220,6 +206,8 @@ class QueueScheduler:
         self.consumer_count = consumer_count
         self.clock = clock
         self.queue_nodeids: dict[str, list[str]] = {}
+        self.dist = dist  # --celery-dist: how a queue's tests are cut into chunks
+        self.group_of: dict[str, str | None] = {}  # nodeid -> its group key under ``dist``
         self.chunks: dict[str, ChunkState] = {}
         self.abandoned: set[str] = set()
         self.unsent: list[ChunkState] = []
@@ -262,7 +250,8 @@ class QueueScheduler:
         """The first chunk and a slot per worker slot now; the other chunks after."""
         nodeids = self.queue_nodeids[queue]
         slots = max(1, self.capacity.get(queue) or self.consumers.get(queue) or 1)
-        chunks = [self._new_chunk(queue, ids) for ids in plan_chunks(nodeids, slots)]
+        planned = plan_work(nodeids, slots, self.dist, self.group_of)
+        chunks = [self._new_chunk(queue, ids) for ids in planned]
         first: list[Action] = [Publish(c) for c in chunks[:1]]
         first.extend(self._new_slot(queue) for _ in range(min(slots, len(chunks))))
         return first, [Publish(c) for c in chunks[1:]]

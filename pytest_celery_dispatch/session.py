@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from . import routing
+from . import planning, routing
 from .events import EventHandlers
 from .forwarding import SlotPayloads
 from .names import EMBEDDED
@@ -48,6 +48,23 @@ from .terminal import DispatchTerminal
 POLL_INTERVAL = 0.5
 
 
+def group_key(item: pytest.Item, mode: str) -> str | None:
+    """The item's group under ``--celery-dist`` (see :mod:`.planning`), or None.
+
+    Taken from the item, not parsed from its nodeid: a fan-out item's ``[queue]`` id, or a
+    parameter id holding ``::`` or ``@``, never ends up in a group's name.
+    """
+    if mode == "loadgroup":
+        markers = item.iter_markers("xdist_group")
+        return planning.group_name((m.args, m.kwargs) for m in markers)
+    if mode == "loadfile":
+        return planning.file_key(item.nodeid)
+    if mode == "loadscope":  # the class, else the module (xdist: the nodeid up to its last ::)
+        parent = item.parent
+        return parent.nodeid if parent is not None and parent.nodeid else item.nodeid
+    return None
+
+
 class DispatchSession(EventHandlers):
     """Registered as a plugin only with ``--celery-dispatch``; owns the run's dispatching."""
 
@@ -71,6 +88,7 @@ class DispatchSession(EventHandlers):
             policy=RetryPolicy(settings.retries, send_limit=settings.wait_workers + SILENCE_LIMIT),
             broker=settings.broker_masked,
             consumer_count=self._consumer_count,
+            dist=settings.dist,
         )
         self.payloads = SlotPayloads(config, self.run_id, self.reply_to, settings.timeout)
         self.workers_by_queue: dict[str, list[str]] = {}
@@ -131,7 +149,11 @@ class DispatchSession(EventHandlers):
             )
         if session.config.option.collectonly:
             routes = [(i.nodeid, self.route_of(i)) for i in session.items]
-            self.terminal.write_plan((n, r.queue, r.source, r.error) for n, r in routes)
+            self.terminal.write_plan(
+                ((n, r.queue, r.source, r.error) for n, r in routes),
+                self.settings.dist,
+                {i.nodeid: group_key(i, self.settings.dist) for i in session.items},
+            )
             return True
 
         self._session = session
@@ -147,6 +169,7 @@ class DispatchSession(EventHandlers):
                 local.append(item)
             else:
                 self.scheduler.queue_nodeids.setdefault(route.queue, []).append(item.nodeid)
+                self.scheduler.group_of[item.nodeid] = group_key(item, self.settings.dist)
         try:
             for nodeid, error in invalid:
                 self.replayer.fail_test(
@@ -445,4 +468,5 @@ class DispatchSession(EventHandlers):
             "workers_by_queue": {q: list(w) for q, w in self.workers_by_queue.items()},
             "wall_time": max(0.0, end - self.started_at),
             "collect_only": bool(self.config.option.collectonly),
+            "dist": self.settings.dist,
         }

@@ -23,6 +23,7 @@ from .names import DEFAULT_BROKER as DEFAULT_BROKER
 from .names import EMBEDDED as EMBEDDED
 from .names import ENV_BROKER_URL, ENV_BROKER_URL_FALLBACK, ENV_RESULT_BACKEND
 from .names import mask_url as mask_url
+from .planning import DIST_MODES, LOAD
 from .routing import QUEUE_NAME_RE as QUEUE_NAME_RE
 from .routing import RouteRule, parse_routes
 
@@ -61,6 +62,12 @@ HELP_LOCAL_WORKERS = (
 )
 HELP_TIMELINE = "write a self-contained HTML timeline of the run to PATH"
 HELP_EVENT_LOG = "write JSON lines (sent / started / finished per test) to PATH"
+HELP_DIST = (
+    "how each queue's tests are shared among worker slots, as pytest-xdist's --dist: "
+    "load (default: any test on any slot), loadfile (a file's tests on one slot, in order), "
+    "loadscope (a class's tests, or a module's functions, on one slot), loadgroup (tests with "
+    "the same @pytest.mark.xdist_group(name) on one slot, the others as load)"
+)
 HELP_QUEUES = "allowed queue names (one per line or comma separated); unset = any name"
 HELP_ROUTES = (
     "routing without markers, one '<glob or nodeid prefix> = <queue>' per line; the first match "
@@ -84,6 +91,7 @@ class Settings:
     event_log: str | None = None
     allowed_queues: frozenset[str] | None = None
     routes: tuple[RouteRule, ...] = ()
+    dist: str = LOAD
 
     @property
     def broker_masked(self) -> str:
@@ -131,6 +139,13 @@ def parse_retries(raw: str, source: str) -> int:
     if value < 0:
         raise _bad(source, raw, "expected a whole number, 0 or more, e.g. 2")
     return value
+
+
+def parse_dist(raw: str, source: str) -> str:
+    mode = str(raw).strip()
+    if mode not in DIST_MODES:
+        raise _bad(source, raw, f"expected one of {', '.join(DIST_MODES)}")
+    return mode
 
 
 def parse_queue_name(raw: str, source: str) -> str:
@@ -279,6 +294,12 @@ def resolve(
     )
     event_log = str(picked[1]) if picked else None
 
+    picked = _first(
+        ("--celery-dist", option("celery_dist")),
+        ("ini celery_dispatch_dist", ini("celery_dispatch_dist")),
+    )
+    dist = parse_dist(picked[1], picked[0]) if picked else LOAD
+
     raw_queues = ini("celery_dispatch_queues")
     allowed: frozenset[str] | None = None
     if raw_queues:
@@ -322,4 +343,5 @@ def resolve(
         event_log=event_log,
         allowed_queues=allowed,
         routes=tuple(rules),
+        dist=dist,
     )

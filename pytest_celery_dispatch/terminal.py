@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from .jsonreport import test_duration
+from .planning import LOAD, plan_groups
 from .scheduling import QueueScheduler
 
 Line = tuple[str, dict[str, bool]]
@@ -205,23 +206,42 @@ class DispatchTerminal:
                 return category, letter, word
         return result
 
-    def write_plan(self, routes: Iterable[tuple[str, str | None, str, str | None]]) -> None:
-        """--collect-only: where each test would run, from (nodeid, queue, source, error)."""
-        plan: dict[str, list[str]] = {}
+    def write_plan(
+        self,
+        routes: Iterable[tuple[str, str | None, str, str | None]],
+        dist: str = LOAD,
+        group_of: Mapping[str, str | None] | None = None,
+    ) -> None:
+        """--collect-only: where each test would run, from (nodeid, queue, source, error);
+        with a grouping ``--celery-dist``, each queue's groups in the order they are sent."""
+        plan: dict[str, list[tuple[str, str]]] = {}
         errors: list[str] = []
         for nodeid, queue, source, error in routes:
             if error is not None:
                 errors.append(f"    {nodeid}: {error}")
             else:
-                plan.setdefault(queue or "local (controller)", []).append(
-                    f"    {nodeid}  [{source}]"
-                )
+                plan.setdefault(queue or "local (controller)", []).append((nodeid, source))
         self.write_line("celery-dispatch plan (--collect-only: nothing is sent)", bold=True)
         for queue_name in sorted(plan, key=lambda q: (q.startswith("local"), q)):
-            lines = plan[queue_name]
-            self.write_line(f"  {queue_name}: {_plural(len(lines), 'test')}")
-            for line in lines:
-                self.write_line(line)
+            tests = plan[queue_name]
+            source_of = dict(tests)
+            groups: list[tuple[str, list[str]]] = []
+            free = [nodeid for nodeid, _ in tests]
+            if not queue_name.startswith("local"):
+                groups, free = plan_groups(free, dist, group_of or {})
+            header = f"  {queue_name}: {_plural(len(tests), 'test')}"
+            if groups:
+                header += f" in {_plural(len(groups), 'group')} (--celery-dist {dist})"
+            self.write_line(header)
+            for key, nodeids in groups:
+                self.write_line(f"    group {key}: {_plural(len(nodeids), 'test')}, one slot")
+                for nodeid in nodeids:
+                    self.write_line(f"      {nodeid}  [{source_of[nodeid]}]")
+            if groups and free:
+                self.write_line(f"    not grouped: {_plural(len(free), 'test')}, shared as load")
+            indent = "      " if groups else "    "
+            for nodeid in free:
+                self.write_line(f"{indent}{nodeid}  [{source_of[nodeid]}]")
         if errors:
             self.write_line(f"  invalid routing: {len(errors)} test(s)", red=True)
             for line in errors:

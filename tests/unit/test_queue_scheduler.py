@@ -49,6 +49,7 @@ class Lab:
     retries: int = 2
     timeout: float = 300.0
     wait_workers: float = 10.0
+    dist: str = "load"
     sched: QueueScheduler = field(init=False)
 
     def __post_init__(self) -> None:
@@ -60,6 +61,7 @@ class Lab:
             broker=BROKER,
             consumer_count=lambda q: self.counts.get(q),
             clock=self.clock,
+            dist=self.dist,
         )
 
     def send(self, actions: list[Action]) -> list[Action]:
@@ -332,3 +334,62 @@ def test_no_consumer_failure_guesses_a_served_queue_one_edit_away() -> None:
         "queue_b? Otherwise start one: "
         "celery -A pytest_celery_dispatch.worker worker -Q queue_a -n worker@%h"
     )
+
+
+# ----------------------------------------------------------------------------- --celery-dist
+
+# A file of eight (a class of five, three functions), then a file of two; collection order.
+GROUPED = [
+    *(f"b.py::TestSeq::test_{i}" for i in range(5)),
+    *(f"b.py::test_free_{i}" for i in range(3)),
+    "a.py::test_1",
+    "a.py::test_2",
+]
+
+
+def grouped_lab(dist: str, keys: dict[str, str | None]) -> tuple[Lab, list[Action]]:
+    lab = Lab(dist=dist)
+    lab.sched.group_of.update(keys)
+    return lab, lab.begin(GROUPED, consumers=1, slots=2)
+
+
+def test_load_sends_todays_chunks_even_with_group_keys() -> None:
+    _lab, actions = grouped_lab("load", {n: "one" for n in GROUPED})
+    assert [a.chunk.nodeids for a in of(Publish, actions)] == sch.plan_chunks(GROUPED, 2)
+
+
+def test_loadfile_sends_one_chunk_per_file_biggest_first_then_the_slots() -> None:
+    _lab, actions = grouped_lab("loadfile", {n: n.split("::")[0] for n in GROUPED})
+    kinds = [type(a).__name__ for a in actions]
+    assert kinds == ["Publish", "StartSlot", "StartSlot", "Publish"]
+    assert [a.chunk.nodeids for a in of(Publish, actions)] == [GROUPED[:8], GROUPED[8:]]
+
+
+def test_loadscope_never_starts_more_slots_than_there_are_groups() -> None:
+    keys: dict[str, str | None] = {n: n.rsplit("::", 1)[0] for n in GROUPED}
+    lab = Lab(dist="loadscope")
+    lab.sched.group_of.update(keys)
+    actions = lab.begin(GROUPED, consumers=2, slots=8)
+    assert [a.chunk.nodeids for a in of(Publish, actions)] == [
+        GROUPED[:5],
+        GROUPED[5:8],
+        GROUPED[8:],
+    ]
+    assert len(of(StartSlot, actions)) == 3
+
+
+def test_a_lost_group_goes_out_again_as_one_chunk_in_order() -> None:
+    keys: dict[str, str | None] = {n: "flash" for n in GROUPED[:5]}
+    lab, actions = grouped_lab("loadgroup", keys)
+    (group,) = (a.chunk for a in of(Publish, actions) if a.chunk.nodeids == GROUPED[:5])
+    slot = of(StartSlot, actions)[0].slot
+    lab.take(group, slot)
+    lab.sched.done(GROUPED[0])
+    lab.sched.done(GROUPED[2])  # reported out of order: the rest keeps collection order
+    lab.clock.advance(sch.SILENCE_LIMIT + 0.1)
+    (notice,) = of(Notice, lab.poll())
+    assert "re-dispatching 3 test(s)" in notice.text
+    lab.clock.advance(sch.backoff(2))
+    (publish,) = of(Publish, lab.poll())
+    assert publish.chunk.nodeids == [GROUPED[1], GROUPED[3], GROUPED[4]]
+    assert publish.chunk.attempt == 2

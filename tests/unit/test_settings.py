@@ -261,3 +261,29 @@ def test_the_embedded_broker_keeps_results_beside_it_unless_told_otherwise() -> 
     explicit = resolve(option={"celery_broker": "embedded", "celery_backend": "file:///tmp/r"})
     assert explicit.backend == "file:///tmp/r"
     assert resolve().backend == S.DEFAULT_BACKEND
+
+
+def test_dist_defaults_to_load_and_the_command_line_beats_the_ini() -> None:
+    assert resolve().dist == "load"
+    assert resolve(ini={"celery_dispatch_dist": "loadfile"}).dist == "loadfile"
+    both = resolve(option={"celery_dist": "loadgroup"}, ini={"celery_dispatch_dist": "loadfile"})
+    assert both.dist == "loadgroup"
+
+
+@pytest.mark.parametrize(
+    ("option", "ini", "source"),
+    [
+        ({"celery_dist": "each"}, {}, "--celery-dist"),
+        ({}, {"celery_dispatch_dist": "LoadFile"}, "ini celery_dispatch_dist"),
+    ],
+)
+def test_a_bad_dist_names_its_source_and_the_accepted_modes(
+    option: dict[str, str], ini: dict[str, str], source: str
+) -> None:
+    with pytest.raises(pytest.UsageError) as excinfo:
+        resolve(option=option, ini=ini)
+    bad = next(iter({**option, **ini}.values()))
+    assert str(excinfo.value) == (
+        f"celery-dispatch: invalid value {bad!r} for {source}: "
+        "expected one of load, loadfile, loadscope, loadgroup"
+    )

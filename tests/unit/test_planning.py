@@ -1,0 +1,98 @@
+"""planning.py: --celery-dist load / loadfile / loadscope / loadgroup cut a queue into chunks."""
+
+from __future__ import annotations
+
+import pytest
+
+from pytest_celery_dispatch import planning as pl
+
+# Two files; in b.py a class of three and two module functions (collection order).
+NODEIDS = [
+    "a.py::test_1",
+    "a.py::test_2",
+    "b.py::TestSeq::test_1",
+    "b.py::TestSeq::test_2",
+    "b.py::TestSeq::test_3",
+    "b.py::test_free_1",
+    "b.py::test_free_2",
+]
+SCOPES = {n: n.rsplit("::", 1)[0] for n in NODEIDS}  # what the session derives from the item
+
+
+def test_load_is_exactly_plan_chunks_whatever_the_keys() -> None:
+    for n in (0, 1, 5, 37, 300):
+        for slots in (1, 2, 4):
+            ids = [f"t{i}.py::test" for i in range(n)]
+            keys = {i: "one" for i in ids}  # ignored by load
+            assert pl.plan_work(ids, slots, "load", keys) == pl.plan_chunks(ids, slots)
+            assert pl.plan_groups(ids, "load", keys) == ([], ids)
+
+
+def test_loadfile_makes_one_chunk_per_file_biggest_first_in_collection_order() -> None:
+    keys = {n: pl.file_key(n) for n in NODEIDS}
+    assert pl.plan_work(NODEIDS, 2, "loadfile", keys) == [NODEIDS[2:], NODEIDS[:2]]
+    groups, free = pl.plan_groups(NODEIDS, "loadfile", keys)
+    assert [key for key, _ in groups] == ["b.py", "a.py"]
+    assert free == []
+
+
+def test_loadscope_groups_a_class_and_a_modules_functions_apart() -> None:
+    chunks = pl.plan_work(NODEIDS, 2, "loadscope", SCOPES)
+    assert chunks == [
+        ["b.py::TestSeq::test_1", "b.py::TestSeq::test_2", "b.py::TestSeq::test_3"],
+        ["a.py::test_1", "a.py::test_2"],  # ties keep the order of their first test
+        ["b.py::test_free_1", "b.py::test_free_2"],
+    ]
+
+
+def test_loadgroup_keeps_a_group_in_one_chunk_and_shares_the_rest_as_load() -> None:
+    ids = [f"t.py::test_{i}" for i in range(40)]
+    flash = [ids[3], ids[17], ids[30]]  # scattered through the collection
+    keys: dict[str, str | None] = {n: ("flash" if n in flash else None) for n in ids}
+    chunks = pl.plan_work(ids, 2, "loadgroup", keys)
+    assert flash in chunks  # one chunk, in collection order
+    assert sum(1 for c in chunks if set(c) & set(flash)) == 1  # never split
+    rest = [n for n in ids if n not in flash]
+    free_chunks = [c for c in chunks if c != flash]
+    assert free_chunks == pl.plan_chunks(rest, 2)  # the free tests: today's load chunks
+    assert [len(c) for c in chunks] == sorted((len(c) for c in chunks), reverse=True)
+    # 37 free tests on 2 slots: chunks of 4, 4, 3, 3, ...; the group goes before the free 3s.
+    assert chunks.index(flash) == 2
+
+
+def test_a_group_bigger_than_any_chunk_goes_first_and_is_never_cut() -> None:
+    ids = [f"t.py::test_{i}" for i in range(1000)]
+    keys = {n: "big" for n in ids[:500]}
+    chunks = pl.plan_work(ids, 1, "loadgroup", keys)
+    assert chunks[0] == ids[:500]  # bigger than plan_chunks' cap of 200, still one chunk
+    assert [n for c in chunks[1:] for n in c] == ids[500:]
+
+
+def test_a_test_without_a_key_is_free_in_every_grouping_mode() -> None:
+    for mode in ("loadfile", "loadscope", "loadgroup"):
+        groups, free = pl.plan_groups(["x", "y"], mode, {"x": "g"})
+        assert (groups, free) == ([("g", ["x"])], ["y"]), mode
+
+
+@pytest.mark.parametrize(
+    ("markers", "expected"),
+    [
+        pytest.param([], None, id="no-marker"),
+        pytest.param([(("flash",), {})], "flash", id="positional"),
+        pytest.param([((), {"name": "flash"})], "flash", id="keyword"),
+        pytest.param([((), {})], "default", id="no-name"),
+        pytest.param([(("b",), {}), (("a",), {}), (("b",), {})], "a_b", id="several"),
+        pytest.param([((7,), {})], "7", id="not-a-string"),
+    ],
+)
+def test_group_name_follows_pytest_xdist(markers: list, expected: str | None) -> None:
+    assert pl.group_name(markers) == expected
+
+
+def test_file_key_is_the_file_part_even_with_colons_in_a_parameter_id() -> None:
+    assert pl.file_key("d/t.py::TestC::test_m[a::b]") == "d/t.py"
+    assert pl.file_key("d/t.py::test_f[queue_a]") == "d/t.py"
+
+
+def test_the_modes_are_xdists() -> None:
+    assert pl.DIST_MODES == ("load", "loadfile", "loadscope", "loadgroup")
