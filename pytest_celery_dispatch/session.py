@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from . import planning, routing
+from . import routing
+from .collection import group_key, route_item
 from .events import EventHandlers
 from .forwarding import SlotPayloads
 from .names import EMBEDDED
@@ -46,23 +47,6 @@ from .terminal import DispatchTerminal
 
 #: How often the scheduler's clocks are polled (queues without consumers, lost work).
 POLL_INTERVAL = 0.5
-
-
-def group_key(item: pytest.Item, mode: str) -> str | None:
-    """The item's group under ``--celery-dist`` (see :mod:`.planning`), or None.
-
-    Taken from the item, not parsed from its nodeid: a fan-out item's ``[queue]`` id, or a
-    parameter id holding ``::`` or ``@``, never ends up in a group's name.
-    """
-    if mode == "loadgroup":
-        markers = item.iter_markers("xdist_group")
-        return planning.group_name((m.args, m.kwargs) for m in markers)
-    if mode == "loadfile":
-        return planning.file_key(item.nodeid)
-    if mode == "loadscope":  # the class, else the module (xdist: the nodeid up to its last ::)
-        parent = item.parent
-        return parent.nodeid if parent is not None and parent.nodeid else item.nodeid
-    return None
 
 
 class DispatchSession(EventHandlers):
@@ -113,29 +97,12 @@ class DispatchSession(EventHandlers):
         """Route after every other plugin, so markers added in this hook count too."""
         self.routes.clear()
         for item in items:
-            self.routes[item.nodeid] = self._route(item)
-
-    def _route(self, item: pytest.Item) -> routing.Route:
-        marker = item.get_closest_marker("queue")
-        callspec = getattr(item, "callspec", None)
-        fanout = callspec.params.get(routing.FANOUT_PARAM) if callspec is not None else None
-        hook = None
-        if marker is None:
-            hook = item.config.hook.pytest_celery_dispatch_route(item=item)
-        return routing.route(
-            (marker.args, marker.kwargs) if marker is not None else None,
-            self.settings.default_queue,
-            self.settings.allowed_queues,
-            nodeid=item.nodeid,
-            fanout=fanout,
-            hook=hook,
-            rules=self.settings.routes,
-        )
+            self.routes[item.nodeid] = route_item(item, self.settings)
 
     def route_of(self, item: pytest.Item) -> routing.Route:
         found = self.routes.get(item.nodeid)
         if found is None:
-            found = self.routes[item.nodeid] = self._route(item)
+            found = self.routes[item.nodeid] = route_item(item, self.settings)
         return found
 
     # ------------------------------------------------------------------ the run

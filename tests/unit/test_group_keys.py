@@ -1,10 +1,10 @@
-"""session.group_key: each test's --celery-dist key, taken from the collected item."""
+"""collection.group_key: each test's --celery-dist key, taken from the collected item."""
 
 from __future__ import annotations
 
 import pytest
 
-from pytest_celery_dispatch.session import group_key
+from pytest_celery_dispatch.collection import group_key
 
 SOURCE = """
 import pytest
