@@ -78,7 +78,7 @@ def install_tools() -> list[str]:
     if not missing or os.geteuid() != 0 or shutil.which("apt-get") is None:
         return missing
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+    install = ["apt-get", "install", "-y", "-q", *missing]
     log(f"installing {' '.join(missing)} with apt-get")
     if subprocess.run(install, env=env, capture_output=True).returncode != 0:
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)

@@ -41,6 +41,8 @@ READY_TIMEOUT = 60.0
 @pytest.fixture(scope="module")
 def image() -> dict:
     """The worker image, built now from this checkout (the base only when not cached)."""
+    if os.geteuid() != 0:
+        pytest.skip("building and running the image with buildah needs root: sudo make image-test")
     missing = worker_image.install_tools()
     if missing:
         pytest.skip(
