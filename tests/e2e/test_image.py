@@ -10,7 +10,7 @@ compose's ``BROKER_URL``, so the real queue_a / queue_b of other runs are not to
 
 On a machine with Docker the same check is
 ``docker compose build && docker compose up -d && pytest --celery-dispatch example_tests``.
-Run alone: ``make image-test``. The first run builds the base (about 3 minutes).
+Run alone: ``make image-test``. The first run on a machine also builds the base (2-4 minutes).
 """
 
 from __future__ import annotations
