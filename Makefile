@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv lint test demo bench clean
+.PHONY: venv lint test demo bench image image-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,15 @@ test: lint
 ## The main job: worker-a and worker-b, the dispatched example tests, summary and JSON report.
 demo: venv
 	$(BIN)/python scripts/demo.py
+
+## The worker image from workers/Dockerfile, built as `docker compose build` does, with buildah
+## (no Docker engine); the first build makes a stand-in python:3.11-slim base (~3 min), cached.
+image: venv
+	$(BIN)/python scripts/worker_image.py build
+
+## That image built and its worker-a / worker-b containers run the example tests (buildah, root).
+image-test: venv
+	$(BIN)/python -m pytest tests/e2e/test_image.py -v $(PYTEST_ARGS)
 
 ## Local pytest vs pytest-xdist vs --celery-dispatch on generated workloads (bench/README.md).
 BENCH_STAMP := $(VENV)/.bench-stamp

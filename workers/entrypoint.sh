@@ -28,6 +28,14 @@ starts_a_worker() {
 
 [ "$#" -gt 0 ] || fail "no command to run"
 
+# The broker: CELERY_BROKER_URL, then BROKER_URL (the order of the docs and of worker-healthcheck).
+# The celery command reads BROKER_URL as its --broker and lets it beat CELERY_BROKER_URL, and the
+# image sets BROKER_URL to its default: without this, compose's CELERY_BROKER_URL (its
+# ${BROKER_URL:-...}) would be ignored and the worker would use the image's default broker.
+if [ -n "${CELERY_BROKER_URL:-}" ]; then
+    export BROKER_URL="$CELERY_BROKER_URL"
+fi
+
 if starts_a_worker "$@"; then
     [ -n "${WORKER_ID:-}" ] || fail "WORKER_ID is empty: set it (e.g. -e WORKER_ID=worker-a)"
     [ -n "${QUEUE:-}" ] || fail "QUEUE is empty: set the queue this worker consumes (-e QUEUE=queue_a)"

@@ -1,0 +1,179 @@
+"""The worker image, built from workers/Dockerfile and run, without a Docker engine.
+
+scripts/worker_image.py builds the image as ``docker compose build`` does (the compose file's
+own context, Dockerfile and tag) with buildah, on a stand-in for ``python:3.11-slim`` made once
+from Debian's packages and cached in buildah's storage; then starts worker-a and worker-b as
+``docker compose up`` would: the image's ENTRYPOINT and USER, the compose file's command,
+environment, hostname and read-only ``./:/workspace`` mount, ``host.docker.internal`` being
+this machine (chroot isolation shares its network). The broker is a private vhost, given as
+compose's ``BROKER_URL``, so the real queue_a / queue_b of other runs are not touched.
+
+On a machine with Docker the same check is
+``docker compose build && docker compose up -d && pytest --celery-dispatch example_tests``.
+Run alone: ``make image-test``. The first run on a machine also builds the base (2-4 minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kombu.utils.url import maybe_sanitize_url
+
+from tests.helpers import consumer_count
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+import compose_workers  # noqa: E402
+import worker_image  # noqa: E402
+
+UID = 10001  # the Dockerfile's USER, the contract of docs/workers.md
+READY_TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def image() -> dict:
+    """The worker image, built now from this checkout (the base only when not cached)."""
+    if os.geteuid() != 0:
+        pytest.skip("building and running the image with buildah needs root: sudo make image-test")
+    missing = worker_image.install_tools()
+    if missing:
+        pytest.skip(
+            f"{', '.join(missing)} not installed: {worker_image.INSTALL_HINT}, then make image-test"
+        )
+    try:
+        return worker_image.build_image()
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def bench(
+    image: dict, vhost_broker: str, tmp_path: Path
+) -> Iterator[dict[str, worker_image.Container]]:
+    """worker-a and worker-b in containers of the image, on a private vhost; stopped after."""
+    environ = {"BROKER_URL": vhost_broker}  # what compose interpolates (.env / the shell)
+    services = compose_workers.worker_services(compose_workers.load())
+    containers = {
+        name: worker_image.Container(name, spec, image, environ, tmp_path)
+        for name, spec in sorted(services.items())
+    }
+    try:
+        for container in containers.values():
+            container.start()
+        for container in containers.values():
+            wait_consuming(container, vhost_broker)
+        yield containers
+    finally:
+        left = {name: c.stop() for name, c in containers.items()}
+        assert not any(left.values()), f"processes left after stopping: {left}"
+
+
+def wait_consuming(container: worker_image.Container, broker: str) -> None:
+    """Until the container's worker consumes its queue on ``broker``; fail fast otherwise.
+
+    A worker that announces another broker (Celery's banner, printed before it connects) is
+    killed at once: on the shared ``/`` vhost it would take other runs' queue_a / queue_b work.
+    """
+    queue = container.env["QUEUE"]
+    wanted = maybe_sanitize_url(broker)
+    deadline = time.monotonic() + READY_TIMEOUT
+    while consumer_count(queue, broker) < 1:
+        banner = re.search(r"\.> transport:\s+(\S+)", container.log_text())
+        problem = ""
+        if banner and banner.group(1) != wanted:
+            problem = f"uses the broker {banner.group(1)}, not compose's {wanted}"
+        elif not container.running():
+            problem = "exited"
+        elif time.monotonic() > deadline:
+            problem = f"does not consume {queue} on {wanted} after {READY_TIMEOUT}s"
+        if problem:
+            container.stop(grace=0)
+            pytest.fail(
+                f"{container.name} {problem}:\n{container.log_text()[-4000:]}", pytrace=False
+            )
+        time.sleep(0.1)
+
+
+def test_the_image_is_the_dockerfiles(image):
+    assert image["User"] == f"{UID}:{UID}"
+    assert image["Entrypoint"] == ["worker-entrypoint"]
+    assert image["WorkingDir"] == "/workspace"
+    assert image["Healthcheck"]["Test"] == ["CMD", "worker-healthcheck"]  # kept: Docker's format
+    env = dict(e.split("=", 1) for e in image["Env"])
+    assert env["DISPATCH_WORKSPACE"] == "/workspace"
+    assert env["DISPATCH_LOG_FORMAT"] == "json"
+
+
+def test_examples_pass_on_the_image_workers(bench, vhost_broker, tmp_path):
+    for name, container in bench.items():
+        assert container.uids() == {UID}, f"{name} runs as {container.uids()}"
+        log = container.log_text()
+        assert f"{name}@{container.hostname} ready." in log, log[-3000:]
+        records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+        assert records, f"no JSON log lines from {name}:\n{log[-3000:]}"
+
+    report = tmp_path / "report.json"
+    env = dict(os.environ, CELERY_BROKER_URL=vhost_broker, BROKER_URL=vhost_broker)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "example_tests",
+            "--celery-dispatch",
+            "-p",
+            "no:cacheprovider",
+            f"--celery-json-report={report}",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    logs = "\n".join(c.log_text()[-2000:] for c in bench.values())
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    tests = json.loads(report.read_text())["tests"]
+    workers = {(t["dispatch"]["queue"], t["dispatch"]["worker"]) for t in tests}
+    assert workers == {("queue_a", "worker-a"), ("queue_b", "worker-b"), (None, "local")}
+    assert all(t["outcome"] == "passed" for t in tests), proc.stdout
+
+    for name, container in bench.items():
+        # The image's own HEALTHCHECK, in the container, beside the worker.
+        code, out = container.healthcheck()
+        assert code == 0, out
+        assert f"healthy: {name}@{container.hostname} answers" in out, out
+        assert out.rstrip().endswith(f"consumes {container.env['QUEUE']}"), out
+        # The image's user, and compose's ./:/workspace:ro.
+        code, out = container.exec(["sh", "-c", "id -u; touch /workspace/.image-test"], 30)
+        assert out.splitlines()[0] == str(UID), out
+        assert code != 0, out
+        assert "Read-only file system" in out, out
+        assert not (ROOT / ".image-test").exists()
+
+    for name, container in bench.items():
+        left = container.stop()
+        assert left == [], f"{name}: processes left after stopping: {left}"
+        assert container.container not in worker_image.working_containers()
+
+
+def test_the_entrypoint_gives_celery_broker_url_precedence(tmp_path):
+    """The celery command prefers BROKER_URL (its --broker), which the image sets to its default;
+    compose sets CELERY_BROKER_URL. The entrypoint makes the latter win, as in the healthcheck."""
+    image = compose_workers.WorkerImage()
+    bin_dir = image.install_commands(tmp_path / "bin")
+    show = [*image.entrypoint, "sh", "-c", 'echo "$BROKER_URL"']
+    env = image.environment(ROOT, bin_dir, {"CELERY_BROKER_URL": "amqp://compose//"})
+    out = subprocess.run(show, env=env, capture_output=True, text=True, timeout=10).stdout
+    assert out.strip() == "amqp://compose//"
+    env = image.environment(ROOT, bin_dir, {"BROKER_URL": "amqp://given//"})
+    out = subprocess.run(show, env=env, capture_output=True, text=True, timeout=10).stdout
+    assert out.strip() == "amqp://given//"
