@@ -238,68 +238,59 @@ def resolve(
     else:  # the embedded broker keeps results in its own folder (rpc:// needs AMQP)
         backend = EMBEDDED if broker == EMBEDDED else DEFAULT_BACKEND
 
-    picked = _first(
-        ("--celery-default-queue", option("celery_default_queue")),
-        ("ini celery_dispatch_default_queue", ini("celery_dispatch_default_queue")),
-    )
-    default_queue = parse_queue_name(picked[1], picked[0]) if picked else None
+    def pick(name: str) -> tuple[str, Any] | None:
+        """``--celery-<name>``, else ini ``celery_dispatch_<name>``: (source, raw value)."""
+        key = name.replace("-", "_")
+        return _first(
+            (f"--celery-{name}", option(f"celery_{key}")),
+            (f"ini celery_dispatch_{key}", ini(f"celery_dispatch_{key}")),
+        )
 
-    picked = _first(
-        ("--celery-json-report", option("celery_json_report")),
-        ("ini celery_dispatch_json_report", ini("celery_dispatch_json_report")),
-    )
-    json_report = str(picked[1]) if picked else default_json_report_path(now)
+    def parsed(name: str, parse: Callable[[str, str], Any], default: Any) -> Any:
+        picked = pick(name)
+        return parse(picked[1], picked[0]) if picked else default
 
-    picked = _first(
-        ("--celery-timeout", option("celery_timeout")),
-        ("ini celery_dispatch_timeout", ini("celery_dispatch_timeout")),
-    )
-    timeout = parse_positive_float(picked[1], picked[0]) if picked else DEFAULT_TIMEOUT
-
-    picked = _first(
-        ("--celery-wait-workers", option("celery_wait_workers")),
-        ("ini celery_dispatch_wait_workers", ini("celery_dispatch_wait_workers")),
-    )
-    wait_workers = (
-        parse_non_negative_float(picked[1], picked[0]) if picked else DEFAULT_WAIT_WORKERS
-    )
-
-    picked = _first(
-        ("--celery-retries", option("celery_retries")),
-        ("ini celery_dispatch_retries", ini("celery_dispatch_retries")),
-    )
-    retries = parse_retries(picked[1], picked[0]) if picked else DEFAULT_RETRIES
-
-    picked = _first(
-        ("--celery-local-workers", option("celery_local_workers")),
-        ("ini celery_dispatch_local_workers", ini("celery_dispatch_local_workers")),
-    )
+    default_queue = parsed("default-queue", parse_queue_name, None)
+    json_report = parsed("json-report", lambda raw, _: str(raw), None)
+    json_report = json_report or default_json_report_path(now)
+    timeout = parsed("timeout", parse_positive_float, DEFAULT_TIMEOUT)
+    wait_workers = parsed("wait-workers", parse_non_negative_float, DEFAULT_WAIT_WORKERS)
+    retries = parsed("retries", parse_retries, DEFAULT_RETRIES)
     local_workers: tuple[str, ...] = ()
     local_auto = False
-    if picked:
+    if picked := pick("local-workers"):
         if str(picked[1]).strip() == "auto":
             local_auto = True
         else:
             local_workers = parse_queue_list(picked[1], picked[0])
+    timeline = parsed("timeline", lambda raw, _: str(raw), None)
+    event_log = parsed("event-log", lambda raw, _: str(raw), None)
+    dist = parsed("dist", parse_dist, LOAD)
+    allowed, rules = _queues_and_routes(ini, default_queue)
 
-    picked = _first(
-        ("--celery-timeline", option("celery_timeline")),
-        ("ini celery_dispatch_timeline", ini("celery_dispatch_timeline")),
+    return Settings(
+        dispatch=dispatch,
+        broker=broker,
+        backend=backend,
+        default_queue=default_queue,
+        json_report=json_report,
+        timeout=timeout,
+        wait_workers=wait_workers,
+        retries=retries,
+        local_workers=local_workers,
+        local_workers_auto=local_auto,
+        timeline=timeline,
+        event_log=event_log,
+        allowed_queues=allowed,
+        routes=tuple(rules),
+        dist=dist,
     )
-    timeline = str(picked[1]) if picked else None
 
-    picked = _first(
-        ("--celery-event-log", option("celery_event_log")),
-        ("ini celery_dispatch_event_log", ini("celery_dispatch_event_log")),
-    )
-    event_log = str(picked[1]) if picked else None
 
-    picked = _first(
-        ("--celery-dist", option("celery_dist")),
-        ("ini celery_dispatch_dist", ini("celery_dispatch_dist")),
-    )
-    dist = parse_dist(picked[1], picked[0]) if picked else LOAD
-
+def _queues_and_routes(
+    ini: Getter, default_queue: str | None
+) -> tuple[frozenset[str] | None, list[RouteRule]]:
+    """ini ``celery_dispatch_queues`` (the allowed names) and ``celery_dispatch_routes``."""
     raw_queues = ini("celery_dispatch_queues")
     allowed: frozenset[str] | None = None
     if raw_queues:
@@ -328,20 +319,4 @@ def resolve(
                 f"{', '.join(unknown)} that ini celery_dispatch_queues does not allow"
             )
 
-    return Settings(
-        dispatch=dispatch,
-        broker=broker,
-        backend=backend,
-        default_queue=default_queue,
-        json_report=json_report,
-        timeout=timeout,
-        wait_workers=wait_workers,
-        retries=retries,
-        local_workers=local_workers,
-        local_workers_auto=local_auto,
-        timeline=timeline,
-        event_log=event_log,
-        allowed_queues=allowed,
-        routes=tuple(rules),
-        dist=dist,
-    )
+    return allowed, rules
