@@ -127,6 +127,13 @@ def summary_lines(report: Mapping[str, Any], verbose: int = 0) -> list[Line]:
         )
     )
 
+    lines.extend(_per_queue_and_worker(dispatch))
+    return lines
+
+
+def _per_queue_and_worker(dispatch: Mapping[str, Any]) -> list[Line]:
+    """The "Per queue" and "Per worker" tables of the summary."""
+    lines: list[Line] = []
     lines.append(("Per queue", {"bold": True}))
     rows = [["queue", "workers", "tests", "outcomes", "total", "avg", "min", "max"]]
     for name, q in dispatch["queues"].items():

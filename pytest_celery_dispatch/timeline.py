@@ -491,7 +491,35 @@ def _chart(lanes: list[_Lane], critical: _Lane | None, origin: float) -> str:
     for y in separators:
         out.append(f'<line class="sep" x1="4" x2="{x0 + PLOT_W}" y1="{y}" y2="{y}"/>\n')
 
-    # The bars: one per test, in lane order.
+    out.extend(_bars(lanes, critical, origin, scale))  # one per test, in lane order
+
+    # Right column: busy share per lane; the critical lane outlined, its end marked.
+    for i, lane in enumerate(lanes):
+        y = top + i * LANE_H
+        span = lane.last - origin
+        share = lane.busy / span if span > 0 else None
+        text = f"{_percent(share)} busy"
+        if lane is critical:
+            out.append(
+                f'<rect class="critlane" x="{x0}" y="{y + 1}" width="{PLOT_W}" '
+                f'height="{LANE_H - 2}"/>\n'
+            )
+            text = f"\u25c0 critical \u00b7 {text}"
+        cls = "busy critlbl" if lane is critical else "busy"
+        out.append(
+            f'<text class="{cls}" x="{x0 + PLOT_W + 8}" y="{y + LANE_H - 8}">{_e(text)}</text>\n'
+        )
+    if critical is not None:
+        end_x = _n(x0 + (critical.last - origin) * scale)
+        out.append(f'<line class="critend" x1="{end_x}" x2="{end_x}" y1="{top}" y2="{bottom}"/>\n')
+    out.append("</svg>\n</div>\n")
+    return "".join(out)
+
+
+def _bars(lanes: list[_Lane], critical: _Lane | None, origin: float, scale: float) -> list[str]:
+    """One SVG bar per test, lane by lane, filled by outcome (hover: the bar's title)."""
+    out: list[str] = []
+    top, x0 = AXIS_H, LABEL_W
     for i, lane in enumerate(lanes):
         bar_y = _n(top + i * LANE_H + (LANE_H - BAR_H) / 2)
         is_critical = lane is critical
@@ -515,28 +543,7 @@ def _chart(lanes: list[_Lane], critical: _Lane | None, origin: float) -> str:
                 f"<title>{_e(_bar_title(test, lane, origin))}</title></rect>\n"
             )
         out.append("</g>\n")
-
-    # Right column: busy share per lane; the critical lane outlined, its end marked.
-    for i, lane in enumerate(lanes):
-        y = top + i * LANE_H
-        span = lane.last - origin
-        share = lane.busy / span if span > 0 else None
-        text = f"{_percent(share)} busy"
-        if lane is critical:
-            out.append(
-                f'<rect class="critlane" x="{x0}" y="{y + 1}" width="{PLOT_W}" '
-                f'height="{LANE_H - 2}"/>\n'
-            )
-            text = f"\u25c0 critical \u00b7 {text}"
-        cls = "busy critlbl" if lane is critical else "busy"
-        out.append(
-            f'<text class="{cls}" x="{x0 + PLOT_W + 8}" y="{y + LANE_H - 8}">{_e(text)}</text>\n'
-        )
-    if critical is not None:
-        end_x = _n(x0 + (critical.last - origin) * scale)
-        out.append(f'<line class="critend" x1="{end_x}" x2="{end_x}" y1="{top}" y2="{bottom}"/>\n')
-    out.append("</svg>\n</div>\n")
-    return "".join(out)
+    return out
 
 
 def _bar_title(test: _Test, lane: _Lane, origin: float) -> str:
