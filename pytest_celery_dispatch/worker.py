@@ -10,7 +10,8 @@ Tasks:
   :mod:`.runner`) fed chunks of nodeids from the run's work queue by a :class:`.SlotDriver`,
   streaming each event to the controller's per-run reply queue;
 * ``ping`` — answers with this worker's identity (health checks);
-* ``task_a`` / ``task_b`` — the original demo's example tasks, routed to ``queue_a`` / ``queue_b``.
+* ``task_a`` / ``task_b`` — the original demo's example tasks, routed to ``queue_a`` / ``queue_b``
+  (they live in :mod:`.demo_tasks`).
 
 This module never imports the controller side of the plugin.
 """
@@ -21,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import socket
 import time
 from datetime import datetime, timezone
@@ -32,6 +32,7 @@ from celery import Celery, Task, signals
 
 from . import embedded
 from .celeryconf import backend_from_env, broker_from_env, celery_config
+from .demo_tasks import register_demo_tasks
 from .driver import KILL, RUN, STOP, SlotDriver
 from .launcher import RunnerLauncher
 from .names import (
@@ -47,8 +48,6 @@ from .names import (
     ENV_WORKER_ID,
     ENV_WORKSPACE,
     PING_TASK,
-    TASK_A,
-    TASK_B,
 )
 from .outcome import outcome_of_reports
 from .runnerspec import RunnerSpec
@@ -460,34 +459,5 @@ def ping(self: Task) -> dict[str, Any]:
     }
 
 
-def _demo_work(task: Task, message: str, duration: float | None) -> dict[str, Any]:
-    """Simulate some work, like the original demo, and say who did it, where and when."""
-    seconds = random.uniform(1.0, 2.0) if duration is None else max(0.0, float(duration))
-    started_at = time.time()
-    begin = time.perf_counter()
-    time.sleep(seconds)
-    execution_time = time.perf_counter() - begin
-    finished_at = time.time()
-    result = {
-        "message": message,
-        "worker": worker_id(task),
-        "hostname": task.request.hostname,
-        "queue": queue_of(task),
-        "task_id": task.request.id,
-        "execution_time": round(execution_time, 4),
-        "timestamp": datetime.fromtimestamp(finished_at, timezone.utc).isoformat(),
-        "started_at": started_at,
-        "finished_at": finished_at,
-    }
-    log.info("%s done", task.name, extra={k: v for k, v in result.items() if k != "message"})
-    return result
-
-
-@app.task(name=TASK_A, bind=True)  # type: ignore[untyped-decorator]
-def task_a(self: Task, duration: float | None = None) -> dict[str, Any]:
-    return _demo_work(self, "Hello from Task A", duration)
-
-
-@app.task(name=TASK_B, bind=True)  # type: ignore[untyped-decorator]
-def task_b(self: Task, duration: float | None = None) -> dict[str, Any]:
-    return _demo_work(self, "Hello from Task B", duration)
+#: The original demo's example tasks (see :mod:`.demo_tasks`), on this app under their names.
+task_a, task_b = register_demo_tasks(app)
