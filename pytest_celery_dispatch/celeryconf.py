@@ -19,6 +19,9 @@ from .names import (
     ENV_BROKER_URL,
     ENV_BROKER_URL_FALLBACK,
     ENV_RESULT_BACKEND,
+    ENV_SSL_CA,
+    ENV_SSL_CERT,
+    ENV_SSL_KEY,
     ENV_WORKSPACE,
     TASK_A,
     TASK_B,
@@ -56,15 +59,15 @@ def broker_ssl_options(
         return None
     env = os.environ if environ is None else environ
     host = urlsplit(broker).hostname or "localhost"
-    ca = env.get("DISPATCH_SSL_CA") or None
-    cert = env.get("DISPATCH_SSL_CERT") or None
+    ca = env.get(ENV_SSL_CA) or None
+    cert = env.get(ENV_SSL_CERT) or None
     if cert:
         return {
             "server_hostname": host,
             "cert_reqs": ssl.CERT_REQUIRED,
             "ca_certs": ca,
             "certfile": cert,
-            "keyfile": env.get("DISPATCH_SSL_KEY") or None,
+            "keyfile": env.get(ENV_SSL_KEY) or None,
         }
     return {"server_hostname": host, "context": {"cafile": ca, "check_hostname": True}}
 
