@@ -5,7 +5,7 @@ runs on a ``celery -A pytest_celery_dispatch.worker worker -Q queue_a`` process 
 comes back into the local session. The plugin itself lives in :mod:`.plugin` (entry point
 ``celery_dispatch``); this package exports only what users name in their code.
 
-PYTEST_DONT_REWRITE: spare runners import it before pytest configures (runner.SPARE_BOOT).
+PYTEST_DONT_REWRITE: spare runners import it before pytest configures (see spare_boot.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Celery settings shared by the controller's app and the worker app (no controller imports).
 
-PYTEST_DONT_REWRITE: spare runners import it before pytest configures (runner.SPARE_BOOT).
+PYTEST_DONT_REWRITE: spare runners import it before pytest configures (see spare_boot.py).
 """
 
 from __future__ import annotations

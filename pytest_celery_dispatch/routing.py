@@ -5,7 +5,7 @@ Precedence, first answer wins: the closest ``queue`` marker, then the
 ``--celery-default-queue``, then local. No Celery, no terminal: the plugin hands in the marker's
 arguments, the hook's answer and the item's nodeid.
 
-PYTEST_DONT_REWRITE: spare runners import it before pytest configures (runner.SPARE_BOOT).
+PYTEST_DONT_REWRITE: spare runners import it before pytest configures (see spare_boot.py).
 """
 
 from __future__ import annotations

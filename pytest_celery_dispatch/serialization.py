@@ -4,7 +4,7 @@ Reports travel as pytest's own ``pytest_report_to_serializable`` dicts inside a 
 A value ``json.dumps`` rejects is replaced by its ``str()`` (the pytest-reportlog habit), so a
 test that puts an odd object in ``user_properties`` still gets its report home.
 
-PYTEST_DONT_REWRITE: spare runners import it before pytest configures (runner.SPARE_BOOT).
+PYTEST_DONT_REWRITE: spare runners import it before pytest configures (see spare_boot.py).
 """
 
 from __future__ import annotations

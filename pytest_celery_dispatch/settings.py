@@ -3,7 +3,7 @@
 Every bad value becomes a :class:`pytest.UsageError` that names the option, where the value came
 from, and the accepted form (the pytest-timeout habit).
 
-PYTEST_DONT_REWRITE: spare runners import it before pytest configures (runner.SPARE_BOOT).
+PYTEST_DONT_REWRITE: spare runners import it before pytest configures (see spare_boot.py).
 """
 
 from __future__ import annotations

@@ -7,10 +7,11 @@ current directory), ``DISPATCH_LOG_FORMAT`` (``json``, the default, or ``text``)
 Tasks:
 
 * ``run_session`` — one slot's share of a test run: a warm pytest process (see
-  :mod:`.runner`) fed chunks of nodeids from the run's work queue, streaming each event to the
-  controller's per-run reply queue;
+  :mod:`.runner`) fed chunks of nodeids from the run's work queue by a :class:`.SlotDriver`,
+  streaming each event to the controller's per-run reply queue;
 * ``ping`` — answers with this worker's identity (health checks);
-* ``task_a`` / ``task_b`` — the original demo's example tasks, routed to ``queue_a`` / ``queue_b``.
+* ``task_a`` / ``task_b`` — the original demo's example tasks, routed to ``queue_a`` / ``queue_b``
+  (they live in :mod:`.demo_tasks`).
 
 This module never imports the controller side of the plugin.
 """
@@ -21,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import random
 import socket
 import time
 from datetime import datetime, timezone
@@ -32,17 +32,25 @@ from celery import Celery, Task, signals
 
 from . import embedded
 from .celeryconf import backend_from_env, broker_from_env, celery_config
-from .outcome import outcome_of_reports
-from .runner import (
+from .demo_tasks import register_demo_tasks
+from .driver import KILL, RUN, STOP, SlotDriver
+from .launcher import RunnerLauncher
+from .names import (
+    ENV_BROKER_URL,
+    ENV_CTX_HOSTNAME,
+    ENV_CTX_QUEUE,
+    ENV_CTX_RUN_ID,
+    ENV_CTX_TASK_ID,
+    ENV_CTX_WORKER_ID,
     ENV_FORK,
-    KILL,
-    RUN,
-    SPARE_DELAY,
-    STOP,
-    RunnerSpec,
-    drive_session,
-    prepare_spare,
+    ENV_LOG_FORMAT,
+    ENV_WORKER_CONCURRENCY,
+    ENV_WORKER_ID,
+    ENV_WORKSPACE,
+    PING_TASK,
 )
+from .outcome import outcome_of_reports
+from .runnerspec import RunnerSpec
 from .serialization import (
     PROTOCOL,
     SESSION_TASK,
@@ -54,31 +62,35 @@ from .serialization import (
     nodeid_path,
     stop_queue_name,
 )
+from .spares import SPARE_DELAY, SparePool
+from .workerinfo import queue_of, worker_id, workspace
+from .zygote import Zygotes
 
 log = logging.getLogger("pytest_celery_dispatch.worker")
 
-if embedded.is_embedded(os.environ.get("CELERY_BROKER_URL")):
+if embedded.is_embedded(os.environ.get(ENV_BROKER_URL)):
     # Celery reads CELERY_BROKER_URL itself, as a URL: "embedded" alone would be a host name.
-    os.environ["CELERY_BROKER_URL"] = f"{embedded.EMBEDDED}://"
+    os.environ[ENV_BROKER_URL] = f"{embedded.EMBEDDED}://"
 app = Celery("pytest_celery_dispatch.worker")
 app.conf.update(celery_config(broker_from_env(), backend_from_env()))
 
 
-def workspace() -> str:
-    return os.path.realpath(os.environ.get("DISPATCH_WORKSPACE") or os.getcwd())
+class WorkerProcess:
+    """What one worker process keeps between its tasks: its spare runner, the zygotes it
+    started, and (main process, embedded broker) its presence files.
+
+    One per process, made once below (:data:`local`): Celery's signal handlers and tasks are
+    module-level functions with no other place to find it. Each prefork pool process gets its
+    own copy when it is forked from the main process, empty (spares start in the pool process).
+    """
+
+    def __init__(self) -> None:
+        self.spares = SparePool()
+        self.zygotes = Zygotes(self.spares)
+        self.presence: list[embedded.Presence] = []
 
 
-def worker_id(task: Task | None = None) -> str:
-    explicit = os.environ.get("WORKER_ID")
-    if explicit:
-        return explicit
-    hostname = getattr(getattr(task, "request", None), "hostname", None)
-    return str(hostname or socket.gethostname())
-
-
-def _queue_of(task: Task) -> str:
-    info = getattr(task.request, "delivery_info", None) or {}
-    return str(info.get("routing_key") or info.get("queue") or "")
+local = WorkerProcess()
 
 
 # ---------------------------------------------------------------------------- JSON logging
@@ -109,8 +121,8 @@ def _note_concurrency(sender: Any = None, **kwargs: Any) -> None:
     """Pool processes inherit this: each session tells the controller its worker's slots."""
     concurrency = getattr(sender, "concurrency", None)
     if isinstance(concurrency, int):
-        os.environ["DISPATCH_WORKER_CONCURRENCY"] = str(concurrency)
-    # A run's zygote (see runner._fork_from_zygote) lives in the pool process that started it:
+        os.environ[ENV_WORKER_CONCURRENCY] = str(concurrency)
+    # A run's zygote (see zygote.Zygotes.fork) lives in the pool process that started it:
     # with pool processes replaced after N tasks or M bytes it would go, and the runners forked
     # from it for the other slots with it. Such workers start a runner per slot.
     if getattr(sender, "max_tasks_per_child", None) or getattr(
@@ -122,12 +134,9 @@ def _note_concurrency(sender: Any = None, **kwargs: Any) -> None:
 @signals.worker_process_init.connect  # type: ignore[untyped-decorator]
 def _start_spare_runner(**kwargs: Any) -> None:
     """Each pool process keeps a spare runner: the interpreter started and pytest imported
-    before a run needs it (see runner.SPARE_BOOT); ``DISPATCH_SPARE_RUNNER=0`` turns it off."""
+    before a run needs it (see spare_boot.py); ``DISPATCH_SPARE_RUNNER=0`` turns it off."""
     with contextlib.suppress(Exception):
-        prepare_spare(workspace(), dict(os.environ))
-
-
-_presence: list[embedded.Presence] = []
+        local.spares.prepare(workspace(), dict(os.environ))
 
 
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]
@@ -146,18 +155,18 @@ def _announce_presence(sender: Any = None, **kwargs: Any) -> None:
     )
     presence.write()
     presence.start()
-    _presence.append(presence)
+    local.presence.append(presence)
 
 
 @signals.worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _withdraw_presence(sender: Any = None, **kwargs: Any) -> None:
-    while _presence:
-        _presence.pop().stop()
+    while local.presence:
+        local.presence.pop().stop()
 
 
 @signals.after_setup_logger.connect  # type: ignore[untyped-decorator]
 def _setup_logging(logger: logging.Logger, *args: Any, **kwargs: Any) -> None:
-    if os.environ.get("DISPATCH_LOG_FORMAT", "json").lower() != "json":
+    if os.environ.get(ENV_LOG_FORMAT, "json").lower() != "json":
         return
     for handler in logger.handlers:
         handler.setFormatter(JsonFormatter())
@@ -177,7 +186,7 @@ class _Reply:
             "protocol": PROTOCOL,
             "run_id": str(payload["run_id"]),
             "session_id": str(payload.get("session_id") or ""),
-            "queue": str(payload.get("queue") or _queue_of(task)),
+            "queue": str(payload.get("queue") or queue_of(task)),
             "worker": worker_id(task),
             "hostname": str(task.request.hostname or socket.gethostname()),
             "task_id": str(task.request.id),
@@ -306,20 +315,20 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             {
                 "type": "session_started",
                 "nodeids_total": len(nodeids),
-                "concurrency": int(os.environ.get("DISPATCH_WORKER_CONCURRENCY") or 0),
+                "concurrency": int(os.environ.get(ENV_WORKER_CONCURRENCY) or 0),
             }
         )
         log.info("session started", extra={**extra, "tests": len(nodeids)})
         env = dict(os.environ)
         env.update(
             {
-                "WORKER_ID": base["worker"],
-                "DISPATCH_WORKER_ID": base["worker"],
-                "DISPATCH_QUEUE": base["queue"],
-                "DISPATCH_HOSTNAME": base["hostname"],
-                "DISPATCH_TASK_ID": base["task_id"],
-                "DISPATCH_RUN_ID": base["run_id"],
-                "DISPATCH_WORKSPACE": ws,
+                ENV_WORKER_ID: base["worker"],
+                ENV_CTX_WORKER_ID: base["worker"],
+                ENV_CTX_QUEUE: base["queue"],
+                ENV_CTX_HOSTNAME: base["hostname"],
+                ENV_CTX_TASK_ID: base["task_id"],
+                ENV_CTX_RUN_ID: base["run_id"],
+                ENV_WORKSPACE: ws,
             }
         )
         spec = RunnerSpec(
@@ -334,10 +343,12 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         )
         emit_logged = _ChunkLog(reply.emit, extra)
 
+        launcher = RunnerLauncher(spec, local.spares, local.zygotes)
+        driver = SlotDriver(spec, emit_logged, reply.fetch, launcher, control=reply.control)
         try:
-            summary = drive_session(spec, emit_logged, reply.fetch, control=reply.control)
+            summary = driver.run()
         finally:
-            prepare_spare(ws, env, SPARE_DELAY)  # the next run's first runner
+            local.spares.prepare(ws, env, SPARE_DELAY)  # the next run's first runner
         summary["duration"] = round(time.monotonic() - started, 3)
         if summary["state"] == RUN:
             reply.emit({"type": "session_finished", "summary": summary})
@@ -437,45 +448,16 @@ def different_files(
 # ---------------------------------------------------------------------------- health + demo
 
 
-@app.task(name="pytest_celery_dispatch.ping", bind=True)  # type: ignore[untyped-decorator]
+@app.task(name=PING_TASK, bind=True)  # type: ignore[untyped-decorator]
 def ping(self: Task) -> dict[str, Any]:
     return {
         "worker": worker_id(self),
         "hostname": self.request.hostname,
-        "queue": _queue_of(self),
+        "queue": queue_of(self),
         "workspace": workspace(),
         "pid": os.getpid(),
     }
 
 
-def _demo_work(task: Task, message: str, duration: float | None) -> dict[str, Any]:
-    """Simulate some work, like the original demo, and say who did it, where and when."""
-    seconds = random.uniform(1.0, 2.0) if duration is None else max(0.0, float(duration))
-    started_at = time.time()
-    begin = time.perf_counter()
-    time.sleep(seconds)
-    execution_time = time.perf_counter() - begin
-    finished_at = time.time()
-    result = {
-        "message": message,
-        "worker": worker_id(task),
-        "hostname": task.request.hostname,
-        "queue": _queue_of(task),
-        "task_id": task.request.id,
-        "execution_time": round(execution_time, 4),
-        "timestamp": datetime.fromtimestamp(finished_at, timezone.utc).isoformat(),
-        "started_at": started_at,
-        "finished_at": finished_at,
-    }
-    log.info("%s done", task.name, extra={k: v for k, v in result.items() if k != "message"})
-    return result
-
-
-@app.task(name="pytest_celery_dispatch.task_a", bind=True)  # type: ignore[untyped-decorator]
-def task_a(self: Task, duration: float | None = None) -> dict[str, Any]:
-    return _demo_work(self, "Hello from Task A", duration)
-
-
-@app.task(name="pytest_celery_dispatch.task_b", bind=True)  # type: ignore[untyped-decorator]
-def task_b(self: Task, duration: float | None = None) -> dict[str, Any]:
-    return _demo_work(self, "Hello from Task B", duration)
+#: The original demo's example tasks (see :mod:`.demo_tasks`), on this app under their names.
+task_a, task_b = register_demo_tasks(app)

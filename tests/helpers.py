@@ -152,7 +152,7 @@ def orphaned_spare_runners() -> list[str]:
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as fh:
                 cmdline = fh.read()
-            if b"PYTEST_CELERY_DISPATCH_BOOT_FD" not in cmdline:
+            if b"pytest_celery_dispatch/spare_boot.py" not in cmdline:
                 continue
             with open(f"/proc/{entry}/stat") as fh:
                 fields = fh.read().rsplit(")", 1)[1].split()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
-from pytest_celery_dispatch import runner
-from pytest_celery_dispatch.runner import RunnerSpec, _Spare
+from pytest_celery_dispatch.names import ENV_PYCACHE, ENV_SPARE
+from pytest_celery_dispatch.runnerspec import RunnerSpec, runner_env, runner_pycache
+from pytest_celery_dispatch.spares import Spare, SparePool
+from pytest_celery_dispatch.zygote import sweep_zygotes
 
 
 def spec_for(workspace, env) -> RunnerSpec:
@@ -22,7 +24,7 @@ def test_an_activated_spare_runs_pytest_in_the_order_s_directory_and_environment
         "    print('ran in', os.getcwd())\n"
     )
     env = dict(os.environ, SPARE_ONLY="1")
-    spare = _Spare(str(tmp_path), env)
+    spare = Spare(str(tmp_path), env)
     try:
         assert spare.fits(spec_for(tmp_path, dict(os.environ)))
         order_env = dict(os.environ, ORDER_VALUE="from-the-order")
@@ -37,7 +39,7 @@ def test_an_activated_spare_runs_pytest_in_the_order_s_directory_and_environment
 
 
 def test_a_spare_that_started_differently_is_not_used(tmp_path):
-    spare = _Spare(str(tmp_path), dict(os.environ, PYTHONPATH="/somewhere"))
+    spare = Spare(str(tmp_path), dict(os.environ, PYTHONPATH="/somewhere"))
     try:
         assert not spare.fits(spec_for(tmp_path, dict(os.environ, PYTHONPATH="/elsewhere")))
         assert not spare.fits(
@@ -50,23 +52,23 @@ def test_a_spare_that_started_differently_is_not_used(tmp_path):
 
 
 def test_a_spare_exits_when_its_worker_process_goes_away(tmp_path):
-    spare = _Spare(str(tmp_path), dict(os.environ))
+    spare = Spare(str(tmp_path), dict(os.environ))
     os.close(spare.boot_w)  # what the pool process's death does to the boot pipe
     assert spare.proc.wait(30) == 0
 
 
-def test_prepare_spare_keeps_one_and_can_be_turned_off(tmp_path, monkeypatch):
-    monkeypatch.setattr(runner, "_spare", None)
-    runner.prepare_spare(str(tmp_path), {**os.environ, runner.ENV_SPARE: "0"})
-    assert runner._spare is None
-    runner.prepare_spare(str(tmp_path), dict(os.environ))
-    first = runner._spare
+def test_prepare_spare_keeps_one_and_can_be_turned_off(tmp_path):
+    pool = SparePool()
+    pool.prepare(str(tmp_path), {**os.environ, ENV_SPARE: "0"})
+    assert pool.waiting is None
+    pool.prepare(str(tmp_path), dict(os.environ))
+    first = pool.waiting
     assert first is not None
-    runner.prepare_spare(str(tmp_path), dict(os.environ))
-    assert runner._spare is first  # a live spare is kept
-    taken = runner._take_spare(spec_for(tmp_path, dict(os.environ)))
+    pool.prepare(str(tmp_path), dict(os.environ))
+    assert pool.waiting is first  # a live spare is kept
+    taken = pool.take(spec_for(tmp_path, dict(os.environ)))
     assert taken is first
-    assert runner._spare is None
+    assert pool.waiting is None
     taken.discard()
 
 
@@ -75,7 +77,7 @@ def test_what_a_spare_imports_before_pytest_configures_never_makes_pytest_warn(t
     # ("Module already imported so cannot be rewritten"): made an error here, it must not come.
     # The spare imports only pytest and this plugin's modules, which say PYTEST_DONT_REWRITE.
     (tmp_path / "test_one.py").write_text("def test_one():\n    assert True\n")
-    spare = _Spare(str(tmp_path), dict(os.environ))
+    spare = Spare(str(tmp_path), dict(os.environ))
     log = tmp_path / "runner.log"
     try:
         args = [
@@ -91,32 +93,32 @@ def test_what_a_spare_imports_before_pytest_configures_never_makes_pytest_warn(t
 
 def test_runners_keep_bytecode_in_a_private_cache_outside_the_workspace(tmp_path):
     cache = tmp_path / "cache"
-    env = {**os.environ, runner.ENV_PYCACHE: str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
-    result = runner.runner_env(env)
+    env = {**os.environ, ENV_PYCACHE: str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
+    result = runner_env(env)
     assert result["PYTHONPYCACHEPREFIX"] == str(cache)
     assert "PYTHONDONTWRITEBYTECODE" not in result
     assert cache.stat().st_mode & 0o777 == 0o700
     # A folder others may write into is not trusted: Python's settings stay as they were.
     cache.chmod(0o777)
-    assert runner.runner_pycache(env) is None
-    assert runner.runner_env(env)["PYTHONDONTWRITEBYTECODE"] == "1"
+    assert runner_pycache(env) is None
+    assert runner_env(env)["PYTHONDONTWRITEBYTECODE"] == "1"
 
 
 def test_the_runner_bytecode_cache_can_be_turned_off_or_chosen_by_the_worker(tmp_path, monkeypatch):
     for off in ("off", "0"):
-        env = {**os.environ, runner.ENV_PYCACHE: off, "PYTHONDONTWRITEBYTECODE": "1"}
-        assert runner.runner_pycache(env) is None
-        assert runner.runner_env(env) == env
+        env = {**os.environ, ENV_PYCACHE: off, "PYTHONDONTWRITEBYTECODE": "1"}
+        assert runner_pycache(env) is None
+        assert runner_env(env) == env
     own = {**os.environ, "PYTHONPYCACHEPREFIX": str(tmp_path / "mine")}
-    own.pop(runner.ENV_PYCACHE, None)
-    assert runner.runner_env(own)["PYTHONPYCACHEPREFIX"] == str(tmp_path / "mine")
-    relative = {**os.environ, runner.ENV_PYCACHE: "rel-cache"}
+    own.pop(ENV_PYCACHE, None)
+    assert runner_env(own)["PYTHONPYCACHEPREFIX"] == str(tmp_path / "mine")
+    relative = {**os.environ, ENV_PYCACHE: "rel-cache"}
     relative.pop("PYTHONPYCACHEPREFIX", None)
     monkeypatch.chdir(tmp_path)
-    assert runner.runner_pycache(relative) == str(tmp_path / "rel-cache")
+    assert runner_pycache(relative) == str(tmp_path / "rel-cache")
     default = {k: v for k, v in os.environ.items() if k not in ("PYTHONPYCACHEPREFIX",)}
-    default.pop(runner.ENV_PYCACHE, None)
-    prefix = runner.runner_pycache(default)
+    default.pop(ENV_PYCACHE, None)
+    prefix = runner_pycache(default)
     assert prefix is not None
     assert prefix.endswith(os.path.join(f"-{os.getuid()}", "pycache"))
 
@@ -129,14 +131,14 @@ def test_a_read_only_workspace_s_test_modules_are_rewritten_once_then_read_from_
     (workspace / "test_cached.py").write_text("def test_cached():\n    assert 1 + 1 == 2\n")
     workspace.chmod(0o555)
     cache = tmp_path / "cache"
-    env = {**os.environ, runner.ENV_PYCACHE: str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, ENV_PYCACHE: str(cache), "PYTHONDONTWRITEBYTECODE": "1"}
     try:
         for attempt in (1, 2):
-            spare = _Spare(str(workspace), env)
+            spare = Spare(str(workspace), env)
             log = tmp_path / f"runner-{attempt}.log"
             try:
                 args = ["-p", "no:cacheprovider", "--debug=" + str(tmp_path / f"d{attempt}.log")]
-                assert spare.activate([*args, "test_cached.py"], runner.runner_env(env), str(log))
+                assert spare.activate([*args, "test_cached.py"], runner_env(env), str(log))
                 assert spare.proc.wait(60) == 0, log.read_text()
             finally:
                 spare.discard()
@@ -169,7 +171,7 @@ def test_the_folders_of_killed_zygotes_are_swept_and_live_ones_kept(tmp_path):
     other = tmp_path / "pycache"
     other.mkdir()
     try:
-        runner._sweep_zygotes(str(tmp_path))
+        sweep_zygotes(str(tmp_path))
         assert not dead.exists()
         assert (live / "sock").exists()
         assert other.exists()

@@ -1,0 +1,429 @@
+"""The slot driver: feeds chunks from the run's work queue to a warm runner, forwards events.
+
+Used by the ``run_session`` task (one slot) in the worker's pool process. Everything it talks to
+comes in as a callable (fetch, emit, control, the runner factory, the clock), so the rules below
+are unit-tested with fakes.
+
+PYTEST_DONT_REWRITE: spare runners import it before pytest configures (see spare_boot.py).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+from .procutil import describe_exit
+from .runnerspec import RunnerSpec
+from .serialization import HEARTBEAT_INTERVAL
+
+#: What the task's control callback may answer while a slot runs.
+RUN, STOP, KILL = "run", "stop", "kill"
+
+#: A chunk of work as fetched from the run's work queue.
+Chunk = dict[str, Any]
+Emit = Callable[[dict[str, Any]], None]
+Clock = Callable[[], float]
+
+
+class Runner(Protocol):
+    """What the driver needs of a runner (:class:`.launcher.RunnerProcess`, or a fake)."""
+
+    eligible: set[str]
+    collected: bool
+    current: str | None
+    current_since: float
+    shutdown_sent: bool
+    self_stopped: bool
+    warm_start: bool
+
+    @property
+    def streams_output(self) -> bool: ...
+
+    def send(self, command: dict[str, Any]) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def wait(self, timeout: float) -> tuple[bool, bool]: ...
+
+    def read_events(self) -> Iterator[dict[str, Any]]: ...
+
+    def read_output(self, timeout: float) -> str | None: ...
+
+    def crash_output(self) -> str: ...
+
+    def kill(self) -> None: ...
+
+    def request_stop(self) -> None: ...
+
+    def close(self) -> int: ...
+
+
+#: ``start_runner(eligible, number, tmp)``: runner number ``number`` (1, 2...) of the slot,
+#: collecting ``eligible``, its files under the folder ``tmp``.
+StartRunner = Callable[[list[str], int, str], Runner]
+
+
+class Coalescer:
+    """Sends finished tests home together: one ``results`` message for up to ``max_tests``
+    tests or ``max_age`` seconds, instead of five messages (logstart, three reports, logfinish)
+    per test. Any other event first flushes what is pending, so the order is kept."""
+
+    def __init__(
+        self,
+        emit: Emit,
+        max_tests: int = 100,
+        max_age: float = 0.05,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self._emit = emit
+        self.max_tests = max_tests
+        self.max_age = max_age
+        self.clock = clock
+        self.open: dict[str, dict[str, Any]] = {}
+        self.ready: list[dict[str, Any]] = []
+        self.since: float | None = None
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind not in ("logstart", "report", "logfinish"):
+            self.flush()
+            self._emit(event)
+            return
+        nodeid = str(event.get("nodeid", ""))
+        test = self.open.setdefault(
+            nodeid, {"nodeid": nodeid, "batch_id": event.get("batch_id", ""), "reports": []}
+        )
+        if kind == "logstart":
+            test["location"] = event.get("location")
+            test["started"] = event.get("ts")
+        elif kind == "report":
+            test["reports"].append(event.get("report"))
+        else:
+            test["finished"] = event.get("ts")
+            self.ready.append(self.open.pop(nodeid))
+            if self.since is None:
+                self.since = self.clock()
+            if len(self.ready) >= self.max_tests:
+                self.flush()
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.ready)
+
+    def tick(self) -> None:
+        if self.since is not None and self.clock() - self.since >= self.max_age:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.ready:
+            tests, self.ready, self.since = self.ready, [], None
+            self._emit({"type": "results", "tests": tests})
+
+
+def crashed(nodeid: str, batch_id: str, why: str, tail: str) -> dict[str, Any]:
+    """The ``crashed`` event of a test whose runner died (or was killed) while it ran."""
+    message = f"{nodeid}: {why}"
+    if tail:
+        message += f"\n--- last output of the test process ---\n{tail}"
+    return {
+        "type": "crashed",
+        "nodeid": nodeid,
+        "batch_id": batch_id,
+        "reason": why.splitlines()[0],
+        "message": message,
+    }
+
+
+class SlotDriver:
+    """Feeds chunks from ``fetch()`` to a warm runner until the work runs out; forwards events.
+
+    * A chunk is ``{"batch_id", "attempt", "nodeids"}``; every event about one of its tests
+      carries its ``batch_id``; ``started`` and ``finished`` frame it.
+    * The next chunk is fetched when the runner holds at most one unfinished test (the one it
+      keeps back for ``nextitem``), so the work spreads over every slot of every worker.
+    * Every ``check_interval`` seconds (a passive queue declare, well under 1 ms) ``control()``
+      says whether to go on (``RUN``), to let the running test finish and start no other
+      (``STOP``: -x / --maxfail on the controller), or to kill the runner now (``KILL``: the run
+      is over or interrupted). Every ``heartbeat`` seconds an ``alive`` event says the slot
+      still works.
+    * A runner that dies (crash, timeout kill) costs only its current test: a new runner picks
+      up the rest. One that dies before running anything fails what it was given, and every
+      later test of the slot is answered as crashed with its reason (``broken``): no loop.
+    """
+
+    def __init__(
+        self,
+        spec: RunnerSpec,
+        emit: Emit,
+        fetch: Callable[[], Chunk | None],
+        start_runner: StartRunner,
+        control: Callable[[], str] = lambda: RUN,
+        *,
+        check_interval: float = 0.2,
+        heartbeat: float = HEARTBEAT_INTERVAL,
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.spec = spec
+        self.emit = Coalescer(emit, clock=clock)
+        self.fetch = fetch
+        self.start_runner = start_runner
+        self.control = control
+        self.check_interval = check_interval
+        self.heartbeat = heartbeat
+        self.clock = clock
+        self.done: set[str] = set()
+        self.assigned: dict[str, str] = {}  # nodeid -> batch_id, given to the runner, not finished
+        self.chunk_left: dict[str, set[str]] = {}  # batch_id -> its unfinished nodeids
+        self.missing: dict[str, str] = {}  # nodeid -> why the runner could not collect it
+        self.broken: str | None = None  # set when runners cannot even collect: fail what comes
+        self.state = RUN
+        self.starts = self.chunks = 0
+        self.out_of_work = False
+        self.warm = False  # the first runner was warm (a spare or a fork of the zygote)
+        self.runner: Runner | None = None
+        self.redo: list[str] = []  # given to a runner that died: for the next one
+        self.kill_reason: str | None = None  # why the driver killed the current runner
+        self.progress_at_start = 0  # tests done when the current runner started
+        self.last_check = self.last_beat = 0.0
+
+    def run(self) -> dict[str, Any]:
+        """Drive the slot to its end; a summary (state, tests done, chunks, runner starts)."""
+        with tempfile.TemporaryDirectory(prefix="celery-dispatch-") as tmp:
+            self.last_check = self.last_beat = self.clock()
+            try:
+                self._loop(tmp)
+            except BaseException:
+                if self.runner is not None:
+                    self.runner.kill()  # the reply channel failed, or the task was cancelled
+                    self.runner.close()
+                raise
+        self.emit.flush()
+        return {
+            "state": self.state,
+            "done": len(self.done),
+            "chunks": self.chunks,
+            "runner_starts": self.starts,
+            "warm_start": self.warm,
+        }
+
+    def _loop(self, tmp: str) -> None:
+        while True:
+            if self.runner is None:
+                if self.state != RUN:
+                    return
+                if not self._start_runner(tmp):
+                    # Nothing can run here: answer for each test we are given, by name, until
+                    # the work runs out (a retry may land on a better worker).
+                    if not self._answer_without_runner():
+                        return
+                    continue
+            runner = self.runner
+            assert runner is not None
+            if self._feed(runner):
+                continue  # at once: the chunk may have been all done or missing
+            exited = self._pump(runner, 0.05 if self.emit.pending else 0.2)
+            self.emit.tick()
+            self._watch(runner)
+            if exited and self._runner_gone(runner):
+                return
+
+    def _start_runner(self, tmp: str) -> bool:
+        eligible = [n for n in self.spec.nodeids if n not in self.done and n not in self.missing]
+        if self.broken is not None or not eligible:
+            return False
+        self.starts += 1
+        self.runner = runner = self.start_runner(eligible, self.starts, tmp)
+        self.warm = self.warm or runner.warm_start
+        self.redo = [n for n in self.assigned if n not in self.done]
+        self.progress_at_start = len(self.done)
+        self.kill_reason = None
+        return True
+
+    def _answer_without_runner(self) -> bool:
+        chunk = self.fetch()
+        if chunk is None:
+            return False
+        self.chunks += 1
+        self._take(chunk, None)
+        return True
+
+    def _feed(self, runner: Runner) -> bool:
+        """Give the runner work: what its dead predecessor left, or the next chunk when it
+        holds at most one unfinished test. True when a chunk was taken (loop again at once)."""
+        if self.state != RUN or not runner.collected or runner.shutdown_sent:
+            return False
+        if self.redo:
+            runner.send({"type": "run", "nodeids": [n for n in self.redo if n in runner.eligible]})
+            self.redo = []
+        elif not self.out_of_work and sum(1 for n in self.assigned if n not in self.done) <= 1:
+            chunk = self.fetch()
+            if chunk is None:
+                self.out_of_work = True
+            else:
+                self.chunks += 1
+                runnable = self._take(chunk, runner)
+                if runnable:
+                    runner.send({"type": "run", "nodeids": runnable})
+                return True
+        if self.out_of_work:
+            runner.shutdown()
+        return False
+
+    def _take(self, chunk: Chunk, runner: Runner | None) -> list[str]:
+        """Announce a chunk; answer at once for its tests that cannot run here (or are done);
+        the ones for the runner."""
+        batch_id = str(chunk["batch_id"])
+        ids = [str(n) for n in chunk.get("nodeids", [])]
+        self.emit(
+            {
+                "type": "started",
+                "batch_id": batch_id,
+                "attempt": int(chunk.get("attempt") or 1),
+                "nodeids": ids,
+            }
+        )
+        self.chunk_left[batch_id] = set(ids)
+        runnable = []
+        for nodeid in ids:
+            self.assigned[nodeid] = batch_id
+            if self.broken is not None:
+                self.emit(crashed(nodeid, batch_id, self.broken, ""))
+                self._finish(nodeid)
+            elif nodeid in self.done:
+                self._finish(nodeid)
+            elif runner is None or nodeid not in runner.eligible or nodeid in self.missing:
+                why = self.missing.get(nodeid, "")
+                self.emit(
+                    {"type": "missing", "batch_id": batch_id, "nodeids": [nodeid], "reason": why}
+                )
+                self._finish(nodeid)
+            else:
+                runnable.append(nodeid)
+        return runnable
+
+    def _finish(self, nodeid: str) -> None:
+        """A test is over: once its chunk has no test left, say that it is ``finished``."""
+        self.done.add(nodeid)
+        batch_id = self.assigned.pop(nodeid, None)
+        if batch_id is None:
+            return
+        left = self.chunk_left.get(batch_id)
+        if left is not None:
+            left.discard(nodeid)
+            if not left:
+                del self.chunk_left[batch_id]
+                self.emit({"type": "finished", "batch_id": batch_id})
+
+    def _pump(self, runner: Runner, wait: float) -> bool:
+        """Forward what the runner wrote (waiting up to ``wait`` s); True once it has exited."""
+        output_ready, events_ready = runner.wait(wait)
+        if output_ready:
+            self._forward_output(runner, 0)
+        if not events_ready:
+            return False
+        try:
+            for event in runner.read_events():
+                self._on_event(runner, event)
+        except EOFError:
+            return True
+        return False
+
+    def _on_event(self, runner: Runner, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        nodeid = str(event.get("nodeid", ""))
+        if kind == "collected":
+            runner.collected = True
+            for n in event.get("missing", []):
+                self.missing[str(n)] = str(event.get("reason") or "")
+            return
+        if kind == "stopping":
+            runner.self_stopped = True
+            return
+        if kind == "logstart":
+            runner.current = nodeid
+            runner.current_since = self.clock()
+        if nodeid in self.assigned:
+            event["batch_id"] = self.assigned[nodeid]
+        self.emit(event)
+        if kind == "logfinish":
+            runner.current = None
+            self._finish(nodeid)
+
+    def _forward_output(self, runner: Runner, wait: float) -> bool:
+        """Send what the tests printed (under -s) home as an ``output`` event; False at its end
+        (or when nothing came within ``wait`` s)."""
+        text = runner.read_output(wait)
+        if text is None:
+            return False
+        current = runner.current or ""
+        self.emit(
+            {
+                "type": "output",
+                "data": text,
+                "nodeid": current,
+                "batch_id": self.assigned.get(current, ""),
+            }
+        )
+        return True
+
+    def _watch(self, runner: Runner) -> None:
+        """The per-test deadline, the controller's word (every ``check_interval`` s) and the
+        heartbeat (every ``heartbeat`` s)."""
+        now = self.clock()
+        if runner.current is not None and now - runner.current_since > self.spec.timeout:
+            self.kill_reason = (
+                f"timeout: still running after {self.spec.timeout:g}s (--celery-timeout); "
+                "the runner was killed"
+            )
+            runner.kill()
+        if now - self.last_check >= self.check_interval:
+            self.last_check = now
+            wanted = self.control()
+            if wanted == KILL and self.state != KILL:
+                self.state = KILL
+                runner.kill()
+            elif wanted == STOP and self.state == RUN:
+                self.state = STOP  # finish the running test, start no other
+                runner.request_stop()
+        if self.state == RUN and now - self.last_beat >= self.heartbeat:
+            self.last_beat = now
+            current = runner.current or ""
+            self.emit(
+                {
+                    "type": "alive",
+                    "nodeid": current,
+                    "batch_id": self.assigned.get(current, ""),
+                    "elapsed": round(now - runner.current_since, 3) if current else 0.0,
+                }
+            )
+
+    def _runner_gone(self, runner: Runner) -> bool:
+        """The runner exited: a normal end, a crash, a kill, or its own --maxfail. Name the
+        test it ran; True when the slot ends here."""
+        while runner.streams_output and self._forward_output(runner, 0.5):
+            pass  # what it printed last
+        code = runner.close()
+        self.runner = None
+        if self.state != RUN:
+            return True
+        if runner.current is not None:
+            why = self.kill_reason or f"the test process crashed ({describe_exit(code)})"
+            batch_id = self.assigned.get(runner.current, "")
+            self.emit(crashed(runner.current, batch_id, why, runner.crash_output()))
+            self._finish(runner.current)
+        if runner.self_stopped:
+            self.state = STOP  # -x / --maxfail: the controller stops the whole run too
+            return True
+        if self.out_of_work and all(n in self.done for n in self.assigned):
+            return True  # all the work it was given is done: the normal end
+        if not runner.collected or len(self.done) == self.progress_at_start:
+            # It died before running anything: do not loop; fail what it was given.
+            why = f"the test process exited before running any test ({describe_exit(code)})"
+            tail = runner.crash_output()
+            for nodeid in [n for n in self.assigned if n not in self.done]:
+                self.emit(crashed(nodeid, self.assigned[nodeid], why, tail))
+                self._finish(nodeid)
+            self.broken = f"{why}\n{tail}".strip()
+        return False

@@ -1,0 +1,87 @@
+"""JSON lines: the one framing between a slot's driver, its runner, the zygote and a spare.
+
+One JSON object per line, UTF-8. Events (runner -> driver) carry text people wrote: a lone
+surrogate from odd output is replaced so the line always decodes. Commands and the zygote's
+messages are ASCII JSON, so every string (nodeids included) arrives exactly as it was sent.
+
+PYTEST_DONT_REWRITE: spare runners import it before pytest configures (see spare_boot.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+from .serialization import dumps
+
+#: Bytes read from a pipe at a time.
+READ_SIZE = 1 << 16
+
+
+def encode(message: Any, *, exact: bool = False) -> bytes:
+    """One line. ``exact``: ASCII JSON that round-trips every string; else compact UTF-8 where
+    a value JSON rejects becomes its ``str()`` and a lone surrogate becomes ``?``."""
+    if exact:
+        return (json.dumps(message) + "\n").encode()
+    return (dumps(message) + "\n").encode("utf-8", "replace")
+
+
+def decode(line: bytes) -> Any:
+    return json.loads(line.decode("utf-8", "replace"))
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+class LineWriter:
+    """Writes messages to a pipe, one line each (see :func:`encode` for ``exact``)."""
+
+    def __init__(self, fd: int, *, exact: bool = False) -> None:
+        self.fd = fd
+        self.exact = exact
+
+    def write(self, message: Any) -> None:
+        write_all(self.fd, encode(message, exact=self.exact))
+
+
+class LineBuffer:
+    """Cuts a byte stream into lines; a partial line waits for the rest."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """The complete, non-blank lines that ``data`` finishes."""
+        self._buffer.extend(data)
+        while (end := self._buffer.find(b"\n")) >= 0:
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            if line.strip():
+                yield line
+
+    def read(self, fd: int) -> Iterator[Any]:
+        """The messages of one read from ``fd``; EOFError when the writer has closed it."""
+        data = os.read(fd, READ_SIZE)
+        if not data:
+            raise EOFError
+        for line in self.feed(data):
+            yield decode(line)
+
+
+def read_until_closed(fd: int) -> Iterator[Any]:
+    """Every message on ``fd`` until its writer closes it (the fd is closed at the end)."""
+    with os.fdopen(fd, "rb", buffering=0) as pipe:
+        lines = LineBuffer()
+        while data := pipe.read(READ_SIZE):
+            for line in lines.feed(data):
+                yield decode(line)
+
+
+def send(sock: socket.socket, message: Any) -> None:
+    sock.sendall(encode(message, exact=True))

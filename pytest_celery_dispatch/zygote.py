@@ -1,0 +1,423 @@
+"""The zygote: one collection per worker and run, and the slots' runners forked from it.
+
+The first slot of a run on a worker starts a runner process in zygote mode (``ENV_ZYGOTE``: a
+Unix socket). It listens from its start, collects the run's tests once and runs none; each
+slot's driver connects and gets a runner forked from it, with the driver's pipes, log file and
+environment (:class:`ZygoteServer`, in the runner process). The driver's side is
+:class:`Zygotes` (in the worker's pool process): start the zygote if there is none, ask it for
+a runner, and follow that runner's exit over the socket (:class:`ForkedProcess`).
+
+PYTEST_DONT_REWRITE: spare runners import it before pytest configures (see spare_boot.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from .jsonlines import LineBuffer, decode, encode, send
+from .names import (
+    ENV_COMMAND_FD,
+    ENV_EVENT_FD,
+    ENV_FORK,
+    ENV_NODEIDS,
+    ENV_OPTIONS,
+    ENV_PARENT,
+    ENV_RUNNER,
+    ENV_ZYGOTE,
+    ENV_ZYGOTE_HOME,
+)
+from .procutil import close_quietly, die_with_parent, kill_group, private_top
+from .runnerspec import RunnerSpec, runner_command, runner_env, runner_process_env, startup_env
+from .spares import SparePool
+
+#: A zygote with no driver connected ends after this long (the run is over or has its runners).
+ZYGOTE_IDLE = 3.0
+#: ... and one that nobody asked for a runner ends after this long.
+ZYGOTE_FIRST_WAIT = 30.0
+#: How long a driver waits for a zygote it starts to listen, then for its forked runner (the
+#: zygote may still be collecting): together well under the controller's 10 s heartbeat limit,
+#: as the driver sends none meanwhile. A slower collection gets runners of their own.
+ZYGOTE_START_WAIT = 2.0
+ZYGOTE_REPLY_WAIT = 4.0
+
+
+# ============================================================================ server (runner)
+
+
+def listen(path: str) -> socket.socket:
+    """A zygote listens from its start: the slots' drivers connect while it loads the conftest
+    files and collects, and wait for their runners."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    return listener
+
+
+class ZygoteServer:
+    """A zygote's loop: it has collected and runs no test; each driver that connects gets a
+    runner forked from it (a copy of the collected session, with the driver's pipes, log file
+    and environment) and, later, that runner's exit status. A driver that goes away takes its
+    runner with it."""
+
+    def __init__(self, session: pytest.Session, listener: socket.socket) -> None:
+        self.session = session
+        self.listener = listener
+        self.clients: dict[socket.socket, int] = {}  # connection -> its runner's pid (0: none yet)
+        self.served = False
+
+    def serve(self) -> tuple[int, int] | None:
+        """Serve until the zygote is no longer needed (None, in the zygote), or return the
+        (event fd, command fd) of the driver in each forked runner, to run its commands."""
+        path = self.listener.getsockname()
+        last_active = time.monotonic()
+        while self.clients or time.monotonic() - last_active < (
+            ZYGOTE_IDLE if self.served else ZYGOTE_FIRST_WAIT
+        ):
+            ready, _, _ = select.select([self.listener, *self.clients], [], [], 0.05)
+            for sock in ready:
+                if sock is self.listener:
+                    with contextlib.suppress(OSError):
+                        self.clients[self.listener.accept()[0]] = 0
+                elif self.clients.get(sock) == 0:
+                    pipes = self._fork_for(sock)
+                    if pipes is not None:
+                        return pipes  # in the forked runner
+                else:
+                    self._closed(sock)
+            self._reap()
+            if self.clients:
+                last_active = time.monotonic()
+        self.listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        home = os.environ.get(ENV_ZYGOTE_HOME)
+        if home:  # (pytest's own end may still write its cache there: swept with the dead ones)
+            shutil.rmtree(home, ignore_errors=True)
+        return None
+
+    def _fork_for(self, sock: socket.socket) -> tuple[int, int] | None:
+        """Fork a runner for the driver on ``sock``; its pipes in the child, None here."""
+        request = read_request(sock)
+        if request is None:
+            self.clients.pop(sock)
+            sock.close()
+            return None
+        env, fds = request
+        sys.stdout.flush()
+        sys.stderr.flush()
+        zygote = os.getpid()
+        pid = os.fork()
+        if pid == 0:
+            return self._become_runner(env, fds, zygote)
+        for fd in fds:
+            os.close(fd)
+        self.clients[sock] = pid
+        self.served = True
+        try:
+            send(sock, {"pid": pid})
+        except OSError:  # the driver gave up waiting: nobody will feed this runner
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+        return None
+
+    def _closed(self, sock: socket.socket) -> None:
+        """The driver closed its end: after its runner's exit status, or because it is gone."""
+        with contextlib.suppress(OSError):
+            if sock.recv(64):
+                return
+        pid = self.clients.pop(sock)
+        sock.close()
+        if pid > 0:
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signal.SIGKILL)
+
+    def _reap(self) -> None:
+        """Reap the runners, tell their drivers."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            for sock, child in self.clients.items():
+                if child == pid:
+                    self.clients[sock] = -pid
+                    with contextlib.suppress(OSError):
+                        send(sock, {"status": status})
+
+    def _become_runner(self, env: dict[str, str], fds: list[int], zygote: int) -> tuple[int, int]:
+        """In a freshly forked runner: drop the zygote's sockets, take the driver's pipes, log
+        file and environment, re-open pytest's output capturing on files of its own. Session
+        fixtures are set up here, per runner, as in any runner."""
+        event_fd, command_fd, log_fd = fds
+        for sock in [self.listener, *self.clients]:
+            sock.close()
+        os.setsid()  # its own process group: the driver kills it (and what its tests started)
+        capman = self.session.config.pluginmanager.getplugin("capturemanager")
+        if capman is not None:
+            capman.stop_global_capturing()  # the zygote's capture files are shared with its runners
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        if capman is not None:
+            capman.start_global_capturing()
+        os.environ.clear()
+        os.environ.update(env)
+        os.environ[ENV_EVENT_FD] = str(event_fd)
+        os.environ[ENV_COMMAND_FD] = str(command_fd)
+        # Killed with the zygote, which is killed with the worker's pool process that started it
+        # (a killed worker takes its running tests with it at once); a driver that goes away
+        # while the zygote lives gets its runner killed by the zygote.
+        os.environ[ENV_PARENT] = str(zygote)
+        die_with_parent(os.environ.get(ENV_PARENT))
+        return event_fd, command_fd
+
+
+def read_request(sock: socket.socket) -> tuple[dict[str, str], list[int]] | None:
+    """A driver's request: one JSON line (its environment) and its fds (events, commands, log)."""
+    sock.settimeout(5.0)
+    fds: list[int] = []
+    try:
+        data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 3)
+        while not data.endswith(b"\n"):
+            more = sock.recv(1 << 16)
+            if not more:
+                raise OSError("the driver went away")
+            data += more
+        if len(fds) != 3:
+            raise OSError("expected 3 file descriptors")
+        return decode(data), list(fds)
+    except (OSError, ValueError):
+        close_quietly(*fds)
+        return None
+    finally:
+        sock.settimeout(None)
+
+
+# ============================================================================ client (driver)
+
+
+class ForkedProcess:
+    """A runner forked by a zygote: not our child, so its exit status comes over the socket."""
+
+    stdout = None
+
+    def __init__(self, conn: socket.socket, pid: int) -> None:
+        self.conn = conn
+        self.pid = pid
+        self.returncode: int | None = None
+        self._lines = LineBuffer()
+
+    def _read(self, timeout: float) -> None:
+        if self.returncode is not None:
+            return
+        if not select.select([self.conn], [], [], timeout)[0]:
+            return
+        data = b""
+        with contextlib.suppress(OSError):
+            data = self.conn.recv(4096)
+        if not data:  # the zygote is gone: the status is lost with it
+            self.returncode = 255
+        for line in self._lines.feed(data):
+            with contextlib.suppress(ValueError):
+                status = decode(line).get("status")
+                if isinstance(status, int):
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        if self.returncode is not None:
+            self.conn.close()
+
+    def poll(self) -> int | None:
+        self._read(0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            left = 0.5 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                raise subprocess.TimeoutExpired("forked runner", timeout or 0)
+            self._read(min(left, 0.5))
+        return self.returncode
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def connect(path: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+def zygote_path(spec: RunnerSpec) -> str | None:
+    """The socket of ``spec``'s zygote on this worker; None when slots must not share one."""
+    if (
+        not spec.key
+        or spec.stream
+        or spec.env.get(ENV_FORK, "1") == "0"
+        or not sys.platform.startswith("linux")
+    ):
+        return None
+    top = private_top()
+    if top is None:
+        return None
+    identity = json.dumps(
+        [
+            os.getppid(),  # the worker's main process: one zygote per worker, not per machine
+            spec.key,
+            os.path.realpath(spec.workspace),
+            spec.nodeids,
+            spec.pytest_args,
+            spec.plugin_options,
+            startup_env(runner_env(spec.env)),
+        ],
+        sort_keys=True,
+        default=str,
+    )
+    # <top>/z-<key>/sock: the zygote's folder also holds its nodeids, log and pytest cache.
+    path = os.path.join(top, f"z-{hashlib.sha256(identity.encode()).hexdigest()[:20]}", "sock")
+    return path if len(path) < 100 else None
+
+
+def sweep_zygotes(top: str) -> None:
+    """Remove the folders of zygotes that are gone without cleaning up (killed with their
+    worker): a live zygote accepts a connection on its socket, a dead one's refuses it."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(top):
+            if entry.name.startswith("z-") and entry.is_dir(follow_symlinks=False):
+                conn = connect(os.path.join(entry.path, "sock"))
+                if conn is None:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                else:
+                    conn.close()
+
+
+class Zygotes:
+    """The zygotes one worker process started (reaped as they end), and the way to a runner
+    forked from the run's zygote. A zygote started here may be an activated spare of ``spares``.
+    """
+
+    def __init__(self, spares: SparePool) -> None:
+        self.spares = spares
+        self._started: list[subprocess.Popen[bytes]] = []
+
+    def fork(self, spec: RunnerSpec, log_path: str) -> tuple[ForkedProcess, int, int] | None:
+        """A runner forked from the run's zygote on this worker (started here if there is
+        none), as (process, event fd, command fd); None when that cannot be had (the caller
+        starts a runner of its own). The slots of one run on one worker share one collection
+        this way."""
+        path = zygote_path(spec)
+        if path is None:
+            return None
+        top = os.path.dirname(os.path.dirname(path))  # <top>/z-<key>/sock
+        with open(os.path.join(top, "zygotes.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one zygote per run, queue and worker
+            conn = connect(path)
+            if conn is None:
+                sweep_zygotes(top)  # this one's folder too, if its zygote was killed
+                if self._start(spec, path):
+                    conn = connect(path)
+        if conn is None:
+            return None
+        event_fd, event_w = os.pipe()
+        command_r, command_fd = os.pipe()
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        env = runner_env(spec.env)
+        env.update({ENV_RUNNER: "1", ENV_OPTIONS: json.dumps(spec.plugin_options)})
+        pid = 0
+        try:
+            socket.send_fds(conn, [encode(env, exact=True)], [event_w, command_r, log_fd])
+            pid = self._read_pid(conn)
+        except (OSError, ValueError):
+            pid = 0
+        finally:
+            for fd in (event_w, command_r, log_fd):
+                os.close(fd)
+        if pid <= 0:
+            conn.close()  # the zygote kills what it may still fork for us
+            os.close(event_fd)
+            os.close(command_fd)
+            return None
+        return ForkedProcess(conn, pid), event_fd, command_fd
+
+    @staticmethod
+    def _read_pid(conn: socket.socket) -> int:
+        conn.settimeout(ZYGOTE_REPLY_WAIT)
+        reply = b""
+        while not reply.endswith(b"\n"):
+            more = conn.recv(4096)
+            if not more:
+                break
+            reply += more
+        conn.settimeout(None)
+        answer: dict[str, Any] = decode(reply or b"{}")
+        return int(answer.get("pid") or 0)
+
+    def _start(self, spec: RunnerSpec, path: str) -> bool:
+        """Start the zygote of ``spec``'s run on this worker; True once it listens on ``path``."""
+        for old in list(self._started):
+            if old.poll() is not None:
+                self._started.remove(old)
+        home = os.path.dirname(path)
+        os.makedirs(home, mode=0o700, exist_ok=True)
+        nodeids_file = os.path.join(home, "nodeids.json")
+        with open(nodeids_file, "w", encoding="utf-8") as fh:
+            json.dump(spec.nodeids, fh)
+        command = runner_command(spec, spec.nodeids, os.path.join(home, "pytest-cache"))
+        env = runner_process_env(
+            spec, {ENV_ZYGOTE: path, ENV_ZYGOTE_HOME: home, ENV_NODEIDS: nodeids_file}
+        )
+        log = os.path.join(home, "zygote.log")
+        proc = self._from_spare(spec, command, env, log)
+        if proc is None:
+            with open(log, "wb") as log_file:
+                proc = subprocess.Popen(
+                    command,
+                    cwd=spec.workspace,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        self._started.append(proc)
+        deadline = time.monotonic() + ZYGOTE_START_WAIT
+        while not os.path.exists(path):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                kill_group(proc)
+                return False
+            time.sleep(0.005)
+        return True
+
+    def _from_spare(
+        self, spec: RunnerSpec, command: list[str], env: dict[str, str], log: str
+    ) -> subprocess.Popen[bytes] | None:
+        spare = self.spares.take(spec)
+        if spare is None:
+            return None
+        close_quietly(spare.event_fd, spare.command_fd)  # a zygote runs no test
+        if not spare.activate(command[3:], env, log):
+            spare.discard()
+            return None
+        spare.release_stdout()
+        return spare.proc

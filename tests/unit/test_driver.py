@@ -1,0 +1,375 @@
+"""The slot driver (driver.SlotDriver) through its callables: fake fetch, emit, runners, clock."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pytest_celery_dispatch.driver import KILL, RUN, STOP, Coalescer, SlotDriver
+from pytest_celery_dispatch.launcher import RunnerState
+from pytest_celery_dispatch.runnerspec import RunnerSpec
+from pytest_celery_dispatch.serialization import HEARTBEAT_INTERVAL
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeRunner(RunnerState):
+    """Runs what it is sent at once: logstart, a passing call report, logfinish per test.
+
+    ``crash_on``: the process dies in that test (after its logstart); ``hang_on``: that test
+    never ends unless the runner is asked to stop; ``collects=False``: it dies at start-up.
+    Waiting for it moves the fake clock on.
+    """
+
+    streams_output = False
+
+    def __init__(
+        self,
+        eligible: list[str],
+        clock: FakeClock,
+        *,
+        missing: tuple[str, ...] = (),
+        crash_on: tuple[str, ...] = (),
+        hang_on: tuple[str, ...] = (),
+        collects: bool = True,
+    ) -> None:
+        super().__init__(eligible)
+        self.clock = clock
+        self.crash_on = crash_on
+        self.hang_on = hang_on
+        self.outbox: list[dict[str, Any]] = []
+        self.sent: list[dict[str, Any]] = []
+        self.exited = not collects
+        self.code = 0 if collects else 4
+        self.killed = self.stop_asked = self.closed = False
+        self.hanging: str | None = None
+        if collects:
+            self.outbox.append(
+                {"type": "collected", "missing": list(missing), "reason": "not found: x"}
+            )
+
+    def _run(self, nodeid: str) -> None:
+        if self.exited or self.hanging:
+            return
+        self.outbox.append({"type": "logstart", "nodeid": nodeid, "location": [nodeid, 1, "t"]})
+        if nodeid in self.crash_on:
+            self.exited, self.code = True, -11
+        elif nodeid in self.hang_on:
+            self.hanging = nodeid
+        else:
+            self._end(nodeid)
+
+    def _end(self, nodeid: str) -> None:
+        self.outbox.append({"type": "report", "nodeid": nodeid, "report": {"outcome": "passed"}})
+        self.outbox.append({"type": "logfinish", "nodeid": nodeid})
+
+    def send(self, command: dict[str, Any]) -> None:
+        self.sent.append(command)
+        for nodeid in command.get("nodeids", []):
+            self._run(nodeid)
+
+    def shutdown(self) -> None:
+        self.shutdown_sent = True
+        self.sent.append({"type": "shutdown"})
+        if not self.hanging:
+            self.exited = True
+
+    def wait(self, timeout: float) -> tuple[bool, bool]:
+        if self.outbox or self.exited:
+            return False, True
+        self.clock.now += timeout
+        return False, False
+
+    def read_events(self) -> Iterator[dict[str, Any]]:
+        events, self.outbox = self.outbox, []
+        if not events and self.exited:
+            raise EOFError
+        yield from events
+
+    def read_output(self, timeout: float) -> str | None:
+        return None
+
+    def crash_output(self) -> str:
+        return "Fatal Python error: Segmentation fault"
+
+    def kill(self) -> None:
+        self.killed = self.exited = True
+        self.code = -9
+
+    def request_stop(self) -> None:
+        self.stop_asked = True
+        if self.hanging:  # the running test ends, then the runner
+            self._end(self.hanging)
+            self.hanging = None
+        self.exited = True
+
+    def close(self) -> int:
+        self.closed = True
+        return self.code
+
+
+class Slot:
+    """A driver wired to fakes: chunks to fetch, what it emitted (and when), its runners."""
+
+    def __init__(
+        self,
+        nodeids: list[str],
+        chunks: list[list[str]],
+        *,
+        timeout: float = 300.0,
+        control: Any = None,
+        **runner_options: Any,
+    ) -> None:
+        self.clock = FakeClock()
+        self.chunks = [
+            {"batch_id": f"b{i}", "attempt": 1, "nodeids": ids} for i, ids in enumerate(chunks, 1)
+        ]
+        self.fetched = 0
+        self.events: list[dict[str, Any]] = []
+        self.runners: list[FakeRunner] = []
+        self.runner_options = runner_options
+        spec = RunnerSpec(workspace=".", nodeids=nodeids, timeout=timeout, pytest_args=[], env={})
+        self.driver = SlotDriver(
+            spec,
+            self.emit,
+            self.fetch,
+            self.start_runner,
+            control=control or (lambda: RUN),
+            clock=self.clock,
+        )
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.events.append({**event, "at": self.clock.now})
+
+    def fetch(self) -> dict[str, Any] | None:
+        if self.fetched < len(self.chunks):
+            self.fetched += 1
+            return self.chunks[self.fetched - 1]
+        return None
+
+    def start_runner(self, eligible: list[str], number: int, tmp: str) -> FakeRunner:
+        options = self.runner_options if number == 1 else {}
+        runner = FakeRunner(eligible, self.clock, **options)
+        self.runners.append(runner)
+        return runner
+
+    def run(self) -> dict[str, Any]:
+        return self.driver.run()
+
+    def kinds(self) -> list[str]:
+        return [e["type"] for e in self.events if e["type"] != "alive"]
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == kind]
+
+    def results(self) -> dict[str, dict[str, Any]]:
+        return {t["nodeid"]: t for e in self.of("results") for t in e["tests"]}
+
+
+def test_a_fetched_chunk_runs_and_its_events_come_home_framed_by_started_and_finished():
+    slot = Slot(["t.py::a", "t.py::b"], [["t.py::a", "t.py::b"]])
+    summary = slot.run()
+    assert slot.kinds() == ["started", "results", "finished"]
+    started = slot.of("started")[0]
+    assert started["batch_id"] == "b1"
+    assert started["nodeids"] == ["t.py::a", "t.py::b"]
+    results = slot.results()
+    assert sorted(results) == ["t.py::a", "t.py::b"]
+    assert {t["batch_id"] for t in results.values()} == {"b1"}
+    assert results["t.py::a"]["reports"] == [{"outcome": "passed"}]
+    assert slot.of("finished")[0]["batch_id"] == "b1"
+    (runner,) = slot.runners
+    assert runner.sent == [{"type": "run", "nodeids": ["t.py::a", "t.py::b"]}, {"type": "shutdown"}]
+    assert summary == {
+        "state": RUN,
+        "done": 2,
+        "chunks": 1,
+        "runner_starts": 1,
+        "warm_start": False,
+    }
+
+
+def test_the_next_chunk_is_fetched_only_when_the_runner_holds_at_most_one_test():
+    ids = ["t.py::a", "t.py::b", "t.py::c"]
+    slot = Slot(ids, [["t.py::a"], ["t.py::b"], ["t.py::c"]], hang_on=("t.py::a",))
+    slot.driver.control = lambda: STOP if slot.clock.now >= 1010 else RUN
+    slot.run()
+    # While t.py::a runs, one more chunk is taken (the runner keeps one test back for
+    # nextitem), never a third: the rest stays in the work queue for the other slots.
+    assert slot.fetched == 2
+    assert slot.runners[0].sent == [
+        {"type": "run", "nodeids": ["t.py::a"]},
+        {"type": "run", "nodeids": ["t.py::b"]},
+    ]
+
+
+def test_the_run_s_reply_queue_gone_kills_the_runner_and_ends_the_slot():
+    # The worker's control() answers KILL once the run's reply queue is gone (run over).
+    slot = Slot(["t.py::a", "t.py::b"], [["t.py::a"], ["t.py::b"]], hang_on=("t.py::a",))
+    slot.driver.control = lambda: KILL if slot.clock.now >= 1005 else RUN
+    summary = slot.run()
+    (runner,) = slot.runners
+    assert runner.killed
+    assert runner.closed
+    assert summary["state"] == KILL
+    assert slot.of("crashed") == []  # the run is over: nobody to tell
+    assert slot.clock.now < 1005 + 1  # at the next check, not at the per-test deadline
+
+
+def test_a_stop_from_the_controller_lets_the_running_test_finish_and_starts_no_other():
+    slot = Slot(
+        ["t.py::a", "t.py::b", "t.py::c"],
+        [["t.py::a"], ["t.py::b"], ["t.py::c"]],
+        hang_on=("t.py::b",),
+    )
+    slot.driver.control = lambda: STOP if slot.clock.now >= 1003 else RUN
+    summary = slot.run()
+    (runner,) = slot.runners
+    assert runner.stop_asked
+    assert not runner.killed
+    assert summary["state"] == STOP
+    assert sorted(slot.results()) == ["t.py::a", "t.py::b"]  # b finished after the stop
+    assert slot.of("crashed") == []
+    assert [e["batch_id"] for e in slot.of("finished")] == ["b1", "b2"]
+    assert len(slot.runners) == 1  # no runner started for c
+
+
+def test_a_runner_that_dies_in_a_test_names_that_test_as_crashed_and_a_new_one_goes_on():
+    ids = ["t.py::a", "t.py::b", "t.py::c"]
+    slot = Slot(ids, [ids], crash_on=("t.py::b",))
+    summary = slot.run()
+    (crash,) = slot.of("crashed")
+    assert crash["nodeid"] == "t.py::b"
+    assert crash["batch_id"] == "b1"
+    assert crash["reason"] == "the test process crashed (killed by SIGSEGV)"
+    assert "t.py::b: the test process crashed" in crash["message"]
+    assert "Segmentation fault" in crash["message"]  # the runner's last output
+    assert sorted(slot.results()) == ["t.py::a", "t.py::c"]
+    _first, second = slot.runners
+    assert second.eligible == {"t.py::c"}  # collects only what is left
+    assert second.sent[0] == {"type": "run", "nodeids": ["t.py::c"]}
+    assert slot.kinds()[-1] == "finished"
+    assert summary["runner_starts"] == 2
+    assert summary["done"] == 3
+
+
+def test_a_test_past_the_deadline_is_killed_and_named_with_the_timeout():
+    slot = Slot(["t.py::a", "t.py::b"], [["t.py::a", "t.py::b"]], timeout=5, hang_on=("t.py::a",))
+    slot.run()
+    (crash,) = slot.of("crashed")
+    assert crash["nodeid"] == "t.py::a"
+    assert crash["reason"] == (
+        "timeout: still running after 5s (--celery-timeout); the runner was killed"
+    )
+    assert slot.runners[0].killed
+    assert 1005 <= slot.clock.now < 1006
+    assert sorted(slot.results()) == ["t.py::b"]  # the next runner ran the rest
+
+
+def test_heartbeats_name_the_running_test_every_heartbeat_interval():
+    slot = Slot(["t.py::a"], [["t.py::a"]], hang_on=("t.py::a",))
+    slot.driver.control = lambda: KILL if slot.clock.now >= 1000 + 5 * HEARTBEAT_INTERVAL else RUN
+    slot.run()
+    beats = slot.of("alive")
+    assert len(beats) in (4, 5)  # in 5 intervals (the last one may meet the kill first)
+    times = [beat["at"] for beat in beats]
+    assert times[0] - 1000 == pytest.approx(HEARTBEAT_INTERVAL, abs=0.21)
+    for earlier, later in itertools.pairwise(times):
+        assert later - earlier == pytest.approx(HEARTBEAT_INTERVAL, abs=0.21)
+    assert {beat["nodeid"] for beat in beats} == {"t.py::a"}
+    assert {beat["batch_id"] for beat in beats} == {"b1"}
+    assert beats[1]["elapsed"] == pytest.approx(2 * HEARTBEAT_INTERVAL, abs=0.5)
+
+
+def test_tests_the_runner_could_not_collect_or_was_not_given_are_answered_as_missing():
+    # t.py::x is not collected there (a file missing on the worker); ../evil.py::t was refused
+    # by the worker before the runner started, so it is not among the slot's nodeids at all.
+    slot = Slot(
+        ["t.py::a", "t.py::x"],
+        [["t.py::a", "t.py::x", "../evil.py::t"]],
+        missing=("t.py::x",),
+    )
+    slot.run()
+    missing = {e["nodeids"][0]: e for e in slot.of("missing")}
+    assert sorted(missing) == ["../evil.py::t", "t.py::x"]
+    assert missing["t.py::x"]["reason"] == "not found: x"
+    assert missing["t.py::x"]["batch_id"] == "b1"
+    assert missing["../evil.py::t"]["reason"] == ""
+    assert sorted(slot.results()) == ["t.py::a"]
+    assert slot.runners[0].sent[0] == {"type": "run", "nodeids": ["t.py::a"]}
+    assert slot.kinds()[-1] == "finished"
+
+
+def test_a_runner_that_cannot_even_start_fails_each_test_by_name_and_is_not_restarted():
+    slot = Slot(["t.py::a", "t.py::b"], [["t.py::a"], ["t.py::b"]], collects=False)
+    summary = slot.run()
+    assert summary["runner_starts"] == 1
+    crashes = slot.of("crashed")
+    assert [c["nodeid"] for c in crashes] == ["t.py::a", "t.py::b"]
+    assert crashes[0]["reason"] == "the test process exited before running any test (exit code 4)"
+    assert "Segmentation fault" in crashes[0]["message"]
+    assert [e["batch_id"] for e in slot.of("finished")] == ["b1", "b2"]
+
+
+def test_finished_tests_are_sent_together_and_any_other_event_flushes_them_first():
+    sent: list[dict[str, Any]] = []
+    clock = FakeClock()
+    coalesce = Coalescer(sent.append, max_tests=2, max_age=0.05, clock=clock)
+    for nodeid in ("a", "b", "c"):
+        coalesce({"type": "logstart", "nodeid": nodeid, "ts": 1.0})
+        coalesce({"type": "logfinish", "nodeid": nodeid, "ts": 2.0})
+    assert [len(e["tests"]) for e in sent] == [2]  # max_tests
+    coalesce.tick()
+    assert len(sent) == 1
+    clock.now += 0.06
+    coalesce.tick()  # max_age
+    assert [len(e["tests"]) for e in sent] == [2, 1]
+    coalesce({"type": "logstart", "nodeid": "d", "ts": 3.0})
+    coalesce({"type": "logfinish", "nodeid": "d", "ts": 4.0})
+    coalesce({"type": "finished", "batch_id": "b1"})
+    assert [e["type"] for e in sent] == ["results", "results", "results", "finished"]
+
+
+# ---------------------------------------------------------------------------- the worker's side
+
+
+def test_the_worker_tells_the_driver_the_run_s_state_from_the_run_s_queues():
+    from pytest_celery_dispatch.worker import _Reply
+
+    reply = object.__new__(_Reply)  # no broker: only what control() reads
+    reply.reply_to = "celery-dispatch.reply.R"
+    reply.base = {"run_id": "R"}
+    queues: dict[str, bool | None] = {"celery-dispatch.reply.R": True}
+    reply._exists = queues.get  # type: ignore[method-assign]
+    assert reply.control() == RUN
+    queues["celery-dispatch.reply.R"] = None  # the broker cannot tell now: keep working
+    assert reply.control() == RUN
+    queues["celery-dispatch.reply.R"] = False  # the reply queue is gone: the run is over
+    assert reply.control() == KILL
+    queues["celery-dispatch.stop.R"] = True  # ... after -x / --maxfail on the controller
+    assert reply.control() == STOP
+
+
+def test_a_test_file_that_differs_from_the_controller_s_is_refused_by_name(tmp_path):
+    from pytest_celery_dispatch.serialization import file_digest
+    from pytest_celery_dispatch.worker import different_files
+
+    (tmp_path / "test_same.py").write_text("def test_x(): pass\n")
+    (tmp_path / "test_other.py").write_text("def test_y(): assert False\n")
+    files = {
+        "test_same.py": file_digest(str(tmp_path / "test_same.py")),
+        "test_other.py": "0" * 64,
+    }
+    found = different_files(str(tmp_path), files, ["test_same.py::test_x", "test_other.py::test_y"])
+    assert list(found) == ["test_other.py"]
+    assert "has a different test_other.py" in found["test_other.py"]
+    assert f"update the worker's checkout at {tmp_path}" in found["test_other.py"]
