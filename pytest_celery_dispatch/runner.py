@@ -31,8 +31,15 @@ from typing import Any
 import pytest
 
 from .jsonlines import LineWriter, read_until_closed
-from .names import ENV_COMMAND_FD, ENV_EVENT_FD, ENV_NODEIDS, ENV_OPTIONS, ENV_PARENT, ENV_ZYGOTE
-from .names import ENV_RUNNER as ENV_RUNNER  # re-exported: plugin.py imports it from here
+from .names import (
+    ENV_COMMAND_FD,
+    ENV_EVENT_FD,
+    ENV_NODEIDS,
+    ENV_OPTIONS,
+    ENV_PARENT,
+    ENV_RUNNER,
+    ENV_ZYGOTE,
+)
 from .procutil import CRASH_OUTPUT_TAIL, STOP_SIGNAL, die_with_parent
 from .serialization import nodeid_path
 from .zygote import ZygoteServer, listen
