@@ -385,21 +385,33 @@ class QueueScheduler:
 
     # ------------------------------------------------------------------ the clocks
 
-    def poll(self, connected: bool = True) -> list[Action]:
-        """Queues without consumers, lost work, silent slots, work waiting on a backoff."""
+    def connection(self, connected: bool) -> list[Action]:
+        """The reply consumer's connection, as seen now: say when it goes and comes back.
+
+        Asked on every turn of the event loop (not only at each poll), so the return is said
+        before the first event that came with it, even when that event ends the run."""
+        now = self.clock()
+        if not connected:
+            if self._outage_since is not None:
+                return []
+            self._outage_since = now
+            return [
+                Notice(f"lost the connection to {self.broker}; reconnecting (deadlines paused)")
+            ]
+        if self._outage_since is None:
+            return []
+        notice = Notice(f"reconnected after {now - self._outage_since:.1f}s", "cyan")
+        self._outage_since = None
+        self._restart_clocks(now)
+        return [notice]
+
+    def poll(self) -> list[Action]:
+        """Queues without consumers, lost work, silent slots, work waiting on a backoff; nothing
+        while cut off from the broker (every deadline is paused)."""
         now = self.clock()
         actions: list[Action] = []
-        if not connected:
-            if self._outage_since is None:
-                self._outage_since = now
-                actions.append(
-                    Notice(f"lost the connection to {self.broker}; reconnecting (deadlines paused)")
-                )
-            return actions
         if self._outage_since is not None:
-            actions.append(Notice(f"reconnected after {now - self._outage_since:.1f}s", "cyan"))
-            self._outage_since = None
-            self._restart_clocks(now)
+            return actions
         actions.extend(self._poll_waiting_queues(now))
         waiting: dict[str, list[ChunkState]] = {}
         for chunk in self.live_chunks():

@@ -323,6 +323,8 @@ class DispatchSession(EventHandlers):
             event = self.events.get(timeout=0.2) if block else self.events.get_nowait()
         except queue_mod.Empty:
             event = None
+        if self._consumer is not None:  # before the events: they may have come with a reconnect
+            self.execute(self.scheduler.connection(self._consumer.connected.is_set()))
         while event is not None:
             self.handle_event(event)
             if self._should_stop():
@@ -334,8 +336,7 @@ class DispatchSession(EventHandlers):
         now = time.monotonic()
         if now - self._last_poll >= POLL_INTERVAL and self._broker is not None:
             self._last_poll = now
-            connected = self._consumer is None or self._consumer.connected.is_set()
-            self.execute(self.scheduler.poll(connected))
+            self.execute(self.scheduler.poll())
             last, finalized = self.replayer.last_activity, self.replayer.finalized
             self.terminal.write_status(now, last, finalized, self.scheduler)
 
