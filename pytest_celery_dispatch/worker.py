@@ -54,6 +54,7 @@ from .serialization import (
     nodeid_path,
     stop_queue_name,
 )
+from .workerpool import reserve_plain_task_process, slots_of, warm_connection
 
 log = logging.getLogger("pytest_celery_dispatch.worker")
 
@@ -106,10 +107,9 @@ class JsonFormatter(logging.Formatter):
 
 @signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _note_concurrency(sender: Any = None, **kwargs: Any) -> None:
-    """Pool processes inherit this: each session tells the controller its worker's slots."""
-    concurrency = getattr(sender, "concurrency", None)
-    if isinstance(concurrency, int):
-        os.environ["DISPATCH_WORKER_CONCURRENCY"] = str(concurrency)
+    """Pool processes inherit this: each session tells the controller its worker's slots.
+    The pool gets one process more, for plain tasks (see workerpool)."""
+    reserve_plain_task_process(sender)
     # A run's zygote (see runner._fork_from_zygote) lives in the pool process that started it:
     # with pool processes replaced after N tasks or M bytes it would go, and the runners forked
     # from it for the other slots with it. Such workers start a runner per slot.
@@ -125,6 +125,7 @@ def _start_spare_runner(**kwargs: Any) -> None:
     before a run needs it (see runner.SPARE_BOOT); ``DISPATCH_SPARE_RUNNER=0`` turns it off."""
     with contextlib.suppress(Exception):
         prepare_spare(workspace(), dict(os.environ))
+    warm_connection(app)
 
 
 _presence: list[embedded.Presence] = []
@@ -137,12 +138,11 @@ def _announce_presence(sender: Any = None, **kwargs: Any) -> None:
     if not embedded.is_embedded(conf.broker_write_url):
         return
     queues = list(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)
-    concurrency = getattr(getattr(sender, "controller", None), "concurrency", None)
     presence = embedded.Presence(
         Path(conf.broker_transport_options["root"]),
         str(sender.hostname),
         queues,
-        concurrency if isinstance(concurrency, int) else 1,
+        slots_of(getattr(sender, "controller", None)),
     )
     presence.write()
     presence.start()
