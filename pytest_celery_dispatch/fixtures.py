@@ -124,11 +124,12 @@ class Dispatcher:
         self.warm()
         began = time.time()
         sent = []
-        for name, queue, kwargs in calls:
-            options: dict[str, Any] = {"queue": queue} if queue else {}
-            sent_at = time.time()
-            async_result = self.app.send_task(name, kwargs=kwargs, **options)
-            sent.append((name, queue, async_result, sent_at))
+        with self.app.producer_or_acquire() as producer:  # one producer: back-to-back sends
+            for name, queue, kwargs in calls:
+                options: dict[str, Any] = {"queue": queue} if queue else {}
+                sent_at = time.time()
+                async_result = self.app.send_task(name, kwargs=kwargs, producer=producer, **options)
+                sent.append((name, queue, async_result, sent_at))
         # Written after every task is out, so the terminal never delays a send.
         if self.live is not None:
             self.live(None)  # the run's heading
