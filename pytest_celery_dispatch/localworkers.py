@@ -26,14 +26,9 @@ from .names import (
     ENV_BROKER_URL_FALLBACK,
     ENV_EMBEDDED_DIR,
     ENV_RUNNER,
-    ENV_RUNNER_NICE,
     ENV_WORKER_ID,
     ENV_WORKSPACE,
 )
-
-#: Local workers share this machine with the controller: their runners run this much nicer,
-#: so the controller and the workers' own processes stay responsive while runners boot.
-LOCAL_RUNNER_NICE = "5"
 
 #: How long a local worker may take to consume its queue.
 READY_TIMEOUT = 60.0
@@ -83,7 +78,6 @@ class LocalWorker:
             }
         )
         self.env.pop(ENV_RUNNER, None)
-        self.env.setdefault(ENV_RUNNER_NICE, LOCAL_RUNNER_NICE)
         self.workspace = workspace
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -94,8 +94,6 @@ ENV_WORKER_CONCURRENCY = "DISPATCH_WORKER_CONCURRENCY"
 ENV_PLAIN_TASK_PROCESS = "DISPATCH_PLAIN_TASK_PROCESS"
 #: Pool processes a worker keeps beside its slots for plain tasks (:mod:`.workerpool`).
 PLAIN_TASK_PROCESSES = 1
-#: How much nicer than their worker its runners and zygotes run (``--celery-local-workers``: 5).
-ENV_RUNNER_NICE = "DISPATCH_RUNNER_NICE"
 
 # Between a slot and its runner process (internal):
 ENV_RUNNER = "PYTEST_CELERY_DISPATCH_RUNNER"

@@ -39,7 +39,6 @@ from typing import Any
 import pytest
 
 from .serialization import HEARTBEAT_INTERVAL, dumps, nodeid_path
-from .workerpool import lower_runner_priority
 
 ENV_RUNNER = "PYTEST_CELERY_DISPATCH_RUNNER"
 ENV_EVENT_FD = "PYTEST_CELERY_DISPATCH_EVENT_FD"
@@ -777,7 +776,6 @@ class _Spare:
                 pass_fds=(boot_r, self.event_w, self.command_r),
                 start_new_session=True,
             )
-            lower_runner_priority(self.proc.pid)
         except BaseException:
             for fd in (boot_r, self.boot_w, self.event_fd, self.event_w, self.command_r):
                 os.close(fd)
@@ -1015,7 +1013,6 @@ def _start_zygote(spec: RunnerSpec, path: str) -> bool:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        lower_runner_priority(proc.pid)
     _zygotes.append(proc)
     deadline = time.monotonic() + ZYGOTE_START_WAIT
     while not os.path.exists(path):
@@ -1115,7 +1112,6 @@ class _Runner:
                     pass_fds=(event_w, command_r),
                     start_new_session=True,
                 )
-                lower_runner_priority(self.proc.pid)
             os.close(event_w)
             os.close(command_r)
         self.out_fd: int | None = self.proc.stdout.fileno() if self.proc.stdout else None

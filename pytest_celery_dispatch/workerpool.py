@@ -24,12 +24,7 @@ import os
 from collections.abc import MutableMapping
 from typing import Any
 
-from .names import (
-    ENV_PLAIN_TASK_PROCESS,
-    ENV_RUNNER_NICE,
-    ENV_WORKER_CONCURRENCY,
-    PLAIN_TASK_PROCESSES,
-)
+from .names import ENV_PLAIN_TASK_PROCESS, ENV_WORKER_CONCURRENCY, PLAIN_TASK_PROCESSES
 
 
 def _is_prefork(pool_cls: Any) -> bool:
@@ -70,19 +65,3 @@ def warm_connection(app: Any) -> None:
     machine, which the documented run's total showed)."""
     with contextlib.suppress(Exception), app.producer_or_acquire() as producer:
         producer.connection.ensure_connection(max_retries=1)
-
-
-def lower_runner_priority(pid: int, environ: MutableMapping[str, str] | None = None) -> None:
-    """Run a just-started runner or zygote ``DISPATCH_RUNNER_NICE`` steps nicer than its worker
-    (what it forks inherits it). The worker's own processes then keep the CPU they need to
-    take, start and answer a task (and send heartbeats) while its runners boot and collect:
-    on a busy machine a plain task's start went from 40-50 ms to a few. Unset or 0: as is."""
-    env = os.environ if environ is None else environ
-    try:
-        steps = int(env.get(ENV_RUNNER_NICE, "0") or 0)
-    except ValueError:
-        return
-    if steps <= 0:
-        return
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + steps))
