@@ -191,10 +191,15 @@ class Dispatcher:
                 started_on=host, error=f"{type(value).__name__}: {value}" if failed else None,
             )  # fmt: skip
             out.append(res)
+        self._report(out, began, max(arrived.values()), propagate)
+        return out
+
+    def _report(self, out: list[TaskResult], began: float, ended: float, propagate: bool) -> None:
+        """The finished lines and the run's sections; keep the run; fail on a failed task."""
         for res in sorted(out, key=lambda x: x.received_at):
             if self.live is not None:
                 self.live(taskrun.finished_line(res))
-        record = taskrun.run_record(out, began, max(arrived.values()))
+        record = taskrun.run_record(out, began, ended)
         self.runs.append(record)
         if self.live is not None:
             for line in taskrun.section_lines(record, self.saved_to):
@@ -207,7 +212,6 @@ class Dispatcher:
                 "dispatcher: "
                 + "; ".join(f"{r.short_name} {r.state}: {r.error}" for r in failed_tasks)
             )
-        return out
 
     def call(
         self, name: str, queue: str | None = None, timeout: float = 60.0, **kwargs: Any
