@@ -30,7 +30,7 @@ import itertools
 import time
 from collections.abc import Callable
 
-from .planning import LOAD, plan_work
+from .planning import LOAD, plan_work, predict_time
 from .planning import plan_chunks as plan_chunks
 from .retry import BACKOFF_BASE as BACKOFF_BASE
 from .retry import BACKOFF_MAX as BACKOFF_MAX
@@ -208,6 +208,8 @@ class QueueScheduler:
         self.queue_nodeids: dict[str, list[str]] = {}
         self.dist = dist  # --celery-dist: how a queue's tests are cut into chunks
         self.group_of: dict[str, str | None] = {}  # nodeid -> its group key under ``dist``
+        self.estimates: dict[str, dict[str, float]] = {}  # queue -> nodeid -> recorded seconds
+        self.predicted: dict[str, float] = {}  # queue -> predicted test time on its slots
         self.chunks: dict[str, ChunkState] = {}
         self.abandoned: set[str] = set()
         self.unsent: list[ChunkState] = []
@@ -247,10 +249,14 @@ class QueueScheduler:
         return first + later
 
     def _start_queue(self, queue: str) -> tuple[list[Action], list[Action]]:
-        """The first chunk and a slot per worker slot now; the other chunks after."""
+        """The first chunk and a slot per worker slot now; the other chunks after. With
+        recorded durations, longest first, and the queue's predicted test time."""
         nodeids = self.queue_nodeids[queue]
         slots = max(1, self.capacity.get(queue) or self.consumers.get(queue) or 1)
-        planned = plan_work(nodeids, slots, self.dist, self.group_of)
+        estimates = self.estimates.get(queue)
+        planned = plan_work(nodeids, slots, self.dist, self.group_of, estimates)
+        if estimates is not None:
+            self.predicted[queue] = predict_time(planned, estimates, slots)
         chunks = [self._new_chunk(queue, ids) for ids in planned]
         first: list[Action] = [Publish(c) for c in chunks[:1]]
         first.extend(self._new_slot(queue) for _ in range(min(slots, len(chunks))))
