@@ -49,12 +49,15 @@ def plan_chunks(
 
     With ``estimates`` (seconds per nodeid, every nodeid present; order the tests longest first
     before) a chunk also holds at most ``remaining time / (divisor * slots)`` seconds of work
-    (at least one test): a long test goes out alone, and the slots share the rest.
+    (at least one test): a long test goes out alone, and the slots share the rest. A slot takes
+    its next chunk while its last test runs, so the chunk it takes during a long test waits for
+    it: each test sent alone for its length is followed by a chunk of a single test.
     """
     remaining = list(nodeids)
     chunks: list[list[str]] = []
     per_round = max(1, divisor * max(1, slots))
     left = sum(estimates[n] for n in remaining) if estimates is not None else 0.0
+    owed = 0  # single-test chunks still owed to the slots that hold a long test
     while remaining:
         size = max(1, min(cap, len(remaining) // per_round))
         if estimates is not None:
@@ -62,6 +65,10 @@ def plan_chunks(
             while fits < size and (fits == 0 or used + estimates[remaining[fits]] <= budget):
                 used += estimates[remaining[fits]]
                 fits += 1
+            if used > budget:  # one test, longer than a chunk's share: sent alone
+                owed += 1
+            elif owed and fits > 1:
+                owed, fits, used = owed - 1, 1, estimates[remaining[0]]
             size, left = fits, max(0.0, left - used)
         chunks.append(remaining[:size])
         remaining = remaining[size:]
@@ -119,8 +126,19 @@ def plan_work(
         # Both lists are already biggest first; a stable sort puts a group before a free
         # chunk of the same size.
         return sorted(units + free_chunks, key=len, reverse=True)
+    def weight(chunk: Sequence[str]) -> float:
+        return sum(estimates[n] for n in chunk)
+
     free_chunks = plan_chunks(longest_first(free, estimates), slots, estimates=estimates)
-    return sorted(units + free_chunks, key=lambda c: -sum(estimates[n] for n in c))
+    units.sort(key=lambda c: -weight(c))  # stable: ties keep the order of their first test
+    # Merge, keeping the free chunks' own order: a group goes before the first free chunk
+    # that is lighter.
+    merged: list[list[str]] = []
+    for chunk in free_chunks:
+        while units and weight(units[0]) >= weight(chunk):
+            merged.append(units.pop(0))
+        merged.append(chunk)
+    return merged + units
 
 
 def predict_time(

@@ -114,7 +114,10 @@ def test_longest_first_sends_each_long_test_alone_first_and_reaches_the_optimum(
     chunks = pl.plan_work(TAIL, 2, "load", {}, TAIL_SECONDS)
     assert chunks[:3] == [[n] for n in TAIL[40:]]  # a long test is a chunk of its own, early
     assert sorted(n for c in chunks for n in c) == sorted(TAIL)  # the same tests, once each
-    sizes = [len(c) for c in chunks[3:]]
+    # A slot takes its next chunk while its long test runs: those chunks are single tests.
+    assert chunks[3:6] == [[n] for n in TAIL[:3]]
+    sizes = [len(c) for c in chunks[6:]]
+    assert sizes[0] > 1
     assert sizes == sorted(sizes, reverse=True)
     assert sizes[-1] == 1
     # 16 s of work on 2 slots: 8 s is the optimum.
@@ -163,3 +166,14 @@ def test_remaining_time_spreads_the_work_but_not_below_the_longest_test() -> Non
     assert pl.remaining_time([], 2) == 0.0
     assert pl.remaining_time([1.0, 1.0, 1.0, 1.0], 2) == pytest.approx(2.0)
     assert pl.remaining_time([5.0, 0.5], 4) == pytest.approx(5.0)
+
+
+def test_a_group_merges_in_by_weight_without_reordering_the_free_chunks() -> None:
+    ids = [f"t.py::short_{i}" for i in range(20)] + ["t.py::soak", "g.py::a", "g.py::b"]
+    est = {n: 0.1 for n in ids} | {"t.py::soak": 5.0, "g.py::a": 1.0, "g.py::b": 1.0}
+    keys = {n: ("g" if n.startswith("g.py") else None) for n in ids}
+    chunks = pl.plan_work(ids, 2, "loadgroup", keys, est)
+    assert chunks[0] == ["t.py::soak"]
+    assert chunks[1] == ["g.py::a", "g.py::b"]  # 2 s: before the short tests, in its order
+    assert chunks[2] == ["t.py::short_0"]  # owed to the slot holding the soak test
+    assert sorted(n for c in chunks for n in c) == sorted(ids)
