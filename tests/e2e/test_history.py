@@ -12,10 +12,12 @@ import json
 import re
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from pytest_celery_dispatch import planning
 from pytest_celery_dispatch.durations import CACHE_KEY
+from tests.conftest import SCHEMA
 from tests.helpers import BROKER
 
 TAIL = """
@@ -48,7 +50,9 @@ def run(pytester: pytest.Pytester, workspace: Path, name: str) -> tuple[pytest.R
         f"cache_dir={pytester.path / 'cache'}",
         timeout=120,
     )
-    return result, json.loads(report.read_text())
+    data = json.loads(report.read_text())
+    jsonschema.validate(data, SCHEMA)
+    return result, data
 
 
 def test_time(report: dict) -> float:
