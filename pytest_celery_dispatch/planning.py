@@ -126,6 +126,7 @@ def plan_work(
         # Both lists are already biggest first; a stable sort puts a group before a free
         # chunk of the same size.
         return sorted(units + free_chunks, key=len, reverse=True)
+
     def weight(chunk: Sequence[str]) -> float:
         return sum(estimates[n] for n in chunk)
 
