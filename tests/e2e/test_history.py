@@ -91,11 +91,14 @@ def test_the_second_run_sends_the_long_tests_first_and_predicts_its_time(
         t["nodeid"]: t["outcome"] for t in first_report["tests"]
     }
     history_order = test_time(second_report)
-    assert history_order <= 1.1 * optimum, (collection_order, history_order, optimum)
+    workers_line = [line for line in second.outlines if "celery-dispatch workers" in line]
+    assert history_order <= 1.1 * optimum, (history_order, optimum, workers_line)
 
-    header = re.search(rf"{worker.queue}: .*ETA ([\d.]+)(ms|s)", second.stdout.str())
-    assert header is not None, second.stdout.str()
-    eta = float(header.group(1)) / (1000 if header.group(2) == "ms" else 1)
+    # The workers line's ETA, or its revision once the slots said how many they are (when the
+    # start's inspect missed them on a busy machine).
+    etas = re.findall(rf"{worker.queue}: .*ETA ([\d.]+)(ms|s)", second.stdout.str())
+    assert etas, second.stdout.str()
+    eta = float(etas[-1][0]) / (1000 if etas[-1][1] == "ms" else 1)
     assert abs(eta - history_order) <= 0.2 * history_order, (eta, history_order)
     queue = second_report["dispatch"]["queues"][worker.queue]
     assert queue["predicted_test_time"] == pytest.approx(eta, abs=0.01)

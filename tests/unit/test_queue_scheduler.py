@@ -416,3 +416,17 @@ def test_without_history_the_chunks_are_todays_and_nothing_is_predicted() -> Non
     published = [a.chunk.nodeids for a in actions if isinstance(a, Publish)]
     assert published == sch.plan_chunks(ids, 2)
     assert lab.sched.predicted == {}
+
+
+def test_more_slots_than_the_plan_assumed_revise_the_eta() -> None:
+    ids = [f"t.py::test_{i}" for i in range(4)]
+    lab = Lab()
+    lab.sched.estimates["queue_a"] = dict.fromkeys(ids, 1.0)
+    first = lab.begin(ids, slots=1)  # the inspect at the start missed the worker's slots
+    assert lab.sched.predicted["queue_a"] == pytest.approx(4.0)
+    slot = next(a.slot for a in first if isinstance(a, StartSlot))
+    lab.sched.slot_seen(slot.session_id, "worker-1")
+    actions = lab.sched.slot_started(slot, concurrency=2)
+    assert lab.sched.predicted["queue_a"] == pytest.approx(2.0)
+    assert Notice("queue_a: 2 slots; revised ETA 2.00s", "cyan") in actions
+    assert lab.sched.slot_started(slot, concurrency=2) == []  # said once
