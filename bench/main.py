@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
 import subprocess
@@ -28,7 +29,7 @@ from .workloads import Workload, foreign_plugins, full_workloads, quick_workload
 
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
-ALL_KEYS = ("W1", "W2", "W3", "W4")
+ALL_KEYS = ("W1", "W2", "W3", "W4", "W5")
 WORKERS = {"queue_a": "worker-a", "queue_b": "worker-b"}
 
 
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--w3-rounds", type=int, default=None, help="rounds for W3 (default: min(rounds, 3))"
     )
-    parser.add_argument("--only", default="", help="comma-separated subset of W1,W2,W3,W4")
+    parser.add_argument("--only", default="", help="comma-separated subset of W1,W2,W3,W4,W5")
     parser.add_argument(
         "--warmup", type=int, default=None, help="untimed runs of each mode first (1; quick 0)"
     )
@@ -86,7 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     keys = [k.strip().upper() for k in args.only.split(",") if k.strip()] or list(default_keys)
     unknown = [k for k in keys if k not in ALL_KEYS]
     if unknown:
-        parser.error(f"--only: unknown workload(s) {', '.join(unknown)}; choose from W1..W4")
+        parser.error(f"--only: unknown workload(s) {', '.join(unknown)}; choose from W1..W5")
     available = quick_workloads() if quick else full_workloads()
     missing = [k for k in keys if k != "W4" and k not in available]
     if missing:
@@ -137,6 +138,8 @@ class Bench:
             return [*base, "-n", str(workload.xdist), workload.directory], None
         json_report = self.root / "reports" / f"{tag}.json"
         json_report.parent.mkdir(parents=True, exist_ok=True)
+        if mode == "history":  # pytest's cache on (its own folder): recorded durations
+            base = [*base[:-2], "-o", f"cache_dir={self.history_cache(workload)}"]
         return [
             *base,
             "--celery-dispatch",
@@ -146,6 +149,9 @@ class Bench:
             "30",
             workload.directory,
         ], json_report
+
+    def history_cache(self, workload: Workload) -> Path:
+        return self.root / f"{workload.directory}-cache"
 
     def timed(self, workload: Workload, mode: str, round_no: int) -> dict[str, Any]:
         tag = f"{workload.key}-{mode}-{'warmup' if round_no == 0 else f'r{round_no}'}"
@@ -289,6 +295,10 @@ class Bench:
     def run_workload(self, workload: Workload) -> None:
         rounds = self.args.w3_rounds if workload.key == "W3" else self.args.rounds
         say(f"{workload.key}: {workload.description}; {rounds} round(s)")
+        if "history" in workload.modes:
+            # A fresh cache, then one untimed run that records the durations (collection order).
+            shutil.rmtree(self.history_cache(workload), ignore_errors=True)
+            self.runs.append(self.timed(workload, "history", 0))
         for _ in range(self.args.warmup):
             for mode in workload.modes:
                 self.runs.append(self.timed(workload, mode, 0))
@@ -431,6 +441,13 @@ def summarize(bench: Bench) -> dict[str, Any]:
             ratios["xdist/local"] = med["xdist"] / med["local"]
         if workload.physical_limit and "dispatch" in med:
             ratios["dispatch/physical_limit"] = med["dispatch"] / workload.physical_limit
+        tests_phase = {
+            m: s["median_phases"]["tests"] for m, s in modes.items() if "median_phases" in s
+        }
+        if "history" in tests_phase and "dispatch" in tests_phase:
+            ratios["history/dispatch (tests phase)"] = (
+                tests_phase["history"] / tests_phase["dispatch"]
+            )
         workloads[workload.key] = {
             "description": workload.description,
             "tests": workload.tests,
@@ -482,7 +499,7 @@ def parity(workload: Workload, runs: list[dict[str, Any]]) -> dict[str, Any]:
             problems.append(f"{tag}: exit code {run['returncode']}")
         if run.get("internal_error"):
             problems.append(f"{tag}: celery-dispatch INTERNAL ERROR in the output")
-        if run["mode"] == "dispatch":
+        if run["mode"] in ("dispatch", "history"):
             if not run.get("routing_ok"):
                 problems.append(f"{tag}: tests ran on the wrong worker {run.get('misrouted')}")
             if run.get("report_outcomes") != run["counts"]:

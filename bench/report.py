@@ -5,7 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-MODE_LABELS = {"local": "local", "xdist": "xdist -n {n}", "dispatch": "dispatch"}
+MODE_LABELS = {
+    "local": "local",
+    "xdist": "xdist -n {n}",
+    "dispatch": "dispatch",
+    "history": "dispatch + history",
+}
 
 
 def _mode_label(mode: str, workload: dict[str, Any]) -> str:
@@ -108,6 +113,15 @@ def table(result: dict[str, Any], results_path: Path, chart: Path | None) -> str
             out.append(
                 "  dispatch slots seen by the controller: "
                 + ", ".join(f"{q} {n}" for q, n in sorted(slots.items()))
+            )
+        tests_phase = {
+            m: (s.get("median_phases") or {}).get("tests") for m, s in w["modes"].items()
+        }
+        if tests_phase.get("dispatch") is not None and tests_phase.get("history") is not None:
+            out.append(
+                "  tests phase (first test started to last done, medians): collection order "
+                f"{tests_phase['dispatch']:.2f}s, history (longest first) "
+                f"{tests_phase['history']:.2f}s"
             )
         phases = (w["modes"].get("dispatch") or {}).get("median_phases")
         if phases:

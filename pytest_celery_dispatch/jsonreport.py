@@ -148,15 +148,20 @@ def dispatch_figures(
     wall_time: float,
     slots: Mapping[str, int] | None = None,
     worker_slots: Mapping[str, int] | None = None,
+    predicted: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """Per-queue and per-worker figures, the speed-up and duration statistics.
 
     ``tests`` are JSON-report test records carrying ``dispatch`` and phase durations.
     ``slots`` (per queue) and ``worker_slots`` are the *configured* slots (Celery concurrency);
     ``lanes_used`` counts the slots' ``run_session`` tasks that ran tests (the timeline's lanes).
+    ``predicted`` is each queue's predicted test time from recorded durations, reported beside
+    its ``test_time`` (first test's start to last test's end).
     """
     slots = slots or {}
     worker_slots = worker_slots or {}
+    predicted = predicted or {}
+    spans: dict[str, list[float]] = {}
     lanes: dict[tuple[str, str], set[str]] = {}
     queues: dict[str, dict[str, Any]] = {}
     workers: dict[str, dict[str, Any]] = {}
@@ -178,6 +183,9 @@ def dispatch_figures(
                 "_d": [],
             },
         )
+        if info.get("started") is not None and info.get("finished") is not None:
+            span = spans.setdefault(queue, [info["started"], info["finished"]])
+            span[:] = [min(span[0], info["started"]), max(span[1], info["finished"])]
         q["tests"] += 1
         q["outcomes"][test["outcome"]] = q["outcomes"].get(test["outcome"], 0) + 1
         q["_d"].append(duration)
@@ -204,6 +212,10 @@ def dispatch_figures(
     for name, q in queues.items():
         durations = q.pop("_d")
         q["lanes_used"] = len(lanes.get(("queue", name), ()))
+        q["predicted_test_time"] = (
+            round(predicted[name], 6) if predicted.get(name) is not None else None
+        )
+        q["test_time"] = round(spans[name][1] - spans[name][0], 6) if name in spans else None
         q.update(duration_stats(durations))
     for name, w in workers.items():
         w["lanes_used"] = len(lanes.get(("worker", name), ()))
@@ -415,6 +427,7 @@ class JsonReportPlugin:
             wall,
             slots=extra.get("slots"),
             worker_slots=extra.pop("worker_slots", None),
+            predicted=extra.pop("predicted", None),
         )
         dispatch = {"report_version": REPORT_VERSION, **extra, **figures}
         dispatch["tests_dispatched"] = sum(1 for t in tests if t["dispatch"]["queue"])

@@ -12,6 +12,12 @@ A *group* is one chunk, so it runs on one slot, in collection order, and is neve
 across chunks (a lost chunk's follow-up keeps its remaining tests together too, see
 :meth:`.scheduling.QueueScheduler._lost`). Groups go out biggest first; slots still pull them.
 
+With recorded durations (``estimates``: seconds per nodeid, see :mod:`.durations`) the work
+goes out *longest first*: free tests sorted by their estimate (ties keep collection order) and
+cut by time as well as by count, so a long test is a chunk of its own early and short tests
+fill the end; groups and chunks ordered by their summed estimate. Without ``estimates`` nothing
+changes. :func:`predict_time` simulates the slots pulling the planned chunks (the ETA).
+
 The controller computes each test's group key from the collected item (file, class or
 ``xdist_group`` marker) and hands in plain data: no pytest, no Celery here.
 
@@ -28,7 +34,11 @@ DIST_MODES = (LOAD, "loadfile", "loadscope", "loadgroup")
 
 
 def plan_chunks(
-    nodeids: Sequence[str], slots: int, divisor: int = 4, cap: int = 200
+    nodeids: Sequence[str],
+    slots: int,
+    divisor: int = 4,
+    cap: int = 200,
+    estimates: Mapping[str, float] | None = None,
 ) -> list[list[str]]:
     """Cut a queue's tests into contiguous chunks that shrink as the work drains.
 
@@ -36,15 +46,38 @@ def plan_chunks(
     chunks are big enough to amortize a broker round trip, the last ones are single tests, so
     no slot idles while another holds a long tail (the idea of xdist's ``load`` scheduling).
     Contiguous chunks keep a module's tests together for its fixtures.
+
+    With ``estimates`` (seconds per nodeid, every nodeid present; order the tests longest first
+    before) a chunk also holds at most ``remaining time / (divisor * slots)`` seconds of work
+    (at least one test): a long test goes out alone, and the slots share the rest. A slot takes
+    its next chunk while its last test runs, so the chunk it takes during a long test waits for
+    it: each test sent alone for its length is followed by a chunk of a single test.
     """
     remaining = list(nodeids)
     chunks: list[list[str]] = []
     per_round = max(1, divisor * max(1, slots))
+    left = sum(estimates[n] for n in remaining) if estimates is not None else 0.0
+    owed = 0  # single-test chunks still owed to the slots that hold a long test
     while remaining:
         size = max(1, min(cap, len(remaining) // per_round))
+        if estimates is not None:
+            budget, used, fits = left / per_round, 0.0, 0
+            while fits < size and (fits == 0 or used + estimates[remaining[fits]] <= budget):
+                used += estimates[remaining[fits]]
+                fits += 1
+            if used > budget:  # one test, longer than a chunk's share: sent alone
+                owed += 1
+            elif owed and fits > 1:
+                owed, fits, used = owed - 1, 1, estimates[remaining[0]]
+            size, left = fits, max(0.0, left - used)
         chunks.append(remaining[:size])
         remaining = remaining[size:]
     return chunks
+
+
+def longest_first(nodeids: Sequence[str], estimates: Mapping[str, float]) -> list[str]:
+    """The tests by estimate, longest first; ties keep their order (stable)."""
+    return sorted(nodeids, key=lambda n: -estimates[n])
 
 
 def plan_groups(
@@ -71,19 +104,62 @@ def plan_groups(
 
 
 def plan_work(
-    nodeids: Sequence[str], slots: int, mode: str, group_of: Mapping[str, str | None]
+    nodeids: Sequence[str],
+    slots: int,
+    mode: str,
+    group_of: Mapping[str, str | None],
+    estimates: Mapping[str, float] | None = None,
 ) -> list[list[str]]:
     """The chunks of one queue, in publishing order: one per group, and the free tests cut
-    as ``load`` (:func:`plan_chunks`), all biggest first. With ``load`` this is exactly
-    :func:`plan_chunks`."""
+    as ``load`` (:func:`plan_chunks`), all biggest first. With ``load`` and no ``estimates``
+    this is exactly :func:`plan_chunks`.
+
+    With ``estimates`` (seconds per nodeid of this queue), "biggest" is the summed estimate:
+    free tests go longest first, a group keeps its tests in collection order.
+    """
     groups, free = plan_groups(nodeids, mode, group_of)
     units = [ids for _, ids in groups]
-    free_chunks = plan_chunks(free, slots)
-    if not units:
-        return free_chunks
-    # Both lists are already biggest first; a stable sort puts a group before a free chunk of
-    # the same size.
-    return sorted(units + free_chunks, key=len, reverse=True)
+    if estimates is None:
+        free_chunks = plan_chunks(free, slots)
+        if not units:
+            return free_chunks
+        # Both lists are already biggest first; a stable sort puts a group before a free
+        # chunk of the same size.
+        return sorted(units + free_chunks, key=len, reverse=True)
+
+    def weight(chunk: Sequence[str]) -> float:
+        return sum(estimates[n] for n in chunk)
+
+    free_chunks = plan_chunks(longest_first(free, estimates), slots, estimates=estimates)
+    units.sort(key=lambda c: -weight(c))  # stable: ties keep the order of their first test
+    # Merge, keeping the free chunks' own order: a group goes before the first free chunk
+    # that is lighter.
+    merged: list[list[str]] = []
+    for chunk in free_chunks:
+        while units and weight(units[0]) >= weight(chunk):
+            merged.append(units.pop(0))
+        merged.append(chunk)
+    return merged + units
+
+
+def predict_time(
+    chunks: Sequence[Sequence[str]], estimates: Mapping[str, float], slots: int
+) -> float:
+    """Seconds from the first test's start to the last test's end when ``slots`` slots pull
+    ``chunks`` in order, each taking the next chunk as it frees up (list scheduling)."""
+    ends = [0.0] * max(1, slots)
+    for chunk in chunks:
+        soonest = ends.index(min(ends))
+        ends[soonest] += sum(estimates.get(n, 0.0) for n in chunk)
+    return max(ends)
+
+
+def remaining_time(left: Sequence[float], slots: int) -> float:
+    """A quick estimate of the time left for tests with these remaining seconds on ``slots``
+    slots: the work spread evenly, but never less than the longest test left."""
+    if not left:
+        return 0.0
+    return max(sum(left) / max(1, slots), max(left))
 
 
 def group_name(markers: Iterable[tuple[Sequence[Any], Mapping[str, Any]]]) -> str | None:

@@ -140,6 +140,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
     if not config.pluginmanager.hasplugin("xdist"):
         config.addinivalue_line("markers", XDIST_GROUP_HELP)
+    recorder = _register_recorder(config)
     if not config.getoption("celery_dispatch", False) or is_runner():
         _stash_settings_for_fixtures(config)
         return
@@ -147,7 +148,19 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SETTINGS_KEY] = settings
     _check_compatible(config)
     _check_writable_outputs(settings)
-    _register_session(config, settings)
+    _register_session(config, settings, recorder)
+
+
+def _register_recorder(config: pytest.Config) -> Any:
+    """Test durations are recorded on the controller of every run (not in a worker's runner,
+    nor in an xdist worker: their reports reach the controller)."""
+    if is_runner() or hasattr(config, "workerinput"):
+        return None
+    from .durations import DurationRecorder
+
+    recorder = DurationRecorder(config)
+    config.pluginmanager.register(recorder, "celery_dispatch_durations")
+    return recorder
 
 
 def _stash_settings_for_fixtures(config: pytest.Config) -> None:
@@ -158,12 +171,24 @@ def _stash_settings_for_fixtures(config: pytest.Config) -> None:
         config.stash[SETTINGS_ERROR_KEY] = str(exc)
 
 
-def _register_session(config: pytest.Config, settings: S.Settings) -> None:
+def _register_session(config: pytest.Config, settings: S.Settings, recorder: Any) -> None:
     """The controller's session and its JSON report, as plugins of this run."""
+    from .durations import LOCAL
     from .jsonreport import JsonReportPlugin
     from .session import DispatchSession
 
     dsession = DispatchSession(config, settings)
+
+    def where(nodeid: str) -> str | None:
+        """A test's queue for its recorded duration; None after an infrastructure failure."""
+        record = dsession.records.get(nodeid)
+        if record is not None and record.infrastructure_error:
+            return None
+        route = dsession.routes.get(nodeid)
+        return (route.queue if route is not None and route.error is None else None) or LOCAL
+
+    if recorder is not None:
+        recorder.where = where
     config.stash[SESSION_KEY] = dsession
     config.pluginmanager.register(dsession, "celery_dispatch_session")
     json_plugin = JsonReportPlugin(

@@ -30,7 +30,7 @@ import itertools
 import time
 from collections.abc import Callable
 
-from .planning import LOAD, plan_work
+from .planning import LOAD, plan_work, predict_time
 from .planning import plan_chunks as plan_chunks
 from .retry import BACKOFF_BASE as BACKOFF_BASE
 from .retry import BACKOFF_MAX as BACKOFF_MAX
@@ -208,6 +208,8 @@ class QueueScheduler:
         self.queue_nodeids: dict[str, list[str]] = {}
         self.dist = dist  # --celery-dist: how a queue's tests are cut into chunks
         self.group_of: dict[str, str | None] = {}  # nodeid -> its group key under ``dist``
+        self.estimates: dict[str, dict[str, float]] = {}  # queue -> nodeid -> recorded seconds
+        self.predicted: dict[str, float] = {}  # queue -> predicted test time on its slots
         self.chunks: dict[str, ChunkState] = {}
         self.abandoned: set[str] = set()
         self.unsent: list[ChunkState] = []
@@ -224,6 +226,7 @@ class QueueScheduler:
         self._no_consumer_since: dict[str, float] = {}
         self._slot_not_before: dict[str, float] = {}
         self._outage_since: float | None = None
+        self._planned: dict[str, tuple[list[list[str]], int]] = {}  # queue -> chunks, slots
         self._chunk_numbers = itertools.count(1)
         self._slot_numbers = itertools.count(1)
 
@@ -247,10 +250,15 @@ class QueueScheduler:
         return first + later
 
     def _start_queue(self, queue: str) -> tuple[list[Action], list[Action]]:
-        """The first chunk and a slot per worker slot now; the other chunks after."""
+        """The first chunk and a slot per worker slot now; the other chunks after. With
+        recorded durations, longest first, and the queue's predicted test time."""
         nodeids = self.queue_nodeids[queue]
         slots = max(1, self.capacity.get(queue) or self.consumers.get(queue) or 1)
-        planned = plan_work(nodeids, slots, self.dist, self.group_of)
+        estimates = self.estimates.get(queue)
+        planned = plan_work(nodeids, slots, self.dist, self.group_of, estimates)
+        if estimates is not None:
+            self.predicted[queue] = predict_time(planned, estimates, slots)
+            self._planned[queue] = (planned, slots)
         chunks = [self._new_chunk(queue, ids) for ids in planned]
         first: list[Action] = [Publish(c) for c in chunks[:1]]
         first.extend(self._new_slot(queue) for _ in range(min(slots, len(chunks))))
@@ -328,7 +336,20 @@ class QueueScheduler:
         self.capacity[slot.queue] = max(self.capacity.get(slot.queue, 0), wanted)
         live = sum(1 for s in self.slots.values() if s.live and s.queue == slot.queue)
         waiting = sum(1 for c in self.live_chunks(slot.queue) if c.started_at is None)
-        return [self._new_slot(slot.queue) for _ in range(min(wanted - live, waiting))]
+        more = [self._new_slot(slot.queue) for _ in range(min(wanted - live, waiting))]
+        return self._revised_eta(slot.queue) + more
+
+    def _revised_eta(self, queue: str) -> list[Action]:
+        """The queue has more slots than its plan assumed (a worker missed the start's
+        inspect): the predicted test time on the slots it really has."""
+        planned, slots = self._planned.get(queue, ([], 0))
+        estimates = self.estimates.get(queue)
+        if estimates is None or self.capacity.get(queue, 0) <= slots:
+            return []
+        slots = self.capacity[queue]
+        self._planned[queue] = (planned, slots)
+        self.predicted[queue] = eta = predict_time(planned, estimates, slots)
+        return [Notice(f"{queue}: {_plural(slots, 'slot')}; revised ETA {eta:.2f}s", "cyan")]
 
     def chunk_seen(self, batch_id: str) -> ChunkState | None:
         chunk = self.chunks.get(batch_id)

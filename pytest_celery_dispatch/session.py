@@ -24,6 +24,7 @@ import pytest
 
 from . import routing
 from .collection import group_key, route_item
+from .durations import queue_estimates
 from .events import EventHandlers
 from .forwarding import SlotPayloads
 from .names import EMBEDDED
@@ -211,6 +212,7 @@ class DispatchSession(EventHandlers):
         for queue_name in queues:
             self._broker.declare_task_queue(queue_name)
         self._start_local_workers(list(queues))
+        self.scheduler.estimates = queue_estimates(self.config, queues)  # longest first, ETA
         consumers = {q: self._broker.consumer_count(q) or 0 for q in queues}
         capacity: dict[str, int] = {}
         if present := {q for q, c in consumers.items() if c > 0}:
@@ -437,4 +439,5 @@ class DispatchSession(EventHandlers):
             "wall_time": max(0.0, end - self.started_at),
             "collect_only": bool(self.config.option.collectonly),
             "dist": self.settings.dist,
+            "predicted": dict(sch.predicted),  # into dispatch.queues[...].predicted_test_time
         }

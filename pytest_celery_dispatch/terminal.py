@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from .jsonreport import test_duration
-from .planning import LOAD, plan_groups
+from .planning import LOAD, plan_groups, remaining_time
 from .scheduling import QueueScheduler
 
 Line = tuple[str, dict[str, bool]]
@@ -179,6 +179,29 @@ def _guess(queue_name: str, guesses: Mapping[str, str] | None) -> str:
     return f" (no worker; did you mean {guess}?)" if guess else ""
 
 
+def time_left(
+    sch: QueueScheduler, queue_name: str, finalized: set[str], now: float
+) -> float | None:
+    """The estimated time left for a queue from its recorded durations (None without): the
+    unfinished tests' estimates, a running test's less the time it has run, on the queue's
+    slots (:func:`.planning.remaining_time`)."""
+    estimates = sch.estimates.get(queue_name)
+    if estimates is None:
+        return None
+    ran: dict[str, float] = {}  # the running test of each started chunk -> seconds so far
+    for chunk in sch.live_chunks(queue_name):
+        current = [n for n in chunk.remaining if n not in finalized][:1]
+        if chunk.current_since is not None and current:
+            ran[current[0]] = max(0.0, now - chunk.current_since)
+    left = [
+        max(0.0, estimates.get(n, 0.0) - ran.get(n, 0.0))
+        for n in sch.queue_nodeids.get(queue_name, [])
+        if n not in finalized
+    ]
+    slots = sch.capacity.get(queue_name) or sch.consumers.get(queue_name) or 1
+    return remaining_time(left, slots)
+
+
 class DispatchTerminal:
     """The controller's lines in pytest's terminal."""
 
@@ -269,9 +292,11 @@ class DispatchTerminal:
             tests = _plural(len(queue_nodeids.get(queue_name, [])), "test")
             if count:
                 slots = capacity.get(queue_name, count)
+                predicted = sch.predicted.get(queue_name)
+                eta = f", ETA {fmt_seconds(predicted)}" if predicted is not None else ""
                 parts.append(
                     f"{queue_name}: {_plural(count, 'worker')}{shown}, "
-                    f"{_plural(slots, 'slot')}, {tests}"
+                    f"{_plural(slots, 'slot')}, {tests}{eta}"
                 )
             else:
                 guess = (guesses or {}).get(queue_name)
@@ -295,8 +320,10 @@ class DispatchTerminal:
             nodeids = queue_nodeids[queue_name]
             done = sum(1 for n in nodeids if n in finalized)
             busy = sum(1 for n in nodeids if n in running and n not in finalized)
+            left = time_left(sch, queue_name, finalized, now)
             parts.append(
                 f"{queue_name} {len(nodeids) - done - busy} queued, {busy} running, {done} done"
+                + (f", ~{fmt_seconds(left)} left" if left is not None else "")
                 + _guess(queue_name, guesses)
             )
         if parts:

@@ -79,12 +79,16 @@ def test_outcome_of(categories: dict[str, str], expected: str) -> None:
 
 
 def test_dispatch_figures_per_queue_and_per_worker() -> None:
-    figures = jr.dispatch_figures(sample_tests(), {"queue_a": 2, "queue_b": 1}, wall_time=2.0)
+    figures = jr.dispatch_figures(
+        sample_tests(), {"queue_a": 2, "queue_b": 1}, wall_time=2.0, predicted={"queue_a": 1.2}
+    )
     assert figures["queues"] == {
         "queue_a": {
             "consumers": 2,
             "slots": None,
             "lanes_used": 0,
+            "predicted_test_time": 1.2,  # from recorded durations
+            "test_time": 0.5,  # first start (10.5) to last end (11.0)
             "tests": 2,
             "outcomes": {"passed": 1, "failed": 1},
             "total_duration": 1.5,
@@ -96,6 +100,8 @@ def test_dispatch_figures_per_queue_and_per_worker() -> None:
             "consumers": 1,
             "slots": None,
             "lanes_used": 0,
+            "predicted_test_time": None,  # no history
+            "test_time": 0.5,
             "tests": 1,
             "outcomes": {"passed": 1},
             "total_duration": 2.0,

@@ -394,3 +394,40 @@ def test_a_lost_group_goes_out_again_as_one_chunk_in_order() -> None:
     (publish,) = of(Publish, lab.poll())
     assert publish.chunk.nodeids == [GROUPED[1], GROUPED[3], GROUPED[4]]
     assert publish.chunk.attempt == 2
+
+
+# ----------------------------------------------------------------------------- recorded durations
+
+
+def test_recorded_durations_send_the_long_tests_first_and_predict_the_test_time() -> None:
+    ids = [f"t.py::short_{i}" for i in range(40)] + [f"t.py::soak_{i}" for i in range(3)]
+    lab = Lab()
+    lab.sched.estimates["queue_a"] = {n: (4.0 if "soak" in n else 0.1) for n in ids}
+    actions = lab.begin(ids, slots=2)
+    published = [a.chunk.nodeids for a in actions if isinstance(a, Publish)]
+    assert published[:3] == [[n] for n in ids[40:]]
+    assert sorted(n for c in published for n in c) == sorted(ids)
+    assert lab.sched.predicted == {"queue_a": pytest.approx(8.0)}
+
+
+def test_without_history_the_chunks_are_todays_and_nothing_is_predicted() -> None:
+    ids = [f"t.py::test_{i}" for i in range(43)]
+    lab = Lab()
+    actions = lab.begin(ids, slots=2)
+    published = [a.chunk.nodeids for a in actions if isinstance(a, Publish)]
+    assert published == sch.plan_chunks(ids, 2)
+    assert lab.sched.predicted == {}
+
+
+def test_more_slots_than_the_plan_assumed_revise_the_eta() -> None:
+    ids = [f"t.py::test_{i}" for i in range(4)]
+    lab = Lab()
+    lab.sched.estimates["queue_a"] = dict.fromkeys(ids, 1.0)
+    first = lab.begin(ids, slots=1)  # the inspect at the start missed the worker's slots
+    assert lab.sched.predicted["queue_a"] == pytest.approx(4.0)
+    slot = next(a.slot for a in first if isinstance(a, StartSlot))
+    lab.sched.slot_seen(slot.session_id, "worker-1")
+    actions = lab.sched.slot_started(slot, concurrency=2)
+    assert lab.sched.predicted["queue_a"] == pytest.approx(2.0)
+    assert Notice("queue_a: 2 slots; revised ETA 2.00s", "cyan") in actions
+    assert lab.sched.slot_started(slot, concurrency=2) == []  # said once

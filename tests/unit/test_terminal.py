@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from pytest_celery_dispatch import jsonreport as jr
-from pytest_celery_dispatch.terminal import DETAIL_LIMIT, fmt_seconds, summary_lines
+from pytest_celery_dispatch.terminal import (
+    DETAIL_LIMIT,
+    DispatchTerminal,
+    fmt_seconds,
+    summary_lines,
+)
 
 SECTIONS = [
     "Execution results",
@@ -105,4 +110,39 @@ def test_a_collect_only_run_says_so_instead_of_nothing_dispatched() -> None:
     report["dispatch"]["collect_only"] = True
     assert texts(summary_lines(report)) == [
         "nothing was sent: a collect-only run (--co); the plan is above"
+    ]
+
+
+def test_the_header_shows_the_eta_and_the_status_the_time_left() -> None:
+    from types import SimpleNamespace
+
+    from pytest_celery_dispatch.scheduling import ChunkState
+    from pytest_celery_dispatch.terminal import time_left
+
+    chunk = ChunkState("run.1", "queue_a", ["soak", "short"], sent_at=1.0, started_at=1.0)
+    chunk.current_since = 100.0
+    sch = SimpleNamespace(
+        estimates={"queue_a": {"soak": 4.0, "short": 1.0, "done": 3.0}},
+        queue_nodeids={"queue_a": ["soak", "short", "done"], "queue_b": ["x"]},
+        capacity={"queue_a": 2},
+        consumers={"queue_a": 1},
+        live_chunks=lambda queue: [chunk],
+    )
+    # "soak" has run 1 s of its 4 s: 3 s left, more than the spread (4 s / 2 slots).
+    assert time_left(sch, "queue_a", {"done"}, now=101.0) == 3.0  # type: ignore[arg-type]
+    assert time_left(sch, "queue_b", set(), now=101.0) is None  # type: ignore[arg-type]
+    lines: list[str] = []
+    terminal = DispatchTerminal.__new__(DispatchTerminal)
+    terminal.write_line = lambda line, **markup: lines.append(line)  # type: ignore[method-assign]
+    header = SimpleNamespace(
+        consumers={"queue_a": 1, "queue_b": 1},
+        capacity={"queue_a": 2},
+        queue_nodeids={"queue_a": ["soak", "short"], "queue_b": ["x"]},
+        guesses={},
+        predicted={"queue_a": 8.04},
+    )
+    terminal.write_header(header, {"queue_a": ["w1"]}, 10.0)  # type: ignore[arg-type]
+    assert lines == [
+        "celery-dispatch workers: queue_a: 1 worker (w1), 2 slots, 2 tests, ETA 8.04s; "
+        "queue_b: 1 worker, 1 slot, 1 test"
     ]
