@@ -4,6 +4,10 @@ One queue, one private worker with two slots: 40 tests of 0.1 s collected before
 4 s. In collection order the three long tests are the run's tail (about 10 s); the first run
 records the durations in the project's pytest cache, and the second sends the long tests first
 (about 8 s, the longest-first optimum on two slots).
+
+What is asserted is the order work is sent in and the prediction made from the recorded
+durations: both follow from the plugin's decisions alone. The times themselves depend on the
+machine's load: they are printed here and measured in ``make bench`` (W5), never asserted.
 """
 
 from __future__ import annotations
@@ -82,28 +86,36 @@ def test_the_second_run_sends_the_long_tests_first_and_predicts_its_time(
     # tests longest first).
     ordered = planning.longest_first(list(recorded), recorded)
     optimum = planning.predict_time([[n] for n in ordered], recorded, 2)
-    collection_order = test_time(first_report)
-    assert collection_order > 1.1 * optimum, "the long tail did not show in collection order"
+    soak = {n for n in recorded if "test_soak" in n}
+    # No history: collection order, the long tests are sent last.
+    assert set(sent_order(first_report)[-3:]) == soak
 
     second, second_report = run(pytester, workspace, "second")
     second.assert_outcomes(passed=43)
     assert {t["nodeid"]: t["outcome"] for t in second_report["tests"]} == {
         t["nodeid"]: t["outcome"] for t in first_report["tests"]
     }
-    history_order = test_time(second_report)
-    workers_line = [line for line in second.outlines if "celery-dispatch workers" in line]
-    assert history_order <= 1.1 * optimum, (history_order, optimum, workers_line)
+    # Longest first: each long test goes out alone, followed by one single-test chunk (what a
+    # slot fetches while its long test runs), so the three are among the first six sent.
+    assert soak <= set(sent_order(second_report)[:6]), sent_order(second_report)[:8]
 
-    # The workers line's ETA, or its revision once the slots said how many they are (when the
-    # start's inspect missed them on a busy machine).
+    # The ETA (or its revision once the slots said how many they are, when the start's inspect
+    # missed one on a busy machine) is the longest-first prediction from the recorded durations.
     etas = re.findall(rf"{worker.queue}: .*ETA ([\d.]+)(ms|s)", second.stdout.str())
     assert etas, second.stdout.str()
     eta = float(etas[-1][0]) / (1000 if etas[-1][1] == "ms" else 1)
-    assert abs(eta - history_order) <= 0.2 * history_order, (eta, history_order)
+    assert abs(eta - optimum) <= 0.2 * optimum, (eta, optimum)
     queue = second_report["dispatch"]["queues"][worker.queue]
     assert queue["predicted_test_time"] == pytest.approx(eta, abs=0.01)
+    history_order = test_time(second_report)
     assert queue["test_time"] == pytest.approx(history_order, abs=0.01)
     print(
-        f"collection order {collection_order:.2f}s, history {history_order:.2f}s, "
+        f"collection order {test_time(first_report):.2f}s, history {history_order:.2f}s, "
         f"optimum {optimum:.2f}s, ETA {eta:.2f}s"
     )
+
+
+def sent_order(report: dict) -> list[str]:
+    """The run's nodeids in the order their chunks were published."""
+    tests = sorted(report["tests"], key=lambda t: (t["dispatch"]["sent"], t["nodeid"]))
+    return [t["nodeid"] for t in tests]
