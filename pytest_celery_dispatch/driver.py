@@ -14,11 +14,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from .liveness import CONTROLLER_CHECK_INTERVAL, TEARDOWN_GRACE
 from .procutil import describe_exit
 from .runnerspec import RunnerSpec
 from .serialization import HEARTBEAT_INTERVAL
 
-#: What the task's control callback may answer while a slot runs.
+#: What the task's control callback may answer while a slot runs: go on, stop after the running
+#: test (-x / --maxfail), or drop the run now (it is over, interrupted, or its controller is
+#: gone): the running test is interrupted as Ctrl-C would, its fixtures tear down, and the
+#: runner is killed if it has not ended ``TEARDOWN_GRACE`` seconds later.
 RUN, STOP, KILL = "run", "stop", "kill"
 
 #: A chunk of work as fetched from the run's work queue.
@@ -54,6 +58,8 @@ class Runner(Protocol):
     def crash_output(self) -> str: ...
 
     def kill(self) -> None: ...
+
+    def interrupt(self) -> None: ...
 
     def request_stop(self) -> None: ...
 
@@ -145,9 +151,10 @@ class SlotDriver:
       keeps back for ``nextitem``), so the work spreads over every slot of every worker.
     * Every ``check_interval`` seconds (a passive queue declare, well under 1 ms) ``control()``
       says whether to go on (``RUN``), to let the running test finish and start no other
-      (``STOP``: -x / --maxfail on the controller), or to kill the runner now (``KILL``: the run
-      is over or interrupted). Every ``heartbeat`` seconds an ``alive`` event says the slot
-      still works.
+      (``STOP``: -x / --maxfail on the controller), or to drop the run now (``KILL``: the run is
+      over, interrupted, or its controller is gone): the runner is interrupted as Ctrl-C would,
+      so the fixtures tear down, and killed if it has not ended ``teardown_grace`` seconds
+      later. Every ``heartbeat`` seconds an ``alive`` event says the slot still works.
     * A runner that dies (crash, timeout kill) costs only its current test: a new runner picks
       up the rest. One that dies before running anything fails what it was given, and every
       later test of the slot is answered as crashed with its reason (``broken``): no loop.
@@ -161,8 +168,9 @@ class SlotDriver:
         start_runner: StartRunner,
         control: Callable[[], str] = lambda: RUN,
         *,
-        check_interval: float = 0.2,
+        check_interval: float = CONTROLLER_CHECK_INTERVAL,
         heartbeat: float = HEARTBEAT_INTERVAL,
+        teardown_grace: float = TEARDOWN_GRACE,
         clock: Clock = time.monotonic,
     ) -> None:
         self.spec = spec
@@ -172,6 +180,7 @@ class SlotDriver:
         self.control = control
         self.check_interval = check_interval
         self.heartbeat = heartbeat
+        self.teardown_grace = teardown_grace
         self.clock = clock
         self.done: set[str] = set()
         self.assigned: dict[str, str] = {}  # nodeid -> batch_id, given to the runner, not finished
@@ -187,6 +196,7 @@ class SlotDriver:
         self.kill_reason: str | None = None  # why the driver killed the current runner
         self.progress_at_start = 0  # tests done when the current runner started
         self.last_check = self.last_beat = 0.0
+        self.interrupted_at: float | None = None  # KILL: when the runner was interrupted
 
     def run(self) -> dict[str, Any]:
         """Drive the slot to its end; a summary (state, tests done, chunks, runner starts)."""
@@ -383,10 +393,14 @@ class SlotDriver:
             wanted = self.control()
             if wanted == KILL and self.state != KILL:
                 self.state = KILL
-                runner.kill()
+                self.interrupted_at = now
+                runner.interrupt()
             elif wanted == STOP and self.state == RUN:
                 self.state = STOP  # finish the running test, start no other
                 runner.request_stop()
+        if self.interrupted_at is not None and now - self.interrupted_at >= self.teardown_grace:
+            self.interrupted_at = None
+            runner.kill()  # its teardown took too long
         if self.state == RUN and now - self.last_beat >= self.heartbeat:
             self.last_beat = now
             current = runner.current or ""

@@ -129,6 +129,9 @@ class RunnerPlugin:
         else:
             self.writer = LineWriter(int(str(self.event_fd)))
         signal.signal(STOP_SIGNAL, self._request_stop)
+        # A dropped run is interrupted as Ctrl-C would (KeyboardInterrupt, fixtures torn down):
+        # the worker's pool process may have left SIGINT ignored, and children inherit that.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
