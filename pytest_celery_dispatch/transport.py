@@ -21,7 +21,7 @@ from kombu import Connection, Consumer, Exchange, Queue
 
 from . import embedded
 from .celeryconf import celery_config
-from .liveness import CONTROLLER_RECONNECT_MAX
+from .liveness import CONTROLLER_HEARTBEAT, CONTROLLER_RECONNECT_MAX
 from .names import SLOT_TASK, mask_url, stop_queue_name
 from .serialization import Chunk, Event, SessionPayload, dumps, loads
 
@@ -322,7 +322,9 @@ class ReplyConsumer(threading.Thread):
     def _consume(self) -> None:
         delay = 0.2
         while not self.stop_event.is_set():
-            conn = self.app.connection_for_read()
+            # With heartbeats, RabbitMQ drops the consumer of a controller whose machine
+            # vanished: that is how the workers see it gone (heartbeat_check below sends them).
+            conn = self.app.connection_for_read(heartbeat=CONTROLLER_HEARTBEAT)
             try:
                 conn.ensure_connection(max_retries=0)
                 channel = conn.channel()

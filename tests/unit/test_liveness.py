@@ -9,7 +9,9 @@ from pytest_celery_dispatch.liveness import (
     BENCH_RELEASE_LIMIT,
     CONTROLLER_CHECK_INTERVAL,
     CONTROLLER_GONE_GRACE,
+    CONTROLLER_HEARTBEAT,
     CONTROLLER_RECONNECT_MAX,
+    SILENT_CONTROLLER_DROPPED_AFTER,
     ControllerWatch,
 )
 
@@ -87,8 +89,37 @@ def test_absent_while_deciding():
 
 
 def test_the_budget_fits_the_release_limit():
-    # Detection starts when the zeros do: at once on RabbitMQ, at most PRESENCE_STALE later on
-    # the embedded broker (a controller on another host); then the grace, then one more check.
+    # Detection starts when the zeros do: at once on RabbitMQ for a killed process, about 2.5
+    # heartbeats later for a vanished machine, at most PRESENCE_STALE later on the embedded broker
+    # (a controller on another host); then the grace, then one more check.
     assert CONTROLLER_RECONNECT_MAX < CONTROLLER_GONE_GRACE
-    worst = PRESENCE_STALE + CONTROLLER_GONE_GRACE + 2 * CONTROLLER_CHECK_INTERVAL
-    assert worst < BENCH_RELEASE_LIMIT
+    for zeros_after in (PRESENCE_STALE, SILENT_CONTROLLER_DROPPED_AFTER):
+        worst = zeros_after + CONTROLLER_GONE_GRACE + 2 * CONTROLLER_CHECK_INTERVAL
+        assert worst < BENCH_RELEASE_LIMIT
+
+
+def test_the_controller_s_reply_connection_has_the_heartbeat(monkeypatch):
+    import queue
+
+    from pytest_celery_dispatch import transport
+
+    asked: list[object] = []
+
+    class App:
+        conf = type("Conf", (), {"broker_write_url": "amqp://x//"})()
+
+        def connection_for_read(self, **kwargs: object) -> object:
+            asked.append(kwargs.get("heartbeat"))
+            consumer.stop_event.set()
+            return Conn()
+
+    class Conn:
+        def ensure_connection(self, **kwargs: object) -> None:
+            raise OSError("no broker here")
+
+        def release(self) -> None:
+            pass
+
+    consumer = transport.ReplyConsumer(App(), "celery-dispatch.reply.R", queue.Queue())
+    consumer.run()
+    assert asked == [CONTROLLER_HEARTBEAT]
