@@ -393,8 +393,11 @@ class SlotDriver:
             wanted = self.control()
             if wanted == KILL and self.state != KILL:
                 self.state = KILL
-                self.interrupted_at = now
-                runner.interrupt()
+                if runner.shutdown_sent and runner.current is None:
+                    runner.kill()  # the run is over and so is its work: nothing to interrupt
+                else:
+                    self.interrupted_at = now
+                    runner.interrupt()
             elif wanted == STOP and self.state == RUN:
                 self.state = STOP  # finish the running test, start no other
                 runner.request_stop()
