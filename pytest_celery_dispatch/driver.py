@@ -197,6 +197,7 @@ class SlotDriver:
         self.progress_at_start = 0  # tests done when the current runner started
         self.last_check = self.last_beat = 0.0
         self.interrupted_at: float | None = None  # KILL: when the runner was interrupted
+        self.run_over = False  # the run ended while the runner wound down: it was killed
 
     def run(self) -> dict[str, Any]:
         """Drive the slot to its end; a summary (state, tests done, chunks, runner starts)."""
@@ -391,11 +392,17 @@ class SlotDriver:
         if now - self.last_check >= self.check_interval:
             self.last_check = now
             wanted = self.control()
-            if wanted == KILL and self.state != KILL:
-                self.state = KILL
+            if wanted == KILL and self.state != KILL and not self.run_over:
                 if runner.shutdown_sent and runner.current is None:
-                    runner.kill()  # the run is over and so is its work: nothing to interrupt
+                    # The run is over and so is this slot's work (the controller ends the run
+                    # once the last results are in, while the runner winds down): nothing to
+                    # interrupt, the slot ends normally unless work is left undone.
+                    if not self._work_done():
+                        self.state = KILL
+                    self.run_over = True
+                    runner.kill()
                 else:
+                    self.state = KILL
                     self.interrupted_at = now
                     runner.interrupt()
             elif wanted == STOP and self.state == RUN:
@@ -416,6 +423,10 @@ class SlotDriver:
                 }
             )
 
+    def _work_done(self) -> bool:
+        """The work queue ran dry and every test taken from it is answered."""
+        return self.out_of_work and all(n in self.done for n in self.assigned)
+
     def _runner_gone(self, runner: Runner) -> bool:
         """The runner exited: a normal end, a crash, a kill, or its own --maxfail. Name the
         test it ran; True when the slot ends here."""
@@ -433,7 +444,7 @@ class SlotDriver:
         if runner.self_stopped:
             self.state = STOP  # -x / --maxfail: the controller stops the whole run too
             return True
-        if self.out_of_work and all(n in self.done for n in self.assigned):
+        if self._work_done():
             return True  # all the work it was given is done: the normal end
         if not runner.collected or len(self.done) == self.progress_at_start:
             # It died before running anything: do not loop; fail what it was given.

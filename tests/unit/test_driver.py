@@ -42,6 +42,7 @@ class FakeRunner(RunnerState):
         hang_on: tuple[str, ...] = (),
         collects: bool = True,
         ignores_interrupt: bool = False,
+        winds_down: bool = False,
     ) -> None:
         super().__init__(eligible)
         self.clock = clock
@@ -53,6 +54,7 @@ class FakeRunner(RunnerState):
         self.code = 0 if collects else 4
         self.killed = self.stop_asked = self.closed = self.interrupted = False
         self.ignores_interrupt = ignores_interrupt
+        self.winds_down = winds_down  # after its shutdown, it stays until killed
         self.hanging: str | None = None
         if collects:
             self.outbox.append(
@@ -82,7 +84,7 @@ class FakeRunner(RunnerState):
     def shutdown(self) -> None:
         self.shutdown_sent = True
         self.sent.append({"type": "shutdown"})
-        if not self.hanging:
+        if not self.hanging and not self.winds_down:
             self.exited = True
 
     def wait(self, timeout: float) -> tuple[bool, bool]:
@@ -253,6 +255,31 @@ def test_a_runner_whose_teardown_outlasts_the_grace_is_killed():
     assert runner.killed
     grace = slot.driver.teardown_grace
     assert 1005 + grace <= slot.clock.now < 1005 + grace + 1
+
+
+def test_a_run_that_ends_while_the_runner_winds_down_after_all_its_work_ends_the_slot_normally():
+    # The controller ends the run (deletes its reply queue) once the last results are in, while
+    # the runner still winds down: nothing to interrupt, the runner is killed, and the slot has
+    # done all its work: a normal end (the worker reports it and readies the next spare).
+    slot = Slot(["t.py::a"], [["t.py::a"]], winds_down=True)
+    slot.driver.control = lambda: KILL if slot.runners[0].shutdown_sent else RUN
+    summary = slot.run()
+    (runner,) = slot.runners
+    assert runner.killed
+    assert not runner.interrupted
+    assert summary["state"] == RUN
+    assert summary["done"] == 1
+    assert slot.of("crashed") == []
+
+
+def test_a_run_dropped_with_work_left_undone_is_a_kill_even_when_the_runner_was_told_to_end():
+    slot = Slot(["t.py::a", "t.py::b"], [["t.py::a", "t.py::b"]], winds_down=True)
+    slot.driver.out_of_work = True  # as if the work queue were already gone
+    slot.driver.assigned["t.py::z"] = "b0"  # taken, never answered
+    slot.driver.control = lambda: KILL if slot.runners and slot.runners[0].shutdown_sent else RUN
+    summary = slot.run()
+    assert slot.runners[0].killed
+    assert summary["state"] == KILL
 
 
 def test_a_stop_from_the_controller_lets_the_running_test_finish_and_starts_no_other():
