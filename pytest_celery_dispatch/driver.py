@@ -14,11 +14,15 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from .liveness import CONTROLLER_CHECK_INTERVAL, TEARDOWN_GRACE
 from .procutil import describe_exit
 from .runnerspec import RunnerSpec
 from .serialization import HEARTBEAT_INTERVAL
 
-#: What the task's control callback may answer while a slot runs.
+#: What the task's control callback may answer while a slot runs: go on, stop after the running
+#: test (-x / --maxfail), or drop the run now (it is over, interrupted, or its controller is
+#: gone): the running test is interrupted as Ctrl-C would, its fixtures tear down, and the
+#: runner is killed if it has not ended ``TEARDOWN_GRACE`` seconds later.
 RUN, STOP, KILL = "run", "stop", "kill"
 
 #: A chunk of work as fetched from the run's work queue.
@@ -54,6 +58,8 @@ class Runner(Protocol):
     def crash_output(self) -> str: ...
 
     def kill(self) -> None: ...
+
+    def interrupt(self) -> None: ...
 
     def request_stop(self) -> None: ...
 
@@ -145,9 +151,10 @@ class SlotDriver:
       keeps back for ``nextitem``), so the work spreads over every slot of every worker.
     * Every ``check_interval`` seconds (a passive queue declare, well under 1 ms) ``control()``
       says whether to go on (``RUN``), to let the running test finish and start no other
-      (``STOP``: -x / --maxfail on the controller), or to kill the runner now (``KILL``: the run
-      is over or interrupted). Every ``heartbeat`` seconds an ``alive`` event says the slot
-      still works.
+      (``STOP``: -x / --maxfail on the controller), or to drop the run now (``KILL``: the run is
+      over, interrupted, or its controller is gone): the runner is interrupted as Ctrl-C would,
+      so the fixtures tear down, and killed if it has not ended ``teardown_grace`` seconds
+      later. Every ``heartbeat`` seconds an ``alive`` event says the slot still works.
     * A runner that dies (crash, timeout kill) costs only its current test: a new runner picks
       up the rest. One that dies before running anything fails what it was given, and every
       later test of the slot is answered as crashed with its reason (``broken``): no loop.
@@ -161,8 +168,9 @@ class SlotDriver:
         start_runner: StartRunner,
         control: Callable[[], str] = lambda: RUN,
         *,
-        check_interval: float = 0.2,
+        check_interval: float = CONTROLLER_CHECK_INTERVAL,
         heartbeat: float = HEARTBEAT_INTERVAL,
+        teardown_grace: float = TEARDOWN_GRACE,
         clock: Clock = time.monotonic,
     ) -> None:
         self.spec = spec
@@ -172,6 +180,7 @@ class SlotDriver:
         self.control = control
         self.check_interval = check_interval
         self.heartbeat = heartbeat
+        self.teardown_grace = teardown_grace
         self.clock = clock
         self.done: set[str] = set()
         self.assigned: dict[str, str] = {}  # nodeid -> batch_id, given to the runner, not finished
@@ -187,6 +196,8 @@ class SlotDriver:
         self.kill_reason: str | None = None  # why the driver killed the current runner
         self.progress_at_start = 0  # tests done when the current runner started
         self.last_check = self.last_beat = 0.0
+        self.interrupted_at: float | None = None  # KILL: when the runner was interrupted
+        self.run_over = False  # the run ended while the runner wound down: it was killed
 
     def run(self) -> dict[str, Any]:
         """Drive the slot to its end; a summary (state, tests done, chunks, runner starts)."""
@@ -381,12 +392,25 @@ class SlotDriver:
         if now - self.last_check >= self.check_interval:
             self.last_check = now
             wanted = self.control()
-            if wanted == KILL and self.state != KILL:
-                self.state = KILL
-                runner.kill()
+            if wanted == KILL and self.state != KILL and not self.run_over:
+                if runner.shutdown_sent and runner.current is None:
+                    # The run is over and so is this slot's work (the controller ends the run
+                    # once the last results are in, while the runner winds down): nothing to
+                    # interrupt, the slot ends normally unless work is left undone.
+                    if not self._work_done():
+                        self.state = KILL
+                    self.run_over = True
+                    runner.kill()
+                else:
+                    self.state = KILL
+                    self.interrupted_at = now
+                    runner.interrupt()
             elif wanted == STOP and self.state == RUN:
                 self.state = STOP  # finish the running test, start no other
                 runner.request_stop()
+        if self.interrupted_at is not None and now - self.interrupted_at >= self.teardown_grace:
+            self.interrupted_at = None
+            runner.kill()  # its teardown took too long
         if self.state == RUN and now - self.last_beat >= self.heartbeat:
             self.last_beat = now
             current = runner.current or ""
@@ -398,6 +422,10 @@ class SlotDriver:
                     "elapsed": round(now - runner.current_since, 3) if current else 0.0,
                 }
             )
+
+    def _work_done(self) -> bool:
+        """The work queue ran dry and every test taken from it is answered."""
+        return self.out_of_work and all(n in self.done for n in self.assigned)
 
     def _runner_gone(self, runner: Runner) -> bool:
         """The runner exited: a normal end, a crash, a kill, or its own --maxfail. Name the
@@ -416,7 +444,7 @@ class SlotDriver:
         if runner.self_stopped:
             self.state = STOP  # -x / --maxfail: the controller stops the whole run too
             return True
-        if self.out_of_work and all(n in self.done for n in self.assigned):
+        if self._work_done():
             return True  # all the work it was given is done: the normal end
         if not runner.collected or len(self.done) == self.progress_at_start:
             # It died before running anything: do not loop; fail what it was given.

@@ -12,7 +12,9 @@ It is kombu's ``filesystem`` transport with the changes a test run needs:
   (reply queue gone = kill, stop queue present = stop) mean the same as on RabbitMQ.
 * **Consumer counts.** Each worker keeps a presence file (its node name, queues, pool size and
   pid) fresh every second; ``queue_declare`` reports the live workers that consume a queue, so
-  "no worker on this queue" is detected the same way on both brokers.
+  "no worker on this queue" is detected the same way on both brokers. A controller keeps one
+  for its run's reply queue while it consumes it, so workers see a dead controller as they do
+  on RabbitMQ (zero consumers on the reply queue).
 
 Layout under the root folder (default ``<project>/.pytest_cache/celery-dispatch/broker``, or
 ``DISPATCH_EMBEDDED_DIR``)::
@@ -21,6 +23,7 @@ Layout under the root folder (default ``<project>/.pytest_cache/celery-dispatch/
     taken/                                messages being read (same file system: atomic rename)
     exchanges/<exchange>.exchange         bindings (kombu's own format)
     workers/<node name>.json              presence of each running worker
+    controllers/<reply queue>.json        presence of each running controller
     results/                              the ``file://`` result backend of the dispatcher fixture
 
 Limits: one machine (or one shared local folder), polling every 50 ms, and a message a worker
@@ -97,7 +100,7 @@ def celery_settings(root: Path, backend: str) -> dict[str, Any]:
     """The Celery settings that select the embedded broker in ``root``."""
     register()
     private_dir(root)
-    for sub in ("queues", "taken", "exchanges", "workers", "results"):
+    for sub in ("queues", "taken", "exchanges", WORKERS, CONTROLLERS, "results"):
         private_dir(root / sub)
     ignore = root / ".gitignore"  # as pytest does for its cache: never committed by accident
     if not ignore.exists():
@@ -136,12 +139,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def read_presence(root: Path, now: float | None = None) -> list[dict[str, Any]]:
-    """The workers that are alive now: fresh presence file and, on this host, a live pid."""
+#: The presence folders: workers (what ``inspect`` and ``served_queues`` list) and controllers.
+WORKERS, CONTROLLERS = "workers", "controllers"
+
+
+def read_presence(
+    root: Path, now: float | None = None, folder: str = WORKERS
+) -> list[dict[str, Any]]:
+    """The workers (or controllers) alive now: fresh presence file and, on this host, a live
+    pid."""
     now = time.time() if now is None else now
     found = []
     try:
-        entries = list((root / "workers").glob("*.json"))
+        entries = list((root / folder).glob("*.json"))
     except OSError:
         return []
     for path in entries:
@@ -159,7 +169,8 @@ def read_presence(root: Path, now: float | None = None) -> list[dict[str, Any]]:
 
 
 def consumers_of(root: Path, queue: str) -> int:
-    return sum(1 for w in read_presence(root) if queue in (w.get("queues") or []))
+    live = read_presence(root) + read_presence(root, folder=CONTROLLERS)
+    return sum(1 for w in live if queue in (w.get("queues") or []))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -171,9 +182,16 @@ def _write_atomic(path: Path, text: str) -> None:
 class Presence(threading.Thread):
     """A worker's presence file, rewritten every second until :meth:`stop`."""
 
-    def __init__(self, root: Path, node: str, queues: Iterable[str], concurrency: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        node: str,
+        queues: Iterable[str],
+        concurrency: int,
+        folder: str = WORKERS,
+    ) -> None:
         super().__init__(name="celery-dispatch-presence", daemon=True)
-        self.path = root / "workers" / f"{node}.json"
+        self.path = root / folder / f"{node}.json"
         self.data = {
             "node": node,
             "queues": sorted(queues),
@@ -206,6 +224,7 @@ def sweep(root: Path, max_age: float = ABANDONED_AFTER, now: float | None = None
     removed = 0
     candidates = list((root / "queues").glob("celery-dispatch.*"))
     candidates += list((root / "taken").glob("*")) + list((root / "results").glob("*"))
+    candidates += list((root / CONTROLLERS).glob("*.json"))
     for path in candidates:
         try:
             if now - path.stat().st_mtime < max_age:

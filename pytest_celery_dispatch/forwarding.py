@@ -3,6 +3,7 @@ shape a test's run on the worker (pure helpers over ``pytest.Config``)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +56,16 @@ def forwarded_pytest_args(config: pytest.Config) -> list[str]:
 class SlotPayloads:
     """Builds each slot's ``run_session`` payload; the options and file digests once per run."""
 
-    def __init__(self, config: pytest.Config, run_id: str, reply_to: str, timeout: float) -> None:
+    def __init__(
+        self,
+        config: pytest.Config,
+        run_id: str,
+        reply_to: str,
+        timeout: float,
+        identity: Mapping[str, Any] | None = None,
+    ) -> None:
         self.rootpath = Path(config.rootpath)
+        self.identity = dict(identity or {})
         self.run_id = run_id
         self.reply_to = reply_to
         self.timeout = timeout
@@ -93,4 +102,5 @@ class SlotPayloads:
             "files": self.file_digests(nodeids),
             "stream": self.stream,
             "plugin_options": self.plugin_options,
+            "identity": self.identity,
         }

@@ -16,7 +16,7 @@ from typing import Any
 
 from .jsonlines import LineBuffer, LineWriter
 from .names import ENV_COMMAND_FD, ENV_EVENT_FD, ENV_NODEIDS
-from .procutil import CRASH_OUTPUT_TAIL, STOP_SIGNAL, kill_group, tail
+from .procutil import CRASH_OUTPUT_TAIL, STOP_SIGNAL, interrupt_group, kill_group, tail
 from .runnerspec import RunnerSpec, runner_command, runner_process_env
 from .spares import SparePool
 from .zygote import ForkedProcess, Zygotes
@@ -98,6 +98,9 @@ class RunnerProcess(RunnerState):
 
     def kill(self) -> None:
         kill_group(self.proc)
+
+    def interrupt(self) -> None:
+        interrupt_group(self.proc)
 
     def request_stop(self) -> None:
         with contextlib.suppress(ProcessLookupError):

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from . import settings as S
+from .identity import identity_line
 from .names import ENV_RUNNER
 from .routing import FANOUT_PARAM
 from .stashkeys import JSON_KEY, SESSION_KEY, SETTINGS_ERROR_KEY, SETTINGS_KEY
@@ -252,7 +253,8 @@ def pytest_report_header(config: pytest.Config) -> list[str] | None:
     st = dsession.settings
     lines = [
         f"celery-dispatch: broker {st.broker_masked}, backend {st.backend_masked}, "
-        f"timeout {st.timeout:g}s, retries {st.retries}, run {dsession.run_id}"
+        f"timeout {st.timeout:g}s, retries {st.retries}, run {dsession.run_id}",
+        f"celery-dispatch: this run is {identity_line(dsession.identity)}",
     ]
     if dsession.embedded_root is not None:
         lines.append(

@@ -57,6 +57,13 @@ def kill_group(proc: Killable) -> None:
         proc.kill()
 
 
+def interrupt_group(proc: Killable) -> None:
+    """SIGINT to the process group led by ``proc``, as Ctrl-C in a terminal: pytest raises
+    KeyboardInterrupt in the running test and still tears its fixtures down."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGINT)
+
+
 def describe_exit(code: int | None) -> str:
     """``exit code 3``, ``killed by SIGKILL``... for crash messages."""
     if code is None:

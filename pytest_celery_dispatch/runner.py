@@ -66,10 +66,16 @@ def truncate_section(text: str, limit: int = MAX_SECTION_CHARS) -> str:
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
     """No options: in a runner process, register the plugin object right after this module
-    (``-p`` loads it before the conftest files and the entry-point plugins)."""
+    (``-p`` loads it before the conftest files and the entry-point plugins).
+
+    A zygote listens from here: loading the entry-point plugins (celery's, docker's...) takes
+    seconds on a busy machine, longer than a driver waits for the socket to appear
+    (``ZYGOTE_START_WAIT``); its wait for the fork (``ZYGOTE_REPLY_WAIT``) covers that time.
+    """
     plugin = RunnerPlugin.from_env(os.environ)
     if plugin is not None and pluginmanager.get_plugin(PLUGIN_NAME) is None:
         pluginmanager.register(plugin, PLUGIN_NAME)
+        plugin._listen()
 
 
 class RunnerPlugin:
@@ -129,6 +135,9 @@ class RunnerPlugin:
         else:
             self.writer = LineWriter(int(str(self.event_fd)))
         signal.signal(STOP_SIGNAL, self._request_stop)
+        # A dropped run is interrupted as Ctrl-C would (KeyboardInterrupt, fixtures torn down):
+        # the worker's pool process may have left SIGINT ignored, and children inherit that.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:

@@ -65,6 +65,7 @@ class SessionPayload(TypedDict):
     files: dict[str, str]  # test file (workspace-relative) -> sha256 of its bytes
     stream: bool  # -s on the controller: stream the tests' output as it comes
     plugin_options: dict[str, Any]  # other plugins' option values, applied if they exist there
+    identity: dict[str, Any]  # who the run is (identity.Identity): workers log it
 
 
 class Chunk(TypedDict):

@@ -27,6 +27,7 @@ from .collection import group_key, route_item
 from .durations import queue_estimates
 from .events import EventHandlers
 from .forwarding import SlotPayloads
+from .identity import current_identity
 from .names import EMBEDDED
 from .replay import EventLog, Replayer
 from .scheduling import (
@@ -75,7 +76,10 @@ class DispatchSession(EventHandlers):
             consumer_count=self._consumer_count,
             dist=settings.dist,
         )
-        self.payloads = SlotPayloads(config, self.run_id, self.reply_to, settings.timeout)
+        self.identity = current_identity()
+        self.payloads = SlotPayloads(
+            config, self.run_id, self.reply_to, settings.timeout, self.identity
+        )
         self.workers_by_queue: dict[str, list[str]] = {}
         self.broker_error: str | None = None
         self.started_at = time.time()
@@ -426,6 +430,7 @@ class DispatchSession(EventHandlers):
         sch = self.scheduler
         return {
             "run_id": self.run_id,
+            "identity": dict(self.identity),
             "broker": self.settings.broker_masked,
             "backend": self.settings.backend_masked,
             "interrupted": self.interrupted,

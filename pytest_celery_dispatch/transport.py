@@ -21,6 +21,7 @@ from kombu import Connection, Consumer, Exchange, Queue
 
 from . import embedded
 from .celeryconf import celery_config
+from .liveness import CONTROLLER_HEARTBEAT, CONTROLLER_RECONNECT_MAX
 from .names import PLAIN_TASK_PROCESSES, SLOT_TASK, mask_url, stop_queue_name
 from .serialization import Chunk, Event, SessionPayload, dumps, loads
 
@@ -284,6 +285,8 @@ class ReplyConsumer(threading.Thread):
 
     Reconnects and re-subscribes after a connection loss, so reports published while the
     broker restarted are still delivered (the queue is durable, the messages persistent).
+    Its consumer is how workers know the controller is alive (see :mod:`.liveness`); on the
+    embedded broker a presence file stands for it.
     """
 
     def __init__(self, app: Celery, queue_name: str, events: queue_mod.Queue[Event]) -> None:
@@ -305,9 +308,25 @@ class ReplyConsumer(threading.Thread):
             message.ack()
 
     def run(self) -> None:
+        presence = None
+        root = embedded_root_of(self.app)
+        if root is not None:
+            name = self.queue_name
+            presence = embedded.Presence(root, name, [name], 0, folder=embedded.CONTROLLERS)
+            presence.write()
+            presence.start()
+        try:
+            self._consume()
+        finally:
+            if presence is not None:
+                presence.stop()
+
+    def _consume(self) -> None:
         delay = 0.2
         while not self.stop_event.is_set():
-            conn = self.app.connection_for_read()
+            # With heartbeats, RabbitMQ drops the consumer of a controller whose machine
+            # vanished: that is how the workers see it gone (heartbeat_check below sends them).
+            conn = self.app.connection_for_read(heartbeat=CONTROLLER_HEARTBEAT)
             try:
                 conn.ensure_connection(max_retries=0)
                 channel = conn.channel()
@@ -333,7 +352,7 @@ class ReplyConsumer(threading.Thread):
                 self.error = describe_error(exc)
                 log.debug("reply consumer: %s; reconnecting", self.error)
                 self.stop_event.wait(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, CONTROLLER_RECONNECT_MAX)
             finally:
                 with contextlib.suppress(Exception):
                     conn.release()

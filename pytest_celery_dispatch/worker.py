@@ -35,6 +35,7 @@ from .celeryconf import backend_from_env, broker_from_env, celery_config
 from .demo_tasks import register_demo_tasks
 from .driver import KILL, RUN, STOP, SlotDriver
 from .launcher import RunnerLauncher
+from .liveness import CONTROLLER_CHECK_INTERVAL, ControllerWatch
 from .names import (
     ENV_BROKER_URL,
     ENV_CTX_HOSTNAME,
@@ -68,6 +69,9 @@ from .workerpool import reserve_plain_task_process, slots_of, warm_connection
 from .zygote import Zygotes
 
 log = logging.getLogger("pytest_celery_dispatch.worker")
+
+#: A passive declare's answer for a queue that does not exist.
+MISSING = -1
 
 if embedded.is_embedded(os.environ.get(ENV_BROKER_URL)):
     # Celery reads CELERY_BROKER_URL itself, as a URL: "embedded" alone would be a host name.
@@ -196,6 +200,8 @@ class _Reply:
         self._producer: Any = None
         self._check_channel: Any = None
         self._work_channel: Any = None
+        self.watch = ControllerWatch()
+        self.identity = str((payload.get("identity") or {}).get("label") or "")
 
     def emit(self, event: Event | dict[str, Any]) -> None:
         body: dict[str, Any] = dict(self.base)
@@ -249,29 +255,68 @@ class _Reply:
                     self._check_channel = None
         return None
 
-    def _exists(self, queue: str) -> bool | None:
-        """Passive declare: True / False (404), None when the broker cannot tell us now."""
+    def _consumers(self, queue: str) -> int | None:
+        """Passive declare: the queue's consumer count, ``MISSING`` (404), or None when the
+        broker cannot tell us now."""
         try:
             if self._check_channel is None:
                 self._check_channel = self._conn.channel()
-            self._check_channel.queue_declare(queue=queue, passive=True)
-            return True
+            ok = self._check_channel.queue_declare(queue=queue, passive=True)
+            return int(getattr(ok, "consumer_count", 0) or 0)
         except Exception as exc:
             self._check_channel = None
             code = getattr(exc, "code", None) or getattr(exc, "reply_code", None)
             if code == 404 or "NOT_FOUND" in str(exc):
-                return False
+                return MISSING
             return None
 
     def control(self) -> str:
-        """What the controller wants: go on, stop after the running test, or kill now.
+        """What the controller wants: go on, stop after the running test, or drop the run.
 
-        The controller deletes its reply queue when the run is over or interrupted (kill);
+        The controller deletes its reply queue when the run is over or interrupted (drop);
         before that, for -x / --maxfail, it declares the run's stop queue (stop gracefully).
+        A controller that no longer consumes its reply queue is gone (see
+        :class:`.ControllerWatch`): the run is dropped, and its reply and work queues are
+        deleted so that every other slot of it, running or queued, drops it at once.
         """
-        if self._exists(self.reply_to) is not False:
-            return RUN  # present, or the broker is briefly unreachable: keep working
-        return STOP if self._exists(stop_queue_name(self.base["run_id"])) else KILL
+        if self.watch.gone:
+            return KILL
+        consumers = self._consumers(self.reply_to)
+        if consumers == MISSING:
+            stop = self._consumers(stop_queue_name(self.base["run_id"]))
+            return STOP if stop is not None and stop != MISSING else KILL
+        if self.watch.observe(consumers):
+            self._drop_run()
+            return KILL
+        return RUN  # the controller is there, or the broker cannot tell now: keep working
+
+    def start_state(self) -> str:
+        """:meth:`control` as a slot starts, with a controller found absent waited out (up to
+        the grace): a slot of a dead run queued behind another run starts no test."""
+        state = self.control()
+        while state == RUN and self.watch.absent:
+            time.sleep(CONTROLLER_CHECK_INTERVAL)
+            state = self.control()
+        return state
+
+    def _drop_run(self) -> None:
+        log.warning(
+            "the controller of run %s is gone (no consumer on its reply queue for %.1fs): "
+            "dropping the run",
+            self.base["run_id"],
+            self.watch.absent_for(),
+            extra={"run_id": self.base["run_id"], "identity": self.identity},
+        )
+        for queue in (self.reply_to, self.work_queue):
+            if not queue:
+                continue
+            try:
+                if self._check_channel is None:
+                    self._check_channel = self._conn.channel()
+                self._check_channel.queue_delete(queue=queue)
+            except Exception as exc:
+                self._check_channel = None
+                log.info("could not delete %s: %s", queue, exc)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -288,9 +333,10 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """
     reply = _Reply(self, payload)
     base = reply.base
-    extra = {k: base.get(k) for k in ("task_id", "worker", "queue", "session_id")}
+    extra: dict[str, Any] = {k: base.get(k) for k in ("task_id", "worker", "queue", "session_id")}
+    extra["identity"] = reply.identity
     try:
-        if reply.control() != RUN:
+        if reply.start_state() != RUN:
             log.info("session skipped: the run is over", extra=extra)
             return {"skipped": "run is over"}
         ws = workspace()

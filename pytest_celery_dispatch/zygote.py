@@ -59,8 +59,9 @@ ZYGOTE_REPLY_WAIT = 4.0
 
 
 def listen(path: str) -> socket.socket:
-    """A zygote listens from its start: the slots' drivers connect while it loads the conftest
-    files and collects, and wait for their runners."""
+    """A zygote listens from its start (as its runner plugin registers): the slots' drivers
+    connect while it loads the entry-point plugins and the conftest files and collects, and
+    wait for their runners."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
     listener.listen(64)

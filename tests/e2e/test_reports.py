@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 
 import jsonschema
 import pytest
@@ -288,3 +290,46 @@ def test_workers_log_one_json_object_per_chunk(pytester, queues, workers, run_di
         "passed": 1, "failed": 1, "skipped": 1, "xfailed": 1, "xpassed": 1, "error": 1
     }  # fmt: skip
     assert any(r["message"] == "chunk received" for r in records)
+
+
+GITHUB_ENV = {
+    "GITHUB_ACTIONS": "true",
+    "GITHUB_SERVER_URL": "https://github.example",
+    "GITHUB_REPOSITORY": "lab/firmware",
+    "GITHUB_RUN_ID": "4242",
+    "GITHUB_ACTOR": "octo",
+    "GITHUB_REF_NAME": "main",
+}
+
+
+def test_the_run_s_identity_from_ci_variables_is_in_header_report_and_worker_log(
+    pytester, queues, run_dispatched, workers, monkeypatch
+):
+    for name in [n for n in os.environ if n.startswith(("CI_", "GITLAB_", "BUILDKITE", "BUILD_"))]:
+        monkeypatch.delenv(name)  # only GitHub's variables: this job may run in another CI
+    for name, value in GITHUB_ENV.items():
+        monkeypatch.setenv(name, value)
+    pytester.makepyfile(test_who=queues.render(WHO))
+    run = run_dispatched()
+    run.result.assert_outcomes(passed=1)
+    identity = run.report["dispatch"]["identity"]  # validated against the schema
+    assert identity["ci"] == "github"
+    assert identity["url"] == "https://github.example/lab/firmware/actions/runs/4242"
+    assert identity["pipeline"] == "4242"
+    assert identity["user"] == "octo"
+    assert identity["ref"] == "main"
+    label = f"GitHub Actions run 4242 (main) by octo on {socket.gethostname()}"
+    assert identity["label"] == label
+    run.result.stdout.fnmatch_lines([f"celery-dispatch: this run is {label}, https://*4242"])
+    log = workers["a"].log_path.read_text()
+    started = [json.loads(line) for line in log.splitlines() if '"session started"' in line]
+    assert any(entry.get("identity") == label for entry in started), started[-3:]
+
+
+WHO = """
+import pytest
+
+@pytest.mark.queue("QUEUE_A")
+def test_who():
+    pass
+"""

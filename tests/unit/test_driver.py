@@ -41,6 +41,8 @@ class FakeRunner(RunnerState):
         crash_on: tuple[str, ...] = (),
         hang_on: tuple[str, ...] = (),
         collects: bool = True,
+        ignores_interrupt: bool = False,
+        winds_down: bool = False,
     ) -> None:
         super().__init__(eligible)
         self.clock = clock
@@ -50,7 +52,9 @@ class FakeRunner(RunnerState):
         self.sent: list[dict[str, Any]] = []
         self.exited = not collects
         self.code = 0 if collects else 4
-        self.killed = self.stop_asked = self.closed = False
+        self.killed = self.stop_asked = self.closed = self.interrupted = False
+        self.ignores_interrupt = ignores_interrupt
+        self.winds_down = winds_down  # after its shutdown, it stays until killed
         self.hanging: str | None = None
         if collects:
             self.outbox.append(
@@ -80,7 +84,7 @@ class FakeRunner(RunnerState):
     def shutdown(self) -> None:
         self.shutdown_sent = True
         self.sent.append({"type": "shutdown"})
-        if not self.hanging:
+        if not self.hanging and not self.winds_down:
             self.exited = True
 
     def wait(self, timeout: float) -> tuple[bool, bool]:
@@ -104,6 +108,20 @@ class FakeRunner(RunnerState):
     def kill(self) -> None:
         self.killed = self.exited = True
         self.code = -9
+
+    def interrupt(self) -> None:
+        """Ctrl-C: the running test is interrupted, the fixtures torn down, the runner ends
+        (unless the test swallows it)."""
+        self.interrupted = True
+        if self.ignores_interrupt:
+            return
+        if self.hanging:
+            self.outbox.append(
+                {"type": "report", "nodeid": self.hanging, "report": {"outcome": "failed"}}
+            )
+            self.outbox.append({"type": "logfinish", "nodeid": self.hanging})
+            self.hanging = None
+        self.exited, self.code = True, 2
 
     def request_stop(self) -> None:
         self.stop_asked = True
@@ -212,17 +230,56 @@ def test_the_next_chunk_is_fetched_only_when_the_runner_holds_at_most_one_test()
     ]
 
 
-def test_the_run_s_reply_queue_gone_kills_the_runner_and_ends_the_slot():
-    # The worker's control() answers KILL once the run's reply queue is gone (run over).
+def test_a_dropped_run_interrupts_the_running_test_as_ctrl_c_would_and_ends_the_slot():
+    # The worker's control() answers KILL once the run's reply queue is gone (run over,
+    # Ctrl-C) or its controller is gone: the test is interrupted, its fixtures tear down.
     slot = Slot(["t.py::a", "t.py::b"], [["t.py::a"], ["t.py::b"]], hang_on=("t.py::a",))
     slot.driver.control = lambda: KILL if slot.clock.now >= 1005 else RUN
     summary = slot.run()
     (runner,) = slot.runners
-    assert runner.killed
+    assert runner.interrupted
+    assert not runner.killed  # it ended by itself after its teardown
     assert runner.closed
     assert summary["state"] == KILL
     assert slot.of("crashed") == []  # the run is over: nobody to tell
     assert slot.clock.now < 1005 + 1  # at the next check, not at the per-test deadline
+    assert "t.py::b" not in slot.results()  # nothing more of the run starts
+
+
+def test_a_runner_whose_teardown_outlasts_the_grace_is_killed():
+    slot = Slot(["t.py::a"], [["t.py::a"]], hang_on=("t.py::a",), ignores_interrupt=True)
+    slot.driver.control = lambda: KILL if slot.clock.now >= 1005 else RUN
+    slot.run()
+    (runner,) = slot.runners
+    assert runner.interrupted
+    assert runner.killed
+    grace = slot.driver.teardown_grace
+    assert 1005 + grace <= slot.clock.now < 1005 + grace + 1
+
+
+def test_a_run_that_ends_while_the_runner_winds_down_after_all_its_work_ends_the_slot_normally():
+    # The controller ends the run (deletes its reply queue) once the last results are in, while
+    # the runner still winds down: nothing to interrupt, the runner is killed, and the slot has
+    # done all its work: a normal end (the worker reports it and readies the next spare).
+    slot = Slot(["t.py::a"], [["t.py::a"]], winds_down=True)
+    slot.driver.control = lambda: KILL if slot.runners[0].shutdown_sent else RUN
+    summary = slot.run()
+    (runner,) = slot.runners
+    assert runner.killed
+    assert not runner.interrupted
+    assert summary["state"] == RUN
+    assert summary["done"] == 1
+    assert slot.of("crashed") == []
+
+
+def test_a_run_dropped_with_work_left_undone_is_a_kill_even_when_the_runner_was_told_to_end():
+    slot = Slot(["t.py::a", "t.py::b"], [["t.py::a", "t.py::b"]], winds_down=True)
+    slot.driver.out_of_work = True  # as if the work queue were already gone
+    slot.driver.assigned["t.py::z"] = "b0"  # taken, never answered
+    slot.driver.control = lambda: KILL if slot.runners and slot.runners[0].shutdown_sent else RUN
+    summary = slot.run()
+    assert slot.runners[0].killed
+    assert summary["state"] == KILL
 
 
 def test_a_stop_from_the_controller_lets_the_running_test_finish_and_starts_no_other():
@@ -343,20 +400,51 @@ def test_finished_tests_are_sent_together_and_any_other_event_flushes_them_first
 
 
 def test_the_worker_tells_the_driver_the_run_s_state_from_the_run_s_queues():
-    from pytest_celery_dispatch.worker import _Reply
+    from pytest_celery_dispatch.liveness import ControllerWatch
+    from pytest_celery_dispatch.worker import MISSING, _Reply
 
     reply = object.__new__(_Reply)  # no broker: only what control() reads
     reply.reply_to = "celery-dispatch.reply.R"
     reply.base = {"run_id": "R"}
-    queues: dict[str, bool | None] = {"celery-dispatch.reply.R": True}
-    reply._exists = queues.get  # type: ignore[method-assign]
+    reply.watch = ControllerWatch()
+    queues: dict[str, int | None] = {"celery-dispatch.reply.R": 1}
+    reply._consumers = lambda q: queues.get(q, MISSING)  # type: ignore[method-assign]
     assert reply.control() == RUN
     queues["celery-dispatch.reply.R"] = None  # the broker cannot tell now: keep working
     assert reply.control() == RUN
-    queues["celery-dispatch.reply.R"] = False  # the reply queue is gone: the run is over
+    queues["celery-dispatch.reply.R"] = MISSING  # the reply queue is gone: the run is over
     assert reply.control() == KILL
-    queues["celery-dispatch.stop.R"] = True  # ... after -x / --maxfail on the controller
+    queues["celery-dispatch.stop.R"] = 0  # ... after -x / --maxfail on the controller
     assert reply.control() == STOP
+
+
+def test_the_worker_drops_the_run_of_a_controller_gone_past_the_grace_and_deletes_its_queues():
+    from pytest_celery_dispatch.liveness import CONTROLLER_GONE_GRACE, ControllerWatch
+    from pytest_celery_dispatch.worker import _Reply
+
+    clock = FakeClock()
+    reply = object.__new__(_Reply)
+    reply.reply_to, reply.work_queue = "celery-dispatch.reply.R", "celery-dispatch.work.R.q"
+    reply.base = {"run_id": "R"}
+    reply.identity = "pipeline 7"
+    reply.watch = ControllerWatch(clock=clock)
+    deleted: list[str] = []
+
+    class Channel:
+        def queue_delete(self, queue: str) -> None:
+            deleted.append(queue)
+
+    reply._check_channel = Channel()
+    reply._consumers = lambda q: 0  # type: ignore[method-assign]  # the controller is gone
+    assert reply.control() == RUN
+    clock.now += CONTROLLER_GONE_GRACE - 0.2
+    assert reply.control() == RUN
+    assert deleted == []
+    clock.now += 0.2
+    assert reply.control() == KILL
+    assert deleted == ["celery-dispatch.reply.R", "celery-dispatch.work.R.q"]
+    reply._consumers = lambda q: -1  # type: ignore[method-assign]  # deleted: still KILL, not STOP
+    assert reply.control() == KILL
 
 
 def test_a_test_file_that_differs_from_the_controller_s_is_refused_by_name(tmp_path):
