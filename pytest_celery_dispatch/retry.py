@@ -75,3 +75,44 @@ class RetryPolicy:
         if now - failing_since >= self.send_limit:
             return GiveUp(why)
         return Retry(now + self.resend_interval, attempt)
+
+
+#: The AMQP heartbeat (seconds) of the controller's reply connection and of every worker
+#: connection: a connection that hears nothing for two beats is dead (py-amqp's rule), so a
+#: silent network is noticed within about ``2 * BROKER_HEARTBEAT`` seconds.
+BROKER_HEARTBEAT = 5.0
+#: No single broker call of the controller's main thread waits longer than this for the socket.
+BROKER_IO_TIMEOUT = 5.0
+#: How long the controller waits for a broker it is cut off from (--celery-broker-timeout).
+DEFAULT_BROKER_TIMEOUT = 300.0
+
+
+@dataclasses.dataclass
+class BrokerOutage:
+    """The controller cut off from its broker: since when, and when to stop waiting.
+
+    ``since`` is when the broker was last heard (the silence before it was noticed counts);
+    past ``since + limit`` the run gives up on the broker. Pure: times are passed in.
+    """
+
+    limit: float = DEFAULT_BROKER_TIMEOUT
+    since: float | None = None
+    given_up: bool = False
+
+    def begin(self, now: float, last_heard: float | None) -> float:
+        """The outage is noticed now: how long the broker has been silent."""
+        self.since = now if last_heard is None else min(now, last_heard)
+        return now - self.since
+
+    def end(self, now: float) -> float:
+        """The broker answers again: how long the outage lasted."""
+        lasted = now - (self.since if self.since is not None else now)
+        self.since = None
+        return lasted
+
+    def over(self, now: float) -> bool:
+        """True once, when the wait is over (the run gives up on the broker)."""
+        if self.since is None or self.given_up or now - self.since < self.limit:
+            return False
+        self.given_up = True
+        return True

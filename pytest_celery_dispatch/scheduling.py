@@ -34,9 +34,11 @@ from .planning import LOAD, plan_work
 from .planning import plan_chunks as plan_chunks
 from .retry import BACKOFF_BASE as BACKOFF_BASE
 from .retry import BACKOFF_MAX as BACKOFF_MAX
+from .retry import DEFAULT_BROKER_TIMEOUT as DEFAULT_BROKER_TIMEOUT
 from .retry import CONSUMER_GONE_GRACE as CONSUMER_GONE_GRACE
 from .retry import LOST_GRACE as LOST_GRACE
 from .retry import SILENCE_LIMIT as SILENCE_LIMIT
+from .retry import BrokerOutage as BrokerOutage
 from .retry import GiveUp as GiveUp
 from .retry import Retry as Retry
 from .retry import RetryPolicy as RetryPolicy
@@ -197,6 +199,7 @@ class QueueScheduler:
         consumer_count: Callable[[str], int | None],
         clock: Callable[[], float] = time.monotonic,
         dist: str = LOAD,
+        broker_timeout: float = DEFAULT_BROKER_TIMEOUT,
     ) -> None:
         self.run_id = run_id
         self.timeout = timeout
@@ -223,7 +226,7 @@ class QueueScheduler:
         self._worker_slots: dict[str, dict[str, int]] = {}
         self._no_consumer_since: dict[str, float] = {}
         self._slot_not_before: dict[str, float] = {}
-        self._outage_since: float | None = None
+        self.outage = BrokerOutage(broker_timeout)  # cut off from the broker
         self._chunk_numbers = itertools.count(1)
         self._slot_numbers = itertools.count(1)
 
@@ -385,21 +388,20 @@ class QueueScheduler:
 
     # ------------------------------------------------------------------ the clocks
 
-    def poll(self, connected: bool = True) -> list[Action]:
-        """Queues without consumers, lost work, silent slots, work waiting on a backoff."""
+    def poll(self, connected: bool = True, last_heard: float | None = None) -> list[Action]:
+        """Queues without consumers, lost work, silent slots, work waiting on a backoff.
+
+        ``connected`` False: the controller is cut off from the broker (``last_heard``: when
+        it last heard from it); every deadline waits, up to ``--celery-broker-timeout``."""
         now = self.clock()
-        actions: list[Action] = []
         if not connected:
-            if self._outage_since is None:
-                self._outage_since = now
-                actions.append(
-                    Notice(f"lost the connection to {self.broker}; reconnecting (deadlines paused)")
-                )
-            return actions
-        if self._outage_since is not None:
-            actions.append(Notice(f"reconnected after {now - self._outage_since:.1f}s", "cyan"))
-            self._outage_since = None
+            return self._cut_off(now, last_heard)
+        actions: list[Action] = []
+        if self.outage.since is not None:
+            actions.append(Notice(f"reconnected after {self.outage.end(now):.1f}s", "cyan"))
             self._restart_clocks(now)
+        if self.outage.given_up:
+            return actions
         actions.extend(self._poll_waiting_queues(now))
         waiting: dict[str, list[ChunkState]] = {}
         for chunk in self.live_chunks():
@@ -420,6 +422,39 @@ class QueueScheduler:
         for queue in self.queue_nodeids:
             actions.extend(self._ensure_slot(queue, now))
         return actions
+
+    def _cut_off(self, now: float, last_heard: float | None) -> list[Action]:
+        """Say once that the broker is silent; past the broker timeout, fail what is left."""
+        limit = self.outage.limit
+        if self.outage.since is None:
+            silent = self.outage.begin(now, last_heard)
+            return [
+                Notice(
+                    f"no word from the broker {self.broker} for {silent:.0f} s; waiting up to "
+                    f"{limit:g} s (--celery-broker-timeout)"
+                )
+            ]
+        if not self.outage.over(now):
+            return []
+        self.stop()
+        why = (
+            f"cut off from the broker {self.broker}: no word from it for {limit:g}s "
+            f"(--celery-broker-timeout {limit:g})"
+        )
+        actions: list[Action] = []
+        for nodeid in self.unfinished():
+            actions.append(Fail(nodeid, f"{nodeid} has no outcome: {why}"))
+            self.done(nodeid)
+        return actions
+
+    def unfinished(self) -> list[str]:
+        """Every dispatched nodeid without a final outcome yet, in collection order."""
+        return [
+            n
+            for nodeids in self.queue_nodeids.values()
+            for n in nodeids
+            if not any(n in self.chunks[b].done for b in self._chunks_of.get(n, ()))
+        ]
 
     def _restart_clocks(self, now: float) -> None:
         """Back from a broker outage: nobody could speak meanwhile."""
