@@ -77,12 +77,6 @@ class RetryPolicy:
         return Retry(now + self.resend_interval, attempt)
 
 
-#: The AMQP heartbeat (seconds) of the controller's reply connection and of every worker
-#: connection: a connection that hears nothing for two beats is dead (py-amqp's rule), so a
-#: silent network is noticed within about ``2 * BROKER_HEARTBEAT`` seconds.
-BROKER_HEARTBEAT = 5.0
-#: No single broker call of the controller's main thread waits longer than this for the socket.
-BROKER_IO_TIMEOUT = 5.0
 #: How long the controller waits for a broker it is cut off from (--celery-broker-timeout).
 DEFAULT_BROKER_TIMEOUT = 300.0
 

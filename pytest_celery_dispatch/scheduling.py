@@ -34,8 +34,8 @@ from .planning import LOAD, plan_work
 from .planning import plan_chunks as plan_chunks
 from .retry import BACKOFF_BASE as BACKOFF_BASE
 from .retry import BACKOFF_MAX as BACKOFF_MAX
-from .retry import DEFAULT_BROKER_TIMEOUT as DEFAULT_BROKER_TIMEOUT
 from .retry import CONSUMER_GONE_GRACE as CONSUMER_GONE_GRACE
+from .retry import DEFAULT_BROKER_TIMEOUT as DEFAULT_BROKER_TIMEOUT
 from .retry import LOST_GRACE as LOST_GRACE
 from .retry import SILENCE_LIMIT as SILENCE_LIMIT
 from .retry import BrokerOutage as BrokerOutage

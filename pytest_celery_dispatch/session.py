@@ -73,6 +73,7 @@ class DispatchSession(EventHandlers):
             broker=settings.broker_masked,
             consumer_count=self._consumer_count,
             dist=settings.dist,
+            broker_timeout=settings.broker_timeout,
         )
         self.payloads = SlotPayloads(config, self.run_id, self.reply_to, settings.timeout)
         self.workers_by_queue: dict[str, list[str]] = {}
@@ -334,8 +335,10 @@ class DispatchSession(EventHandlers):
         now = time.monotonic()
         if now - self._last_poll >= POLL_INTERVAL and self._broker is not None:
             self._last_poll = now
-            connected = self._consumer is None or self._consumer.connected.is_set()
-            self.execute(self.scheduler.poll(connected))
+            consumer = self._consumer
+            connected = consumer is None or consumer.connected.is_set()
+            last_heard = None if consumer is None else consumer.last_heard
+            self.execute(self.scheduler.poll(connected, last_heard))
             last, finalized = self.replayer.last_activity, self.replayer.finalized
             self.terminal.write_status(now, last, finalized, self.scheduler)
 
@@ -397,7 +400,9 @@ class DispatchSession(EventHandlers):
             self._stop_workers_gracefully()
         if self._consumer is not None:
             self._consumer.stop()
-        if self._broker is not None:
+        if self._broker is not None and self.scheduler.outage.given_up:
+            self._broker.abandon()  # cut off: no call to a silent broker, the queues expire
+        elif self._broker is not None:
             with contextlib.suppress(Exception):
                 self._revoke_outstanding()
             self._delete_run_queues()

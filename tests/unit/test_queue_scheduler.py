@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pytest_celery_dispatch import retry
+from pytest_celery_dispatch import celeryconf, retry
 from pytest_celery_dispatch import scheduling as sch
 from pytest_celery_dispatch.scheduling import (
     Action,
@@ -264,12 +264,12 @@ def test_the_outage_counts_from_when_the_broker_was_last_heard() -> None:
     lab = Lab(broker_timeout=20.0)
     started_run(lab, ["a"])
     heard = lab.clock.now
-    lab.clock.advance(2 * retry.BROKER_HEARTBEAT)  # noticed two missed heartbeats later
+    lab.clock.advance(2 * celeryconf.BROKER_HEARTBEAT)  # noticed two missed heartbeats later
     (said,) = lab.poll(connected=False, last_heard=heard)
     assert said.text == (
         f"no word from the broker {BROKER} for 10 s; waiting up to 20 s (--celery-broker-timeout)"
     )
-    lab.clock.advance(20.0 - 2 * retry.BROKER_HEARTBEAT - 0.1)
+    lab.clock.advance(20.0 - 2 * celeryconf.BROKER_HEARTBEAT - 0.1)
     assert lab.poll(connected=False) == []
     lab.clock.advance(0.1)
     assert of(Fail, lab.poll(connected=False))
@@ -279,7 +279,7 @@ def test_cut_off_past_the_broker_timeout_every_unfinished_test_fails_by_name_onc
     lab = Lab(broker_timeout=20.0)
     lab.counts["queue_b"] = 0
     lab.sched.queue_nodeids["queue_b"] = ["b0"]  # waits for a consumer: no chunk yet
-    chunk, slot = started_run(lab, ["a", "b", "c"])
+    started_run(lab, ["a", "b", "c"])
     lab.sched.done("a")  # finished before the cut: keeps its outcome
     assert lab.poll(connected=False)  # said once
     lab.clock.advance(20.0 - 0.1)
