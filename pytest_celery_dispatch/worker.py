@@ -202,17 +202,18 @@ class _Reply:
         self._producer: Any = None
         self._check_channel: Any = None
         self._work_channel: Any = None
-        self.last_heard = time.monotonic()
+        self.clock = time.monotonic
+        self.last_heard = self.clock()
         self.cut_off = False
 
     def _silent(self) -> bool:
         """True once the broker has said nothing for ``SILENT_LIMIT`` s (said once, in the
         log); the connection is then dropped without a word."""
-        if not self.cut_off and time.monotonic() - self.last_heard > SILENT_LIMIT:
+        if not self.cut_off and self.clock() - self.last_heard > SILENT_LIMIT:
             self.cut_off = True
             log.warning(
                 "no word from the broker for %.0f s: stopping this slot (it cannot be heard)",
-                time.monotonic() - self.last_heard,
+                self.clock() - self.last_heard,
                 extra={"task_id": self.base["task_id"], "session_id": self.base["session_id"]},
             )
             with contextlib.suppress(Exception):
@@ -266,7 +267,7 @@ class _Reply:
                     self._conn.ensure_connection(max_retries=3)
                     self._work_channel = self._conn.channel()
                 message = self._work_channel.basic_get(queue=self.work_queue, no_ack=True)
-                self.last_heard = time.monotonic()
+                self.last_heard = self.clock()
                 if message is None:
                     return None
                 chunk = json.loads(message.body)
@@ -293,13 +294,13 @@ class _Reply:
             if self._check_channel is None:
                 self._check_channel = self._conn.channel()
             self._check_channel.queue_declare(queue=queue, passive=True)
-            self.last_heard = time.monotonic()
+            self.last_heard = self.clock()
             return True
         except Exception as exc:
             self._check_channel = None
             code = getattr(exc, "code", None) or getattr(exc, "reply_code", None)
             if code == 404 or "NOT_FOUND" in str(exc):
-                self.last_heard = time.monotonic()
+                self.last_heard = self.clock()
                 return False
             return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -348,6 +349,7 @@ def test_the_worker_tells_the_driver_the_run_s_state_from_the_run_s_queues():
     reply = object.__new__(_Reply)  # no broker: only what control() reads
     reply.reply_to = "celery-dispatch.reply.R"
     reply.base = {"run_id": "R"}
+    reply.clock, reply.last_heard, reply.cut_off = lambda: 0.0, 0.0, False
     queues: dict[str, bool | None] = {"celery-dispatch.reply.R": True}
     reply._exists = queues.get  # type: ignore[method-assign]
     assert reply.control() == RUN
@@ -357,6 +359,28 @@ def test_the_worker_tells_the_driver_the_run_s_state_from_the_run_s_queues():
     assert reply.control() == KILL
     queues["celery-dispatch.stop.R"] = True  # ... after -x / --maxfail on the controller
     assert reply.control() == STOP
+
+
+def test_a_worker_cut_off_from_the_broker_stops_its_slot_after_the_silent_limit():
+    from pytest_celery_dispatch.celeryconf import SILENT_LIMIT
+    from pytest_celery_dispatch.worker import _Reply
+
+    now = [100.0]
+    reply = object.__new__(_Reply)  # no broker: a connection that never answers
+    reply.reply_to = "celery-dispatch.reply.R"
+    reply.base = {"run_id": "R", "task_id": "T", "session_id": "S"}
+    reply.clock, reply.last_heard, reply.cut_off = (lambda: now[0]), 100.0, False
+    reply._conn = types.SimpleNamespace(collect=lambda: None)
+    reply._exists = lambda queue: None  # type: ignore[method-assign]
+    now[0] += SILENT_LIMIT
+    assert reply.control() == RUN  # briefly away: keep working
+    now[0] += 0.1
+    assert reply.control() == KILL  # it cannot be heard: stop the runner
+    assert reply.cut_off
+    assert reply.fetch() is None  # and take no more work
+    reply.emit({"type": "alive"})  # dropped, without touching the dead connection
+    reply._exists = lambda queue: True  # type: ignore[method-assign]
+    assert reply.control() == KILL  # healed later: the slot stays stopped
 
 
 def test_a_test_file_that_differs_from_the_controller_s_is_refused_by_name(tmp_path):
