@@ -93,10 +93,20 @@ class BrokerOutage:
     since: float | None = None
     given_up: bool = False
 
-    def begin(self, now: float, last_heard: float | None) -> float:
-        """The outage is noticed now: how long the broker has been silent."""
+    def begin(self, now: float, last_heard: float | None, broker: str) -> str:
+        """The outage is noticed now: what to say (once)."""
         self.since = now if last_heard is None else min(now, last_heard)
-        return now - self.since
+        return (
+            f"no word from the broker {broker} for {now - self.since:.0f} s; waiting up to "
+            f"{self.limit:g} s (--celery-broker-timeout)"
+        )
+
+    def failure(self, nodeid: str, broker: str) -> str:
+        """The infrastructure error of a test left without an outcome when the wait is over."""
+        return (
+            f"{nodeid} has no outcome: cut off from the broker {broker}: no word from it for "
+            f"{self.limit:g}s (--celery-broker-timeout {self.limit:g})"
+        )
 
     def end(self, now: float) -> float:
         """The broker answers again: how long the outage lasted."""

@@ -425,27 +425,15 @@ class QueueScheduler:
 
     def _cut_off(self, now: float, last_heard: float | None) -> list[Action]:
         """Say once that the broker is silent; past the broker timeout, fail what is left."""
-        limit = self.outage.limit
         if self.outage.since is None:
-            silent = self.outage.begin(now, last_heard)
-            return [
-                Notice(
-                    f"no word from the broker {self.broker} for {silent:.0f} s; waiting up to "
-                    f"{limit:g} s (--celery-broker-timeout)"
-                )
-            ]
+            return [Notice(self.outage.begin(now, last_heard, self.broker))]
         if not self.outage.over(now):
             return []
         self.stop()
-        why = (
-            f"cut off from the broker {self.broker}: no word from it for {limit:g}s "
-            f"(--celery-broker-timeout {limit:g})"
-        )
-        actions: list[Action] = []
-        for nodeid in self.unfinished():
-            actions.append(Fail(nodeid, f"{nodeid} has no outcome: {why}"))
+        failed = self.unfinished()
+        for nodeid in failed:
             self.done(nodeid)
-        return actions
+        return [Fail(n, self.outage.failure(n, self.broker)) for n in failed]
 
     def unfinished(self) -> list[str]:
         """Every dispatched nodeid without a final outcome yet, in collection order."""
