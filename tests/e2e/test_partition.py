@@ -71,7 +71,8 @@ def test_controller_cut_off_for_good_fails_what_is_left_and_ends(
     first = worker_factory(worker_id="worker-p1")
     worker_factory(queue=first.queue, worker_id="worker-p2")
     slow_tests(pytester, first.queue, count=16, sleep=1.0)
-    ctl = controller("--celery-broker-timeout=20", "-rf", broker=through(proxy))
+    junit = pytester.path / "junit.xml"
+    ctl = controller("--celery-broker-timeout=20", f"--junitxml={junit}", broker=through(proxy))
     lines = ctl.wait_for(lambda lines: finished(lines) >= 2)
     proxy.pause()
     cut = time.monotonic()
@@ -85,8 +86,10 @@ def test_controller_cut_off_for_good_fails_what_is_left_and_ends(
     assert noticed <= 30
     assert ended <= 60
 
+    print(ctl.text())
     report = report_of(ctl)
     assert report["exitcode"] == 1
+    assert 'tests="16"' in junit.read_text()
     tests = report["tests"]
     assert len(tests) == len({t["nodeid"] for t in tests}) == 16
     outcomes = {t["nodeid"]: t["outcome"] for t in tests}
