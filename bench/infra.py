@@ -17,6 +17,8 @@ from typing import Any
 
 from kombu import Connection
 
+from pytest_celery_dispatch.names import PLAIN_TASK_PROCESSES
+
 from . import procs
 
 VHOST_PREFIX = "cdbench"
@@ -228,7 +230,7 @@ class Worker:
 
 
 def wait_ready(app: Any, workers: list[Worker], timeout: float = 60.0) -> dict[str, int]:
-    """Until each worker consumes its queue and answers ``inspect stats`` with its ``-c``.
+    """Until each worker consumes its queue and answers ``inspect stats`` with its ``-c`` slots.
 
     The controller counts a queue's slots from that same broadcast: a worker that does not
     answer it yet would be taken for a single slot.
@@ -249,7 +251,8 @@ def wait_ready(app: Any, workers: list[Worker], timeout: float = 60.0) -> dict[s
             )
             for worker in ready:
                 pool = (stats.get(worker.node) or {}).get("pool") or {}
-                concurrency = int(pool.get("max-concurrency") or 0)
+                # Its pool keeps one process beside its slots for plain tasks (workerpool).
+                concurrency = int(pool.get("max-concurrency") or 0) - PLAIN_TASK_PROCESSES
                 if concurrency == worker.concurrency:
                     seen[worker.name] = concurrency
                     del pending[worker.node]

@@ -113,6 +113,9 @@ def celery_config(
         "worker_hijack_root_logger": False,
         "worker_send_task_events": True,
         "task_send_sent_event": True,
+        # A task's STARTED state (worker host name and pid) reaches the sender, so the
+        # dispatcher fixture can say live where each task started.
+        "task_track_started": True,
     }
     if not is_embedded(broker):
         config["broker_transport_options"] = {

@@ -105,6 +105,10 @@ def celery_settings(root: Path, backend: str) -> dict[str, Any]:
             ignore.write_text("# created by pytest-celery-dispatch's embedded broker\n*\n")
     if backend in ("", EMBEDDED, "rpc://"):
         backend = (root / "results").as_uri()
+    if backend.startswith("file://"):
+        from .filebackend import URL_PREFIX  # state files written whole (see there)
+
+        backend = URL_PREFIX + backend
     return {
         "broker_url": f"{EMBEDDED}://",
         "broker_transport_options": {"root": str(root), "polling_interval": POLLING_INTERVAL},

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from .outcome import outcome_of
+from .taskrun import PROPERTY as DISPATCHER_PROPERTY
 
 REPORT_VERSION = 1
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
@@ -129,10 +130,15 @@ class TestsCollector:
         cats = self.categories.setdefault(report.nodeid, {})
         cats[report.when] = category
         record["outcome"] = outcome_of(cats)
-        if report.user_properties:
+        # The dispatcher fixture's runs travel as user properties (home with a dispatched
+        # test's reports too); they become the test's ``dispatcher`` section.
+        runs = [v for k, v in report.user_properties if k == DISPATCHER_PROPERTY]
+        if runs:
+            record["dispatcher"] = [dict(v) for v in runs if isinstance(v, Mapping)]
+        other = [(k, v) for k, v in report.user_properties if k != DISPATCHER_PROPERTY]
+        if other:
             record["user_properties"] = [
-                {str(k): v if isinstance(v, (str, int, float, bool)) else str(v)}
-                for k, v in report.user_properties
+                {str(k): v if isinstance(v, (str, int, float, bool)) else str(v)} for k, v in other
             ]
 
 

@@ -88,8 +88,12 @@ ENV_CTX_HOSTNAME = "DISPATCH_HOSTNAME"
 ENV_CTX_TASK_ID = "DISPATCH_TASK_ID"
 ENV_CTX_ATTEMPT = "DISPATCH_ATTEMPT"
 ENV_CTX_RUN_ID = "DISPATCH_RUN_ID"
-#: The worker's pool size, noted at start-up for its slots to report.
+#: The worker's slots (its ``-c``), noted at start-up for its slots to report.
 ENV_WORKER_CONCURRENCY = "DISPATCH_WORKER_CONCURRENCY"
+#: ``0``: a worker's pool has no process beside its slots for plain tasks (:mod:`.workerpool`).
+ENV_PLAIN_TASK_PROCESS = "DISPATCH_PLAIN_TASK_PROCESS"
+#: Pool processes a worker keeps beside its slots for plain tasks (:mod:`.workerpool`).
+PLAIN_TASK_PROCESSES = 1
 
 # Between a slot and its runner process (internal):
 ENV_RUNNER = "PYTEST_CELERY_DISPATCH_RUNNER"

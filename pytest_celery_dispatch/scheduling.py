@@ -388,19 +388,27 @@ class QueueScheduler:
 
     # ------------------------------------------------------------------ the clocks
 
-    def poll(self, connected: bool = True, last_heard: float | None = None) -> list[Action]:
-        """Queues without consumers, lost work, silent slots, work waiting on a backoff.
+    def connection(self, connected: bool, last_heard: float | None = None) -> list[Action]:
+        """The reply consumer's connection, as seen now: say when it goes and comes back.
 
-        ``connected`` False: the controller is cut off from the broker (``last_heard``: when
-        it last heard from it); every deadline waits, up to ``--celery-broker-timeout``."""
+        Asked on every turn of the event loop (not only at each poll), so the return is said
+        before the first event that came with it, even when that event ends the run. Cut off,
+        every deadline waits up to ``--celery-broker-timeout`` from ``last_heard``."""
         now = self.clock()
         if not connected:
             return self._cut_off(now, last_heard)
+        if self.outage.since is None:
+            return []
+        notice = Notice(f"reconnected after {self.outage.end(now):.1f}s", "cyan")
+        self._restart_clocks(now)
+        return [notice]
+
+    def poll(self) -> list[Action]:
+        """Queues without consumers, lost work, silent slots, work waiting on a backoff; nothing
+        while cut off from the broker (every deadline is paused) or after giving up on it."""
+        now = self.clock()
         actions: list[Action] = []
-        if self.outage.since is not None:
-            actions.append(Notice(f"reconnected after {self.outage.end(now):.1f}s", "cyan"))
-            self._restart_clocks(now)
-        if self.outage.given_up:
+        if self.outage.since is not None or self.outage.given_up:
             return actions
         actions.extend(self._poll_waiting_queues(now))
         waiting: dict[str, list[ChunkState]] = {}
@@ -424,25 +432,22 @@ class QueueScheduler:
         return actions
 
     def _cut_off(self, now: float, last_heard: float | None) -> list[Action]:
-        """Say once that the broker is silent; past the broker timeout, fail what is left."""
+        """Say once that the broker is silent; past the broker timeout, fail every dispatched
+        test still without an outcome, by name."""
         if self.outage.since is None:
             return [Notice(self.outage.begin(now, last_heard, self.broker))]
         if not self.outage.over(now):
             return []
         self.stop()
-        failed = self.unfinished()
-        for nodeid in failed:
-            self.done(nodeid)
-        return [Fail(n, self.outage.failure(n, self.broker)) for n in failed]
-
-    def unfinished(self) -> list[str]:
-        """Every dispatched nodeid without a final outcome yet, in collection order."""
-        return [
+        left = [
             n
-            for nodeids in self.queue_nodeids.values()
-            for n in nodeids
+            for ids in self.queue_nodeids.values()
+            for n in ids
             if not any(n in self.chunks[b].done for b in self._chunks_of.get(n, ()))
         ]
+        for nodeid in left:
+            self.done(nodeid)
+        return [Fail(n, self.outage.failure(n, self.broker)) for n in left]
 
     def _restart_clocks(self, now: float) -> None:
         """Back from a broker outage: nobody could speak meanwhile."""

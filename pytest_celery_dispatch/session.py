@@ -324,6 +324,11 @@ class DispatchSession(EventHandlers):
             event = self.events.get(timeout=0.2) if block else self.events.get_nowait()
         except queue_mod.Empty:
             event = None
+        if (consumer := self._consumer) is not None:  # before the events: they may have come
+            # with a reconnect; cut off, when the broker was last heard starts the wait
+            self.execute(
+                self.scheduler.connection(consumer.connected.is_set(), consumer.last_heard)
+            )
         while event is not None:
             self.handle_event(event)
             if self._should_stop():
@@ -335,10 +340,7 @@ class DispatchSession(EventHandlers):
         now = time.monotonic()
         if now - self._last_poll >= POLL_INTERVAL and self._broker is not None:
             self._last_poll = now
-            consumer = self._consumer
-            connected = consumer is None or consumer.connected.is_set()
-            last_heard = None if consumer is None else consumer.last_heard
-            self.execute(self.scheduler.poll(connected, last_heard))
+            self.execute(self.scheduler.poll())
             last, finalized = self.replayer.last_activity, self.replayer.finalized
             self.terminal.write_status(now, last, finalized, self.scheduler)
 

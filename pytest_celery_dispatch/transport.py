@@ -21,7 +21,7 @@ from kombu import Connection, Consumer, Exchange, Queue
 
 from . import embedded
 from .celeryconf import BROKER_HEARTBEAT, celery_config
-from .names import SLOT_TASK, mask_url, stop_queue_name
+from .names import PLAIN_TASK_PROCESSES, SLOT_TASK, mask_url, stop_queue_name
 from .serialization import Chunk, Event, SessionPayload, dumps, loads
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ class Broker:
     def inspect_workers(
         self, names: set[str], expected: int | None = None, timeout: float = 1.0
     ) -> dict[str, list[tuple[str, int]]]:
-        """``(node name, pool concurrency)`` of each worker consuming each queue.
+        """``(node name, slots)`` of each worker consuming each queue.
 
         Two broadcasts (``active_queues`` and ``stats``); ``expected`` replies end each wait
         early, otherwise it lasts the whole ``timeout``.
@@ -209,7 +209,9 @@ class Broker:
             return result
         for node, queues in sorted(queues_by_node.items()):
             pool = (stats.get(node) or {}).get("pool") or {}
-            concurrency = int(pool.get("max-concurrency") or 1)
+            # The pool keeps a process beside the slots for plain tasks (workerpool); a worker
+            # without it is undercounted by one until its first slot tells its own count.
+            concurrency = max(1, int(pool.get("max-concurrency") or 1) - PLAIN_TASK_PROCESSES)
             for q in queues or []:
                 qname = q.get("name") if isinstance(q, dict) else None
                 if qname in result:

@@ -64,6 +64,7 @@ from .serialization import (
 )
 from .spares import SPARE_DELAY, SparePool
 from .workerinfo import queue_of, worker_id, workspace
+from .workerpool import reserve_plain_task_process, slots_of, warm_connection
 from .zygote import Zygotes
 
 log = logging.getLogger("pytest_celery_dispatch.worker")
@@ -118,10 +119,9 @@ class JsonFormatter(logging.Formatter):
 
 @signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _note_concurrency(sender: Any = None, **kwargs: Any) -> None:
-    """Pool processes inherit this: each session tells the controller its worker's slots."""
-    concurrency = getattr(sender, "concurrency", None)
-    if isinstance(concurrency, int):
-        os.environ[ENV_WORKER_CONCURRENCY] = str(concurrency)
+    """Pool processes inherit this: each session tells the controller its worker's slots.
+    The pool gets one process more, for plain tasks (see workerpool)."""
+    reserve_plain_task_process(sender)
     # A run's zygote (see zygote.Zygotes.fork) lives in the pool process that started it:
     # with pool processes replaced after N tasks or M bytes it would go, and the runners forked
     # from it for the other slots with it. Such workers start a runner per slot.
@@ -137,6 +137,7 @@ def _start_spare_runner(**kwargs: Any) -> None:
     before a run needs it (see spare_boot.py); ``DISPATCH_SPARE_RUNNER=0`` turns it off."""
     with contextlib.suppress(Exception):
         local.spares.prepare(workspace(), dict(os.environ))
+    warm_connection(app)
 
 
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]
@@ -146,12 +147,11 @@ def _announce_presence(sender: Any = None, **kwargs: Any) -> None:
     if not embedded.is_embedded(conf.broker_write_url):
         return
     queues = list(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)
-    concurrency = getattr(getattr(sender, "controller", None), "concurrency", None)
     presence = embedded.Presence(
         Path(conf.broker_transport_options["root"]),
         str(sender.hostname),
         queues,
-        concurrency if isinstance(concurrency, int) else 1,
+        slots_of(getattr(sender, "controller", None)),
     )
     presence.write()
     presence.start()

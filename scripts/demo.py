@@ -71,7 +71,6 @@ def main() -> int:
         "--celery-local-workers=auto",
         "example_tests",
         "-v",
-        "-rP",  # show what passing tests printed: the task_a / task_b report
         f"--celery-broker={broker}",
         f"--celery-json-report={report}",
         f"--junitxml={junit}",
@@ -99,6 +98,14 @@ def main() -> int:
         f"JSON report {report.relative_to(ROOT)}: {per_queue['queue_a']} tests on worker-a via "
         f"queue_a, {per_queue['queue_b']} on worker-b via queue_b, exit code {data['exitcode']}"
     )
+    for test in data["tests"]:
+        for run in test.get("dispatcher", []):
+            say(
+                f"documented run ({test['nodeid'].rsplit('::', 1)[-1]}): total "
+                f"{run['total_time']:.3f}s, slower task {run['metrics']['slowest']:.3f}s, "
+                f"over it by {run['overhead'] * 1000:.0f}ms; "
+                f"{run['successes']} succeeded, {run['failures']} failed"
+            )
     say(f"JUnit XML {junit.relative_to(ROOT)}")
     say(f"timeline {timeline.relative_to(ROOT)} (open it in a browser)")
     say(f"event log {events.relative_to(ROOT)}")

@@ -15,6 +15,7 @@ from kombu.exceptions import ChannelError
 
 from pytest_celery_dispatch import embedded
 from pytest_celery_dispatch.celeryconf import celery_config
+from pytest_celery_dispatch.filebackend import URL_PREFIX
 from pytest_celery_dispatch.transport import make_app
 
 
@@ -173,7 +174,7 @@ def test_celery_config_for_the_embedded_broker(tmp_path):
     config = celery_config("embedded", "rpc://", tmp_path)
     assert config["broker_url"] == config["broker_write_url"] == "embedded://"
     assert config["broker_transport_options"]["root"] == str(tmp_path)
-    assert config["result_backend"] == (tmp_path / "results").as_uri()
+    assert config["result_backend"] == URL_PREFIX + (tmp_path / "results").as_uri()
     assert config["accept_content"] == ["json"]
     assert (tmp_path / "results").is_dir()
 
@@ -187,3 +188,14 @@ def test_the_resolved_broker_beats_the_environment(tmp_path, monkeypatch):
     with app.connection_for_write() as conn:
         assert conn.transport.driver_name == "embedded"
     assert app.backend.url == (tmp_path / "results").as_uri()
+
+
+def test_result_files_are_written_whole(tmp_path):
+    """A reader polling a state file must never find it empty (truncated, not yet written)."""
+    app = make_app("embedded", "embedded", embedded_root=tmp_path)
+    backend = app.backend
+    assert type(backend).__name__ == "AtomicFilesystemBackend"
+    backend.store_result("t1", None, "STARTED")
+    backend.store_result("t1", {"message": "Hello"}, "SUCCESS")
+    assert backend.get_task_meta("t1")["result"] == {"message": "Hello"}
+    assert not list((tmp_path / "results").glob(".tmp-*"))  # renamed over, nothing left

@@ -79,7 +79,8 @@ class Lab:
         return self.send(self.sched.begin({"queue_a": consumers}, {"queue_a": slots}))
 
     def poll(self, connected: bool = True, last_heard: float | None = None) -> list[Action]:
-        return self.send(self.sched.poll(connected, last_heard))
+        """One turn of the event loop: the connection as seen now, then the clocks."""
+        return self.send(self.sched.connection(connected, last_heard) + self.sched.poll())
 
     def take(self, chunk: ChunkState, slot: SlotState, worker: str = "w1") -> None:
         """The slot starts and takes the chunk (the events a worker sends)."""
