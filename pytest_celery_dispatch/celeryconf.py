@@ -28,6 +28,16 @@ from .names import (
     is_embedded,
 )
 
+#: The AMQP heartbeat (seconds) of the workers' connections and of the controller's reply
+#: connection: a connection that hears nothing for two beats is dead (py-amqp's rule), so a
+#: silent network (a partition, a dead NAT entry: no reset, no error) is noticed within about
+#: ``SILENT_LIMIT`` seconds instead of TCP keepalive's ~150 s.
+BROKER_HEARTBEAT = 5.0
+SILENT_LIMIT = 2 * BROKER_HEARTBEAT
+#: No single socket read or write of a broker call waits longer than this (a call that would
+#: wait for a silent broker forever fails instead, and the caller decides what next).
+BROKER_IO_TIMEOUT = 5.0
+
 #: The example tasks of the original demo, each pinned to its queue.
 TASK_ROUTES = {
     TASK_A: {"queue": "queue_a"},
@@ -95,6 +105,7 @@ def celery_config(
         "worker_cancel_long_running_tasks_on_connection_loss": True,
         "broker_connection_retry_on_startup": True,
         "broker_connection_timeout": 4.0,
+        "broker_heartbeat": BROKER_HEARTBEAT,  # the worker's own connection (Celery checks it)
         "task_create_missing_queues": True,
         "task_routes": TASK_ROUTES,
         "result_expires": 3600,
@@ -106,6 +117,11 @@ def celery_config(
         # dispatcher fixture can say live where each task started.
         "task_track_started": True,
     }
+    if not is_embedded(broker):
+        config["broker_transport_options"] = {
+            "read_timeout": BROKER_IO_TIMEOUT,
+            "write_timeout": BROKER_IO_TIMEOUT,
+        }
     if is_embedded(broker):
         from . import embedded
 

@@ -173,3 +173,29 @@ def group_name(markers: Iterable[tuple[Sequence[Any], Mapping[str, Any]]]) -> st
 def file_key(nodeid: str) -> str:
     """The ``loadfile`` key: the test file part of a nodeid (xdist's ``LoadFileScheduling``)."""
     return nodeid.split("::", 1)[0]
+
+
+class Forecast:
+    """Per queue: each test's recorded duration and the plan's predicted test time on its slots
+    (the ETA), revised when more slots turn up than the plan was made for."""
+
+    def __init__(self) -> None:
+        self.estimates: dict[str, dict[str, float]] = {}  # queue -> nodeid -> seconds
+        self.predicted: dict[str, float] = {}  # queue -> predicted test time
+        self._planned: dict[str, tuple[list[list[str]], int]] = {}  # queue -> chunks, slots
+
+    def planned(self, queue: str, chunks: list[list[str]], slots: int) -> None:
+        estimates = self.estimates.get(queue)
+        if estimates is not None:
+            self.predicted[queue] = predict_time(chunks, estimates, slots)
+            self._planned[queue] = (chunks, slots)
+
+    def revise(self, queue: str, slots: int) -> float | None:
+        """The new ETA on ``slots`` slots, or None when it does not change."""
+        chunks, planned_for = self._planned.get(queue, ([], 0))
+        estimates = self.estimates.get(queue)
+        if estimates is None or slots <= planned_for:
+            return None
+        self._planned[queue] = (chunks, slots)
+        self.predicted[queue] = eta = predict_time(chunks, estimates, slots)
+        return eta

@@ -62,6 +62,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     group.addoption("--celery-retries", dest="celery_retries", metavar="N", help=S.HELP_RETRIES)
     group.addoption(
+        "--celery-broker-timeout",
+        dest="celery_broker_timeout",
+        metavar="SECONDS",
+        help=S.HELP_BROKER_TIMEOUT,
+    )
+    group.addoption(
         "--celery-local-workers",
         dest="celery_local_workers",
         metavar="QUEUES",
@@ -84,6 +90,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ("timeout", S.HELP_TIMEOUT),
         ("wait_workers", S.HELP_WAIT_WORKERS),
         ("retries", S.HELP_RETRIES),
+        ("broker_timeout", S.HELP_BROKER_TIMEOUT),
         ("local_workers", S.HELP_LOCAL_WORKERS),
         ("timeline", S.HELP_TIMELINE),
         ("event_log", S.HELP_EVENT_LOG),

@@ -75,3 +75,48 @@ class RetryPolicy:
         if now - failing_since >= self.send_limit:
             return GiveUp(why)
         return Retry(now + self.resend_interval, attempt)
+
+
+#: How long the controller waits for a broker it is cut off from (--celery-broker-timeout).
+DEFAULT_BROKER_TIMEOUT = 300.0
+
+
+@dataclasses.dataclass
+class BrokerOutage:
+    """The controller cut off from its broker: since when, and when to stop waiting.
+
+    ``since`` is when the broker was last heard (the silence before it was noticed counts);
+    past ``since + limit`` the run gives up on the broker. Pure: times are passed in.
+    """
+
+    limit: float = DEFAULT_BROKER_TIMEOUT
+    since: float | None = None
+    given_up: bool = False
+
+    def begin(self, now: float, last_heard: float | None, broker: str) -> str:
+        """The outage is noticed now: what to say (once)."""
+        self.since = now if last_heard is None else min(now, last_heard)
+        return (
+            f"no word from the broker {broker} for {now - self.since:.0f} s; waiting up to "
+            f"{self.limit:g} s (--celery-broker-timeout)"
+        )
+
+    def failure(self, nodeid: str, broker: str) -> str:
+        """The infrastructure error of a test left without an outcome when the wait is over."""
+        return (
+            f"{nodeid} has no outcome: cut off from the broker {broker}: no word from it for "
+            f"{self.limit:g}s (--celery-broker-timeout {self.limit:g})"
+        )
+
+    def end(self, now: float) -> float:
+        """The broker answers again: how long the outage lasted."""
+        lasted = now - (self.since if self.since is not None else now)
+        self.since = None
+        return lasted
+
+    def over(self, now: float) -> bool:
+        """True once, when the wait is over (the run gives up on the broker)."""
+        if self.since is None or self.given_up or now - self.since < self.limit:
+            return False
+        self.given_up = True
+        return True

@@ -25,115 +25,32 @@ How a queue's tests become chunks (``load`` or groups) is :mod:`.planning`.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from .planning import LOAD, plan_work, predict_time
+from .planning import LOAD, Forecast, plan_work
 from .planning import plan_chunks as plan_chunks
 from .retry import BACKOFF_BASE as BACKOFF_BASE
 from .retry import BACKOFF_MAX as BACKOFF_MAX
 from .retry import CONSUMER_GONE_GRACE as CONSUMER_GONE_GRACE
+from .retry import DEFAULT_BROKER_TIMEOUT as DEFAULT_BROKER_TIMEOUT
 from .retry import LOST_GRACE as LOST_GRACE
 from .retry import SILENCE_LIMIT as SILENCE_LIMIT
+from .retry import BrokerOutage as BrokerOutage
 from .retry import GiveUp as GiveUp
 from .retry import Retry as Retry
 from .retry import RetryPolicy as RetryPolicy
 from .retry import backoff as backoff
 from .retry import grace_for as grace_for
-
-
-@dataclasses.dataclass
-class ChunkState:
-    """A group of nodeids published as one message to one queue's work queue."""
-
-    batch_id: str
-    queue: str
-    nodeids: list[str]
-    attempt: int = 1
-    sent_at: float | None = None
-    started_at: float | None = None
-    last_seen: float | None = None
-    worker: str | None = None
-    done: set[str] = dataclasses.field(default_factory=set)
-    not_before: float = 0.0  # the one delay field: nothing happens to it before this time
-    current_since: float | None = None  # when the test running now began (monotonic)
-    lost_by: list[str] = dataclasses.field(default_factory=list)  # workers of earlier attempts
-    session_id: str | None = None  # the slot working on it
-    send_failed_since: float | None = None
-
-    @property
-    def remaining(self) -> list[str]:
-        return [n for n in self.nodeids if n not in self.done]
-
-    @property
-    def finished(self) -> bool:
-        return not self.remaining
-
-
-@dataclasses.dataclass
-class SlotState:
-    """One ``run_session`` task: a worker slot pulling chunks from the run's work queue."""
-
-    session_id: str
-    queue: str
-    sent_at: float
-    task_id: str | None = None
-    started_at: float | None = None
-    last_seen: float | None = None
-    worker: str | None = None
-    finished: bool = False
-    lost: bool = False
-
-    @property
-    def live(self) -> bool:
-        return not self.finished and not self.lost
-
-
-# ----------------------------------------------------------------------------- actions
-
-
-@dataclasses.dataclass(frozen=True)
-class Publish:
-    """Put this chunk on its queue's work queue."""
-
-    chunk: ChunkState
-
-
-@dataclasses.dataclass(frozen=True)
-class StartSlot:
-    """Send one more ``run_session`` task to this slot's Celery queue."""
-
-    slot: SlotState
-
-
-@dataclasses.dataclass(frozen=True)
-class Fail:
-    """End this test with a named infrastructure failure."""
-
-    nodeid: str
-    message: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Notice:
-    """A line for the terminal (``yellow``: a retry, ``cyan``: news)."""
-
-    text: str
-    color: str = "yellow"
-
-
-@dataclasses.dataclass(frozen=True)
-class Attempt:
-    """These tests are now on this attempt (for the reports)."""
-
-    nodeids: tuple[str, ...]
-    attempt: int
-
-
-Action = Publish | StartSlot | Fail | Notice | Attempt
-
+from .work import Action as Action
+from .work import Attempt as Attempt
+from .work import ChunkState as ChunkState
+from .work import Fail as Fail
+from .work import Notice as Notice
+from .work import Publish as Publish
+from .work import SlotState as SlotState
+from .work import StartSlot as StartSlot
 
 # ----------------------------------------------------------------------------- pure rules
 
@@ -178,6 +95,33 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' if n != 1 else ''}"
 
 
+def restart_clocks(
+    chunks: Iterable[ChunkState],
+    slots: Iterable[SlotState],
+    last_seen: dict[str, float],
+    now: float,
+) -> None:
+    """Back from a broker outage: nobody could speak meanwhile, so every silence counts from
+    now (a running test's own clock only from a second ago)."""
+    for chunk in chunks:
+        if chunk.started_at is not None:
+            chunk.last_seen = now
+        if chunk.current_since is not None:
+            chunk.current_since = max(chunk.current_since, now - 1.0)
+    for slot in slots:
+        slot.last_seen = now
+    for queue in last_seen:
+        last_seen[queue] = now
+
+
+def no_consumer_message(queue: str, wait_workers: float, guess: str | None = None) -> str:
+    start = f"Did you mean {guess}? Otherwise start" if guess else "Start"
+    return (
+        f"no worker consumes queue {queue!r} (waited {wait_workers:g}s, --celery-wait-workers). "
+        f"{start} one: celery -A pytest_celery_dispatch.worker worker -Q {queue} -n worker@%h"
+    )
+
+
 class QueueScheduler:
     """The run's work per queue: chunks, slots, waiting queues, deadlines, retries.
 
@@ -197,6 +141,7 @@ class QueueScheduler:
         consumer_count: Callable[[str], int | None],
         clock: Callable[[], float] = time.monotonic,
         dist: str = LOAD,
+        broker_timeout: float = DEFAULT_BROKER_TIMEOUT,
     ) -> None:
         self.run_id = run_id
         self.timeout = timeout
@@ -208,8 +153,8 @@ class QueueScheduler:
         self.queue_nodeids: dict[str, list[str]] = {}
         self.dist = dist  # --celery-dist: how a queue's tests are cut into chunks
         self.group_of: dict[str, str | None] = {}  # nodeid -> its group key under ``dist``
-        self.estimates: dict[str, dict[str, float]] = {}  # queue -> nodeid -> recorded seconds
-        self.predicted: dict[str, float] = {}  # queue -> predicted test time on its slots
+        self.forecast = Forecast()  # recorded durations and the predicted test time per queue
+        self.estimates, self.predicted = self.forecast.estimates, self.forecast.predicted
         self.chunks: dict[str, ChunkState] = {}
         self.abandoned: set[str] = set()
         self.unsent: list[ChunkState] = []
@@ -225,8 +170,7 @@ class QueueScheduler:
         self._worker_slots: dict[str, dict[str, int]] = {}
         self._no_consumer_since: dict[str, float] = {}
         self._slot_not_before: dict[str, float] = {}
-        self._outage_since: float | None = None
-        self._planned: dict[str, tuple[list[list[str]], int]] = {}  # queue -> chunks, slots
+        self.outage = BrokerOutage(broker_timeout)  # cut off from the broker
         self._chunk_numbers = itertools.count(1)
         self._slot_numbers = itertools.count(1)
 
@@ -254,11 +198,8 @@ class QueueScheduler:
         recorded durations, longest first, and the queue's predicted test time."""
         nodeids = self.queue_nodeids[queue]
         slots = max(1, self.capacity.get(queue) or self.consumers.get(queue) or 1)
-        estimates = self.estimates.get(queue)
-        planned = plan_work(nodeids, slots, self.dist, self.group_of, estimates)
-        if estimates is not None:
-            self.predicted[queue] = predict_time(planned, estimates, slots)
-            self._planned[queue] = (planned, slots)
+        planned = plan_work(nodeids, slots, self.dist, self.group_of, self.estimates.get(queue))
+        self.forecast.planned(queue, planned, slots)
         chunks = [self._new_chunk(queue, ids) for ids in planned]
         first: list[Action] = [Publish(c) for c in chunks[:1]]
         first.extend(self._new_slot(queue) for _ in range(min(slots, len(chunks))))
@@ -342,13 +283,10 @@ class QueueScheduler:
     def _revised_eta(self, queue: str) -> list[Action]:
         """The queue has more slots than its plan assumed (a worker missed the start's
         inspect): the predicted test time on the slots it really has."""
-        planned, slots = self._planned.get(queue, ([], 0))
-        estimates = self.estimates.get(queue)
-        if estimates is None or self.capacity.get(queue, 0) <= slots:
+        slots = self.capacity.get(queue, 0)
+        eta = self.forecast.revise(queue, slots)
+        if eta is None:
             return []
-        slots = self.capacity[queue]
-        self._planned[queue] = (planned, slots)
-        self.predicted[queue] = eta = predict_time(planned, estimates, slots)
         return [Notice(f"{queue}: {_plural(slots, 'slot')}; revised ETA {eta:.2f}s", "cyan")]
 
     def chunk_seen(self, batch_id: str) -> ChunkState | None:
@@ -406,32 +344,28 @@ class QueueScheduler:
 
     # ------------------------------------------------------------------ the clocks
 
-    def connection(self, connected: bool) -> list[Action]:
+    def connection(self, connected: bool, last_heard: float | None = None) -> list[Action]:
         """The reply consumer's connection, as seen now: say when it goes and comes back.
 
         Asked on every turn of the event loop (not only at each poll), so the return is said
-        before the first event that came with it, even when that event ends the run."""
+        before the first event that came with it, even when that event ends the run. Cut off,
+        every deadline waits up to ``--celery-broker-timeout`` from ``last_heard``."""
         now = self.clock()
         if not connected:
-            if self._outage_since is not None:
-                return []
-            self._outage_since = now
-            return [
-                Notice(f"lost the connection to {self.broker}; reconnecting (deadlines paused)")
-            ]
-        if self._outage_since is None:
+            return self._cut_off(now, last_heard)
+        if self.outage.since is None:
             return []
-        notice = Notice(f"reconnected after {now - self._outage_since:.1f}s", "cyan")
-        self._outage_since = None
-        self._restart_clocks(now)
+        notice = Notice(f"reconnected after {self.outage.end(now):.1f}s", "cyan")
+        restart_clocks(self.chunks.values(), self.slots.values(), self.queue_last_seen, now)
+        self._no_consumer_since.clear()
         return [notice]
 
     def poll(self) -> list[Action]:
         """Queues without consumers, lost work, silent slots, work waiting on a backoff; nothing
-        while cut off from the broker (every deadline is paused)."""
+        while cut off from the broker (every deadline is paused) or after giving up on it."""
         now = self.clock()
         actions: list[Action] = []
-        if self._outage_since is not None:
+        if self.outage.since is not None or self.outage.given_up:
             return actions
         actions.extend(self._poll_waiting_queues(now))
         waiting: dict[str, list[ChunkState]] = {}
@@ -454,18 +388,23 @@ class QueueScheduler:
             actions.extend(self._ensure_slot(queue, now))
         return actions
 
-    def _restart_clocks(self, now: float) -> None:
-        """Back from a broker outage: nobody could speak meanwhile."""
-        for chunk in self.chunks.values():
-            if chunk.started_at is not None:
-                chunk.last_seen = now
-            if chunk.current_since is not None:
-                chunk.current_since = max(chunk.current_since, now - 1.0)
-        for slot in self.slots.values():
-            slot.last_seen = now
-        for queue in self.queue_last_seen:
-            self.queue_last_seen[queue] = now
-        self._no_consumer_since.clear()
+    def _cut_off(self, now: float, last_heard: float | None) -> list[Action]:
+        """Say once that the broker is silent; past the broker timeout, fail every dispatched
+        test still without an outcome, by name."""
+        if self.outage.since is None:
+            return [Notice(self.outage.begin(now, last_heard, self.broker))]
+        if not self.outage.over(now):
+            return []
+        self.stop()
+        left = [
+            n
+            for ids in self.queue_nodeids.values()
+            for n in ids
+            if not any(n in self.chunks[b].done for b in self._chunks_of.get(n, ()))
+        ]
+        for nodeid in left:
+            self.done(nodeid)
+        return [Fail(n, self.outage.failure(n, self.broker)) for n in left]
 
     def _poll_waiting_queues(self, now: float) -> list[Action]:
         """Queues that had no consumer at the start: start once one shows up, or give up."""
@@ -486,17 +425,9 @@ class QueueScheduler:
                 actions.extend(first + rest)
             elif now >= deadline:
                 del self.waiting_queues[queue]
-                actions.extend(Fail(n, self.no_consumer_message(queue)) for n in nodeids)
+                why = no_consumer_message(queue, self.wait_workers, self.guesses.get(queue))
+                actions.extend(Fail(n, why) for n in nodeids)
         return actions
-
-    def no_consumer_message(self, queue: str) -> str:
-        guess = self.guesses.get(queue)
-        start = f"Did you mean {guess}? Otherwise start" if guess else "Start"
-        return (
-            f"no worker consumes queue {queue!r} (waited {self.wait_workers:g}s, "
-            f"--celery-wait-workers). {start} one: celery -A pytest_celery_dispatch.worker "
-            f"worker -Q {queue} -n worker@%h"
-        )
 
     def _check_queue(self, queue: str, waiting: list[ChunkState], now: float) -> list[Action]:
         """A started queue with work left: still consumed, and moving?"""

@@ -75,6 +75,7 @@ class DispatchSession(EventHandlers):
             broker=settings.broker_masked,
             consumer_count=self._consumer_count,
             dist=settings.dist,
+            broker_timeout=settings.broker_timeout,
         )
         self.identity = current_identity()
         self.payloads = SlotPayloads(
@@ -216,7 +217,7 @@ class DispatchSession(EventHandlers):
         for queue_name in queues:
             self._broker.declare_task_queue(queue_name)
         self._start_local_workers(list(queues))
-        self.scheduler.estimates = queue_estimates(self.config, queues)  # longest first, ETA
+        self.scheduler.estimates.update(queue_estimates(self.config, queues))  # longest first, ETA
         consumers = {q: self._broker.consumer_count(q) or 0 for q in queues}
         capacity: dict[str, int] = {}
         if present := {q for q, c in consumers.items() if c > 0}:
@@ -329,8 +330,11 @@ class DispatchSession(EventHandlers):
             event = self.events.get(timeout=0.2) if block else self.events.get_nowait()
         except queue_mod.Empty:
             event = None
-        if self._consumer is not None:  # before the events: they may have come with a reconnect
-            self.execute(self.scheduler.connection(self._consumer.connected.is_set()))
+        if (consumer := self._consumer) is not None:  # before the events: they may have come
+            # with a reconnect; cut off, when the broker was last heard starts the wait
+            self.execute(
+                self.scheduler.connection(consumer.connected.is_set(), consumer.last_heard)
+            )
         while event is not None:
             self.handle_event(event)
             if self._should_stop():
@@ -404,7 +408,9 @@ class DispatchSession(EventHandlers):
             self._stop_workers_gracefully()
         if self._consumer is not None:
             self._consumer.stop()
-        if self._broker is not None:
+        if self._broker is not None and self.scheduler.outage.given_up:
+            self._broker.abandon()  # cut off: no call to a silent broker, the queues expire
+        elif self._broker is not None:
             with contextlib.suppress(Exception):
                 self._revoke_outstanding()
             self._delete_run_queues()

@@ -24,6 +24,7 @@ from .names import EMBEDDED as EMBEDDED
 from .names import ENV_BROKER_URL, ENV_BROKER_URL_FALLBACK, ENV_RESULT_BACKEND
 from .names import mask_url as mask_url
 from .planning import DIST_MODES, LOAD
+from .retry import DEFAULT_BROKER_TIMEOUT as DEFAULT_BROKER_TIMEOUT
 from .routing import QUEUE_NAME_RE as QUEUE_NAME_RE
 from .routing import RouteRule, parse_routes
 
@@ -52,6 +53,11 @@ HELP_TIMEOUT = (
 HELP_WAIT_WORKERS = (
     "seconds to wait for a consumer on each needed queue before failing its tests; "
     f"default {DEFAULT_WAIT_WORKERS:g}"
+)
+HELP_BROKER_TIMEOUT = (
+    "seconds to wait for a broker the controller is cut off from (a silent network is noticed "
+    "by AMQP heartbeats) before failing every unfinished test; "
+    f"default {DEFAULT_BROKER_TIMEOUT:g}"
 )
 HELP_RETRIES = (
     "re-dispatches after an infrastructure failure (worker or result lost), "
@@ -85,6 +91,7 @@ class Settings:
     timeout: float = DEFAULT_TIMEOUT
     wait_workers: float = DEFAULT_WAIT_WORKERS
     retries: int = DEFAULT_RETRIES
+    broker_timeout: float = DEFAULT_BROKER_TIMEOUT
     local_workers: tuple[str, ...] = ()
     local_workers_auto: bool = False
     timeline: str | None = None
@@ -256,6 +263,7 @@ def resolve(
     timeout = parsed("timeout", parse_positive_float, DEFAULT_TIMEOUT)
     wait_workers = parsed("wait-workers", parse_non_negative_float, DEFAULT_WAIT_WORKERS)
     retries = parsed("retries", parse_retries, DEFAULT_RETRIES)
+    broker_timeout = parsed("broker-timeout", parse_positive_float, DEFAULT_BROKER_TIMEOUT)
     local_workers: tuple[str, ...] = ()
     local_auto = False
     if picked := pick("local-workers"):
@@ -277,6 +285,7 @@ def resolve(
         timeout=timeout,
         wait_workers=wait_workers,
         retries=retries,
+        broker_timeout=broker_timeout,
         local_workers=local_workers,
         local_workers_auto=local_auto,
         timeline=timeline,

@@ -279,6 +279,13 @@ class Broker:
         with contextlib.suppress(Exception):
             self.conn.release()
 
+    def abandon(self) -> None:
+        """Drop the connection without a word to the broker (it is silent: a polite close
+        would wait for its answer)."""
+        self._channel = None
+        with contextlib.suppress(Exception):
+            self.conn.collect()
+
 
 class ReplyConsumer(threading.Thread):
     """Consumes the run's reply queue on its own connection; puts events on ``events``.
@@ -287,6 +294,9 @@ class ReplyConsumer(threading.Thread):
     broker restarted are still delivered (the queue is durable, the messages persistent).
     Its consumer is how workers know the controller is alive (see :mod:`.liveness`); on the
     embedded broker a presence file stands for it.
+    Its connection beats every ``CONTROLLER_HEARTBEAT`` seconds: a broker silent for two beats
+    (a partition: no reset, no error, nothing) counts as lost, and ``connected`` is cleared;
+    ``last_heard`` is when the broker last said anything (monotonic).
     """
 
     def __init__(self, app: Celery, queue_name: str, events: queue_mod.Queue[Event]) -> None:
@@ -298,6 +308,8 @@ class ReplyConsumer(threading.Thread):
         self.ready = threading.Event()
         self.connected = threading.Event()
         self.error: str | None = None
+        self.last_heard = time.monotonic()
+        self._heard_bytes: int | None = None
 
     def _on_message(self, body: Any, message: Any) -> None:
         try:
@@ -306,6 +318,13 @@ class ReplyConsumer(threading.Thread):
                 self.events.put(event)  # type: ignore[arg-type]
         finally:
             message.ack()
+
+    def _heard(self, conn: Connection) -> None:
+        """Note when the broker last said anything (a frame of any kind, heartbeats too)."""
+        received = getattr(conn.connection, "bytes_recv", None)
+        if received is None or received != self._heard_bytes:
+            self._heard_bytes = received
+            self.last_heard = time.monotonic()
 
     def run(self) -> None:
         presence = None
@@ -325,8 +344,11 @@ class ReplyConsumer(threading.Thread):
         delay = 0.2
         while not self.stop_event.is_set():
             # With heartbeats, RabbitMQ drops the consumer of a controller whose machine
-            # vanished: that is how the workers see it gone (heartbeat_check below sends them).
-            conn = self.app.connection_for_read(heartbeat=CONTROLLER_HEARTBEAT)
+            # vanished (that is how the workers see it gone), and a silent broker is noticed
+            # here: heartbeat_check below raises after two missed beats.
+            heartbeat = 0.0 if embedded_root_of(self.app) else CONTROLLER_HEARTBEAT
+            conn = self.app.connection_for_read(heartbeat=heartbeat)
+            failed = False
             try:
                 conn.ensure_connection(max_retries=0)
                 channel = conn.channel()
@@ -338,14 +360,18 @@ class ReplyConsumer(threading.Thread):
                     accept=["json"],
                 ):
                     self.ready.set()
+                    self._heard_bytes = None
+                    self._heard(conn)
                     self.connected.set()
                     delay = 0.2
                     while not self.stop_event.is_set():
                         try:
                             conn.drain_events(timeout=0.05)  # stop() waits at most this long
                         except TimeoutError:
-                            conn.heartbeat_check()
+                            conn.heartbeat_check()  # raises after two silent beats
+                        self._heard(conn)
             except Exception as exc:  # connection lost: wait and re-subscribe
+                failed = True
                 self.connected.clear()
                 if self.stop_event.is_set():
                     break  # e.g. the queue was deleted on purpose: never declare it again
@@ -355,7 +381,8 @@ class ReplyConsumer(threading.Thread):
                 delay = min(delay * 2, CONTROLLER_RECONNECT_MAX)
             finally:
                 with contextlib.suppress(Exception):
-                    conn.release()
+                    # After a failure, no polite close: a silent broker would never answer it.
+                    conn.collect() if failed else conn.release()
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop consuming; with ``timeout=0`` do not wait for the thread to end.

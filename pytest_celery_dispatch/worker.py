@@ -31,7 +31,7 @@ from typing import Any
 from celery import Celery, Task, signals
 
 from . import embedded
-from .celeryconf import backend_from_env, broker_from_env, celery_config
+from .celeryconf import SILENT_LIMIT, backend_from_env, broker_from_env, celery_config
 from .demo_tasks import register_demo_tasks
 from .driver import KILL, RUN, STOP, SlotDriver
 from .launcher import RunnerLauncher
@@ -180,7 +180,13 @@ def _setup_logging(logger: logging.Logger, *args: Any, **kwargs: Any) -> None:
 
 
 class _Reply:
-    """This session's line to the controller: events out, work in, and the run's state."""
+    """This session's line to the controller: events out, work in, and the run's state.
+
+    Cut off: when no broker call has been answered for ``SILENT_LIMIT`` seconds (each socket
+    wait is bounded by the connection's read timeout), the slot can no longer be heard: the
+    controller has counted it lost and sent its work elsewhere. ``control()`` then answers
+    ``KILL`` (its runner stops), ``fetch()`` nothing, and ``emit()`` drops what it is given.
+    """
 
     def __init__(self, task: Task, payload: dict[str, Any]) -> None:
         self.task = task
@@ -202,28 +208,56 @@ class _Reply:
         self._work_channel: Any = None
         self.watch = ControllerWatch()
         self.identity = str((payload.get("identity") or {}).get("label") or "")
+        self.clock = time.monotonic
+        self.last_heard = self.clock()
+        self.cut_off = False
+
+    def _silent(self) -> bool:
+        """True once the broker has said nothing for ``SILENT_LIMIT`` s (said once, in the
+        log); the connection is then dropped without a word."""
+        if not self.cut_off and self.clock() - self.last_heard > SILENT_LIMIT:
+            self.cut_off = True
+            log.warning(
+                "no word from the broker for %.0f s: stopping this slot (it cannot be heard)",
+                self.clock() - self.last_heard,
+                extra={"task_id": self.base["task_id"], "session_id": self.base["session_id"]},
+            )
+            with contextlib.suppress(Exception):
+                self._conn.collect()
+        return self.cut_off
 
     def emit(self, event: Event | dict[str, Any]) -> None:
+        if self.cut_off:
+            return  # nobody can hear it; the controller re-sends this slot's work
         body: dict[str, Any] = dict(self.base)
         body.update(event)
         body.setdefault("ts", time.time())
         if self._producer is None:
             self._producer = self.task.app.amqp.Producer(self._conn.default_channel)
-        self._conn.ensure(
-            self._producer,
-            self._producer.publish,
-            max_retries=20,
-            interval_start=0.2,
-            interval_step=0.5,
-            interval_max=2.0,
-        )(
-            dumps(body),
-            exchange="",
-            routing_key=self.reply_to,
-            content_type="application/json",
-            content_encoding="utf-8",
-            delivery_mode=2,
-        )
+        try:
+            self._conn.ensure(
+                self._producer,
+                self._producer.publish,
+                errback=self._stop_retrying_if_silent,
+                max_retries=20,
+                interval_start=0.2,
+                interval_step=0.5,
+                interval_max=2.0,
+            )(
+                dumps(body),
+                exchange="",
+                routing_key=self.reply_to,
+                content_type="application/json",
+                content_encoding="utf-8",
+                delivery_mode=2,
+            )
+        except Exception:
+            if not self.cut_off:
+                raise
+
+    def _stop_retrying_if_silent(self, exc: Exception, interval: float) -> None:
+        if self._silent():
+            raise exc
 
     def fetch(self) -> dict[str, Any] | None:
         """The next chunk of work from the run's work queue, or None when there is none.
@@ -232,11 +266,14 @@ class _Reply:
         A broker restart is waited out (about 30 s); a deleted work queue means the run is over.
         """
         for attempt in range(30):
+            if self.cut_off:
+                return None
             try:
                 if self._work_channel is None:
                     self._conn.ensure_connection(max_retries=3)
                     self._work_channel = self._conn.channel()
                 message = self._work_channel.basic_get(queue=self.work_queue, no_ack=True)
+                self.last_heard = self.clock()
                 if message is None:
                     return None
                 chunk = json.loads(message.body)
@@ -245,6 +282,8 @@ class _Reply:
                 self._work_channel = None
                 code = getattr(exc, "code", None) or getattr(exc, "reply_code", None)
                 if code == 404 or "NOT_FOUND" in str(exc):
+                    return None
+                if self._silent():
                     return None
                 log.warning("fetching work failed (%s); retrying", exc)
                 time.sleep(min(2.0, 0.2 * (attempt + 1)))
@@ -262,11 +301,13 @@ class _Reply:
             if self._check_channel is None:
                 self._check_channel = self._conn.channel()
             ok = self._check_channel.queue_declare(queue=queue, passive=True)
+            self.last_heard = self.clock()
             return int(getattr(ok, "consumer_count", 0) or 0)
         except Exception as exc:
             self._check_channel = None
             code = getattr(exc, "code", None) or getattr(exc, "reply_code", None)
             if code == 404 or "NOT_FOUND" in str(exc):
+                self.last_heard = self.clock()
                 return MISSING
             return None
 
@@ -279,9 +320,11 @@ class _Reply:
         :class:`.ControllerWatch`): the run is dropped, and its reply and work queues are
         deleted so that every other slot of it, running or queued, drops it at once.
         """
-        if self.watch.gone:
+        if self.cut_off or self.watch.gone:
             return KILL
         consumers = self._consumers(self.reply_to)
+        if consumers is None and self._silent():
+            return KILL  # no word from the broker for SILENT_LIMIT: this slot cannot be heard
         if consumers == MISSING:
             stop = self._consumers(stop_queue_name(self.base["run_id"]))
             return STOP if stop is not None and stop != MISSING else KILL

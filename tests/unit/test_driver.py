@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -409,6 +410,7 @@ def test_the_worker_tells_the_driver_the_run_s_state_from_the_run_s_queues():
     reply.watch = ControllerWatch()
     queues: dict[str, int | None] = {"celery-dispatch.reply.R": 1}
     reply._consumers = lambda q: queues.get(q, MISSING)  # type: ignore[method-assign]
+    reply.clock, reply.last_heard, reply.cut_off = lambda: 0.0, 0.0, False
     assert reply.control() == RUN
     queues["celery-dispatch.reply.R"] = None  # the broker cannot tell now: keep working
     assert reply.control() == RUN
@@ -428,6 +430,7 @@ def test_the_worker_drops_the_run_of_a_controller_gone_past_the_grace_and_delete
     reply.base = {"run_id": "R"}
     reply.identity = "pipeline 7"
     reply.watch = ControllerWatch(clock=clock)
+    reply.clock, reply.last_heard, reply.cut_off = clock, clock(), False
     deleted: list[str] = []
 
     class Channel:
@@ -445,6 +448,30 @@ def test_the_worker_drops_the_run_of_a_controller_gone_past_the_grace_and_delete
     assert deleted == ["celery-dispatch.reply.R", "celery-dispatch.work.R.q"]
     reply._consumers = lambda q: -1  # type: ignore[method-assign]  # deleted: still KILL, not STOP
     assert reply.control() == KILL
+
+
+def test_a_worker_cut_off_from_the_broker_stops_its_slot_after_the_silent_limit():
+    from pytest_celery_dispatch.celeryconf import SILENT_LIMIT
+    from pytest_celery_dispatch.liveness import ControllerWatch
+    from pytest_celery_dispatch.worker import _Reply
+
+    now = [100.0]
+    reply = object.__new__(_Reply)  # no broker: a connection that never answers
+    reply.reply_to = "celery-dispatch.reply.R"
+    reply.base = {"run_id": "R", "task_id": "T", "session_id": "S"}
+    reply.clock, reply.last_heard, reply.cut_off = (lambda: now[0]), 100.0, False
+    reply._conn = types.SimpleNamespace(collect=lambda: None)
+    reply.watch = ControllerWatch()
+    reply._consumers = lambda queue: None  # type: ignore[method-assign]
+    now[0] += SILENT_LIMIT
+    assert reply.control() == RUN  # briefly away: keep working
+    now[0] += 0.1
+    assert reply.control() == KILL  # it cannot be heard: stop the runner
+    assert reply.cut_off
+    assert reply.fetch() is None  # and take no more work
+    reply.emit({"type": "alive"})  # dropped, without touching the dead connection
+    reply._consumers = lambda queue: 1  # type: ignore[method-assign]
+    assert reply.control() == KILL  # healed later: the slot stays stopped
 
 
 def test_a_test_file_that_differs_from_the_controller_s_is_refused_by_name(tmp_path):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from pytest_celery_dispatch import retry
+from pytest_celery_dispatch import celeryconf, retry
 from pytest_celery_dispatch import scheduling as sch
 from pytest_celery_dispatch.scheduling import (
     Action,
@@ -50,6 +50,7 @@ class Lab:
     timeout: float = 300.0
     wait_workers: float = 10.0
     dist: str = "load"
+    broker_timeout: float = retry.DEFAULT_BROKER_TIMEOUT
     sched: QueueScheduler = field(init=False)
 
     def __post_init__(self) -> None:
@@ -62,6 +63,7 @@ class Lab:
             consumer_count=lambda q: self.counts.get(q),
             clock=self.clock,
             dist=self.dist,
+            broker_timeout=self.broker_timeout,
         )
 
     def send(self, actions: list[Action]) -> list[Action]:
@@ -76,9 +78,9 @@ class Lab:
         self.counts["queue_a"] = consumers
         return self.send(self.sched.begin({"queue_a": consumers}, {"queue_a": slots}))
 
-    def poll(self, connected: bool = True) -> list[Action]:
+    def poll(self, connected: bool = True, last_heard: float | None = None) -> list[Action]:
         """One turn of the event loop: the connection as seen now, then the clocks."""
-        return self.send(self.sched.connection(connected) + self.sched.poll())
+        return self.send(self.sched.connection(connected, last_heard) + self.sched.poll())
 
     def take(self, chunk: ChunkState, slot: SlotState, worker: str = "w1") -> None:
         """The slot starts and takes the chunk (the events a worker sends)."""
@@ -246,7 +248,9 @@ def test_broker_outage_pauses_every_deadline() -> None:
     lab = Lab()
     _chunk, _slot = started_run(lab, ["a"])
     (lost,) = lab.poll(connected=False)
-    assert lost == Notice(f"lost the connection to {BROKER}; reconnecting (deadlines paused)")
+    assert lost == Notice(
+        f"no word from the broker {BROKER} for 0 s; waiting up to 300 s (--celery-broker-timeout)"
+    )
     lab.clock.advance(sch.SILENCE_LIMIT * 3)
     assert lab.poll(connected=False) == []  # said once
     actions = lab.poll(connected=True)
@@ -255,6 +259,57 @@ def test_broker_outage_pauses_every_deadline() -> None:
     assert lab.poll() == []  # the silence counts from the reconnection
     lab.clock.advance(0.1)
     assert of(Notice, lab.poll())
+
+
+def test_the_outage_counts_from_when_the_broker_was_last_heard() -> None:
+    lab = Lab(broker_timeout=20.0)
+    started_run(lab, ["a"])
+    heard = lab.clock.now
+    lab.clock.advance(2 * celeryconf.BROKER_HEARTBEAT)  # noticed two missed heartbeats later
+    (said,) = lab.poll(connected=False, last_heard=heard)
+    assert said.text == (
+        f"no word from the broker {BROKER} for 10 s; waiting up to 20 s (--celery-broker-timeout)"
+    )
+    lab.clock.advance(20.0 - 2 * celeryconf.BROKER_HEARTBEAT - 0.1)
+    assert lab.poll(connected=False) == []
+    lab.clock.advance(0.1)
+    assert of(Fail, lab.poll(connected=False))
+
+
+def test_cut_off_past_the_broker_timeout_every_unfinished_test_fails_by_name_once() -> None:
+    lab = Lab(broker_timeout=20.0)
+    lab.counts["queue_b"] = 0
+    lab.sched.queue_nodeids["queue_b"] = ["b0"]  # waits for a consumer: no chunk yet
+    started_run(lab, ["a", "b", "c"])
+    lab.sched.done("a")  # finished before the cut: keeps its outcome
+    assert lab.poll(connected=False)  # said once
+    lab.clock.advance(20.0 - 0.1)
+    assert lab.poll(connected=False) == []
+    lab.clock.advance(0.1)
+    actions = lab.poll(connected=False)
+    assert [a.nodeid for a in of(Fail, actions)] == ["b0", "b", "c"]
+    why = f"cut off from the broker {BROKER}: no word from it for 20s (--celery-broker-timeout 20)"
+    assert of(Fail, actions)[1].message == f"b has no outcome: {why}"
+    assert of(Publish, actions) == of(StartSlot, actions) == []
+    lab.clock.advance(600)
+    assert lab.poll(connected=False) == []  # given up once
+    assert of(Notice, lab.poll(connected=True)) == [Notice("reconnected after 620.0s", "cyan")]
+    lab.clock.advance(600)
+    assert lab.poll() == []  # nothing is sent or failed again after giving up
+
+
+def test_a_short_cut_ends_the_wait_and_a_later_one_waits_the_whole_timeout_again() -> None:
+    lab = Lab(broker_timeout=20.0)
+    chunk, slot = started_run(lab, ["a"])
+    lab.poll(connected=False)
+    lab.clock.advance(15.0)
+    assert of(Notice, lab.poll())  # reconnected
+    lab.heartbeat(chunk, slot)
+    lab.poll(connected=False)
+    lab.clock.advance(19.9)
+    assert lab.poll(connected=False) == []
+    lab.clock.advance(0.1)
+    assert of(Fail, lab.poll(connected=False))
 
 
 def test_gives_up_after_the_retries_naming_every_worker() -> None:

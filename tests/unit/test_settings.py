@@ -105,6 +105,21 @@ def test_command_line_beats_ini_for_every_option() -> None:
     assert settings.wait_workers == 0.0  # only the ini gives it
 
 
+def test_broker_timeout_command_line_beats_ini_beats_default() -> None:
+    assert resolve().broker_timeout == S.DEFAULT_BROKER_TIMEOUT == 300.0
+    assert resolve(ini={"celery_dispatch_broker_timeout": "45"}).broker_timeout == 45.0
+    settings = resolve(
+        option={"celery_broker_timeout": "20"}, ini={"celery_dispatch_broker_timeout": "45"}
+    )
+    assert settings.broker_timeout == 20.0
+    with pytest.raises(pytest.UsageError) as excinfo:
+        resolve(option={"celery_broker_timeout": "0"})
+    assert "--celery-broker-timeout" in str(excinfo.value)
+    with pytest.raises(pytest.UsageError) as excinfo:
+        resolve(ini={"celery_dispatch_broker_timeout": "soon"})
+    assert "ini celery_dispatch_broker_timeout" in str(excinfo.value)
+
+
 def test_a_bad_ini_value_names_the_ini_key() -> None:
     with pytest.raises(pytest.UsageError) as excinfo:
         resolve(ini={"celery_dispatch_timeout": "abc"})
