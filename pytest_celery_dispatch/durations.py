@@ -123,11 +123,18 @@ def load(config: pytest.Config) -> DurationHistory | None:
     return DurationHistory(parse_by_queue(cache.get(CACHE_KEY, None)), split)
 
 
+#: pytest options whose order of the tests is the point: failed first, new first, stepwise.
+USER_ORDER_OPTIONS = ("failedfirst", "newfirst", "stepwise")
+
+
 def queue_estimates(
     config: pytest.Config, queue_nodeids: Mapping[str, list[str]]
 ) -> dict[str, dict[str, float]]:
     """Per queue, each test's estimate (see :meth:`DurationHistory.estimates`); queues with
-    no history are left out."""
+    no history are left out, and so is every queue when the user asked for an order of their
+    own (``--ff``, ``--nf``, ``--sw``): then the work goes out in collection order."""
+    if any(config.getoption(name, False) for name in USER_ORDER_OPTIONS):
+        return {}
     history = load(config)
     if history is None:
         return {}
