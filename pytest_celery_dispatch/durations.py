@@ -133,10 +133,8 @@ def queue_estimates(
     """Per queue, each test's estimate (see :meth:`DurationHistory.estimates`); queues with
     no history are left out, and so is every queue when the user asked for an order of their
     own (``--ff``, ``--nf``, ``--sw``): then the work goes out in collection order."""
-    if any(config.getoption(name, False) for name in USER_ORDER_OPTIONS):
-        return {}
     history = load(config)
-    if history is None:
+    if history is None or any(config.getoption(name, False) for name in USER_ORDER_OPTIONS):
         return {}
     result: dict[str, dict[str, float]] = {}
     for queue, nodeids in queue_nodeids.items():
