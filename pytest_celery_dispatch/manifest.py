@@ -50,6 +50,8 @@ JUNK_DIRS = frozenset(
     }
 )
 JUNK_SUFFIXES = (".pyc", ".pyo", ".egg-info")
+#: Never shipped, in git or not: the JSON reports of earlier runs under their default name.
+ALWAYS_EXCLUDED = ("dispatch_results_*.json",)
 
 MB = 1024 * 1024
 DEFAULT_MAX_FILE = 100 * MB
@@ -159,7 +161,7 @@ def list_files(
     walk without junk; plus files matching ``include`` globs, minus ``exclude`` globs and the
     absolute paths in ``skip`` (the run's own outputs: reports, logs)."""
     include = [p for p in include if p.strip()]
-    exclude = [p for p in exclude if p.strip()]
+    exclude = [p for p in exclude if p.strip()] + list(ALWAYS_EXCLUDED)
     listed = _git_files(root)
     names = set(walk_files(root) if listed is None else listed)
     if include:

@@ -45,13 +45,14 @@ from .scheduling import (
 )
 from .serialization import Chunk, Event, reply_queue_name, work_queue_name
 from .settings import Settings
+from .shipcontrol import ShipHandlers, Shipper, resolve_ship, run_outputs
 from .terminal import DispatchTerminal
 
 #: How often the scheduler's clocks are polled (queues without consumers, lost work).
 POLL_INTERVAL = 0.5
 
 
-class DispatchSession(EventHandlers):
+class DispatchSession(EventHandlers, ShipHandlers):
     """Registered as a plugin only with ``--celery-dispatch``; owns the run's dispatching."""
 
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
@@ -81,6 +82,8 @@ class DispatchSession(EventHandlers):
         self.payloads = SlotPayloads(
             config, self.run_id, self.reply_to, settings.timeout, self.identity
         )
+        outputs = run_outputs(config, settings.json_report, settings.event_log, settings.timeline)
+        self.shipper = Shipper(str(config.rootpath), resolve_ship(config), outputs)
         self.workers_by_queue: dict[str, list[str]] = {}
         self.broker_error: str | None = None
         self.started_at = time.time()
@@ -201,6 +204,8 @@ class DispatchSession(EventHandlers):
 
             sweep(self.embedded_root)
         queues = self.scheduler.queue_nodeids
+        if not self.prepare_ship([n for nodeids in queues.values() for n in nodeids]):
+            return
         try:
             conn = transport.connect(self._app)
         except transport.BrokerUnavailable as exc:
@@ -451,4 +456,5 @@ class DispatchSession(EventHandlers):
             "collect_only": bool(self.config.option.collectonly),
             "dist": self.settings.dist,
             "predicted": dict(sch.predicted),  # into dispatch.queues[...].predicted_test_time
+            "ship": self.shipper.report(),
         }

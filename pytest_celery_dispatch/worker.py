@@ -63,6 +63,7 @@ from .serialization import (
     nodeid_path,
     stop_queue_name,
 )
+from .shipworker import BlobFetcher, Prepared, ShipState, prepare
 from .spares import SPARE_DELAY, SparePool
 from .workerinfo import queue_of, worker_id, workspace
 from .workerpool import reserve_plain_task_process, slots_of, warm_connection
@@ -93,6 +94,7 @@ class WorkerProcess:
         self.spares = SparePool()
         self.zygotes = Zygotes(self.spares)
         self.presence: list[embedded.Presence] = []
+        self.ship = ShipState()
 
 
 local = WorkerProcess()
@@ -378,11 +380,24 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     base = reply.base
     extra: dict[str, Any] = {k: base.get(k) for k in ("task_id", "worker", "queue", "session_id")}
     extra["identity"] = reply.identity
+    hold = contextlib.ExitStack()  # the run's tree, held while the slot uses it
     try:
         if reply.start_state() != RUN:
             log.info("session skipped: the run is over", extra=extra)
             return {"skipped": "run is over"}
-        ws = workspace()
+        shipped = _prepare_tree(self, payload, reply)
+        if shipped.refused:
+            reply.emit(
+                {
+                    "type": "refused",
+                    "nodeids": payload.get("nodeids", []),
+                    "reason": shipped.refused,
+                }
+            )
+            log.warning("refused: %s", shipped.refused, extra=extra)
+            return {"refused": shipped.refused}
+        hold.enter_context(shipped.hold)
+        ws = shipped.workspace
         nodeids: list[str] = []
         for nodeid in (str(n) for n in payload.get("nodeids", [])):
             try:
@@ -444,7 +459,19 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         log.info("session finished", extra={**extra, "summary": summary})
         return dict(summary)
     finally:
+        hold.close()
         reply.close()
+
+
+def _prepare_tree(task: Task, payload: dict[str, Any], reply: _Reply) -> Prepared:
+    """The run's tree on this worker (see :mod:`.shipworker`); its state goes home in a
+    ``shipped`` event."""
+    fetcher = BlobFetcher(task.app, reply.emit, reply.base)
+    found = prepare(
+        payload, workspace(), local.ship, fetcher, reply.base["worker"], task.app.conf.broker_url
+    )
+    reply.emit({"type": "shipped", "ship": found.info})
+    return found
 
 
 class _ChunkLog:

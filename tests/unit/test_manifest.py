@@ -71,6 +71,7 @@ def test_ini_globs_add_ignored_files_and_exclude_others(tmp_path: Path) -> None:
 def test_the_runs_own_outputs_are_not_shipped(tmp_path: Path) -> None:
     (tmp_path / "t.py").write_text("x")
     (tmp_path / "report.json").write_text("{}")
+    (tmp_path / "dispatch_results_20260101_120000.json").write_text("{}")  # an earlier run's
     assert list_files(str(tmp_path), skip=[str(tmp_path / "report.json")]) == ["t.py"]
 
 

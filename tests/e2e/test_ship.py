@@ -1,0 +1,187 @@
+"""Shipping the run's tree: workers in empty folders run the controller's own files.
+
+Each test writes its project in its own pytester folder (its own rootdir, so the tree is that
+project alone) and starts workers in an empty folder with a private cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from pytest_celery_dispatch.embedded import EMBEDDED
+from pytest_celery_dispatch.names import ENV_SHIP_UNSIGNED
+from tests.helpers import BROKER
+
+TRANSPORTS = pytest.mark.parametrize("broker", [BROKER, EMBEDDED], ids=["rabbitmq", "embedded"])
+
+PROJECT = {
+    # pytester writes the controller's stdout and stderr here while it runs: not inputs
+    "pytest.ini": (
+        "[pytest]\npythonpath = helpers\nconsole_output_style = classic\n"
+        "celery_dispatch_ship_exclude =\n    stdout\n    stderr\n    runpytest-*\n"
+    ),
+    "conftest.py": "import pytest\n\n@pytest.fixture\ndef answer():\n    return 42\n",
+    "helpers/mathhelp.py": "def double(x):\n    return 2 * x\n",
+    "data/input.txt": "hello\n",
+    "tests/test_shipped.py": (
+        "from pathlib import Path\n"
+        "from mathhelp import double\n"
+        "VERSION = 1\n\n"
+        "def test_fixture(answer):\n    assert answer == 42\n\n"
+        "def test_helper():\n    assert double(21) == 42\n\n"
+        "def test_data():\n"
+        "    here = Path(__file__).parent\n"
+        "    assert (here.parent / 'data' / 'input.txt').read_text() == 'hello\\n'\n\n"
+        "def test_version():\n    assert VERSION == 1\n"
+    ),
+}
+
+
+def write(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+@pytest.fixture
+def bench(tmp_path_factory, monkeypatch, worker_factory):
+    """Start a worker in an empty folder (no checkout, no DISPATCH_WORKSPACE) with its own
+    cache; on the embedded broker, controller and worker share a private broker folder."""
+
+    def start(broker: str, concurrency: int = 1, allow: str | None = "allow", **env: str):
+        empty = tmp_path_factory.mktemp("empty-bench")
+        extra = {"DISPATCH_CACHE_DIR": str(tmp_path_factory.mktemp("cache")), **env}
+        if allow is not None:
+            extra[ENV_SHIP_UNSIGNED] = allow
+        if broker == EMBEDDED:
+            monkeypatch.setenv("DISPATCH_EMBEDDED_DIR", str(tmp_path_factory.mktemp("broker")))
+        worker = worker_factory(root=empty, concurrency=concurrency, broker=broker, extra_env=extra)
+        assert not any(empty.iterdir())
+        return worker
+
+    return start
+
+
+def run(pytester: pytest.Pytester, queue: str, broker: str, *args: str, name: str = "report"):
+    report = pytester.path / f"dispatch_results_{name}.json"  # never shipped by default
+    result = pytester.runpytest_subprocess(
+        "--celery-dispatch",
+        f"--celery-broker={broker}",
+        f"--celery-default-queue={queue}",
+        f"--rootdir={pytester.path}",
+        f"--celery-json-report={report}",
+        "-p",
+        "no:cacheprovider",
+        *args,
+        timeout=120,
+    )
+    return result, json.loads(report.read_text())
+
+
+def outcomes(report: dict) -> dict[str, str]:
+    return {t["nodeid"]: t["outcome"] for t in report["tests"]}
+
+
+@TRANSPORTS
+def test_a_worker_in_an_empty_folder_runs_the_suite_as_locally(pytester, bench, broker):
+    write(pytester.path, PROJECT)
+    local = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    local.assert_outcomes(passed=4)
+    worker = bench(broker)
+    result, report = run(pytester, worker.queue, broker)
+    result.assert_outcomes(passed=4)
+    assert set(outcomes(report).values()) == {"passed"}
+    ship = report["dispatch"]["ship"]
+    assert ship["files"] == len(PROJECT)
+    w = ship["workers"][worker.worker_id]
+    assert w["state"] == "shipped"
+    assert w["blobs_sent"] == len(PROJECT)
+    result.stdout.fnmatch_lines([f"celery-dispatch: {worker.worker_id}: 5 files, * sent in *"])
+
+    # An edited test: the next run runs the edited version, with one blob sent.
+    (pytester.path / "tests" / "test_shipped.py").write_text(
+        PROJECT["tests/test_shipped.py"].replace("VERSION = 1", "VERSION = 2")
+    )
+    result, report = run(pytester, worker.queue, broker, name="edited")
+    result.assert_outcomes(passed=3, failed=1)
+    assert outcomes(report)["tests/test_shipped.py::test_version"] == "failed"
+    assert report["dispatch"]["ship"]["blobs_sent"] == 1
+
+    # Nothing changed: no blob is sent, the tree is up to date.
+    result, report = run(pytester, worker.queue, broker, name="unchanged")
+    result.assert_outcomes(passed=3, failed=1)
+    assert report["dispatch"]["ship"]["blobs_sent"] == 0
+    assert report["dispatch"]["ship"]["workers"][worker.worker_id]["state"] == "up to date"
+    result.stdout.fnmatch_lines([f"celery-dispatch: {worker.worker_id}: up to date"])
+
+
+def test_a_worker_refuses_an_unsigned_shipped_run_by_default(pytester, bench):
+    write(pytester.path, PROJECT)
+    marker = pytester.path / "ran"
+    write(
+        pytester.path, {"tests/test_side.py": f"def test_side():\n    open({str(marker)!r}, 'w')\n"}
+    )
+    worker = bench(BROKER, allow=None)
+    cache = Path(worker.env["DISPATCH_CACHE_DIR"])
+    result, report = run(pytester, worker.queue, BROKER, "--celery-ship=always")
+    result.assert_outcomes(failed=5)
+    result.stdout.fnmatch_lines([f"*{worker.worker_id} does not run shipped trees of unsigned*"])
+    assert ENV_SHIP_UNSIGNED in result.stdout.str()
+    assert not marker.exists()
+    assert not list((cache / "blobs").rglob("*")), "nothing of the run is written"
+    assert report["dispatch"]["ship"]["workers"][worker.worker_id]["state"] == "refused"
+
+
+def test_an_escaping_symlink_and_an_over_limit_file_are_refused_before_any_test(pytester, bench):
+    write(pytester.path, PROJECT)
+    marker = pytester.path.parent / f"{pytester.path.name}-ran"
+    write(
+        pytester.path, {"tests/test_side.py": f"def test_side():\n    open({str(marker)!r}, 'w')\n"}
+    )
+    outside = pytester.path.parent / f"{pytester.path.name}-secret.txt"
+    outside.write_text("secret")
+    (pytester.path / "data" / "leak.txt").symlink_to(outside)
+    worker = bench(BROKER)
+    result, _ = run(pytester, worker.queue, BROKER)
+    result.assert_outcomes(failed=5)
+    result.stdout.fnmatch_lines(["*cannot ship the run's tree: symlink(s) escaping*data/leak.txt*"])
+    assert not marker.exists()
+
+    (pytester.path / "data" / "leak.txt").unlink()
+    (pytester.path / "data" / "big.bin").write_bytes(b"x" * 4096)
+    result, _ = run(pytester, worker.queue, BROKER, "-o", "celery_dispatch_ship_max_file=1k")
+    result.assert_outcomes(failed=5)
+    result.stdout.fnmatch_lines(["*data/big.bin (4.0 kB)*celery_dispatch_ship_max_file*"])
+    assert not marker.exists()
+
+
+def test_a_50_mb_file_travels_in_bounded_messages(pytester, bench):
+    write(pytester.path, PROJECT)
+    data = os.urandom(50 * 1024 * 1024)
+    (pytester.path / "data" / "big.bin").write_bytes(data)
+    import hashlib
+
+    digest = hashlib.sha256(data).hexdigest()
+    write(
+        pytester.path,
+        {
+            "tests/test_big.py": (
+                "import hashlib, pathlib\n"
+                "def test_big():\n"
+                "    p = pathlib.Path(__file__).parent.parent / 'data' / 'big.bin'\n"
+                f"    assert hashlib.sha256(p.read_bytes()).hexdigest() == {digest!r}\n"
+            )
+        },
+    )
+    worker = bench(BROKER)
+    try:
+        result, report = run(pytester, worker.queue, BROKER, "-k", "big")
+    finally:
+        (pytester.path / "data" / "big.bin").unlink()  # later runs hash the base temp folder
+    result.assert_outcomes(passed=1)
+    assert report["dispatch"]["ship"]["workers"][worker.worker_id]["state"] == "shipped"
