@@ -106,6 +106,10 @@ ENV_SPARE = "DISPATCH_SPARE_RUNNER"
 ENV_CACHE_DIR = "DISPATCH_CACHE_DIR"
 ENV_CACHE_LIMIT = "DISPATCH_CACHE_LIMIT"
 ENV_SHIP_UNSIGNED = "DISPATCH_SHIP_UNSIGNED"
+#: The public keys (or certificates) a worker takes signed shipped runs from (docs/security.md).
+ENV_SHIP_TRUST = "DISPATCH_SHIP_TRUST"
+#: The controller's signing key: a PEM file's path, or the PEM text (a CI secret).
+ENV_SHIP_KEY = "CELERY_DISPATCH_SHIP_KEY"
 
 # Set by the worker for the tests it runs (read by the ``dispatch_context`` fixture):
 ENV_CTX_WORKER_ID = "DISPATCH_WORKER_ID"

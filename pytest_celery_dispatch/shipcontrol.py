@@ -28,14 +28,19 @@ from .manifest import (
     list_files,
     parse_size,
 )
-from .names import blob_queue_name
+from .names import ENV_SHIP_KEY, blob_queue_name
 from .serialization import Event, dumps
+from .shipsign import SignatureError, Signer, signer_from
 
 MODES = ("auto", "always", "off")
 HELP_SHIP = (
     "ship the run's test tree to the workers: auto (default: a worker whose workspace already "
     "holds the same files runs in place, the others get the tree), always, or off (run in "
     "each worker's workspace; a differing test file fails by name)"
+)
+HELP_KEY = (
+    f"PEM private key (Ed25519, EC or RSA) that signs the run's shipped tree; also env "
+    f"{ENV_SHIP_KEY} (a path or the PEM text); workers trust its public key in DISPATCH_SHIP_TRUST"
 )
 HELP_INCLUDE = "globs (root-relative) of files to ship that git ignores, one per line"
 HELP_EXCLUDE = "globs (root-relative) of files or folders never to ship, one per line"
@@ -50,10 +55,12 @@ class ShipSettings:
     exclude: tuple[str, ...] = ()
     max_file: int = DEFAULT_MAX_FILE
     max_total: int = DEFAULT_MAX_TOTAL
+    signer: Signer | None = None
 
 
 def add_options(group: Any, parser: pytest.Parser) -> None:
     group.addoption("--celery-ship", dest="celery_ship", metavar="MODE", help=HELP_SHIP)
+    group.addoption("--celery-ship-key", dest="celery_ship_key", metavar="PATH", help=HELP_KEY)
     parser.addini("celery_dispatch_ship", HELP_SHIP, default=None)
     parser.addini("celery_dispatch_ship_include", HELP_INCLUDE, type="linelist", default=[])
     parser.addini("celery_dispatch_ship_exclude", HELP_EXCLUDE, type="linelist", default=[])
@@ -82,7 +89,12 @@ def resolve_ship(config: pytest.Config) -> ShipSettings:
             sizes[key] = parse_size(raw, f"ini {key}") if raw else default
         except ValueError as exc:
             raise pytest.UsageError(f"celery-dispatch: {exc}") from None
+    try:
+        signer = signer_from(config.getoption("celery_ship_key", None), os.environ)
+    except SignatureError as exc:
+        raise pytest.UsageError(f"celery-dispatch: {exc}") from None
     return ShipSettings(
+        signer=signer,
         mode=mode,
         include=tuple(config.getini("celery_dispatch_ship_include")),
         exclude=tuple(config.getini("celery_dispatch_ship_exclude")),
@@ -260,4 +272,5 @@ class ShipHandlers:
         if line:
             self.terminal.write_line(f"celery-dispatch: {line}")  # type: ignore[attr-defined]
         self.payloads.ship = self.shipper.payload()  # type: ignore[attr-defined]
+        self.payloads.signer = self.shipper.settings.signer  # type: ignore[attr-defined]
         return True

@@ -7,9 +7,11 @@
   digest; a bad one refuses the run;
 * ``auto`` and the workspace holds every file of the manifest as it is: in place (zero copy);
 * otherwise the run's tree is needed, and only a run this worker may take code from gets it:
-  unsigned runs are refused unless ``DISPATCH_SHIP_UNSIGNED=allow`` (the embedded broker, a
-  private folder on one machine, allows them by default). Under ``auto`` a refused tree falls
-  back to the workspace in place, where differing test files are refused by name as before;
+  a signed run whose signature verifies with a key of ``DISPATCH_SHIP_TRUST`` (a bad or
+  untrusted signature refuses the run), or an unsigned run where ``DISPATCH_SHIP_UNSIGNED=allow``
+  (the embedded broker, a private folder on one machine, allows them by default). Under
+  ``auto`` an unsigned run not allowed falls back to the workspace in place, where differing
+  test files are refused by name as before;
 * the tree of the same manifest is already built: used as it is (``up to date``);
 * else the missing blobs are asked of the controller (:class:`BlobFetcher`), verified, and the
   tree is built from the cache.
@@ -32,8 +34,9 @@ from typing import Any
 from .blobs import Assembler, BlobError
 from .envdrift import versions
 from .manifest import DEFAULT_MAX_FILE, DEFAULT_MAX_TOTAL, Manifest, check_entries
-from .names import ENV_SHIP_UNSIGNED, blob_queue_name, is_embedded, run_queue
+from .names import ENV_SHIP_TRUST, ENV_SHIP_UNSIGNED, blob_queue_name, is_embedded, run_queue
 from .shipcache import ShipCache, remove_tree
+from .shipsign import verify
 
 log = logging.getLogger("pytest_celery_dispatch.worker")
 
@@ -60,9 +63,10 @@ def unsigned_allowed(env: Mapping[str, str], broker_url: str | None) -> bool:
 def refusal_unsigned(worker: str) -> str:
     return (
         f"{worker} does not run shipped trees of unsigned runs (whoever can publish to its "
-        "broker could run any code on it). On a bench whose broker (vhost) only trusted "
-        f"people can publish to, set {ENV_SHIP_UNSIGNED}=allow in the worker's environment; "
-        "or give the worker a checkout and run in place (--celery-ship off)"
+        "broker could run any code on it). Sign the run (--celery-ship-key, trusted by the "
+        f"worker's {ENV_SHIP_TRUST}); or, on a bench whose broker (vhost) only trusted people "
+        f"can publish to, set {ENV_SHIP_UNSIGNED}=allow in the worker's environment; or give "
+        "the worker a checkout and run in place (--celery-ship off)"
     )
 
 
@@ -128,7 +132,12 @@ def prepare(
             return Prepared(workspace, {**info, "state": "in place"})
         info["differ"] = len(differ)
         info["differ_examples"] = differ[:3]
-    if not unsigned_allowed(state.env, broker_url):
+    if ship.get("signature"):
+        why = verify(payload, state.env)
+        if why:
+            refused = f"{worker} does not run this shipped tree: {why}"
+            return Prepared(workspace, {**info, "state": "refused"}, refused)
+    elif not unsigned_allowed(state.env, broker_url):
         if ship.get("mode") == "auto":
             info["note"] = refusal_unsigned(worker)
             return Prepared(workspace, {**info, "state": "in place, differs"})

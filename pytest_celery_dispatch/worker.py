@@ -470,7 +470,8 @@ def _prepare_tree(task: Task, payload: dict[str, Any], reply: _Reply) -> Prepare
     found = prepare(
         payload, workspace(), local.ship, fetcher, reply.base["worker"], task.app.conf.broker_url
     )
-    reply.emit({"type": "shipped", "ship": found.info})
+    if "ship" in payload:  # a controller that knows the event (and --celery-ship)
+        reply.emit({"type": "shipped", "ship": found.info})
     return found
 
 

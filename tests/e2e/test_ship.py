@@ -10,10 +10,12 @@ import json
 import os
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from pytest_celery_dispatch.embedded import EMBEDDED
 from pytest_celery_dispatch.names import ENV_SHIP_UNSIGNED
+from tests.conftest import SCHEMA
 from tests.helpers import BROKER
 
 TRANSPORTS = pytest.mark.parametrize("broker", [BROKER, EMBEDDED], ids=["rabbitmq", "embedded"])
@@ -67,20 +69,21 @@ def bench(tmp_path_factory, monkeypatch, worker_factory):
     return start
 
 
+def dispatch_args(queue: str, broker: str, root: Path, report: Path) -> list[str]:
+    """A dispatched run of the project in ``root`` (its own rootdir) to ``queue``."""
+    options = [f"--celery-broker={broker}", f"--celery-default-queue={queue}"]
+    options += [f"--rootdir={root}", f"--celery-json-report={report}"]
+    return ["--celery-dispatch", *options, "-p", "no:cacheprovider", "-p", "no:randomly"]
+
+
 def run(pytester: pytest.Pytester, queue: str, broker: str, *args: str, name: str = "report"):
     report = pytester.path / f"dispatch_results_{name}.json"  # never shipped by default
     result = pytester.runpytest_subprocess(
-        "--celery-dispatch",
-        f"--celery-broker={broker}",
-        f"--celery-default-queue={queue}",
-        f"--rootdir={pytester.path}",
-        f"--celery-json-report={report}",
-        "-p",
-        "no:cacheprovider",
-        *args,
-        timeout=120,
+        *dispatch_args(queue, broker, pytester.path, report), *args, timeout=120
     )
-    return result, json.loads(report.read_text())
+    data = json.loads(report.read_text())
+    jsonschema.validate(data, SCHEMA)
+    return result, data
 
 
 def outcomes(report: dict) -> dict[str, str]:
@@ -185,3 +188,117 @@ def test_a_50_mb_file_travels_in_bounded_messages(pytester, bench):
         (pytester.path / "data" / "big.bin").unlink()  # later runs hash the base temp folder
     result.assert_outcomes(passed=1)
     assert report["dispatch"]["ship"]["workers"][worker.worker_id]["state"] == "shipped"
+
+
+RENDEZVOUS = (
+    "import pathlib, time\n"
+    "VERSION = {version}\n\n"
+    "def test_version():\n"
+    "    meet = pathlib.Path({meet!r})\n"
+    "    (meet / '{me}').touch()\n"
+    "    deadline = time.monotonic() + {wait}\n"
+    "    while not (meet / '{other}').exists():  # both runs are on the worker at once\n"
+    "        assert time.monotonic() < deadline, 'the other run never ran beside this one'\n"
+    "        time.sleep(0.05)\n"
+    "    assert VERSION == 1\n"
+)
+
+
+@TRANSPORTS
+def test_two_controllers_with_two_versions_of_a_file_on_one_worker_each_get_their_own(
+    pytester, bench, broker
+):
+    import subprocess
+    import sys
+
+    from pytest_celery_dispatch.settings import DEFAULT_TIMEOUT
+
+    worker = bench(broker, concurrency=2)
+    meet = pytester.path / "meet"
+    meet.mkdir()
+    runs = {}
+    for me, other, version in (("one", "two", 1), ("two", "one", 2)):
+        root = pytester.path / me
+        write(root, {"pytest.ini": "[pytest]\n"})
+        source = RENDEZVOUS.format(
+            version=version, meet=str(meet), me=me, other=other, wait=DEFAULT_TIMEOUT / 5
+        )
+        write(root, {"tests/test_same_name.py": source})
+        report = root.parent / f"{me}.json"
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            *dispatch_args(worker.queue, broker, root, report),
+        ]
+        proc = subprocess.Popen(command, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        runs[me] = (proc, report)
+    for me, (proc, report) in runs.items():
+        out = proc.communicate(timeout=DEFAULT_TIMEOUT)[0].decode()
+        assert proc.returncode == (0 if me == "one" else 1), out
+        tests = json.loads(report.read_text())["tests"]
+        expected = "passed" if me == "one" else "failed"
+        assert [(t["nodeid"], t["outcome"]) for t in tests] == [
+            ("tests/test_same_name.py::test_version", expected)
+        ], out
+    assert (meet / "one").exists()
+    assert (meet / "two").exists()
+
+
+def test_a_worker_with_an_older_pytest_is_named_in_the_header(pytester, bench, tmp_path_factory):
+    """The worker's metadata says pytest 8.0.0 (a dist-info ahead on its path)."""
+    fake = tmp_path_factory.mktemp("older")
+    info = fake / "pytest-8.0.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pytest\nVersion: 8.0.0\n")
+    write(pytester.path, PROJECT)
+    worker = bench(BROKER, PYTHONPATH=str(fake))
+    result, report = run(pytester, worker.queue, BROKER)
+    result.assert_outcomes(passed=4)
+    difference = f"pytest 8.0.0 (here {pytest.__version__})"
+    result.stdout.fnmatch_lines([f"celery-dispatch: {worker.worker_id} differs from here: *"])
+    assert difference in result.stdout.str()
+    assert difference in report["dispatch"]["ship"]["workers"][worker.worker_id]["drift"]
+
+
+def test_a_signed_run_runs_and_a_wrongly_signed_one_is_refused(
+    pytester, bench, tmp_path_factory, monkeypatch
+):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    def keypair(name: str) -> tuple[Path, str]:  # uses tmp_path, set below
+        key = ed25519.Ed25519PrivateKey.generate()
+        private = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        (tmp_path / f"{name}.pem").write_bytes(private)
+        (tmp_path / f"{name}.pub").write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        return tmp_path / f"{name}.pem", private.decode()
+
+    tmp_path = tmp_path_factory.mktemp("keys")  # outside the project: never in its tree
+    _, lab_text = keypair("lab")
+    stranger_key, _ = keypair("stranger")
+    write(pytester.path, PROJECT)
+    worker = bench(BROKER, allow=None, DISPATCH_SHIP_TRUST=str(tmp_path / "lab.pub"))
+    cache = Path(worker.env["DISPATCH_CACHE_DIR"])
+
+    result, report = run(pytester, worker.queue, BROKER, f"--celery-ship-key={stranger_key}")
+    result.assert_outcomes(failed=4)
+    result.stdout.fnmatch_lines(["*not among the keys it trusts (DISPATCH_SHIP_TRUST)*"])
+    assert not list((cache / "blobs").rglob("*")), "nothing of the refused run is written"
+
+    monkeypatch.setenv("CELERY_DISPATCH_SHIP_KEY", lab_text)  # a CI secret
+    result, report = run(pytester, worker.queue, BROKER, name="signed")
+    result.assert_outcomes(passed=4)
+    assert report["dispatch"]["ship"]["workers"][worker.worker_id]["state"] == "shipped"
+    body = lab_text.splitlines()[1]
+    assert body not in result.stdout.str()
+    assert body not in json.dumps(report)
+    assert body not in worker.log_path.read_text()
