@@ -178,11 +178,19 @@ def list_files(
 
 
 def link_target_inside(path: str, target: str) -> bool:
-    """A relative symlink at ``path`` pointing at ``target`` stays inside the tree."""
+    """A relative symlink at ``path`` pointing at ``target`` stays inside the tree.
+
+    Only leading ``..`` are allowed, no more than the link's depth: a ``..`` after another
+    component could climb out through a link (``b -> .`` then ``a -> b/../x``). Each link the
+    target goes down through is confined by the same rule, so the whole chain stays inside.
+    """
     if not target or target.startswith("/") or "\0" in target or "\\" in target:
         return False
-    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
-    return resolved != ".." and not resolved.startswith("../") and not resolved.startswith("/")
+    parts = target.split("/")
+    ups = 0
+    while ups < len(parts) and parts[ups] == "..":
+        ups += 1
+    return ".." not in parts[ups:] and ups <= path.count("/")
 
 
 def _entry(root: str, real_root: str, rel: str) -> Entry | str | None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import stat
@@ -114,6 +115,7 @@ class ShipCache:
             build = tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"), prefix="tree-")
             try:
                 self._fill(build, manifest)
+                self._stamp(build, manifest, path + ".stamp")
                 os.rename(build, path)
             except BaseException:
                 remove_tree(build)
@@ -144,6 +146,45 @@ class ShipCache:
                 os.chmod(target, 0o444)
         for folder in sorted(folders, key=len, reverse=True):
             os.chmod(folder, 0o555)  # read-only: a run cannot change the next one's files
+
+    def _stamp(self, tree: str, manifest: Manifest, stamp: str) -> None:
+        """Size and mtime of each file as built: a test that wrote into its tree anyway (as
+        root, read-only modes do not stop it) is noticed by :meth:`changed`."""
+        json_text = json.dumps(self._stats(tree, manifest))
+        with open(stamp, "w", encoding="utf-8") as fh:
+            fh.write(json_text)
+
+    def _stats(self, tree: str, manifest: Manifest) -> dict[str, list[int]]:
+        found: dict[str, list[int]] = {}
+        for entry in manifest.entries:
+            if "sha256" in entry:
+                with contextlib.suppress(OSError):
+                    st = os.lstat(os.path.join(tree, *entry["path"].split("/")))
+                    found[entry["path"]] = [st.st_size, st.st_mtime_ns, st.st_ino]
+        return found
+
+    def changed(self, manifest: Manifest) -> list[str]:
+        """Files of a built tree that are no longer as built (all of them without a stamp)."""
+        path = self.tree_path(manifest)
+        try:
+            with open(path + ".stamp", encoding="utf-8") as fh:
+                stamp = json.load(fh)
+        except (OSError, ValueError):
+            stamp = {}
+        now = self._stats(path, manifest)
+        return sorted(p for p in now.keys() | stamp.keys() if now.get(p) != stamp.get(p))
+
+    def drop(self, manifest: Manifest, paths: list[str]) -> bool:
+        """Remove a changed tree and the blobs of its changed files (hard links: the same
+        bytes); False when a run uses it now."""
+        blobs = {e["path"]: e["sha256"] for e in manifest.entries if "sha256" in e}
+        if not self._drop_tree(self.tree_path(manifest)):
+            return False
+        for path in paths:
+            if path in blobs:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.blob_path(blobs[path]))
+        return True
 
     # ------------------------------------------------------------------ a workspace in place
 
@@ -217,7 +258,9 @@ class ShipCache:
             except OSError:
                 return False  # a run uses it now
             remove_tree(path)
-            os.unlink(path + ".lock")
+            for suffix in (".stamp", ".lock"):
+                with contextlib.suppress(OSError):
+                    os.unlink(path + suffix)
             return True
 
     def _blobs(self) -> Iterator[str]:

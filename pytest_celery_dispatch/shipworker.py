@@ -146,6 +146,7 @@ def prepare(
     prepared.hold.callback(_evict, cache)  # after the run lets its tree go
     started = time.monotonic()
     try:
+        _repair(cache, manifest, info)
         info["state"] = "up to date" if cache.built(manifest) else "shipped"
         for _ in range(2):  # again if the eviction took the tree before it was held
             if not cache.built(manifest):
@@ -162,6 +163,22 @@ def prepare(
     info["seconds"] = round(time.monotonic() - started, 3)
     prepared.workspace = cache.tree_path(manifest)
     return prepared
+
+
+def _repair(cache: ShipCache, manifest: Manifest, info: dict[str, Any]) -> None:
+    """A built tree whose files changed since (a test wrote into it) is built again."""
+    if not cache.built(manifest):
+        return
+    changed = cache.changed(manifest)
+    if not changed:
+        return
+    if not cache.drop(manifest, changed):
+        raise OSError(
+            f"files of the run's tree changed after it was built ({', '.join(changed[:3])}) and "
+            "another run uses it now; run again when it ends"
+        )
+    log.warning("the run's tree had changed files, built again: %s", ", ".join(changed[:10]))
+    info["rebuilt"] = changed[:10]
 
 
 def _evict(cache: ShipCache) -> None:

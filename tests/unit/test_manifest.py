@@ -14,6 +14,7 @@ from pytest_celery_dispatch.manifest import (
     ShipError,
     build_manifest,
     check_entries,
+    link_target_inside,
     list_files,
     matches,
     parse_size,
@@ -143,6 +144,23 @@ SHA = "a" * 64
 def test_the_worker_refuses_a_bad_entry(entry: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         check_entries([entry], max_file=10**9, max_total=10**10)
+
+
+@pytest.mark.parametrize(
+    ("path", "target", "inside"),
+    [
+        ("a/link", "../x", True),
+        ("a/b/link", "../../x/y", True),
+        ("link", ".", True),
+        ("a/link", "..", True),
+        ("link", "..", False),
+        ("a/link", "../../x", False),
+        ("link", "b/../x", False),  # b -> . would make it climb out: no ".." after a name
+        ("link", "/etc", False),
+    ],
+)
+def test_link_targets_only_climb_within_their_depth(path: str, target: str, inside: bool) -> None:
+    assert link_target_inside(path, target) is inside
 
 
 def test_the_worker_refuses_a_file_beneath_a_link() -> None:

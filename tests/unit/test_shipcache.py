@@ -95,3 +95,19 @@ def test_the_cache_folder_and_limit_come_from_the_environment(tmp_path: Path) ->
     assert cache_root({"XDG_CACHE_HOME": "/x"}) == "/x/pytest-celery-dispatch"
     ShipCache.from_env(env)
     assert (tmp_path / "c").stat().st_mode & 0o777 == 0o700
+
+
+def test_a_tree_a_test_wrote_into_is_noticed_and_its_blob_dropped(tmp_path: Path) -> None:
+    cache = ShipCache(str(tmp_path / "cache"))
+    manifest = fill(cache, project(tmp_path / "p"))
+    tree = Path(cache.materialize(manifest))
+    assert cache.changed(manifest) == []
+    target = tree / "test_a.py"
+    target.chmod(0o644)  # what root may do anyway
+    target.write_text("def test(): pass  # changed by a test\n")
+    assert cache.changed(manifest) == ["test_a.py"]
+    assert cache.drop(manifest, ["test_a.py"])
+    assert not cache.built(manifest)
+    assert list(cache.missing(manifest)) == [
+        e["sha256"] for e in manifest.entries if e["path"] == "test_a.py"
+    ]
