@@ -123,6 +123,7 @@ class Shipper:
         self.versions: dict[str, str] = {}
         self.workers: dict[str, dict[str, Any]] = {}
         self.seconds = 0.0
+        self.error: str | None = None  # why the tree could not be shipped
 
     def prepare(self) -> str | None:
         """Build the manifest (``off``: none); raises :class:`.manifest.ShipError`. Returns the
@@ -217,6 +218,7 @@ class Shipper:
             "files": len(manifest.entries) if manifest else None,
             "tree_bytes": manifest.total_size if manifest else None,
             "manifest_seconds": round(self.seconds, 3),
+            "error": self.error,
             "blobs_sent": sum(w["blobs_sent"] for w in self.workers.values()),
             "bytes_sent": sum(w["bytes_sent"] for w in self.workers.values()),
             "workers": {k: dict(v) for k, v in sorted(self.workers.items())},
@@ -257,13 +259,21 @@ class ShipHandlers:
         )
 
     def prepare_ship(self, nodeids: list[str]) -> bool:
-        """Build the run's manifest before anything is sent; an escaping symlink or a file
-        over a limit fails every dispatched test by name, before any of them runs."""
+        """Build the run's manifest before anything is sent. An escaping symlink or a file
+        over a limit fails every dispatched test by name before any runs under ``always``;
+        under ``auto`` the run goes on in the workers' own workspaces, as before, and says so."""
         from .manifest import ShipError
 
         try:
             line = self.shipper.prepare()
         except ShipError as exc:
+            self.shipper.error = str(exc)
+            if self.shipper.settings.mode == "auto":
+                self.terminal.notice(  # type: ignore[attr-defined]
+                    f"not shipping the run's tree: {exc}; the workers run in their own "
+                    "workspace (--celery-ship always would fail the run instead)"
+                )
+                return True
             message = f"celery-dispatch: cannot ship the run's tree: {exc}"
             self.terminal.write_line(message, red=True, bold=True)  # type: ignore[attr-defined]
             for nodeid in nodeids:

@@ -150,14 +150,20 @@ def test_an_escaping_symlink_and_an_over_limit_file_are_refused_before_any_test(
     outside.write_text("secret")
     (pytester.path / "data" / "leak.txt").symlink_to(outside)
     worker = bench(BROKER)
-    result, _ = run(pytester, worker.queue, BROKER)
+    result, _ = run(pytester, worker.queue, BROKER, "--celery-ship=always")
     result.assert_outcomes(failed=5)
     result.stdout.fnmatch_lines(["*cannot ship the run's tree: symlink(s) escaping*data/leak.txt*"])
+    assert not marker.exists()
+    # auto: the run goes on in the worker's own (here empty) workspace, as before shipping
+    result, report = run(pytester, worker.queue, BROKER, name="auto")
+    result.stdout.fnmatch_lines(["*not shipping the run's tree: symlink(s) escaping*leak.txt*"])
+    assert "data/leak.txt" in report["dispatch"]["ship"]["error"]
     assert not marker.exists()
 
     (pytester.path / "data" / "leak.txt").unlink()
     (pytester.path / "data" / "big.bin").write_bytes(b"x" * 4096)
-    result, _ = run(pytester, worker.queue, BROKER, "-o", "celery_dispatch_ship_max_file=1k")
+    limit = ("-o", "celery_dispatch_ship_max_file=1k", "--celery-ship=always")
+    result, _ = run(pytester, worker.queue, BROKER, *limit, name="limit")
     result.assert_outcomes(failed=5)
     result.stdout.fnmatch_lines(["*data/big.bin (4.0 kB)*celery_dispatch_ship_max_file*"])
     assert not marker.exists()
