@@ -17,11 +17,13 @@ import base64
 import hashlib
 import os
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 #: Compressed bytes per piece; a message carries pieces up to about this much in all.
 PIECE = 512 * 1024
+#: What the JSON around one piece costs (its sha256, number, flags), counted against a message.
+ITEM_OVERHEAD = 128
 
 
 def pieces(path: str, sha256: str, name: str = "") -> Iterator[dict[str, Any]]:
@@ -62,11 +64,12 @@ def messages(files: Iterator[tuple[str, str, str]]) -> Iterator[list[dict[str, A
     size = 0
     for path, sha256, name in files:
         for item in pieces(path, sha256, name):
-            if batch and size + len(item["data"]) > PIECE:
+            cost = len(item["data"]) + ITEM_OVERHEAD
+            if batch and size + cost > PIECE:
                 yield batch
                 batch, size = [], 0
             batch.append(item)
-            size += len(item["data"])
+            size += cost
     if batch:
         yield batch
 
@@ -107,6 +110,8 @@ class Assembler:
         if len(data) > PIECE or (not item.get("last") and len(data) != PIECE):
             raise BlobError(f"blob {sha[:12]}: a piece of the wrong size")
         self.bytes_received += len(data)
+        if part == 0 and item.get("last"):  # a whole blob in one piece: no file for it
+            return sha, self._finish(sha, [data])
         path = os.path.join(self.tmp, sha + ".z")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
@@ -117,10 +122,14 @@ class Assembler:
         if item.get("last"):
             self.parts[sha] = int(item.get("parts") or part + 1)
         if sha in self.parts and len(self.received[sha]) >= self.parts[sha]:
-            return sha, self._finish(sha, path)
+            try:
+                with open(path, "rb") as src:
+                    return sha, self._finish(sha, iter(lambda: src.read(1 << 20), b""))
+            finally:
+                os.unlink(path)
         return None
 
-    def _finish(self, sha: str, compressed: str) -> str:
+    def _finish(self, sha: str, blocks: Iterable[bytes]) -> str:
         """Decompress, never past the manifest's size, and check the sha256."""
         size = self.wanted.pop(sha)
         out = os.path.join(self.tmp, sha)
@@ -128,8 +137,8 @@ class Assembler:
         unpacker = zlib.decompressobj()
         written = 0
         try:
-            with open(compressed, "rb") as src, open(out, "wb") as dst:
-                for block in iter(lambda: src.read(1 << 20), b""):
+            with open(out, "wb") as dst:
+                for block in blocks:
                     data = unpacker.decompress(block, size + 1 - written)
                     while data:
                         written += len(data)
@@ -139,9 +148,11 @@ class Assembler:
                         dst.write(data)
                         data = unpacker.decompress(unpacker.unconsumed_tail, size + 1 - written)
         except zlib.error as exc:
+            os.unlink(out)
             raise BlobError(f"blob {sha[:12]}: corrupt ({exc})") from None
-        finally:
-            os.unlink(compressed)
+        except BlobError:
+            os.unlink(out)
+            raise
         if digest.hexdigest() != sha or written != size:
             os.unlink(out)
             raise BlobError(f"blob {sha[:12]}: its bytes do not match its sha256")

@@ -11,7 +11,7 @@ Layout under the cache folder (``DISPATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME`` 
 A tree is built once per manifest and reused by every later run with the same manifest (its
 path is the same, so the bytecode cache, warm runners and the zygote keep working). Above
 ``DISPATCH_CACHE_LIMIT`` (default 2 GB) the least recently used trees not in use go first,
-then blobs no tree holds. The worker writes only inside this folder.
+then blobs no tree holds (oldest received first). The worker writes only inside this folder.
 
 PYTEST_DONT_REWRITE: imported by the worker side.
 """
@@ -134,7 +134,6 @@ class ShipCache:
                 os.symlink(entry["link"], target)
                 continue
             blob = self.blob_path(entry["sha256"])
-            os.utime(blob)
             if entry.get("exec"):
                 shutil.copyfile(blob, target)  # its own mode: not the shared blob's
                 os.chmod(target, 0o555)

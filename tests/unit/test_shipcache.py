@@ -58,6 +58,9 @@ def test_two_versions_of_a_file_make_two_trees(tmp_path: Path) -> None:
     assert one.digest != two.digest
     t1, t2 = Path(cache.materialize(one)), Path(cache.materialize(two))
     assert (t1 / "test_a.py").read_text() != (t2 / "test_a.py").read_text()
+    # the files both share are one blob: building the second tree leaves the first as built
+    assert cache.changed(one) == []
+    assert cache.changed(two) == []
 
 
 def test_a_workspace_matches_when_the_manifests_files_are_there(tmp_path: Path) -> None:
