@@ -189,6 +189,7 @@ class Shipper:
         if not first:
             return []
         stats["drift"] = differences(info.get("versions") or {}, self.versions)
+        stats["drift"] += [str(note) for note in info.get("shadowed") or []]
         lines = [f"{name}: {self._describe(stats, info)}"]
         if stats["drift"]:
             lines.append(f"{name} differs from here: {'; '.join(stats['drift'])}")

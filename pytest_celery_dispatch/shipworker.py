@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .blobs import Assembler, BlobError
-from .envdrift import versions
+from .envdrift import shadowed, versions
 from .manifest import DEFAULT_MAX_FILE, DEFAULT_MAX_TOTAL, Manifest, check_entries
 from .names import ENV_SHIP_TRUST, ENV_SHIP_UNSIGNED, blob_queue_name, is_embedded, run_queue
 from .shipcache import ShipCache, remove_tree
@@ -161,6 +161,7 @@ def prepare(
         prepared.hold.close()
         return Prepared(workspace, {**info, "state": "failed"}, f"{worker}: shipping failed: {exc}")
     info["seconds"] = round(time.monotonic() - started, 3)
+    info["shadowed"] = shadowed(e["path"] for e in manifest.entries)
     prepared.workspace = cache.tree_path(manifest)
     return prepared
 
