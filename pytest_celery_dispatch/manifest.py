@@ -317,11 +317,17 @@ def check_entries(raw: Any, max_file: int, max_total: int) -> Manifest:
         if not isinstance(sha, str) or not _SHA256.fullmatch(sha):
             raise ValueError(f"entry {path!r} has no valid sha256")
         if not isinstance(size, int) or isinstance(size, bool) or size < 0 or size > max_file:
-            raise ValueError(f"entry {path!r} has a size {size!r} over this worker's limit")
+            raise ValueError(
+                f"entry {path!r} has a size {size!r} over this worker's limit "
+                "(DISPATCH_CACHE_LIMIT)"
+            )
         total += size
         entries.append({"path": path, "sha256": sha, "size": size, "exec": bool(item.get("exec"))})
     if total > max_total:
-        raise ValueError(f"the run's tree ({human_bytes(total)}) is over this worker's limit")
+        raise ValueError(
+            f"the run's tree ({human_bytes(total)}) is over this worker's limit "
+            "(DISPATCH_CACHE_LIMIT)"
+        )
     for path in seen:
         parents = _parents(path)
         if links.intersection(parents) or seen.intersection(parents):

@@ -33,7 +33,7 @@ from typing import Any
 
 from .blobs import Assembler, BlobError
 from .envdrift import shadowed, versions
-from .manifest import DEFAULT_MAX_FILE, DEFAULT_MAX_TOTAL, Manifest, check_entries
+from .manifest import Manifest, check_entries
 from .names import ENV_SHIP_TRUST, ENV_SHIP_UNSIGNED, blob_queue_name, is_embedded, run_queue
 from .shipcache import ShipCache, remove_tree
 from .shipsign import verify
@@ -113,8 +113,9 @@ def prepare(
     versions_info = {"versions": state.versions}
     if not ship or ship.get("mode") == "off":
         return Prepared(workspace, {"state": "in place", **versions_info})
-    try:
-        manifest = check_entries(ship.get("manifest"), DEFAULT_MAX_FILE, DEFAULT_MAX_TOTAL)
+    try:  # a tree this worker's cache cannot hold is refused (DISPATCH_CACHE_LIMIT)
+        limit = state.cache.limit
+        manifest = check_entries(ship.get("manifest"), limit, limit)
         if manifest.digest != ship.get("digest"):
             raise ValueError("the manifest does not match its digest")
     except ValueError as exc:
