@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import os
 import zlib
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 #: Compressed bytes per piece; a message carries pieces up to about this much in all.
 PIECE = 512 * 1024
@@ -26,14 +27,14 @@ PIECE = 512 * 1024
 ITEM_OVERHEAD = 128
 
 
-def pieces(path: str, sha256: str, name: str = "") -> Iterator[dict[str, Any]]:
+def pieces(source: str | bytes, sha256: str, name: str = "") -> Iterator[dict[str, Any]]:
     """The pieces of one file: ``{"sha256", "part", "data"}``, the last with ``"last": True``
     and ``"parts"``; a file that changed since its manifest entry ends with an ``"error"``."""
     digest = hashlib.sha256()
     packer = zlib.compressobj(6)
     pending = b""
     part = 0
-    with open(path, "rb") as fh:
+    with _opened(source) as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
             pending += packer.compress(block)
@@ -49,16 +50,24 @@ def pieces(path: str, sha256: str, name: str = "") -> Iterator[dict[str, Any]]:
     last = _piece(sha256, part, pending)
     last.update({"last": True, "parts": part + 1})
     if digest.hexdigest() != sha256:
-        last["error"] = f"{name or path} changed on the controller since the run started"
+        what = name or (source if isinstance(source, str) else "a file")
+        last["error"] = f"{what} changed on the controller since the run started"
     yield last
+
+
+def _opened(source: str | bytes) -> BinaryIO:
+    """A file's bytes as they were hashed (kept in memory), else the file itself."""
+    return io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
 
 
 def _piece(sha256: str, part: int, data: bytes) -> dict[str, Any]:
     return {"sha256": sha256, "part": part, "data": base64.b64encode(data).decode("ascii")}
 
 
-def messages(files: Iterator[tuple[str, str, str]]) -> Iterator[list[dict[str, Any]]]:
-    """The pieces of ``(path, sha256, name)`` files, packed into messages of about
+def messages(
+    files: Iterator[tuple[str | bytes, str, str]],
+) -> Iterator[list[dict[str, Any]]]:
+    """The pieces of ``(path or bytes, sha256, name)`` files, packed into messages of about
     :data:`PIECE` (``name`` is what an error calls the file)."""
     batch: list[dict[str, Any]] = []
     size = 0

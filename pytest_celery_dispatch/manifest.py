@@ -56,6 +56,9 @@ ALWAYS_EXCLUDED = ("dispatch_results_*.json",)
 MB = 1024 * 1024
 DEFAULT_MAX_FILE = 100 * MB
 DEFAULT_MAX_TOTAL = 1024 * MB
+#: Files up to this size are kept in memory as hashed, up to ``SNAPSHOT_TOTAL`` in all.
+SNAPSHOT_FILE = 1 * MB
+SNAPSHOT_TOTAL = 64 * MB
 SETTING_MAX_FILE = "celery_dispatch_ship_max_file"
 SETTING_MAX_TOTAL = "celery_dispatch_ship_max_total"
 
@@ -77,6 +80,10 @@ class Entry(TypedDict, total=False):
 @dataclasses.dataclass(frozen=True)
 class Manifest:
     entries: tuple[Entry, ...]
+    #: The bytes of small files as they were hashed (sha256 -> bytes), so that a file written
+    #: during the run (a log in the rootdir) is still sent as the manifest names it. Controller
+    #: side only: not part of the digest.
+    snapshot: dict[str, bytes] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @functools.cached_property
     def digest(self) -> str:
@@ -193,8 +200,11 @@ def link_target_inside(path: str, target: str) -> bool:
     return ".." not in parts[ups:] and ups <= path.count("/")
 
 
-def _entry(root: str, real_root: str, rel: str) -> Entry | str | None:
-    """The entry of one file; a str is a refusal; None: not a file (a folder git lists)."""
+def _entry(
+    root: str, real_root: str, rel: str, snapshot: dict[str, bytes] | None = None
+) -> Entry | str | None:
+    """The entry of one file; a str is a refusal; None: not a file (a folder git lists).
+    A small file's bytes go to ``snapshot`` (when given) as they are hashed."""
     full = os.path.join(root, rel)
     st = os.lstat(full)
     if stat.S_ISLNK(st.st_mode):
@@ -210,12 +220,15 @@ def _entry(root: str, real_root: str, rel: str) -> Entry | str | None:
         return {"path": rel, "link": target}
     if not stat.S_ISREG(st.st_mode):
         return None
-    return {
-        "path": rel,
-        "sha256": file_digest(full),
-        "size": st.st_size,
-        "exec": bool(st.st_mode & 0o111),
-    }
+    entry: Entry = {"path": rel, "size": st.st_size, "exec": bool(st.st_mode & 0o111)}
+    if snapshot is not None and st.st_size <= SNAPSHOT_FILE:
+        with open(full, "rb") as fh:
+            data = fh.read()
+        entry["sha256"], entry["size"] = hashlib.sha256(data).hexdigest(), len(data)
+        snapshot[entry["sha256"]] = data
+    else:
+        entry["sha256"] = file_digest(full)
+    return entry
 
 
 def _biggest(sizes: dict[str, int], count: int = 5) -> str:
@@ -260,19 +273,22 @@ def build_manifest(
     escaping: list[str] = []
     entries: list[Entry] = []
     check_limits(sizes, max_file, max_total)
+    snapshot: dict[str, bytes] = {}
+    kept = 0
     for rel in paths:
-        found = _entry(root, real_root, rel)
+        found = _entry(root, real_root, rel, snapshot if kept < SNAPSHOT_TOTAL else None)
         if isinstance(found, str):
             escaping.append(found)
         elif found is not None:
             entries.append(found)
+            kept += found.get("size", 0) if found.get("sha256") in snapshot else 0
     if escaping:
         raise ShipError(
             f"symlink(s) escaping the tree cannot be shipped: {'; '.join(escaping)}; remove "
             "them, exclude them (ini celery_dispatch_ship_exclude) or run in place "
             "(--celery-ship off)"
         )
-    return Manifest(tuple(entries))
+    return Manifest(tuple(entries), snapshot)
 
 
 # ----------------------------------------------------------------------------- worker side

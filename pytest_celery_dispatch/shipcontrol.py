@@ -165,7 +165,11 @@ class Shipper:
         wanted = [s for s in dict.fromkeys(event.get("blobs") or []) if s in known]
         queue = blob_queue_name(run_id, str(event.get("session_id", "")))
         stats = self._worker(str(event.get("worker")))
-        files = ((os.path.join(self.root, known[s]["path"]), s, known[s]["path"]) for s in wanted)
+        snapshot = self.manifest.snapshot
+        files = (
+            (snapshot.get(s) or os.path.join(self.root, known[s]["path"]), s, known[s]["path"])
+            for s in wanted
+        )
         for batch in messages(files):
             body = dumps(batch)
             publish(queue, body)

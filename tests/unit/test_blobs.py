@@ -81,3 +81,32 @@ def test_pieces_not_asked_for_are_ignored(tmp_path: Path) -> None:
     assembler = Assembler({"a" * 64: 1}, str(tmp_path))
     assert assembler.add({"sha256": "b" * 64, "part": 0, "data": "", "last": True}) is None
     assert not assembler.done
+
+
+def test_a_file_written_during_the_run_is_sent_as_it_was_hashed(tmp_path: Path) -> None:
+    from pytest_celery_dispatch.manifest import build_manifest
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "run.log").write_text("as hashed\n")
+    manifest = build_manifest(str(root), ["run.log"])
+    (root / "run.log").write_text("written later by a test\n")
+    (entry,) = manifest.entries
+    source = manifest.snapshot[entry["sha256"]]
+    items = [i for m in messages(iter([(source, entry["sha256"], "run.log")])) for i in m]
+    out = tmp_path / "out"
+    out.mkdir()
+    done = Assembler({entry["sha256"]: entry["size"]}, str(out)).add(items[-1])
+    assert done is not None
+    assert Path(done[1]).read_text() == "as hashed\n"
+
+
+def test_big_files_are_not_kept_in_memory(tmp_path: Path, monkeypatch) -> None:
+    from pytest_celery_dispatch import manifest as m
+
+    monkeypatch.setattr(m, "SNAPSHOT_FILE", 10)
+    (tmp_path / "small").write_bytes(b"x" * 10)
+    (tmp_path / "big").write_bytes(b"x" * 11)
+    built = m.build_manifest(str(tmp_path), ["big", "small"])
+    assert list(built.snapshot.values()) == [b"x" * 10]
+    assert [e["size"] for e in built.entries] == [11, 10]
