@@ -120,7 +120,7 @@ class Shipper:
         self.settings = settings
         self.outputs = outputs
         self.manifest: Manifest | None = None
-        self.versions: dict[str, str] = {}
+        self._versions: dict[str, str] | None = None
         self.workers: dict[str, dict[str, Any]] = {}
         self.seconds = 0.0
         self.error: str | None = None  # why the tree could not be shipped
@@ -128,7 +128,6 @@ class Shipper:
     def prepare(self) -> str | None:
         """Build the manifest (``off``: none); raises :class:`.manifest.ShipError`. Returns the
         header line."""
-        self.versions = versions()
         if self.settings.mode == "off":
             return None
         began = time.monotonic()
@@ -141,6 +140,14 @@ class Shipper:
             f"{human_bytes(self.manifest.total_size)} (--celery-ship {st.mode}, manifest "
             f"{self.manifest.digest[:12]}, {self.seconds:.2f} s)"
         )
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """This interpreter's versions, read when a worker's first need comparing (not on the
+        way to the first test)."""
+        if self._versions is None:
+            self._versions = versions()
+        return self._versions
 
     def payload(self) -> dict[str, Any]:
         """The ``ship`` part of every slot's payload."""

@@ -144,6 +144,7 @@ def _start_spare_runner(**kwargs: Any) -> None:
     with contextlib.suppress(Exception):
         local.spares.prepare(workspace(), dict(os.environ))
     warm_connection(app)
+    _ = local.ship.versions  # read once here, not on a run's way to its first test
 
 
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]
