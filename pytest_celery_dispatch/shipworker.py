@@ -27,14 +27,22 @@ import fcntl
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .blobs import Assembler, BlobError
 from .envdrift import shadowed, versions
-from .manifest import Manifest, check_entries
-from .names import ENV_SHIP_TRUST, ENV_SHIP_UNSIGNED, blob_queue_name, is_embedded, run_queue
+from .manifest import Manifest, check_entries, human_bytes
+from .names import (
+    ENV_CACHE_LIMIT,
+    ENV_SHIP_TRUST,
+    ENV_SHIP_UNSIGNED,
+    blob_queue_name,
+    is_embedded,
+    run_queue,
+)
 from .shipcache import ShipCache, remove_tree
 from .shipsign import verify
 
@@ -113,9 +121,8 @@ def prepare(
     versions_info = {"versions": state.versions}
     if not ship or ship.get("mode") == "off":
         return Prepared(workspace, {"state": "in place", **versions_info})
-    try:  # a tree this worker's cache cannot hold is refused (DISPATCH_CACHE_LIMIT)
-        limit = state.cache.limit
-        manifest = check_entries(ship.get("manifest"), limit, limit)
+    try:
+        manifest = check_entries(ship.get("manifest"), sys.maxsize, sys.maxsize)
         if manifest.digest != ship.get("digest"):
             raise ValueError("the manifest does not match its digest")
     except ValueError as exc:
@@ -143,6 +150,12 @@ def prepare(
             info["note"] = refusal_unsigned(worker)
             return Prepared(workspace, {**info, "state": "in place, differs"})
         return Prepared(workspace, {**info, "state": "refused"}, refusal_unsigned(worker))
+    if manifest.total_size > cache.limit:
+        refused = (
+            f"{worker} cannot hold the run's tree ({human_bytes(manifest.total_size)}) in its "
+            f"cache of {human_bytes(cache.limit)}: raise its {ENV_CACHE_LIMIT}"
+        )
+        return Prepared(workspace, {**info, "state": "refused"}, refused)
     prepared = Prepared(workspace, info)
     prepared.hold.callback(_evict, cache)  # after the run lets its tree go
     started = time.monotonic()
