@@ -13,15 +13,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from pytest_celery_dispatch.embedded import EMBEDDED
 from pytest_celery_dispatch.liveness import BENCH_RELEASE_LIMIT
-from tests.helpers import BROKER
+from tests.helpers import BROKER, dispatch
 
 #: The issue's bar for the next run on a freed bench: the release, then its one test.
 NEW_RUN_LIMIT = BENCH_RELEASE_LIMIT + 5.0
@@ -63,23 +61,6 @@ def lines(path: str) -> list[list[str]]:
         return []
     with open(path) as fh:
         return [line.split() for line in fh if line.strip()]
-
-
-def dispatch(pytester, workspace, broker: str, name: str, *args: str) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "--celery-dispatch",
-        f"--celery-broker={broker}",
-        f"--rootdir={workspace}",
-        f"--celery-json-report={pytester.path / (name + '.json')}",
-        "-p",
-        "no:cacheprovider",
-        *args,
-    ]
-    out = open(pytester.path / f"{name}.out", "wb")  # noqa: SIM115 (closed with the process)
-    return subprocess.Popen(command, cwd=pytester.path, stdout=out, stderr=subprocess.STDOUT)
 
 
 @pytest.mark.parametrize("broker", [BROKER, EMBEDDED], ids=["rabbitmq", "embedded"])
