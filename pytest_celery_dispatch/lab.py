@@ -25,12 +25,14 @@ import time
 from typing import Any
 
 #: How often runs and workers renew their notices.
-LAB_INTERVAL = 0.5
+LAB_INTERVAL = 0.25
 #: A notice not renewed for this long is gone (its controller or worker is).
 LAB_STALE = 4.0
 #: A new listener on RabbitMQ hears every live notice within one interval: it decides nothing
 #: before it has listened this long.
-LAB_LISTEN = 1.5 * LAB_INTERVAL
+LAB_LISTEN = 1.6 * LAB_INTERVAL
+#: A new listener's hello is answered at once by every listening sender: heard all after this.
+HELLO_WAIT = 0.15
 #: The waiting line is printed at most this often (and when it changes).
 LINE_EVERY = 5.0
 

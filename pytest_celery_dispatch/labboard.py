@@ -2,9 +2,12 @@
 
 * RabbitMQ: a fanout exchange, ``celery-dispatch.lab``. Publishers send each notice with a
   ``LAB_STALE`` expiration; a listener binds an exclusive, auto-deleted queue of its own and
-  keeps the latest notice of each sender. Nothing here changes a queue that an earlier version
-  declared: the exchange and the listeners' queues are new, so existing deployments keep working
-  (a worker or controller of an earlier version publishes nothing and is simply not shown).
+  keeps the latest notice of each sender. A new listener says ``hello``; every listening
+  sender answers at once with its latest notice, so the newcomer has heard everyone after
+  ``HELLO_WAIT`` instead of a whole ``LAB_INTERVAL``. Nothing here changes a queue that an
+  earlier version declared: the exchange and the listeners' queues are new, so existing
+  deployments keep working (a worker or controller of an earlier version publishes nothing and
+  is not shown; its runs are seen through this version's workers).
 * The embedded broker: one file per sender in ``<broker folder>/lab/``, rewritten atomically;
   a file older than ``LAB_STALE`` is gone.
 
@@ -25,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .lab import LAB_INTERVAL, LAB_LISTEN, LAB_STALE, Notice
+from .lab import HELLO_WAIT, LAB_INTERVAL, LAB_LISTEN, LAB_STALE, Notice
 
 log = logging.getLogger("pytest_celery_dispatch.labboard")
 
@@ -91,7 +94,10 @@ class AmqpBoard:
         self._stopping = threading.Event()
         self._conn: Any = None
         self._producer: Any = None
+        self.id = uuid.uuid4().hex[:12]
+        self.last: Notice | None = None  # the latest notice published here: a hello's answer
         self.started = time.monotonic()
+        self._hello_at: float | None = None
         self._thread: threading.Thread | None = None
         if listen:
             self._thread = threading.Thread(
@@ -107,6 +113,7 @@ class AmqpBoard:
     def publish(self, notice: Notice) -> None:
         """Best effort: the board is for people and for the line; a failed publish is tried
         again with the next notice."""
+        self.last = None if notice.get("gone") else notice
         try:
             if self._conn is None:
                 self._conn = self.app.connection_for_write()
@@ -131,8 +138,12 @@ class AmqpBoard:
             with contextlib.suppress(Exception):
                 conn.release()
 
-    def _on_message(self, body: Any, message: Any) -> None:
-        if isinstance(body, dict) and "id" in body:
+    def _on_message(self, body: Any, message: Any, answer: Any = None) -> None:
+        if isinstance(body, dict) and body.get("kind") == "hello":
+            if body.get("id") != self.id and self.last is not None and answer is not None:
+                with contextlib.suppress(Exception):
+                    answer(self.last)
+        elif isinstance(body, dict) and "id" in body:
             with self._lock:
                 if body.get("gone"):
                     self._latest.pop(str(body["id"]), None)
@@ -142,35 +153,49 @@ class AmqpBoard:
             message.ack()
 
     def _listen(self) -> None:
-        from kombu import Consumer, Queue
-
         while not self._stopping.is_set():
             try:
                 with self.app.connection_for_read() as conn:
                     conn.ensure_connection(max_retries=1)
-                    name = f"celery-dispatch.lab.{uuid.uuid4().hex[:12]}"
-                    queue = Queue(
-                        name,
-                        exchange=self._exchange(),
-                        exclusive=True,
-                        auto_delete=True,
-                        durable=False,
-                        queue_arguments={"x-message-ttl": int(LAB_STALE * 1000)},
-                    )
-                    with Consumer(conn, [queue], callbacks=[self._on_message], accept=["json"]):
-                        while not self._stopping.is_set():
-                            with contextlib.suppress(TimeoutError, OSError):
-                                conn.drain_events(timeout=LAB_INTERVAL)
-                            if self._stopping.is_set():
-                                return
+                    self._consume(conn)
             except Exception as exc:
                 log.debug("lab board listener: %s; listening again", exc)
                 self._stopping.wait(LAB_INTERVAL)
 
+    def _consume(self, conn: Any) -> None:
+        """Say hello, then keep the notices that come until :meth:`close`."""
+        from kombu import Consumer, Queue
+
+        queue = Queue(
+            f"celery-dispatch.lab.{self.id}",
+            exchange=self._exchange(),
+            exclusive=True,
+            auto_delete=True,
+            durable=False,
+            queue_arguments={"x-message-ttl": int(LAB_STALE * 1000)},
+        )
+        producer = conn.Producer(serializer="json")
+
+        def answer(notice: Notice) -> None:
+            producer.publish(notice, exchange=LAB_EXCHANGE, routing_key="", expiration=LAB_STALE)
+
+        def on_message(body: Any, message: Any) -> None:
+            self._on_message(body, message, answer)
+
+        with Consumer(conn, [queue], callbacks=[on_message], accept=["json"]):
+            answer({"kind": "hello", "id": self.id})
+            self._hello_at = self._hello_at or time.monotonic()
+            while not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):  # nothing came: look at the flag
+                    conn.drain_events(timeout=LAB_INTERVAL)
+
     @property
     def ready(self) -> bool:
-        """Listened long enough to have heard every live sender."""
-        return time.monotonic() - self.started >= LAB_LISTEN
+        """Listened long enough to have heard every live sender: the answers to its hello,
+        else one round of notices."""
+        now, hello = time.monotonic(), self._hello_at
+        heard = hello is not None and now - hello >= HELLO_WAIT
+        return heard or now - self.started >= LAB_LISTEN
 
     def notices(self) -> list[Notice]:
         now = time.monotonic()

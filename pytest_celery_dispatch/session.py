@@ -252,6 +252,7 @@ class DispatchSession(EventHandlers):
 
         board = open_board(self._app, self.embedded_root)
         self.turns = RunTurns(self.run_id, self.identity, self.settings.priority, board)
+        self.turns.join(list(self.scheduler.queue_nodeids))
         self.scheduler.turns.grant = self.turns.grant
 
     def _guess_queue_names(self) -> None:
@@ -354,12 +355,12 @@ class DispatchSession(EventHandlers):
                 event = self.events.get_nowait()
             except queue_mod.Empty:
                 event = None
+        for line in self.turns.tick(self.scheduler) if self.turns is not None else ():
+            self.terminal.notice(line, "cyan")  # renews this run's notice (every turn: cheap)
         now = time.monotonic()
         if now - self._last_poll >= POLL_INTERVAL and self._broker is not None:
             self._last_poll = now
             self.execute(self.scheduler.poll())
-            for line in self.turns.tick(self.scheduler) if self.turns is not None else ():
-                self.terminal.notice(line, "cyan")
             last, finalized = self.replayer.last_activity, self.replayer.finalized
             self.terminal.write_status(now, last, finalized, self.scheduler)
 

@@ -50,6 +50,12 @@ class RunTurns:
         self._last_notice = float("-inf")
         self._last_line: dict[str, tuple[float, str]] = {}
 
+    def join(self, queues: list[str]) -> None:
+        """On the board at once, waiting for every queue: runs starting together see each
+        other before either decides."""
+        waiting = {queue: {"state": lab.WAITING} for queue in queues}
+        self.board.publish({**self.me, "queues": waiting})
+
     def grant(self, queue: str, slots: int) -> int:
         """Slots of ``queue`` this run may take now (0: wait for its turn)."""
         while not self.board.ready:  # hear every run on the board first (under a second)
