@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="celery-dispatch", description="pytest-celery-dispatch's lab tools"
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True)
     status = commands.add_parser(
         "status", help="who uses the benches: workers, the runs holding them, the runs waiting"
     )
@@ -95,11 +95,19 @@ def _slot_text(slot: dict[str, Any]) -> str:
 def status(broker: str | None, as_json: bool, watch: bool) -> int:
     from .celeryconf import broker_from_env
     from .labboard import open_board
-    from .transport import embedded_root_of, make_app
+    from .transport import BrokerUnavailable, connect, embedded_root_of, make_app
 
     url = broker or broker_from_env()
     app = make_app(url, "disabled")
-    board = open_board(app, embedded_root_of(app))
+    root = embedded_root_of(app)
+    if root is None:
+        try:
+            connect(app).release()  # fail fast, with the fix, rather than show an empty lab
+        except BrokerUnavailable as exc:
+            fix = str(exc).replace("--celery-broker", "--broker")  # this command's option
+            print(f"celery-dispatch status: {fix}", file=sys.stderr)
+            return 1
+    board = open_board(app, root)
     try:
         while True:
             time.sleep(max(0.0, LAB_LISTEN + 0.1) if not board.ready else 0.0)
@@ -114,7 +122,7 @@ def status(broker: str | None, as_json: bool, watch: bool) -> int:
             if not watch:
                 return 0
             time.sleep(WATCH_EVERY)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, BrokenPipeError):  # Ctrl-C under --watch; `| head`
         return 0
     finally:
         board.close()
