@@ -128,7 +128,7 @@ def start_bench_notices(worker: Any) -> BenchNotices:
     queues = list(app.amqp.queues.consume_from or app.amqp.queues)
     conf = app.conf
     root = conf.broker_transport_options["root"] if is_embedded(conf.broker_write_url) else None
-    board = open_board(app, None if root is None else Path(root))  # listens: answers hellos
+    board = open_board(app, None if root is None else Path(root))  # it answers hellos too
     node = str(worker.hostname)
     name = os.environ.get(ENV_WORKER_ID) or node
     slots = slots_of(getattr(worker, "controller", None))

@@ -33,6 +33,10 @@ from .lab import HELLO_WAIT, LAB_INTERVAL, LAB_LISTEN, LAB_STALE, Notice
 log = logging.getLogger("pytest_celery_dispatch.labboard")
 
 LAB_EXCHANGE = "celery-dispatch.lab"
+#: The board's thread sends a notice given to it within this long.
+SEND_EVERY = 0.05
+#: Closing waits this long at most for the last notice (a run's ``gone``) to go out.
+CLOSE_WAIT = 1.0
 #: The embedded broker's folder for notices.
 LAB_FOLDER = "lab"
 
@@ -83,64 +87,80 @@ class FileBoard:
 
 
 class AmqpBoard:
-    """RabbitMQ's board: notices go out on a fanout exchange; with ``listen`` a thread keeps
-    the latest one of each sender (its own connection; publishing uses another, from the thread
-    that calls :meth:`publish`)."""
+    """RabbitMQ's board: one thread with its own connection sends this sender's notices and
+    keeps the latest notice of every sender. :meth:`publish` never waits for the broker (a
+    silent network must not stall the controller's event loop): the thread sends the latest
+    notice given to it within ``SEND_EVERY``."""
 
-    def __init__(self, app: Any, listen: bool = True) -> None:
+    def __init__(self, app: Any) -> None:
         self.app = app
         self._latest: dict[str, tuple[float, Notice]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
-        self._conn: Any = None
-        self._producer: Any = None
+        self._sent = threading.Event()
+        self._pending: Notice | None = None
         self.id = uuid.uuid4().hex[:12]
         self.last: Notice | None = None  # the latest notice published here: a hello's answer
         self.started = time.monotonic()
         self._hello_at: float | None = None
-        self._thread: threading.Thread | None = None
-        if listen:
-            self._thread = threading.Thread(
-                target=self._listen, name="celery-dispatch-lab", daemon=True
-            )
-            self._thread.start()
-
-    def _exchange(self) -> Any:
-        from kombu import Exchange
-
-        return Exchange(LAB_EXCHANGE, type="fanout", durable=False, auto_delete=False)
+        self._thread = threading.Thread(target=self._run, name="celery-dispatch-lab", daemon=True)
+        self._thread.start()
 
     def publish(self, notice: Notice) -> None:
-        """Best effort: the board is for people and for the line; a failed publish is tried
-        again with the next notice."""
-        self.last = None if notice.get("gone") else notice
-        try:
-            if self._conn is None:
-                self._conn = self.app.connection_for_write()
-                self._conn.ensure_connection(max_retries=1)
-                self._producer = self._conn.Producer(serializer="json")
-                self._exchange()(self._conn.default_channel).declare()
-            self._producer.publish(
-                notice,
-                exchange=LAB_EXCHANGE,
-                routing_key="",
-                expiration=LAB_STALE,
-                delivery_mode=1,
-                retry=False,
-            )
-        except Exception as exc:
-            log.debug("lab notice not published: %s", exc)
-            self._drop_publisher()
+        """Best effort, at once: the thread sends it (a failed send: the next notice)."""
+        with self._lock:
+            self._pending = notice
+            self.last = None if notice.get("gone") else notice
+            self._sent.clear()
 
-    def _drop_publisher(self) -> None:
-        conn, self._conn, self._producer = self._conn, None, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                conn.release()
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                with self.app.connection_for_read() as conn:
+                    conn.ensure_connection(max_retries=1)
+                    self._serve(conn)
+            except Exception as exc:
+                log.debug("lab board: %s; connecting again", exc)
+                self._stopping.wait(LAB_INTERVAL)
 
-    def _on_message(self, body: Any, message: Any, answer: Any = None) -> None:
+    def _serve(self, conn: Any) -> None:
+        """Say hello, then send what :meth:`publish` gives and keep what comes, until
+        :meth:`close`."""
+        from kombu import Consumer, Exchange, Queue
+
+        queue = Queue(
+            f"celery-dispatch.lab.{self.id}",
+            exchange=Exchange(LAB_EXCHANGE, type="fanout", durable=False, auto_delete=False),
+            exclusive=True,
+            auto_delete=True,
+            durable=False,
+            queue_arguments={"x-message-ttl": int(LAB_STALE * 1000)},
+        )
+        producer = conn.Producer(serializer="json")
+
+        def send(notice: Notice) -> None:
+            producer.publish(notice, exchange=LAB_EXCHANGE, routing_key="", expiration=LAB_STALE)
+
+        def on_message(body: Any, message: Any) -> None:
+            self._on_message(body, message, send)
+
+        with Consumer(conn, [queue], callbacks=[on_message], accept=["json"]):
+            send({"kind": "hello", "id": self.id})
+            self._hello_at = self._hello_at or time.monotonic()
+            while True:
+                with self._lock:
+                    pending, self._pending = self._pending, None
+                if pending is not None:
+                    send(pending)
+                self._sent.set()
+                if self._stopping.is_set():
+                    return
+                with contextlib.suppress(TimeoutError):  # nothing came: send, look at the flag
+                    conn.drain_events(timeout=SEND_EVERY)
+
+    def _on_message(self, body: Any, message: Any, answer: Any) -> None:
         if isinstance(body, dict) and body.get("kind") == "hello":
-            if body.get("id") != self.id and self.last is not None and answer is not None:
+            if body.get("id") != self.id and self.last is not None:
                 with contextlib.suppress(Exception):
                     answer(self.last)
         elif isinstance(body, dict) and "id" in body:
@@ -151,43 +171,6 @@ class AmqpBoard:
                     self._latest[str(body["id"])] = (time.monotonic(), body)
         with contextlib.suppress(Exception):
             message.ack()
-
-    def _listen(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                with self.app.connection_for_read() as conn:
-                    conn.ensure_connection(max_retries=1)
-                    self._consume(conn)
-            except Exception as exc:
-                log.debug("lab board listener: %s; listening again", exc)
-                self._stopping.wait(LAB_INTERVAL)
-
-    def _consume(self, conn: Any) -> None:
-        """Say hello, then keep the notices that come until :meth:`close`."""
-        from kombu import Consumer, Queue
-
-        queue = Queue(
-            f"celery-dispatch.lab.{self.id}",
-            exchange=self._exchange(),
-            exclusive=True,
-            auto_delete=True,
-            durable=False,
-            queue_arguments={"x-message-ttl": int(LAB_STALE * 1000)},
-        )
-        producer = conn.Producer(serializer="json")
-
-        def answer(notice: Notice) -> None:
-            producer.publish(notice, exchange=LAB_EXCHANGE, routing_key="", expiration=LAB_STALE)
-
-        def on_message(body: Any, message: Any) -> None:
-            self._on_message(body, message, answer)
-
-        with Consumer(conn, [queue], callbacks=[on_message], accept=["json"]):
-            answer({"kind": "hello", "id": self.id})
-            self._hello_at = self._hello_at or time.monotonic()
-            while not self._stopping.is_set():
-                with contextlib.suppress(TimeoutError):  # nothing came: look at the flag
-                    conn.drain_events(timeout=LAB_INTERVAL)
 
     @property
     def ready(self) -> bool:
@@ -205,15 +188,20 @@ class AmqpBoard:
             return [notice for _, notice in self._latest.values()]
 
     def close(self) -> None:
-        self._stopping.set()  # the listener ends within LAB_INTERVAL (a daemon: not awaited)
-        self._drop_publisher()
+        """Stop; a last notice given (a run's ``gone``) is sent first, if the broker answers
+        within ``CLOSE_WAIT``."""
+        with self._lock:
+            pending = self._pending is not None
+        if pending and self._thread.is_alive():
+            self._sent.wait(CLOSE_WAIT)
+        self._stopping.set()
 
 
 Board = FileBoard | AmqpBoard
 
 
-def open_board(app: Any, embedded_root: Path | None, listen: bool = True) -> Board:
+def open_board(app: Any, embedded_root: Path | None) -> Board:
     """The board of ``app``'s broker: a folder beside the embedded broker, else the exchange."""
     if embedded_root is not None:
         return FileBoard(embedded_root)
-    return AmqpBoard(app, listen=listen)
+    return AmqpBoard(app)
