@@ -94,6 +94,8 @@ ENV_WORKER_CONCURRENCY = "DISPATCH_WORKER_CONCURRENCY"
 ENV_PLAIN_TASK_PROCESS = "DISPATCH_PLAIN_TASK_PROCESS"
 #: Pool processes a worker keeps beside its slots for plain tasks (:mod:`.workerpool`).
 PLAIN_TASK_PROCESSES = 1
+#: The folder of a worker's slot locks (:mod:`.slotgate`), made at start-up (internal).
+ENV_SLOT_GATE = "DISPATCH_SLOT_GATE"
 
 # Between a slot and its runner process (internal):
 ENV_RUNNER = "PYTEST_CELERY_DISPATCH_RUNNER"

@@ -13,8 +13,10 @@ Invariants the controller relies on:
 
 * every dispatched nodeid belongs to exactly one outstanding chunk until it has a final report;
 * a chunk is *lost* when its heartbeats stop, when a test of it outlives the worker's own hard
-  kill, when its queue has no consumer any more, or when it waited in its queue for
-  ``timeout + grace`` seconds while the queue made no progress (see :func:`is_lost`);
+  kill, when its queue has no consumer any more, when it waited in its queue for
+  ``timeout + grace`` seconds while the queue made no progress (see :func:`is_lost`), or when it
+  is no longer in its work queue and no slot said it took it for ``SILENCE_LIMIT`` seconds (a
+  worker killed or cut off as it took it: see :func:`taken_unannounced`);
 * every retry is decided by one :class:`RetryPolicy`, and every delay is a ``not_before``: a lost
   chunk's unfinished nodeids are re-dispatched as a new chunk (attempt + 1) after an exponential
   backoff until ``retries`` re-dispatches are used up, then they fail by name; the follow-up
@@ -89,6 +91,50 @@ def is_lost(
     return None
 
 
+def taken_unannounced(waiting: list[ChunkState], depth: int) -> list[ChunkState]:
+    """The chunks no longer in their work queue though no slot said it took them.
+
+    ``waiting`` are a queue's sent chunks that no slot announced; ``depth`` is how many messages
+    its work queue still holds. Slots take chunks first in, first out, so the ones gone are the
+    oldest: a slot announces a chunk at once, so one still unannounced after
+    ``SILENCE_LIMIT`` was taken by a worker that died or was cut off before it could say so."""
+    in_order = sorted(waiting, key=lambda c: c.sent_order)
+    return in_order[: max(0, len(in_order) - max(0, depth))]
+
+
+def taken_for_too_long(waiting: list[ChunkState], depth: int, now: float) -> list[ChunkState]:
+    """Note since when each waiting chunk is gone from its work queue; the ones no slot
+    announced for more than ``SILENCE_LIMIT`` (without this they would wait forever, while
+    fresh slots find the work queue empty)."""
+    gone = taken_unannounced(waiting, depth)
+    for chunk in waiting:
+        if chunk not in gone:
+            chunk.gone_since = None
+        elif chunk.gone_since is None:
+            chunk.gone_since = now
+    return [c for c in gone if c.gone_since is not None and now - c.gone_since > SILENCE_LIMIT]
+
+
+def taken_message(now: float, chunk: ChunkState) -> str:
+    return (
+        f"taken from its work queue {now - (chunk.gone_since or now):.0f}s ago by a slot that "
+        "never said so (its worker died or was cut off as it took it)"
+    )
+
+
+def give_up_message(chunk: ChunkState, nodeid: str, why: str) -> str:
+    """A test of a chunk lost once too often: where it was, the attempts, the workers, why."""
+    attempts = _plural(chunk.attempt, "attempt")
+    lost_by = [*chunk.lost_by, *([chunk.worker] if chunk.worker else [])]
+    if lost_by:
+        attempts += f" (worked on by {', '.join(dict.fromkeys(lost_by))})"
+    if chunk.started_at is not None:
+        what = f"{chunk.worker} lost while running {nodeid} (queue {chunk.queue})"
+    else:
+        what = f"no worker of queue {chunk.queue} started {nodeid}"
+    return f"{what} after {attempts}: {why}"
+
+
 # ----------------------------------------------------------------------------- the scheduler
 
 
@@ -109,6 +155,8 @@ def restart_clocks(
             chunk.last_seen = now
         if chunk.current_since is not None:
             chunk.current_since = max(chunk.current_since, now - 1.0)
+        if chunk.gone_since is not None:
+            chunk.gone_since = now
     for slot in slots:
         slot.last_seen = now
     for queue in last_seen:
@@ -140,6 +188,7 @@ class QueueScheduler:
         policy: RetryPolicy,
         broker: str,
         consumer_count: Callable[[str], int | None],
+        work_depth: Callable[[str], int | None] = lambda queue: None,
         clock: Callable[[], float] = time.monotonic,
         dist: str = LOAD,
         broker_timeout: float = DEFAULT_BROKER_TIMEOUT,
@@ -150,6 +199,7 @@ class QueueScheduler:
         self.policy = policy
         self.broker = broker  # masked, for messages
         self.consumer_count = consumer_count
+        self.work_depth = work_depth  # messages left in a queue's work queue (None: unknown)
         self.clock = clock
         self.queue_nodeids: dict[str, list[str]] = {}
         self.dist = dist  # --celery-dist: how a queue's tests are cut into chunks
@@ -173,6 +223,7 @@ class QueueScheduler:
         self._slot_not_before: dict[str, float] = {}
         self.outage = BrokerOutage(broker_timeout)  # cut off from the broker
         self._chunk_numbers = itertools.count(1)
+        self._sent_numbers = itertools.count(1)
         self._slot_numbers = itertools.count(1)
         self.turns = TurnGate()  # shared benches: a queue may wait for its turn (lab.grant)
 
@@ -229,6 +280,7 @@ class QueueScheduler:
     def sent(self, chunk: ChunkState) -> None:
         chunk.send_failed_since = None
         chunk.sent_at = self.clock()
+        chunk.sent_order = next(self._sent_numbers)
 
     def send_failed(self, chunk: ChunkState, error: str) -> list[Action]:
         """The broker refused the chunk: send it again shortly, or fail its tests by name."""
@@ -455,6 +507,8 @@ class QueueScheduler:
                         actions.extend(self._lost(chunk, now, why))
             if gone_for >= self.wait_workers and waiting:
                 return actions + self._requeue_waiting(queue, waiting, now, why)
+        actions.extend(self._check_taken(queue, waiting, now))
+        waiting = [c for c in waiting if c.batch_id not in self.abandoned]
         # Work waiting while the queue makes no progress at all (a frozen worker holds the
         # slot task): try another slot, count it as an attempt.
         last_progress = self.queue_last_seen.get(queue)
@@ -462,6 +516,12 @@ class QueueScheduler:
         if stalled and not any(c.started_at is not None for c in self.live_chunks(queue)):
             actions.extend(self._requeue_waiting(queue, waiting, now, stalled[0]))
         return actions
+
+    def _check_taken(self, queue: str, waiting: list[ChunkState], now: float) -> list[Action]:
+        """Chunks gone from the work queue that no slot announced: lost with their worker."""
+        depth = self.work_depth(queue) if waiting else None
+        gone = [] if depth is None else taken_for_too_long(waiting, depth, now)
+        return [a for c in gone for a in self._lost(c, now, taken_message(now, c))]
 
     def _ensure_slot(self, queue: str, now: float) -> list[Action]:
         """While work for a queue is left, at least one live slot must pull it."""
@@ -541,23 +601,10 @@ class QueueScheduler:
 
     def _give_up(self, chunk: ChunkState, why: str) -> list[Action]:
         self.abandoned.add(chunk.batch_id)
-        attempts = _plural(chunk.attempt, "attempt")
-        lost_by = [*chunk.lost_by, *([chunk.worker] if chunk.worker else [])]
-        if lost_by:
-            attempts += f" (worked on by {', '.join(dict.fromkeys(lost_by))})"
+        settings = f"--celery-timeout {self.timeout:g}, --celery-retries {self.policy.retries}"
         actions: list[Action] = []
         for nodeid in chunk.remaining:
-            if chunk.started_at is not None:
-                what = f"{chunk.worker} lost while running {nodeid} (queue {chunk.queue})"
-            else:
-                what = f"no worker of queue {chunk.queue} started {nodeid}"
-            actions.append(
-                Fail(
-                    nodeid,
-                    f"{what} after {attempts}: {why} (--celery-timeout {self.timeout:g}, "
-                    f"--celery-retries {self.policy.retries})",
-                )
-            )
+            actions.append(Fail(nodeid, give_up_message(chunk, nodeid, f"{why} ({settings})")))
             self.done(nodeid)
         return actions
 

@@ -74,6 +74,7 @@ class DispatchSession(EventHandlers):
             policy=RetryPolicy(settings.retries, send_limit=settings.wait_workers + SILENCE_LIMIT),
             broker=settings.broker_masked,
             consumer_count=self._consumer_count,
+            work_depth=self._work_depth,
             dist=settings.dist,
             broker_timeout=settings.broker_timeout,
         )
@@ -284,6 +285,13 @@ class DispatchSession(EventHandlers):
 
     def _consumer_count(self, queue_name: str) -> int | None:
         return self._broker.consumer_count(queue_name) if self._broker is not None else None
+
+    def _work_depth(self, queue_name: str) -> int | None:
+        """Chunks of this run still waiting in the work queue of ``queue_name``."""
+        if self._broker is None:
+            return None
+        depth: int | None = self._broker.message_count(work_queue_name(self.run_id, queue_name))
+        return depth
 
     # ------------------------------------------------------------------ actions
 

@@ -30,6 +30,8 @@ class ChunkState:
     lost_by: list[str] = dataclasses.field(default_factory=list)  # workers of earlier attempts
     session_id: str | None = None  # the slot working on it
     send_failed_since: float | None = None
+    sent_order: int = 0  # its place in its work queue (first in, first out)
+    gone_since: float | None = None  # not started, yet no longer in its work queue
 
     @property
     def remaining(self) -> list[str]:

@@ -64,6 +64,7 @@ from .serialization import (
     nodeid_path,
     stop_queue_name,
 )
+from .slotgate import SLOT_BUSY_RETRY, SlotLease, gate_of, make_gate_folder, remove_gate_folder
 from .spares import SPARE_DELAY, SparePool
 from .workerinfo import queue_of, worker_id, workspace
 from .workerpool import reserve_plain_task_process, slots_of, warm_connection
@@ -126,8 +127,10 @@ class JsonFormatter(logging.Formatter):
 @signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _note_concurrency(sender: Any = None, **kwargs: Any) -> None:
     """Pool processes inherit this: each session tells the controller its worker's slots.
-    The pool gets one process more, for plain tasks (see workerpool)."""
+    The pool gets one process more, for plain tasks (see workerpool); the slot locks keep
+    its runs to its slots (see slotgate)."""
     reserve_plain_task_process(sender)
+    make_gate_folder(str(getattr(sender, "hostname", "") or "worker"))
     # A run's zygote (see zygote.Zygotes.fork) lives in the pool process that started it:
     # with pool processes replaced after N tasks or M bytes it would go, and the runners forked
     # from it for the other slots with it. Such workers start a runner per slot.
@@ -174,6 +177,11 @@ def _withdraw_presence(sender: Any = None, **kwargs: Any) -> None:
         local.notices = None
     while local.presence:
         local.presence.pop().stop()
+
+
+@signals.worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _remove_slot_locks(sender: Any = None, **kwargs: Any) -> None:
+    remove_gate_folder()
 
 
 @signals.after_setup_logger.connect  # type: ignore[untyped-decorator]
@@ -386,10 +394,18 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     base = reply.base
     extra: dict[str, Any] = {k: base.get(k) for k in ("task_id", "worker", "queue", "session_id")}
     extra["identity"] = reply.identity
+    lease: SlotLease | None = None
     try:
         if reply.start_state() != RUN:
             log.info("session skipped: the run is over", extra=extra)
             return {"skipped": "run is over"}
+        gate = gate_of(int(os.environ.get(ENV_WORKER_CONCURRENCY) or 1))
+        lease = gate.acquire() if gate is not None else None
+        if gate is not None and lease is None:
+            # Every slot of this worker is running a session: back to the queue, for a worker
+            # with a free slot (or this one, later).
+            log.info("every slot busy: session sent back to its queue", extra=extra)
+            raise self.retry(countdown=SLOT_BUSY_RETRY, max_retries=None)
         ws = workspace()
         nodeids: list[str] = []
         for nodeid in (str(n) for n in payload.get("nodeids", [])):
@@ -454,6 +470,8 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         log.info("session finished", extra={**extra, "summary": summary})
         return dict(summary)
     finally:
+        if lease is not None:
+            lease.release()
         reply.close()
 
 

@@ -247,7 +247,16 @@ class Controller:
         raise AssertionError(f"condition not met within {timeout}s:\n{self.text()}")
 
     def wait(self, timeout: float = 120.0) -> int:
-        return self.proc.wait(timeout)
+        """The controller's exit code; a hang fails with what it printed and its last events."""
+        import subprocess
+
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            tail = "\n".join(json.dumps(e) for e in self.event_lines()[-30:])
+            raise AssertionError(
+                f"controller still running after {timeout}s:\n{self.text()}\nlast events:\n{tail}"
+            ) from None
 
     def text(self) -> str:
         return self.output.read_text(errors="replace")

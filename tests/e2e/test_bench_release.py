@@ -9,6 +9,7 @@ tears down, in a runner forked from the run's zygote (the test checks it was for
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -120,3 +121,57 @@ def test_a_killed_controller_frees_its_bench(pytester, worker_factory, workspace
     finally:
         if first.poll() is None:
             first.kill()
+
+
+OVERLAP_TESTS = """
+import os
+import time
+import pytest
+
+LOG = {log!r}
+
+def note(*words):
+    with open(LOG, "a") as fh:
+        fh.write(" ".join(str(w) for w in words) + "\\n")
+
+@pytest.mark.queue({queue!r})
+@pytest.mark.parametrize("n", range(4))
+def test_{name}(n):
+    note("start", {name!r}, time.time())
+    time.sleep(0.5)
+    note("end", {name!r}, time.time())
+"""
+
+
+@pytest.mark.parametrize("broker", [BROKER, EMBEDDED], ids=["rabbitmq", "embedded"])
+def test_two_runs_never_share_a_one_slot_bench_at_once(pytester, worker_factory, workspace, broker):
+    # The worker's pool has a process beside its slot for plain tasks: the second run's
+    # session must wait for the slot, not take that process.
+    worker = worker_factory(worker_id="worker-one", concurrency=1, broker=broker)
+    log = str(pytester.path / "bench.log")
+    for name in ("first", "second"):
+        source = OVERLAP_TESTS.format(log=log, queue=worker.queue, name=name)
+        pytester.makepyfile(**{f"test_{name}": source})
+    runs = [
+        dispatch(pytester, workspace, broker, name, f"test_{name}.py")
+        for name in ("first", "second")
+    ]
+    try:
+        for name, run in zip(("first", "second"), runs, strict=True):
+            assert run.wait(120) == 0, (pytester.path / f"{name}.out").read_text()
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.kill()
+    spans: list[tuple[float, float]] = []
+    began: dict[str, float] = {}
+    for kind, name, at in lines(log):
+        if kind == "start":
+            assert name not in began, f"{name} started a test while its own was running"
+            began[name] = float(at)
+        else:
+            spans.append((began.pop(name), float(at)))
+    assert len(spans) == 8
+    spans.sort()
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end, f"two tests ran at once on a one-slot bench: {spans}"
