@@ -47,6 +47,9 @@ class RunTurns:
             "arrived": wall(),
         }
         self.since: dict[str, float] = {}  # queue -> when this run got its turn (wall)
+        self.unreachable: str | None = None  # why the board could not be reached at the start
+        self._joined = False  # the board was waited for (at the first grant)
+        self._said = False  # ... and its being out of reach was said
         self._last_notice = float("-inf")
         self._last_line: dict[str, tuple[float, str]] = {}
 
@@ -57,9 +60,24 @@ class RunTurns:
         self.board.publish({**self.me, "queues": waiting})
 
     def grant(self, queue: str, slots: int) -> int:
-        """Slots of ``queue`` this run may take now (0: wait for its turn)."""
-        while not self.board.ready:  # hear every run on the board first (under a second)
-            time.sleep(0.05)
+        """Slots of ``queue`` this run may take now (0: wait for its turn).
+
+        At the start, the board is waited for (``HELLO_WAIT`` normally); a board still out of
+        reach after ``BOARD_WAIT`` leaves this run out of the line (said once). Later, while
+        the board is cut off (a broker restart), a waiting queue keeps waiting.
+        """
+        if not self._joined:
+            self._joined = True
+            deadline = self.clock() + lab.BOARD_WAIT
+            while not self.board.ready:
+                if self.clock() >= deadline:
+                    self.unreachable = self.board.error or "no answer"
+                    break
+                time.sleep(0.02)
+        if self.unreachable:
+            return slots  # as without a line
+        if not self.board.ready:
+            return 0
         with contextlib.suppress(Exception):
             granted = lab.grant(self.me, self.board.notices(), queue, slots)
             if granted > 0:
@@ -92,6 +110,12 @@ class RunTurns:
             self._last_notice = now
             self.board.publish(self.notice(sch))
         lines: list[str] = []
+        if self.unreachable and not self._said:
+            self._said = True
+            lines.append(
+                f"the lab board is out of reach ({self.unreachable}): this run does "
+                "not wait in line for busy queues (docs/shared-benches.md)"
+            )
         for queue in [q for q in self._last_line if q not in sch.turns.waiting]:
             del self._last_line[queue]
             lines.append(f"{queue}: this run's turn; sending its tests")

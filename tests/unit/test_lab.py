@@ -90,6 +90,7 @@ def test_the_status_view_lists_workers_holders_and_the_line_in_order():
 
 class FakeBoard:
     ready = True
+    error = None
 
     def __init__(self, notices=()):
         self.others = list(notices)
@@ -164,3 +165,34 @@ def test_a_slot_busy_with_a_run_without_notice_counts_as_held():
     assert lab.grant(run("b"), [dying], Q, 2) == 1
     holder = run("dead", state=lab.HOLDING, slots=1)
     assert lab.grant(run("b"), [dying, holder], Q, 2) == 1  # not counted twice
+
+
+def test_a_board_out_of_reach_at_the_start_leaves_the_run_out_of_the_line():
+    board = FakeBoard()
+    board.ready, board.error = False, "ACCESS_REFUSED"
+    now = [0.0]
+
+    def clock():
+        now[0] += 1.0  # each look at the clock: a second later
+        return now[0]
+
+    turns = RunTurns("me", {"label": "me@h"}, 5, board, wall=lambda: 1.0, clock=clock)
+    assert turns.grant(Q, 2) == 2  # as without a line, after BOARD_WAIT
+    assert now[0] >= lab.BOARD_WAIT
+    sch = scheduler(turns.grant)
+    lines = turns.tick(sch)
+    assert lines == [
+        "the lab board is out of reach (ACCESS_REFUSED): this run does not wait in line for "
+        "busy queues (docs/shared-benches.md)"
+    ]
+    assert turns.tick(sch) == []  # said once
+
+
+def test_a_waiting_run_keeps_waiting_while_the_board_is_cut_off():
+    board = FakeBoard([run("a", state=lab.HOLDING, slots=1)])
+    turns = RunTurns("me", {"label": "me@h"}, 5, board, wall=lambda: 1.0, clock=lambda: 0.0)
+    assert turns.grant(Q, 1) == 0
+    board.ready, board.others = False, []  # a broker restart: the holder's notice is gone too
+    assert turns.grant(Q, 1) == 0
+    board.ready = True
+    assert turns.grant(Q, 1) == 1
