@@ -196,3 +196,12 @@ def test_a_waiting_run_keeps_waiting_while_the_board_is_cut_off():
     assert turns.grant(Q, 1) == 0
     board.ready = True
     assert turns.grant(Q, 1) == 1
+
+
+def test_a_run_starts_its_free_queue_while_its_busy_one_waits():
+    sch = scheduler(lambda queue, slots: 0 if queue == Q else slots)
+    sch.queue_nodeids["queue_b"] = ["t.py::c"]
+    actions = sch.begin({Q: 1, "queue_b": 1}, {Q: 1, "queue_b": 1})
+    assert {a.slot.queue for a in actions if isinstance(a, StartSlot)} == {"queue_b"}
+    assert set(sch.turns.waiting) == {Q}
+    assert not [a for a in sch.poll() if isinstance(a, StartSlot) and a.slot.queue == Q]
