@@ -51,13 +51,17 @@ class RunTurns:
         self._joined = False  # the board was waited for (at the first grant)
         self._said = False  # ... and its being out of reach was said
         self._last_notice = float("-inf")
+        self._queues: dict[str, Any] = {}  # the queues of the notice published last
         self._last_line: dict[str, tuple[float, str]] = {}
 
     def join(self, queues: list[str]) -> None:
         """On the board at once, waiting for every queue: runs starting together see each
         other before either decides."""
-        waiting = {queue: {"state": lab.WAITING} for queue in queues}
-        self.board.publish({**self.me, "queues": waiting})
+        self._publish({queue: {"state": lab.WAITING} for queue in queues})
+
+    def _publish(self, queues: dict[str, Any]) -> None:
+        self._queues = queues
+        self.board.publish({**self.me, "queues": queues})
 
     def grant(self, queue: str, slots: int) -> int:
         """Slots of ``queue`` this run may take now (0: wait for its turn).
@@ -80,8 +84,10 @@ class RunTurns:
             return 0
         with contextlib.suppress(Exception):
             granted = lab.grant(self.me, self.board.notices(), queue, slots)
-            if granted > 0:
+            if granted > 0:  # said at once: a run arriving now must count these slots as held
                 self.since[queue] = self.wall()
+                state = {"state": lab.HOLDING, "slots": granted, "since": self.since[queue]}
+                self._publish({**self._queues, queue: state})
             return granted
         return slots  # the board cannot be read: as without a line
 
@@ -108,7 +114,7 @@ class RunTurns:
         now = self.clock()
         if now - self._last_notice >= lab.LAB_INTERVAL:
             self._last_notice = now
-            self.board.publish(self.notice(sch))
+            self._publish(self.notice(sch)["queues"])
         lines: list[str] = []
         if self.unreachable and not self._said:
             self._said = True

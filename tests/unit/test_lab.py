@@ -205,3 +205,15 @@ def test_a_run_starts_its_free_queue_while_its_busy_one_waits():
     assert {a.slot.queue for a in actions if isinstance(a, StartSlot)} == {"queue_b"}
     assert set(sch.turns.waiting) == {Q}
     assert not [a for a in sch.poll() if isinstance(a, StartSlot) and a.slot.queue == Q]
+
+
+def test_a_granted_queue_is_published_as_held_at_once():
+    """A run arriving right after must count the slots as taken, before the next renewal."""
+    board = FakeBoard()
+    turns = RunTurns("me", {"label": "me@h"}, 5, board, wall=lambda: 7.0, clock=lambda: 0.0)
+    turns.join([Q, "queue_b"])
+    assert turns.grant(Q, 2) == 2
+    queues = board.published[-1]["queues"]
+    assert queues[Q] == {"state": lab.HOLDING, "slots": 2, "since": 7.0}
+    assert queues["queue_b"] == {"state": lab.WAITING}
+    assert lab.grant(run("late", priority=9), [board.published[-1]], Q, 2) == 0
