@@ -374,7 +374,9 @@ class _Reply:
             self._conn.release()
 
 
-@app.task(name=SESSION_TASK, bind=True, acks_late=False, ignore_result=True)  # type: ignore[untyped-decorator]
+# max_retries=None: a session waiting for a free slot is sent back to its queue for as long as
+# the worker's slots are busy (``self.retry(max_retries=None)`` would mean the default, 3).
+@app.task(name=SESSION_TASK, bind=True, acks_late=False, ignore_result=True, max_retries=None)  # type: ignore[untyped-decorator]
 def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """One slot's share of a test run: a warm runner fed from the run's work queue.
 
@@ -397,7 +399,7 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             # Every slot of this worker is running a session: back to the queue, for a worker
             # with a free slot (or this one, later).
             log.info("every slot busy: session sent back to its queue", extra=extra)
-            raise self.retry(countdown=SLOT_BUSY_RETRY, max_retries=None)
+            raise self.retry(countdown=SLOT_BUSY_RETRY)
         ws = workspace()
         nodeids: list[str] = []
         for nodeid in (str(n) for n in payload.get("nodeids", [])):
