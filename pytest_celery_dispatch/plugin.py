@@ -67,6 +67,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="SECONDS",
         help=S.HELP_BROKER_TIMEOUT,
     )
+    group.addoption("--celery-priority", dest="celery_priority", metavar="N", help=S.HELP_PRIORITY)
     group.addoption(
         "--celery-local-workers",
         dest="celery_local_workers",
@@ -91,6 +92,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ("wait_workers", S.HELP_WAIT_WORKERS),
         ("retries", S.HELP_RETRIES),
         ("broker_timeout", S.HELP_BROKER_TIMEOUT),
+        ("priority", S.HELP_PRIORITY),
         ("local_workers", S.HELP_LOCAL_WORKERS),
         ("timeline", S.HELP_TIMELINE),
         ("event_log", S.HELP_EVENT_LOG),

@@ -53,6 +53,7 @@ from .work import Notice as Notice
 from .work import Publish as Publish
 from .work import SlotState as SlotState
 from .work import StartSlot as StartSlot
+from .work import TurnGate
 
 # ----------------------------------------------------------------------------- pure rules
 
@@ -224,6 +225,7 @@ class QueueScheduler:
         self._chunk_numbers = itertools.count(1)
         self._sent_numbers = itertools.count(1)
         self._slot_numbers = itertools.count(1)
+        self.turns = TurnGate()  # shared benches: a queue may wait for its turn (lab.grant)
 
     # ------------------------------------------------------------------ the start
 
@@ -246,13 +248,16 @@ class QueueScheduler:
 
     def _start_queue(self, queue: str) -> tuple[list[Action], list[Action]]:
         """The first chunk and a slot per worker slot now; the other chunks after. With
-        recorded durations, longest first, and the queue's predicted test time."""
+        recorded durations, longest first, the predicted test time; nothing before its turn."""
         nodeids = self.queue_nodeids[queue]
         slots = max(1, self.capacity.get(queue) or self.consumers.get(queue) or 1)
+        if queue not in self.turns.granted and not self.turns.take(queue, slots):
+            return [], []
         planned = plan_work(nodeids, slots, self.dist, self.group_of, self.estimates.get(queue))
         self.forecast.planned(queue, planned, slots)
         chunks = [self._new_chunk(queue, ids) for ids in planned]
         first: list[Action] = [Publish(c) for c in chunks[:1]]
+        slots = min(slots, self.turns.granted.get(queue, slots))
         first.extend(self._new_slot(queue) for _ in range(min(slots, len(chunks))))
         return first, [Publish(c) for c in chunks[1:]]
 
@@ -327,6 +332,7 @@ class QueueScheduler:
         unknown_workers = max(0, self.consumers.get(slot.queue, 0) - len(known))
         wanted = sum(known.values()) + unknown_workers
         self.capacity[slot.queue] = max(self.capacity.get(slot.queue, 0), wanted)
+        wanted = min(wanted, self.turns.granted.get(slot.queue, wanted))  # a shared bench
         live = sum(1 for s in self.slots.values() if s.live and s.queue == slot.queue)
         waiting = sum(1 for c in self.live_chunks(slot.queue) if c.started_at is None)
         more = [self._new_slot(slot.queue) for _ in range(min(wanted - live, waiting))]
@@ -420,6 +426,8 @@ class QueueScheduler:
         if self.outage.since is not None or self.outage.given_up:
             return actions
         actions.extend(self._poll_waiting_queues(now))
+        for first, rest in (self._start_queue(q) for q in self.turns.due(self.stopping)):
+            actions.extend(first + rest)
         waiting: dict[str, list[ChunkState]] = {}
         for chunk in self.live_chunks():
             if chunk.started_at is None:

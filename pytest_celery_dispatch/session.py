@@ -92,6 +92,7 @@ class DispatchSession(EventHandlers):
         self._app: Any = None
         self._consumer: Any = None
         self._local_workers: Any = None
+        self.turns: Any = None  # turns.RunTurns: this run in the line for shared benches
         self._session: pytest.Session | None = None
         self._last_poll = 0.0
         self._declared: set[str] = set()
@@ -201,6 +202,7 @@ class DispatchSession(EventHandlers):
             from .embedded import sweep
 
             sweep(self.embedded_root)
+        self._join_line()
         queues = self.scheduler.queue_nodeids
         try:
             conn = transport.connect(self._app)
@@ -243,6 +245,16 @@ class DispatchSession(EventHandlers):
         # collector's way, so that neither the collections while reports are replayed nor
         # pytest's gc.collect() at unconfigure walk Celery's and the items' object graphs again.
         gc.freeze()
+
+    def _join_line(self) -> None:
+        """On the lab board: this run's turn on shared benches (``--celery-priority``)."""
+        from .labboard import open_board
+        from .turns import RunTurns
+
+        board = open_board(self._app, self.embedded_root)
+        self.turns = RunTurns(self.run_id, self.identity, self.settings.priority, board)
+        self.turns.join(list(self.scheduler.queue_nodeids))
+        self.scheduler.turns.grant = self.turns.grant
 
     def _guess_queue_names(self) -> None:
         """A queue without consumer may be a typo: guess the served or declared queues one edit
@@ -351,6 +363,8 @@ class DispatchSession(EventHandlers):
                 event = self.events.get_nowait()
             except queue_mod.Empty:
                 event = None
+        for line in self.turns.tick(self.scheduler) if self.turns is not None else ():
+            self.terminal.notice(line, "cyan")  # renews this run's notice (every turn: cheap)
         now = time.monotonic()
         if now - self._last_poll >= POLL_INTERVAL and self._broker is not None:
             self._last_poll = now
@@ -412,6 +426,8 @@ class DispatchSession(EventHandlers):
             self._broker.delete_queue(work_queue_name(self.run_id, queue_name))
 
     def _shutdown(self) -> None:
+        if self.turns is not None:
+            self.turns.close()  # the next run in line goes now
         if self._should_stop() and not self.interrupted:
             self._stop_workers_gracefully()
         if self._consumer is not None:
@@ -445,6 +461,7 @@ class DispatchSession(EventHandlers):
         return {
             "run_id": self.run_id,
             "identity": dict(self.identity),
+            "priority": self.settings.priority,
             "broker": self.settings.broker_masked,
             "backend": self.settings.backend_masked,
             "interrupted": self.interrupted,

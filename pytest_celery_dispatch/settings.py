@@ -31,6 +31,9 @@ from .routing import RouteRule, parse_routes
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_WAIT_WORKERS = 10.0
 DEFAULT_RETRIES = 2
+#: A run's priority for a shared bench (``--celery-priority``): 0-9, higher first.
+DEFAULT_PRIORITY = 5
+MAX_PRIORITY = 9
 
 BROKER_SCHEMES = frozenset({"amqp", "amqps", "pyamqp", "redis", "rediss", "memory"})
 BACKEND_SCHEMES = frozenset({"rpc", "redis", "rediss", "amqp", "disabled", "file"})
@@ -53,6 +56,10 @@ HELP_TIMEOUT = (
 HELP_WAIT_WORKERS = (
     "seconds to wait for a consumer on each needed queue before failing its tests; "
     f"default {DEFAULT_WAIT_WORKERS:g}"
+)
+HELP_PRIORITY = (
+    f"this run's place in the line for a busy queue: 0-{MAX_PRIORITY}, higher first, equal "
+    f"first come first served; a running test is never pre-empted; default {DEFAULT_PRIORITY}"
 )
 HELP_BROKER_TIMEOUT = (
     "seconds to wait for a broker the controller is cut off from (a silent network is noticed "
@@ -92,6 +99,7 @@ class Settings:
     wait_workers: float = DEFAULT_WAIT_WORKERS
     retries: int = DEFAULT_RETRIES
     broker_timeout: float = DEFAULT_BROKER_TIMEOUT
+    priority: int = DEFAULT_PRIORITY
     local_workers: tuple[str, ...] = ()
     local_workers_auto: bool = False
     timeline: str | None = None
@@ -145,6 +153,17 @@ def parse_retries(raw: str, source: str) -> int:
         raise _bad(source, raw, "expected a whole number, 0 or more, e.g. 2") from None
     if value < 0:
         raise _bad(source, raw, "expected a whole number, 0 or more, e.g. 2")
+    return value
+
+
+def parse_priority(raw: str, source: str) -> int:
+    form = f"expected a whole number from 0 to {MAX_PRIORITY} (higher goes first), e.g. 9"
+    try:
+        value = int(str(raw).strip())
+    except (TypeError, ValueError):
+        raise _bad(source, raw, form) from None
+    if not 0 <= value <= MAX_PRIORITY:
+        raise _bad(source, raw, form)
     return value
 
 
@@ -264,6 +283,7 @@ def resolve(
     wait_workers = parsed("wait-workers", parse_non_negative_float, DEFAULT_WAIT_WORKERS)
     retries = parsed("retries", parse_retries, DEFAULT_RETRIES)
     broker_timeout = parsed("broker-timeout", parse_positive_float, DEFAULT_BROKER_TIMEOUT)
+    priority = parsed("priority", parse_priority, DEFAULT_PRIORITY)
     local_workers: tuple[str, ...] = ()
     local_auto = False
     if picked := pick("local-workers"):
@@ -286,6 +306,7 @@ def resolve(
         wait_workers=wait_workers,
         retries=retries,
         broker_timeout=broker_timeout,
+        priority=priority,
         local_workers=local_workers,
         local_workers_auto=local_auto,
         timeline=timeline,

@@ -31,6 +31,7 @@ from typing import Any
 from celery import Celery, Task, signals
 
 from . import embedded
+from .benchnotice import record_last_run, start_bench_notices
 from .celeryconf import SILENT_LIMIT, backend_from_env, broker_from_env, celery_config
 from .demo_tasks import register_demo_tasks
 from .driver import KILL, RUN, STOP, SlotDriver
@@ -94,6 +95,7 @@ class WorkerProcess:
         self.spares = SparePool()
         self.zygotes = Zygotes(self.spares)
         self.presence: list[embedded.Presence] = []
+        self.notices: Any = None  # benchnotice.BenchNotices (main process)
 
 
 local = WorkerProcess()
@@ -149,7 +151,10 @@ def _start_spare_runner(**kwargs: Any) -> None:
 
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]
 def _announce_presence(sender: Any = None, **kwargs: Any) -> None:
-    """On the embedded broker, a worker's presence file is what counts it as a consumer."""
+    """On the embedded broker, a worker's presence file is what counts it as a consumer.
+    On every broker, its notice on the lab board (see benchnotice)."""
+    with contextlib.suppress(Exception):
+        local.notices = start_bench_notices(sender)
     conf = sender.app.conf
     if not embedded.is_embedded(conf.broker_write_url):
         return
@@ -167,6 +172,9 @@ def _announce_presence(sender: Any = None, **kwargs: Any) -> None:
 
 @signals.worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _withdraw_presence(sender: Any = None, **kwargs: Any) -> None:
+    if local.notices is not None:
+        local.notices.stop()
+        local.notices = None
     while local.presence:
         local.presence.pop().stop()
 
@@ -457,6 +465,8 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         finally:
             local.spares.prepare(ws, env, SPARE_DELAY)  # the next run's first runner
         summary["duration"] = round(time.monotonic() - started, 3)
+        last = emit_logged.last_run(summary, base, reply.identity)
+        record_last_run(str(self.request.hostname), last)
         if summary["state"] == RUN:
             reply.emit({"type": "session_finished", "summary": summary})
         log.info("session finished", extra={**extra, "summary": summary})
@@ -476,6 +486,7 @@ class _ChunkLog:
         self.extra = extra
         self.chunks: dict[str, dict[str, Any]] = {}
         self.outcomes: dict[str, str] = {}
+        self.totals: dict[str, int] = {}  # the session's outcomes, for the worker's notice
 
     def __call__(self, event: dict[str, Any]) -> None:
         self.emit(event)
@@ -518,6 +529,7 @@ class _ChunkLog:
             for nodeid in nodeids:
                 outcome = self.outcomes.pop(nodeid, "not run")
                 counts[outcome] = counts.get(outcome, 0) + 1
+                self.totals[outcome] = self.totals.get(outcome, 0) + 1
             log.info(
                 "chunk finished",
                 extra={
@@ -529,6 +541,17 @@ class _ChunkLog:
                     "outcomes": counts,
                 },
             )
+
+    def last_run(self, summary: dict[str, Any], base: Event, identity: str) -> dict[str, Any]:
+        """This slot's run as the worker's notice shows it afterwards."""
+        return {
+            "run_id": base["run_id"],
+            "identity": identity,
+            "queue": base["queue"],
+            "state": summary.get("state"),
+            "outcomes": dict(self.totals),
+            "finished": time.time(),
+        }
 
 
 def different_files(
