@@ -38,8 +38,11 @@ _TIP_SCRIPT = (
     " if(!bar){tip.style.display='none';return;}\n"
     " var t=bar.querySelector('title');\n"
     " tip.textContent=t?t.textContent:bar.getAttribute('data-nodeid');\n"
-    " tip.style.left=(e.pageX+14)+'px';tip.style.top=(e.pageY+14)+'px';\n"
     " tip.style.display='block';\n"
+    " var x=e.pageX+14;\n"
+    " if(x+tip.offsetWidth>window.scrollX+document.documentElement.clientWidth)"
+    "{x=Math.max(0,e.pageX-14-tip.offsetWidth);}\n"
+    " tip.style.left=x+'px';tip.style.top=(e.pageY+14)+'px';\n"
     "});\n"
     "})();\n"
     "</script>\n"
@@ -73,14 +76,19 @@ def href(path: str, link_base: str) -> str:
     return quote(joined, safe="/._-~")
 
 
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
 def artifacts_table(rows: Mapping[str, list[Mapping[str, Any]]], link_base: str) -> str:
     """The "Artifacts" table: one row per test, a link per file (size, and what was cut)."""
     if not rows:
         return ""
     ids = anchors(rows)
     out = [
-        f"<h2>Artifacts ({sum(len(v) for v in rows.values())} files of {len(rows)} tests; "
-        "click a bar to come here)</h2>\n<table>\n<tr><th>test</th><th>files</th></tr>\n"
+        f"<h2>Artifacts ({_plural(sum(len(v) for v in rows.values()), 'file')} of "
+        f"{_plural(len(rows), 'test')}; click a bar to come here)</h2>\n"
+        "<table>\n<tr><th>test</th><th>files</th></tr>\n"
     ]
     for nodeid, files in list(rows.items())[:TABLE_LIMIT]:
         links = []
