@@ -148,19 +148,22 @@ class Chromium:
     # ------------------------------------------------------------------ the page
 
     def open(self, url: str) -> float:
-        """Navigate and wait for the load event; the page's own load time (ms)."""
+        """Navigate and wait for the load event; milliseconds from the navigation's start to
+        the first frame painted after the load (parse, layout and paint of the page)."""
         mark = len(self.events)
         self.call("Page.navigate", url=url)
         self.wait_event("Page.loadEventFired", since=mark)
         return float(
             self.evaluate(
-                "(function(){var n=performance.getEntriesByType('navigation')[0];"
-                "return n ? n.loadEventEnd - n.startTime : -1;})()"
+                "new Promise(function(done){requestAnimationFrame(function(){"
+                "requestAnimationFrame(function(){done(performance.now());});});})"
             )
         )
 
     def evaluate(self, expression: str) -> Any:
-        answer = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        answer = self.call(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
         if "exceptionDetails" in answer:
             raise BrowserError(f"{expression[:80]}: {answer['exceptionDetails']}")
         return answer.get("result", {}).get("value")

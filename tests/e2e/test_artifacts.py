@@ -16,6 +16,8 @@ SEED = 7
 
 SUITE = """
 import random
+import pytest
+
 pytestmark = pytest.mark.queue("QUEUE_A")
 
 def test_bench(dispatch_artifacts):
@@ -25,6 +27,8 @@ def test_bench(dispatch_artifacts):
 """
 
 LIMITS = """
+import pytest
+
 pytestmark = pytest.mark.queue("QUEUE_A")
 
 def test_big_log_passes(dispatch_artifacts):

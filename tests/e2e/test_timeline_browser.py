@@ -212,5 +212,5 @@ def test_a_5000_test_timeline_renders_whole(tmp_path, chromium, capsys):
     with capsys.disabled():
         print(
             f"\n[timeline] {LARGE_RUN} tests: {path.stat().st_size / 1e6:.2f} MB, built in "
-            f"{build:.2f} s, loaded and rendered by Chromium in {load_ms:.0f} ms"
+            f"{build:.2f} s, painted by headless Chromium {load_ms:.0f} ms after navigating"
         )
