@@ -29,6 +29,8 @@ from .artifactstore import ArtifactStore, Entry
 
 #: The section a failed report gets (the terminal prints it under the failure).
 SECTION = "dispatch artifacts"
+#: The captured-output section that carries the ATTACHMENT lines when pytest writes system-out.
+OUTPUT_SECTION = "Captured stdout dispatch artifacts"
 #: The JUnit / user property name of each file.
 PROPERTY = "artifact"
 
@@ -108,7 +110,8 @@ class ArtifactReporter:
             self._attach(report, paths)
 
     def _attach(self, report: pytest.TestReport, paths: list[str]) -> None:
-        """``[[ATTACHMENT|path]]`` lines in the JUnit test case's ``<system-out>``."""
+        """``[[ATTACHMENT|path]]`` lines in the JUnit test case's ``<system-out>``: added to the
+        one pytest writes (``junit_logging``), else in one of their own; never a second one."""
         if not paths:
             return
         try:
@@ -120,6 +123,14 @@ class ArtifactReporter:
         xml = self.config.stash.get(xml_key, None)
         if xml is None:
             return
-        tag = ET.Element("system-out")
-        tag.text = bin_xml_escape("".join(f"[[ATTACHMENT|{p}]]\n" for p in paths))
-        xml.node_reporter(report).append(tag)
+        lines = "".join(f"[[ATTACHMENT|{p}]]\n" for p in paths)
+        reporter = xml.node_reporter(report)
+        written = [n for n in getattr(reporter, "nodes", []) if n.tag == "system-out"]
+        if written:  # pytest wrote the failed call's output already
+            written[-1].text = (written[-1].text or "") + "\n" + bin_xml_escape(lines)
+        elif xml.logging in ("system-out", "out-err", "all") and xml.log_passing_tests:
+            report.sections.append((OUTPUT_SECTION, lines))  # pytest writes it with the rest
+        else:
+            tag = ET.Element("system-out")
+            tag.text = bin_xml_escape(lines)
+            reporter.append(tag)

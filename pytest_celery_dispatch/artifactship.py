@@ -4,7 +4,8 @@ In the runner process the ``dispatch_artifacts`` fixture makes a fresh, empty fo
 test under the slot's artifact folder (``ENV_ARTIFACTS``, one per ``run_session``, so one per
 attempt) and notes it on the item; after the test's whole protocol, the runner plugin sends an
 ``artifacts`` event naming the folders to bring home (the fixture's, and ``tmp_path`` when
-``--celery-artifacts-tmp-path`` asks for it).
+``--celery-artifacts-tmp-path`` asks for it). A test that takes its runner down sends nothing:
+the slot finds its folder by name (:func:`folder_for`) when it reports the crash.
 
 In the slot (the pool process), :class:`ArtifactShipper` sits in front of the reply queue: it
 turns that event into ``artifact_chunk`` messages of at most :data:`.CHUNK_BYTES` each and one
@@ -21,7 +22,6 @@ import base64
 import hashlib
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -38,13 +38,21 @@ TMP_PATH_KEY = pytest.StashKey[str]()
 Emit = Callable[[dict[str, Any]], None]
 
 
+def folder_for(root: str, nodeid: str) -> str:
+    """The test's folder in the slot's artifact folder: known to the slot without a word from
+    the runner, so the files of a test that took its runner down come home too."""
+    return os.path.join(root, "test-" + hashlib.sha256(nodeid.encode()).hexdigest()[:24])
+
+
 def worker_folder(item: pytest.Item, env: Mapping[str, str]) -> str | None:
-    """A fresh folder for this test in the slot's artifact folder, or None off a worker."""
+    """A fresh, empty folder for this test in the slot's artifact folder (a slot runs a test
+    once: one folder per test and attempt), or None off a worker."""
     root = env.get(ENV_ARTIFACTS)
     if not root:
         return None
-    os.makedirs(root, exist_ok=True)
-    folder = tempfile.mkdtemp(prefix="test-", dir=root)
+    folder = folder_for(root, item.nodeid)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
     item.stash[FOLDER_KEY] = folder
     return folder
 
@@ -80,13 +88,26 @@ class ArtifactShipper:
     to what is left and marked ``cut``: never dropped without a word.
     """
 
-    def __init__(self, emit: Emit, limits: Limits, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(
+        self,
+        emit: Emit,
+        limits: Limits,
+        root: str | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
         self.emit = emit
         self.limits = limits
+        self.root = root  # the slot's artifact folder: a crashed test's files are found there
         self.chunk_bytes = chunk_bytes
         self.sent_in_run = 0
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("type") == "crashed" and self.root:
+            # The runner died in the test: what it left in its folder still comes home.
+            folder = folder_for(self.root, str(event.get("nodeid", "")))
+            if os.path.isdir(folder):
+                folders = [{"path": folder, "prefix": "", "remove": "1"}]
+                self({**event, "type": "artifacts", "folders": folders})
         if event.get("type") != "artifacts" or "folders" not in event:
             self.emit(event)
             return

@@ -456,7 +456,7 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             plugin_options=dict(payload.get("plugin_options") or {}),
             key=f"{base['run_id']}/{base['queue']}",
         )
-        emit_logged = _ChunkLog(ArtifactShipper(reply.emit, limits), extra)
+        emit_logged = _ChunkLog(ArtifactShipper(reply.emit, limits, artifacts), extra)
 
         launcher = RunnerLauncher(spec, local.spares, local.zygotes)
         driver = SlotDriver(spec, emit_logged, reply.fetch, launcher, control=reply.control)

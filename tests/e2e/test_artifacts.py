@@ -4,9 +4,14 @@ every report (JSON, JUnit, the terminal's failure section, the timeline)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import random
+import signal
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+import pytest
 
 from pytest_celery_dispatch.artifactpaths import CHUNK_BYTES, TMP_PATH_PREFIX, nodeid_folder
 from pytest_celery_dispatch.artifactreport import SECTION
@@ -143,3 +148,118 @@ def test_a_file_over_the_test_limit_is_cut_and_said_and_tmp_path_of_failed_tests
     assert passing["outcome"] == "passed"
     assert "artifacts" not in passing
     assert not (arts / nodeid_folder(passing["nodeid"])).exists()
+
+
+LOCAL = """
+def test_local_failure(dispatch_artifacts):
+    print("own output")
+    (dispatch_artifacts / "scope.csv").write_text("t,v\\n0,1\\n")
+    assert False
+
+def test_local_pass(dispatch_artifacts):
+    (dispatch_artifacts / "ok.txt").write_text("fine")
+"""
+
+
+@pytest.mark.parametrize("logging", ["no", "system-out", "all"])
+def test_a_local_run_lands_in_the_folder_and_junit_has_one_system_out(pytester, logging):
+    """Without --celery-dispatch the fixture is DIR/<nodeid as a path> itself; the ATTACHMENT
+    lines join the system-out pytest writes (junit_logging) or make the only one."""
+    pytester.makepyfile(test_local=LOCAL)
+    junit = pytester.path / "junit.xml"
+    result = pytester.runpytest_subprocess(
+        f"--junitxml={junit}", "-o", f"junit_logging={logging}", "-p", "no:cacheprovider"
+    )
+    assert result.ret == 1
+    folder = pytester.path / "dispatch_artifacts" / "test_local.py"
+    assert (folder / "test_local_failure" / "scope.csv").read_text() == "t,v\n0,1\n"
+    assert (folder / "test_local_pass" / "ok.txt").read_text() == "fine"
+    result.stdout.fnmatch_lines(
+        [f"*{SECTION}*", "dispatch_artifacts/test_local.py/*scope.csv (8 bytes*"]
+    )
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        outs = list(case.iter("system-out"))
+        assert len(outs) == 1, (logging, [o.text for o in outs])
+        name = "scope.csv" if case.get("name") == "test_local_failure" else "ok.txt"
+        assert f"[[ATTACHMENT|dispatch_artifacts/test_local.py/{case.get('name')}/{name}]]" in (
+            outs[0].text or ""
+        )
+        if logging != "no" and name == "scope.csv":
+            assert "own output" in (outs[0].text or "")
+
+
+CRASH = """
+import os
+import pytest
+
+pytestmark = pytest.mark.queue("QUEUE_A")
+
+def test_takes_its_process_down(dispatch_artifacts):
+    (dispatch_artifacts / "last-words.log").write_text("watchdog reset")
+    os._exit(3)
+"""
+
+
+def test_the_files_of_a_test_that_takes_its_process_down_come_home(
+    pytester, queues, run_dispatched, transport
+):
+    pytester.makepyfile(test_crash=queues.render(CRASH))
+    run = run_dispatched()
+    (test,) = run.report["tests"]
+    assert test["outcome"] == "failed"
+    assert "crashed" in test["dispatch"]["infrastructure_error"]
+    (entry,) = test["artifacts"]
+    assert entry["name"] == "last-words.log"
+    assert (run.report_path.parent / entry["path"]).read_text() == "watchdog reset"
+
+
+KILLED = """
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.queue("QUEUE")
+SHARED = Path(SHARED_DIR)
+
+def test_survives_its_worker(dispatch_artifacts, dispatch_context):
+    (dispatch_artifacts / "attempt.txt").write_text(dispatch_context.worker)
+    first = SHARED / "first-attempt"
+    if not first.exists():
+        (dispatch_artifacts / "only-in-the-first-attempt.txt").write_text("lost")
+        first.write_text(dispatch_context.worker)
+        time.sleep(120)  # its worker is killed here
+"""
+
+
+def test_a_worker_killed_mid_test_loses_that_attempts_files_only(
+    pytester, worker_factory, controller, workspace
+):
+    first = worker_factory(worker_id="worker-k1")
+    second = worker_factory(queue=first.queue, worker_id="worker-k2")
+    shared = pytester.path / "shared"
+    shared.mkdir()
+    source = KILLED.replace("QUEUE", first.queue).replace("SHARED_DIR", repr(str(shared)))
+    pytester.makepyfile(test_killed=source)
+    ctl = controller("--celery-timeout=60")
+    deadline = time.monotonic() + 60
+    while not (shared / "first-attempt").exists():
+        assert time.monotonic() < deadline, ctl.text()
+        assert ctl.proc.poll() is None, ctl.text()
+        time.sleep(0.05)
+    victim_id = (shared / "first-attempt").read_text()
+    victim, survivor = (first, second) if victim_id == "worker-k1" else (second, first)
+    victim.signal(signal.SIGKILL)
+    assert ctl.wait(120) == 0, ctl.text()
+    report = json.loads(ctl.report.read_text())
+    (test,) = report["tests"]
+    assert test["outcome"] == "passed"
+    assert test["dispatch"]["attempts"] == 2
+    assert test["dispatch"]["worker"] == survivor.worker_id
+    (entry,) = test["artifacts"]  # the retry's file, nothing of the killed attempt
+    assert entry["name"] == "attempt.txt"
+    assert (ctl.report.parent / entry["path"]).read_text() == survivor.worker_id
+    folder = ctl.report.parent / report["dispatch"]["artifacts"]["dir"]
+    files = sorted(p.name for p in folder.rglob("*") if p.is_file())
+    assert files == ["attempt.txt"]  # nothing of the killed attempt, not even in .incoming

@@ -133,3 +133,18 @@ def test_a_name_from_a_worker_never_leaves_the_artifact_folder(tmp_path: Path, n
     assert entry["error"].startswith("refused")
     assert store.refused
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_a_crashed_tests_folder_is_sent_before_the_crash_is_reported(tmp_path: Path) -> None:
+    from pytest_celery_dispatch.artifactship import folder_for
+
+    folder = Path(folder_for(str(tmp_path), "t.py::t"))
+    folder.mkdir()
+    (folder / "last.log").write_text("reset")
+    sent: list[dict[str, Any]] = []
+    shipper = ArtifactShipper(sent.append, Limits(), root=str(tmp_path))
+    shipper({"type": "crashed", "nodeid": "t.py::t", "batch_id": "b1"})
+    assert [e["type"] for e in sent] == ["artifact_chunk", "artifacts", "crashed"]
+    assert sent[1]["files"][0]["name"] == "last.log"
+    shipper({"type": "crashed", "nodeid": "t.py::other", "batch_id": "b1"})
+    assert sent[-1]["type"] == "crashed"  # no folder: nothing else said
