@@ -50,11 +50,18 @@ class Limits:
 
     @classmethod
     def from_dict(cls, data: Any) -> Limits:
+        """The limits a slot was sent; anything malformed falls back to the defaults."""
         data = data if isinstance(data, dict) else {}
         mode = str(data.get("tmp_path") or "none")
+
+        def size(key: str, default: int) -> int:
+            value = data.get(key, default)
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            return int(value) if ok else default
+
         return cls(
-            per_test=max(0, int(data.get("per_test", DEFAULT_TEST_LIMIT))),
-            per_run=max(0, int(data.get("per_run", DEFAULT_RUN_LIMIT))),
+            per_test=size("per_test", DEFAULT_TEST_LIMIT),
+            per_run=size("per_run", DEFAULT_RUN_LIMIT),
             tmp_path=mode if mode in TMP_PATH_MODES else "none",
         )
 
@@ -120,6 +127,19 @@ def sha256_of(path: str, limit: int | None = None) -> str:
             if left is not None:
                 left -= len(block)
     return digest.hexdigest()
+
+
+def folder_problem(path: str) -> str | None:
+    """Why the artifact folder ``path`` could not be created or written, or None."""
+    target = os.path.abspath(path)
+    if os.path.exists(target) and not os.path.isdir(target):
+        return f"{path} exists and is not a folder"
+    existing = target
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 def describe_cut(entry: dict[str, Any]) -> str:

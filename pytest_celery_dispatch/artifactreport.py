@@ -109,6 +109,10 @@ class ArtifactReporter:
             ]
             self._attach(report, paths)
 
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        self.store.close()  # after the JSON report (tryfirst) has listed the files
+
     def _attach(self, report: pytest.TestReport, paths: list[str]) -> None:
         """``[[ATTACHMENT|path]]`` lines in the JUnit test case's ``<system-out>``: added to the
         one pytest writes (``junit_logging``), else in one of their own; never a second one."""

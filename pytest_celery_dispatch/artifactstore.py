@@ -187,8 +187,13 @@ class ArtifactStore:
         return entry
 
     def close(self) -> None:
-        """Drop what never reached a final outcome (the incoming folder)."""
+        """Drop what never reached a final outcome (the incoming folder), and the run's folder
+        when nothing came home."""
         shutil.rmtree(os.path.join(self.root, INCOMING), ignore_errors=True)
+        self.staged.clear()
+        self.summaries.clear()
+        with contextlib.suppress(OSError):
+            os.rmdir(self.root)  # only when empty
 
     def totals(self) -> dict[str, Any]:
         """The run's figures for the JSON report's ``dispatch.artifacts``."""

@@ -293,6 +293,14 @@ def _check_writable_outputs(settings: S.Settings) -> None:
                 f"celery-dispatch: cannot write {what} {path!r}: {why}; "
                 f"pass {option} PATH in a writable directory"
             )
+    from .artifactpaths import folder_problem
+
+    why = folder_problem(settings.artifacts)
+    if why:
+        raise pytest.UsageError(
+            f"celery-dispatch: cannot write test artifacts into {settings.artifacts!r}: {why}; "
+            "pass --celery-artifacts DIR in a writable directory"
+        )
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:

@@ -148,3 +148,26 @@ def test_a_crashed_tests_folder_is_sent_before_the_crash_is_reported(tmp_path: P
     assert sent[1]["files"][0]["name"] == "last.log"
     shipper({"type": "crashed", "nodeid": "t.py::other", "batch_id": "b1"})
     assert sent[-1]["type"] == "crashed"  # no folder: nothing else said
+
+
+def test_limits_from_a_malformed_payload_fall_back_to_the_defaults() -> None:
+    assert Limits.from_dict({"per_test": "lots", "per_run": -1, "tmp_path": "x"}) == Limits()
+    assert Limits.from_dict(None) == Limits()
+    assert Limits.from_dict({"per_test": 5, "tmp_path": "failed"}).per_test == 5
+
+
+def test_what_never_reached_an_outcome_is_dropped_at_the_end(tmp_path: Path) -> None:
+    store = ArtifactStore(str(tmp_path / "arts"), Limits())
+    store.chunk(chunk("lost", "half.bin", b"abc"))
+    store.close()
+    assert not (tmp_path / "arts").exists()
+
+
+def test_an_artifact_folder_that_cannot_be_written_is_named(tmp_path: Path) -> None:
+    from pytest_celery_dispatch.artifactpaths import folder_problem
+
+    (tmp_path / "file").write_text("x")
+    assert folder_problem(str(tmp_path / "new" / "deeper")) is None
+    assert (
+        folder_problem(str(tmp_path / "file")) == f"{tmp_path / 'file'} exists and is not a folder"
+    )
