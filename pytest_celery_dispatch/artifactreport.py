@@ -109,6 +109,24 @@ class ArtifactReporter:
             ]
             self._attach(report, paths)
 
+    @pytest.hookimpl(trylast=True)  # under the dispatch summary, beside the report's path
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        """One line: where the run's files came home, how many, and what was cut."""
+        tests = [entries for entries in self.store.entries.values() if entries]
+        files = [e for entries in tests for e in entries]
+        if not files:
+            return
+        cut = sum(1 for e in files if e.get("cut"))
+        errors = sum(1 for e in files if e.get("error"))
+        text = (
+            f"artifacts: {len(files)} file{'s' if len(files) != 1 else ''} of "
+            f"{len(tests)} test{'s' if len(tests) != 1 else ''} "
+            f"in {junit_path(self.store.root)}"
+        )
+        if cut or errors:
+            text += f" ({cut} cut, {errors} with errors)"
+        terminalreporter.write_line(text, yellow=bool(cut or errors))
+
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         self.store.close()  # after the JSON report (tryfirst) has listed the files

@@ -104,6 +104,7 @@ def test_the_files_of_a_failed_test_come_home_into_every_report(
     assert "console.log" in section
     assert "capture.bin" in section
     assert expected["capture.bin"][:16] in section
+    assert "artifacts: 2 files of 1 test in " in out
 
     # The timeline links the bar to both files.
     page = timeline.read_text()
@@ -133,6 +134,7 @@ def test_a_file_over_the_test_limit_is_cut_and_said_and_tmp_path_of_failed_tests
     assert entry["size"] == 3000
     assert entry["bytes"] == 1024
     assert entry["cut_reason"] == "per-test limit"
+    assert "artifacts: 2 files of 2 tests in arts (1 cut, 0 with errors)" in run.result.stdout.str()
     kept = arts / nodeid_folder(big["nodeid"]) / "huge.log"
     assert kept.read_bytes() == b"x" * 1024
     assert entry["sha256"] == sha(b"x" * 1024)
@@ -228,7 +230,8 @@ def test_survives_its_worker(dispatch_artifacts, dispatch_context):
     first = SHARED / "first-attempt"
     if not first.exists():
         (dispatch_artifacts / "only-in-the-first-attempt.txt").write_text("lost")
-        first.write_text(dispatch_context.worker)
+        (SHARED / "tmp").write_text(dispatch_context.worker)
+        (SHARED / "tmp").rename(first)  # whole, never seen half-written
         time.sleep(120)  # its worker is killed here
 """
 
