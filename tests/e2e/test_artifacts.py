@@ -15,6 +15,8 @@ import pytest
 
 from pytest_celery_dispatch.artifactpaths import CHUNK_BYTES, TMP_PATH_PREFIX, nodeid_folder
 from pytest_celery_dispatch.artifactreport import SECTION
+from pytest_celery_dispatch.embedded import EMBEDDED
+from tests.helpers import BROKER
 
 BIG = 50 << 20  # a 50 MB capture: 50 chunks on the wire
 SEED = 7
@@ -236,16 +238,17 @@ def test_survives_its_worker(dispatch_artifacts, dispatch_context):
 """
 
 
+@pytest.mark.parametrize("broker", [BROKER, EMBEDDED], ids=["rabbitmq", "embedded"])
 def test_a_worker_killed_mid_test_loses_that_attempts_files_only(
-    pytester, worker_factory, controller, workspace
+    pytester, worker_factory, controller, broker
 ):
-    first = worker_factory(worker_id="worker-k1")
-    second = worker_factory(queue=first.queue, worker_id="worker-k2")
+    first = worker_factory(worker_id="worker-k1", broker=broker)
+    second = worker_factory(queue=first.queue, worker_id="worker-k2", broker=broker)
     shared = pytester.path / "shared"
     shared.mkdir()
     source = KILLED.replace("QUEUE", first.queue).replace("SHARED_DIR", repr(str(shared)))
     pytester.makepyfile(test_killed=source)
-    ctl = controller("--celery-timeout=60")
+    ctl = controller("--celery-timeout=60", broker=broker)
     deadline = time.monotonic() + 60
     while not (shared / "first-attempt").exists():
         assert time.monotonic() < deadline, ctl.text()
