@@ -73,6 +73,7 @@ class SlotPayloads:
         self.plugin_options = forwarded_plugin_options(config)
         self.stream = config.getoption("capture", "fd") == "no"
         self._digests: dict[str, str] = {}
+        self.artifacts: dict[str, Any] = {}  # artifactpaths.Limits, as a dict
 
     def file_digests(self, nodeids: list[str]) -> dict[str, str]:
         """sha256 of each test file of these nodeids, computed once per run and file."""
@@ -103,4 +104,5 @@ class SlotPayloads:
             "stream": self.stream,
             "plugin_options": self.plugin_options,
             "identity": self.identity,
+            "artifacts": self.artifacts,
         }

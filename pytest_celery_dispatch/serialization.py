@@ -47,6 +47,8 @@ EventType = Literal[
     "output",  # what tests printed, streamed as it comes (-s on the controller)
     "warning",  # a warning recorded on the worker
     "results",  # finished tests sent together: each with its location, times and reports
+    "artifact_chunk",  # a piece of a test's file (artifactship): name, offset, base64 data
+    "artifacts",  # a test's files as sent: name, size, bytes, sha256, cut (before its results)
 ]
 
 
@@ -66,6 +68,7 @@ class SessionPayload(TypedDict):
     stream: bool  # -s on the controller: stream the tests' output as it comes
     plugin_options: dict[str, Any]  # other plugins' option values, applied if they exist there
     identity: dict[str, Any]  # who the run is (identity.Identity): workers log it
+    artifacts: dict[str, Any]  # artifactpaths.Limits: what a test may bring home
 
 
 class Chunk(TypedDict):
@@ -104,6 +107,9 @@ class Event(TypedDict, total=False):
     elapsed: float  # alive: how long the current test has run
     tests: list[dict[str, Any]]  # results
     concurrency: int  # session_started: the worker's slots
+    name: str  # artifact_chunk: the file, relative to its test's folder
+    offset: int  # artifact_chunk
+    files: list[dict[str, Any]]  # artifacts
 
 
 def dumps(obj: Any) -> str:

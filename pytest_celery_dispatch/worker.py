@@ -22,7 +22,9 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +33,8 @@ from typing import Any
 from celery import Celery, Task, signals
 
 from . import embedded
+from .artifactpaths import Limits
+from .artifactship import ArtifactShipper
 from .benchnotice import record_last_run, start_bench_notices
 from .celeryconf import SILENT_LIMIT, backend_from_env, broker_from_env, celery_config
 from .demo_tasks import register_demo_tasks
@@ -38,6 +42,8 @@ from .driver import KILL, RUN, STOP, SlotDriver
 from .launcher import RunnerLauncher
 from .liveness import CONTROLLER_CHECK_INTERVAL, ControllerWatch
 from .names import (
+    ENV_ARTIFACTS,
+    ENV_ARTIFACTS_TMP_PATH,
     ENV_BROKER_URL,
     ENV_CTX_HOSTNAME,
     ENV_CTX_QUEUE,
@@ -382,7 +388,9 @@ class _Reply:
             self._conn.release()
 
 
-@app.task(name=SESSION_TASK, bind=True, acks_late=False, ignore_result=True)  # type: ignore[untyped-decorator]
+# max_retries=None: a session waiting for a free slot is sent back to its queue for as long as
+# the worker's slots are busy (``self.retry(max_retries=None)`` would mean the default, 3).
+@app.task(name=SESSION_TASK, bind=True, acks_late=False, ignore_result=True, max_retries=None)  # type: ignore[untyped-decorator]
 def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """One slot's share of a test run: a warm runner fed from the run's work queue.
 
@@ -405,7 +413,7 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             # Every slot of this worker is running a session: back to the queue, for a worker
             # with a free slot (or this one, later).
             log.info("every slot busy: session sent back to its queue", extra=extra)
-            raise self.retry(countdown=SLOT_BUSY_RETRY, max_retries=None)
+            raise self.retry(countdown=SLOT_BUSY_RETRY)
         ws = workspace()
         nodeids: list[str] = []
         for nodeid in (str(n) for n in payload.get("nodeids", [])):
@@ -432,9 +440,13 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             }
         )
         log.info("session started", extra={**extra, "tests": len(nodeids)})
+        limits = Limits.from_dict(payload.get("artifacts"))
+        artifacts = tempfile.mkdtemp(prefix="celery-dispatch-artifacts-")  # this attempt's
         env = dict(os.environ)
         env.update(
             {
+                ENV_ARTIFACTS: artifacts,
+                ENV_ARTIFACTS_TMP_PATH: limits.tmp_path,
                 ENV_WORKER_ID: base["worker"],
                 ENV_CTX_WORKER_ID: base["worker"],
                 ENV_CTX_QUEUE: base["queue"],
@@ -454,13 +466,14 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             plugin_options=dict(payload.get("plugin_options") or {}),
             key=f"{base['run_id']}/{base['queue']}",
         )
-        emit_logged = _ChunkLog(reply.emit, extra)
+        emit_logged = _ChunkLog(ArtifactShipper(reply.emit, limits, artifacts), extra)
 
         launcher = RunnerLauncher(spec, local.spares, local.zygotes)
         driver = SlotDriver(spec, emit_logged, reply.fetch, launcher, control=reply.control)
         try:
             summary = driver.run()
         finally:
+            shutil.rmtree(artifacts, ignore_errors=True)
             local.spares.prepare(ws, env, SPARE_DELAY)  # the next run's first runner
         summary["duration"] = round(time.monotonic() - started, 3)
         last = emit_logged.last_run(summary, base, reply.identity)
