@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .lab import LAB_LISTEN, ago, lab_view
+from .lab import BOARD_WAIT, ago, lab_view
 from .names import mask_url
 
 #: ``--watch``: seconds between two views.
@@ -109,8 +109,17 @@ def status(broker: str | None, as_json: bool, watch: bool) -> int:
             return 1
     board = open_board(app, root)
     try:
+        deadline = time.monotonic() + BOARD_WAIT
+        while not board.ready:
+            if time.monotonic() >= deadline:
+                why = board.error or "no answer"
+                print(
+                    f"celery-dispatch status: the lab board is out of reach ({why})",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(0.02)
         while True:
-            time.sleep(max(0.0, LAB_LISTEN + 0.1) if not board.ready else 0.0)
             view = lab_view(board.notices())
             view["broker"] = mask_url(url)
             if as_json:
