@@ -76,6 +76,7 @@ class SlotPayloads:
         self.ship: dict[str, Any] = {"mode": "off"}  # the run's manifest (see shipcontrol)
         #: Signs a payload: its ``ship`` with the signature (see shipsign); None: unsigned.
         self.signer: Callable[[SessionPayload], dict[str, Any]] | None = None
+        self.artifacts: dict[str, Any] = {}  # artifactpaths.Limits, as a dict
 
     def file_digests(self, nodeids: list[str]) -> dict[str, str]:
         """sha256 of each test file of these nodeids, computed once per run and file."""
@@ -107,6 +108,7 @@ class SlotPayloads:
             "plugin_options": self.plugin_options,
             "identity": self.identity,
             "ship": self.ship,
+            "artifacts": self.artifacts,
         }
         if self.signer is not None and self.ship.get("digest"):
             payload["ship"] = self.signer(payload)

@@ -50,8 +50,8 @@ JUNK_DIRS = frozenset(
     }
 )
 JUNK_SUFFIXES = (".pyc", ".pyo", ".egg-info")
-#: Never shipped, in git or not: the JSON reports of earlier runs under their default name.
-ALWAYS_EXCLUDED = ("dispatch_results_*.json",)
+#: Never shipped, in git or not: earlier runs' JSON reports and artifacts under default names.
+ALWAYS_EXCLUDED = ("dispatch_results_*.json", "dispatch_results_*_artifacts", "dispatch_artifacts")
 
 MB = 1024 * 1024
 DEFAULT_MAX_FILE = 100 * MB
@@ -166,7 +166,7 @@ def list_files(
 ) -> list[str]:
     """The run's files under ``root``: git's view (tracked + untracked-not-ignored), else a
     walk without junk; plus files matching ``include`` globs, minus ``exclude`` globs and the
-    absolute paths in ``skip`` (the run's own outputs: reports, logs)."""
+    files and folders in ``skip`` (the run's own outputs: reports, logs, artifacts)."""
     include = [p for p in include if p.strip()]
     exclude = [p for p in exclude if p.strip()] + list(ALWAYS_EXCLUDED)
     listed = _git_files(root)
@@ -179,6 +179,7 @@ def list_files(
         n
         for n in names
         if n not in skipped
+        and not any(n.startswith(folder + "/") for folder in skipped)
         and not any(matches(n, g) for g in exclude)
         and os.path.lexists(os.path.join(root, n))
     )

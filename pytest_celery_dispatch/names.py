@@ -124,6 +124,8 @@ ENV_WORKER_CONCURRENCY = "DISPATCH_WORKER_CONCURRENCY"
 ENV_PLAIN_TASK_PROCESS = "DISPATCH_PLAIN_TASK_PROCESS"
 #: Pool processes a worker keeps beside its slots for plain tasks (:mod:`.workerpool`).
 PLAIN_TASK_PROCESSES = 1
+#: The folder of a worker's slot locks (:mod:`.slotgate`), made at start-up (internal).
+ENV_SLOT_GATE = "DISPATCH_SLOT_GATE"
 
 # Between a slot and its runner process (internal):
 ENV_RUNNER = "PYTEST_CELERY_DISPATCH_RUNNER"
@@ -134,3 +136,5 @@ ENV_OPTIONS = "PYTEST_CELERY_DISPATCH_OPTIONS"
 ENV_PARENT = "PYTEST_CELERY_DISPATCH_PARENT_PID"
 ENV_ZYGOTE = "PYTEST_CELERY_DISPATCH_ZYGOTE"
 ENV_ZYGOTE_HOME = "PYTEST_CELERY_DISPATCH_ZYGOTE_HOME"
+ENV_ARTIFACTS = "PYTEST_CELERY_DISPATCH_ARTIFACTS"  # the slot's folder for test artifacts
+ENV_ARTIFACTS_TMP_PATH = "PYTEST_CELERY_DISPATCH_ARTIFACTS_TMP_PATH"  # none / failed / all

@@ -13,8 +13,10 @@ Invariants the controller relies on:
 
 * every dispatched nodeid belongs to exactly one outstanding chunk until it has a final report;
 * a chunk is *lost* when its heartbeats stop, when a test of it outlives the worker's own hard
-  kill, when its queue has no consumer any more, or when it waited in its queue for
-  ``timeout + grace`` seconds while the queue made no progress (see :func:`is_lost`);
+  kill, when its queue has no consumer any more, when it waited in its queue for
+  ``timeout + grace`` seconds while the queue made no progress (see :func:`is_lost`), or when it
+  is no longer in its work queue and no slot said it took it for ``SILENCE_LIMIT`` seconds (a
+  worker killed or cut off as it took it: see :func:`taken_unannounced`);
 * every retry is decided by one :class:`RetryPolicy`, and every delay is a ``not_before``: a lost
   chunk's unfinished nodeids are re-dispatched as a new chunk (attempt + 1) after an exponential
   backoff until ``retries`` re-dispatches are used up, then they fail by name; the follow-up
@@ -31,6 +33,10 @@ from collections.abc import Callable, Iterable
 
 from .planning import LOAD, Forecast, plan_work
 from .planning import plan_chunks as plan_chunks
+from .recovery import Recovery, plural
+from .recovery import give_up_message as give_up_message
+from .recovery import is_lost as is_lost
+from .recovery import taken_unannounced as taken_unannounced
 from .retry import BACKOFF_BASE as BACKOFF_BASE
 from .retry import BACKOFF_MAX as BACKOFF_MAX
 from .retry import CONSUMER_GONE_GRACE as CONSUMER_GONE_GRACE
@@ -51,48 +57,9 @@ from .work import Notice as Notice
 from .work import Publish as Publish
 from .work import SlotState as SlotState
 from .work import StartSlot as StartSlot
-
-# ----------------------------------------------------------------------------- pure rules
-
-
-def is_lost(
-    chunk: ChunkState,
-    now: float,
-    timeout: float,
-    queue_last_seen: float | None = None,
-    silence: float = SILENCE_LIMIT,
-) -> str | None:
-    """Why this unfinished chunk counts as lost, or ``None`` while it is fine.
-
-    * A started chunk sends a heartbeat every couple of seconds: silent for ``silence``
-      seconds, its worker is gone or cut off.
-    * A test of a started chunk that is still running ``timeout + grace`` after it began has
-      outlived the worker's own hard kill: the worker cannot be trusted with it any more.
-    * A chunk still waiting in its queue is lost when neither it nor any other chunk of this
-      run on that queue made progress for ``timeout + grace`` (counted from its send, or from
-      its ``not_before`` after a retry): while the queue moves, waiting there is fine.
-    """
-    if chunk.finished or chunk.sent_at is None:
-        return None
-    grace = grace_for(timeout)
-    if chunk.started_at is not None:
-        last = chunk.last_seen if chunk.last_seen is not None else chunk.started_at
-        if now - last > silence:
-            return f"no heartbeat for {silence:g}s"
-        if chunk.current_since is not None and now - chunk.current_since > timeout + grace:
-            return f"a test still running {timeout + grace:g}s after it started"
-        return None
-    last = max(chunk.sent_at, chunk.not_before, queue_last_seen or 0.0)
-    if now - last > timeout + grace:
-        return f"not taken from the queue within {timeout + grace:g}s"
-    return None
-
+from .work import TurnGate
 
 # ----------------------------------------------------------------------------- the scheduler
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'s' if n != 1 else ''}"
 
 
 def restart_clocks(
@@ -108,6 +75,8 @@ def restart_clocks(
             chunk.last_seen = now
         if chunk.current_since is not None:
             chunk.current_since = max(chunk.current_since, now - 1.0)
+        if chunk.gone_since is not None:
+            chunk.gone_since = now
     for slot in slots:
         slot.last_seen = now
     for queue in last_seen:
@@ -122,7 +91,7 @@ def no_consumer_message(queue: str, wait_workers: float, guess: str | None = Non
     )
 
 
-class QueueScheduler:
+class QueueScheduler(Recovery):
     """The run's work per queue: chunks, slots, waiting queues, deadlines, retries.
 
     Event methods (``slot_seen``, ``chunk_started``, ``test_started``, ...) record what the
@@ -139,6 +108,7 @@ class QueueScheduler:
         policy: RetryPolicy,
         broker: str,
         consumer_count: Callable[[str], int | None],
+        work_depth: Callable[[str], int | None] = lambda queue: None,
         clock: Callable[[], float] = time.monotonic,
         dist: str = LOAD,
         broker_timeout: float = DEFAULT_BROKER_TIMEOUT,
@@ -149,6 +119,7 @@ class QueueScheduler:
         self.policy = policy
         self.broker = broker  # masked, for messages
         self.consumer_count = consumer_count
+        self.work_depth = work_depth  # messages left in a queue's work queue (None: unknown)
         self.clock = clock
         self.queue_nodeids: dict[str, list[str]] = {}
         self.dist = dist  # --celery-dist: how a queue's tests are cut into chunks
@@ -172,7 +143,9 @@ class QueueScheduler:
         self._slot_not_before: dict[str, float] = {}
         self.outage = BrokerOutage(broker_timeout)  # cut off from the broker
         self._chunk_numbers = itertools.count(1)
+        self._sent_numbers = itertools.count(1)
         self._slot_numbers = itertools.count(1)
+        self.turns = TurnGate()  # shared benches: a queue may wait for its turn (lab.grant)
 
     # ------------------------------------------------------------------ the start
 
@@ -195,13 +168,16 @@ class QueueScheduler:
 
     def _start_queue(self, queue: str) -> tuple[list[Action], list[Action]]:
         """The first chunk and a slot per worker slot now; the other chunks after. With
-        recorded durations, longest first, and the queue's predicted test time."""
+        recorded durations, longest first, the predicted test time; nothing before its turn."""
         nodeids = self.queue_nodeids[queue]
         slots = max(1, self.capacity.get(queue) or self.consumers.get(queue) or 1)
+        if queue not in self.turns.granted and not self.turns.take(queue, slots):
+            return [], []
         planned = plan_work(nodeids, slots, self.dist, self.group_of, self.estimates.get(queue))
         self.forecast.planned(queue, planned, slots)
         chunks = [self._new_chunk(queue, ids) for ids in planned]
         first: list[Action] = [Publish(c) for c in chunks[:1]]
+        slots = min(slots, self.turns.granted.get(queue, slots))
         first.extend(self._new_slot(queue) for _ in range(min(slots, len(chunks))))
         return first, [Publish(c) for c in chunks[1:]]
 
@@ -224,6 +200,7 @@ class QueueScheduler:
     def sent(self, chunk: ChunkState) -> None:
         chunk.send_failed_since = None
         chunk.sent_at = self.clock()
+        chunk.sent_order = next(self._sent_numbers)
 
     def send_failed(self, chunk: ChunkState, error: str) -> list[Action]:
         """The broker refused the chunk: send it again shortly, or fail its tests by name."""
@@ -275,6 +252,7 @@ class QueueScheduler:
         unknown_workers = max(0, self.consumers.get(slot.queue, 0) - len(known))
         wanted = sum(known.values()) + unknown_workers
         self.capacity[slot.queue] = max(self.capacity.get(slot.queue, 0), wanted)
+        wanted = min(wanted, self.turns.granted.get(slot.queue, wanted))  # a shared bench
         live = sum(1 for s in self.slots.values() if s.live and s.queue == slot.queue)
         waiting = sum(1 for c in self.live_chunks(slot.queue) if c.started_at is None)
         more = [self._new_slot(slot.queue) for _ in range(min(wanted - live, waiting))]
@@ -287,7 +265,7 @@ class QueueScheduler:
         eta = self.forecast.revise(queue, slots)
         if eta is None:
             return []
-        return [Notice(f"{queue}: {_plural(slots, 'slot')}; revised ETA {eta:.2f}s", "cyan")]
+        return [Notice(f"{queue}: {plural(slots, 'slot')}; revised ETA {eta:.2f}s", "cyan")]
 
     def chunk_seen(self, batch_id: str) -> ChunkState | None:
         chunk = self.chunks.get(batch_id)
@@ -368,6 +346,8 @@ class QueueScheduler:
         if self.outage.since is not None or self.outage.given_up:
             return actions
         actions.extend(self._poll_waiting_queues(now))
+        for first, rest in (self._start_queue(q) for q in self.turns.due(self.stopping)):
+            actions.extend(first + rest)
         waiting: dict[str, list[ChunkState]] = {}
         for chunk in self.live_chunks():
             if chunk.started_at is None:
@@ -417,7 +397,7 @@ class QueueScheduler:
                 del self.waiting_queues[queue]
                 actions.append(
                     Notice(
-                        f"a worker now consumes {queue}; sending {_plural(len(nodeids), 'test')}",
+                        f"a worker now consumes {queue}; sending {plural(len(nodeids), 'test')}",
                         "cyan",
                     )
                 )
@@ -429,32 +409,6 @@ class QueueScheduler:
                 actions.extend(Fail(n, why) for n in nodeids)
         return actions
 
-    def _check_queue(self, queue: str, waiting: list[ChunkState], now: float) -> list[Action]:
-        """A started queue with work left: still consumed, and moving?"""
-        count = self.consumer_count(queue)
-        if count is None:
-            return []  # cannot tell right now
-        self.consumers[queue] = count
-        actions: list[Action] = []
-        if count > 0:
-            self._no_consumer_since.pop(queue, None)
-        else:
-            gone_for = now - self._no_consumer_since.setdefault(queue, now)
-            why = f"no worker consumes queue {queue!r} any more"
-            if gone_for >= CONSUMER_GONE_GRACE:
-                for chunk in self.live_chunks(queue):
-                    if chunk.started_at is not None:
-                        actions.extend(self._lost(chunk, now, why))
-            if gone_for >= self.wait_workers and waiting:
-                return actions + self._requeue_waiting(queue, waiting, now, why)
-        # Work waiting while the queue makes no progress at all (a frozen worker holds the
-        # slot task): try another slot, count it as an attempt.
-        last_progress = self.queue_last_seen.get(queue)
-        stalled = [r for c in waiting if (r := is_lost(c, now, self.timeout, last_progress))]
-        if stalled and not any(c.started_at is not None for c in self.live_chunks(queue)):
-            actions.extend(self._requeue_waiting(queue, waiting, now, stalled[0]))
-        return actions
-
     def _ensure_slot(self, queue: str, now: float) -> list[Action]:
         """While work for a queue is left, at least one live slot must pull it."""
         if queue in self.waiting_queues or self.stopping or not self.unfinished_in(queue):
@@ -464,94 +418,6 @@ class QueueScheduler:
         if now < self._slot_not_before.get(queue, 0.0):
             return []  # backing off before the next attempt
         return [self._new_slot(queue)]
-
-    # ------------------------------------------------------------------ retries
-
-    def _requeue_waiting(
-        self, queue: str, chunks: list[ChunkState], now: float, why: str
-    ) -> list[Action]:
-        """Chunks still in the work queue, with nobody to take them: count an attempt, start a
-        fresh slot after the backoff, or fail them by name once the retries are used up."""
-        self._no_consumer_since.pop(queue, None)
-        self.queue_last_seen[queue] = now
-        for slot in self.slots.values():
-            if slot.queue == queue and slot.started_at is None:
-                slot.lost = True  # never started: another one replaces it
-        actions: list[Action] = []
-        retried: list[tuple[ChunkState, Retry]] = []
-        for chunk in chunks:
-            decision = self.policy.after_loss(chunk.attempt, now, why)
-            if isinstance(decision, Retry):
-                retried.append((chunk, decision))
-            else:
-                actions.extend(self._give_up(chunk, why))
-        if not retried:
-            return actions
-        for chunk, decision in retried:
-            chunk.attempt, chunk.not_before = decision.attempt, decision.at
-            actions.append(Attempt(tuple(chunk.remaining), chunk.attempt))
-        latest = max((d for _, d in retried), key=lambda d: d.attempt)
-        self._slot_not_before[queue] = latest.at
-        tests = sum(len(c.remaining) for c, _ in retried)
-        actions.append(
-            Notice(
-                f"queue {queue}: {why}; re-dispatching {tests} test(s) in {latest.at - now:g}s "
-                f"(attempt {latest.attempt} of {self.policy.retries + 1})"
-            )
-        )
-        return actions
-
-    def _lost(self, chunk: ChunkState, now: float, why: str) -> list[Action]:
-        """Re-dispatch what a lost chunk had not finished, or fail it by name."""
-        self.abandoned.add(chunk.batch_id)
-        for nodeid in chunk.remaining:
-            self.running.discard(nodeid)
-        slot = self.slots.get(chunk.session_id or "")
-        if slot is not None:
-            slot.lost = True
-        decision = self.policy.after_loss(chunk.attempt, now, why)
-        remaining = chunk.remaining
-        if isinstance(decision, GiveUp) or not remaining:
-            return self._give_up(chunk, why)
-        follow_up = self._new_chunk(
-            chunk.queue,
-            remaining,
-            attempt=decision.attempt,
-            not_before=decision.at,
-            lost_by=[*chunk.lost_by, *([chunk.worker] if chunk.worker else [])],
-        )
-        self.unsent.append(follow_up)
-        self._slot_not_before[chunk.queue] = decision.at
-        where = f"{chunk.worker} on {chunk.queue}" if chunk.worker else f"queue {chunk.queue}"
-        return [
-            Notice(
-                f"{where}: {why}; re-dispatching {len(remaining)} test(s) in "
-                f"{decision.at - now:g}s (attempt {decision.attempt} of "
-                f"{self.policy.retries + 1})"
-            )
-        ]
-
-    def _give_up(self, chunk: ChunkState, why: str) -> list[Action]:
-        self.abandoned.add(chunk.batch_id)
-        attempts = _plural(chunk.attempt, "attempt")
-        lost_by = [*chunk.lost_by, *([chunk.worker] if chunk.worker else [])]
-        if lost_by:
-            attempts += f" (worked on by {', '.join(dict.fromkeys(lost_by))})"
-        actions: list[Action] = []
-        for nodeid in chunk.remaining:
-            if chunk.started_at is not None:
-                what = f"{chunk.worker} lost while running {nodeid} (queue {chunk.queue})"
-            else:
-                what = f"no worker of queue {chunk.queue} started {nodeid}"
-            actions.append(
-                Fail(
-                    nodeid,
-                    f"{what} after {attempts}: {why} (--celery-timeout {self.timeout:g}, "
-                    f"--celery-retries {self.policy.retries})",
-                )
-            )
-            self.done(nodeid)
-        return actions
 
     # ------------------------------------------------------------------ stopping
 

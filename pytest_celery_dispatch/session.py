@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from . import routing
+from .artifactstore import ArtifactEvents
 from .collection import group_key, route_item
 from .durations import queue_estimates
 from .events import EventHandlers
@@ -46,13 +47,14 @@ from .scheduling import (
 from .serialization import Chunk, Event, reply_queue_name, work_queue_name
 from .settings import Settings
 from .shipcontrol import ShipHandlers, Shipper, resolve_ship, run_outputs
+from .stashkeys import ARTIFACTS_KEY
 from .terminal import DispatchTerminal
 
 #: How often the scheduler's clocks are polled (queues without consumers, lost work).
 POLL_INTERVAL = 0.5
 
 
-class DispatchSession(EventHandlers, ShipHandlers):
+class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
     """Registered as a plugin only with ``--celery-dispatch``; owns the run's dispatching."""
 
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
@@ -75,6 +77,7 @@ class DispatchSession(EventHandlers, ShipHandlers):
             policy=RetryPolicy(settings.retries, send_limit=settings.wait_workers + SILENCE_LIMIT),
             broker=settings.broker_masked,
             consumer_count=self._consumer_count,
+            work_depth=self._work_depth,
             dist=settings.dist,
             broker_timeout=settings.broker_timeout,
         )
@@ -82,8 +85,12 @@ class DispatchSession(EventHandlers, ShipHandlers):
         self.payloads = SlotPayloads(
             config, self.run_id, self.reply_to, settings.timeout, self.identity
         )
-        outputs = run_outputs(config, settings.json_report, settings.event_log, settings.timeline)
+        outputs = run_outputs(
+            config, settings.json_report, settings.event_log, settings.timeline, settings.artifacts
+        )
         self.shipper = Shipper(str(config.rootpath), resolve_ship(config), outputs)
+        self.artifacts = config.stash[ARTIFACTS_KEY]
+        self.payloads.artifacts = settings.artifacts_limits.as_dict()
         self.workers_by_queue: dict[str, list[str]] = {}
         self.broker_error: str | None = None
         self.started_at = time.time()
@@ -94,6 +101,7 @@ class DispatchSession(EventHandlers, ShipHandlers):
         self._app: Any = None
         self._consumer: Any = None
         self._local_workers: Any = None
+        self.turns: Any = None  # turns.RunTurns: this run in the line for shared benches
         self._session: pytest.Session | None = None
         self._last_poll = 0.0
         self._declared: set[str] = set()
@@ -203,6 +211,7 @@ class DispatchSession(EventHandlers, ShipHandlers):
             from .embedded import sweep
 
             sweep(self.embedded_root)
+        self._join_line()
         queues = self.scheduler.queue_nodeids
         if not self.prepare_ship([n for nodeids in queues.values() for n in nodeids]):
             return
@@ -248,6 +257,16 @@ class DispatchSession(EventHandlers, ShipHandlers):
         # pytest's gc.collect() at unconfigure walk Celery's and the items' object graphs again.
         gc.freeze()
 
+    def _join_line(self) -> None:
+        """On the lab board: this run's turn on shared benches (``--celery-priority``)."""
+        from .labboard import open_board
+        from .turns import RunTurns
+
+        board = open_board(self._app, self.embedded_root)
+        self.turns = RunTurns(self.run_id, self.identity, self.settings.priority, board)
+        self.turns.join(list(self.scheduler.queue_nodeids))
+        self.scheduler.turns.grant = self.turns.grant
+
     def _guess_queue_names(self) -> None:
         """A queue without consumer may be a typo: guess the served or declared queues one edit
         away (their names cost a broadcast: only asked on this unhappy path)."""
@@ -277,6 +296,13 @@ class DispatchSession(EventHandlers, ShipHandlers):
 
     def _consumer_count(self, queue_name: str) -> int | None:
         return self._broker.consumer_count(queue_name) if self._broker is not None else None
+
+    def _work_depth(self, queue_name: str) -> int | None:
+        """Chunks of this run still waiting in the work queue of ``queue_name``."""
+        if self._broker is None:
+            return None
+        depth: int | None = self._broker.message_count(work_queue_name(self.run_id, queue_name))
+        return depth
 
     # ------------------------------------------------------------------ actions
 
@@ -348,6 +374,8 @@ class DispatchSession(EventHandlers, ShipHandlers):
                 event = self.events.get_nowait()
             except queue_mod.Empty:
                 event = None
+        for line in self.turns.tick(self.scheduler) if self.turns is not None else ():
+            self.terminal.notice(line, "cyan")  # renews this run's notice (every turn: cheap)
         now = time.monotonic()
         if now - self._last_poll >= POLL_INTERVAL and self._broker is not None:
             self._last_poll = now
@@ -409,6 +437,8 @@ class DispatchSession(EventHandlers, ShipHandlers):
             self._broker.delete_queue(work_queue_name(self.run_id, queue_name))
 
     def _shutdown(self) -> None:
+        if self.turns is not None:
+            self.turns.close()  # the next run in line goes now
         if self._should_stop() and not self.interrupted:
             self._stop_workers_gracefully()
         if self._consumer is not None:
@@ -442,6 +472,7 @@ class DispatchSession(EventHandlers, ShipHandlers):
         return {
             "run_id": self.run_id,
             "identity": dict(self.identity),
+            "priority": self.settings.priority,
             "broker": self.settings.broker_masked,
             "backend": self.settings.backend_masked,
             "interrupted": self.interrupted,

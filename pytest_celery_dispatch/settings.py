@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from .artifactpaths import DEFAULT_RUN_LIMIT, DEFAULT_TEST_LIMIT, TMP_PATH_MODES, Limits
 from .names import DEFAULT_BACKEND as DEFAULT_BACKEND
 from .names import DEFAULT_BROKER as DEFAULT_BROKER
 from .names import EMBEDDED as EMBEDDED
@@ -31,6 +32,9 @@ from .routing import RouteRule, parse_routes
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_WAIT_WORKERS = 10.0
 DEFAULT_RETRIES = 2
+#: A run's priority for a shared bench (``--celery-priority``): 0-9, higher first.
+DEFAULT_PRIORITY = 5
+MAX_PRIORITY = 9
 
 BROKER_SCHEMES = frozenset({"amqp", "amqps", "pyamqp", "redis", "rediss", "memory"})
 BACKEND_SCHEMES = frozenset({"rpc", "redis", "rediss", "amqp", "disabled", "file"})
@@ -54,6 +58,10 @@ HELP_WAIT_WORKERS = (
     "seconds to wait for a consumer on each needed queue before failing its tests; "
     f"default {DEFAULT_WAIT_WORKERS:g}"
 )
+HELP_PRIORITY = (
+    f"this run's place in the line for a busy queue: 0-{MAX_PRIORITY}, higher first, equal "
+    f"first come first served; a running test is never pre-empted; default {DEFAULT_PRIORITY}"
+)
 HELP_BROKER_TIMEOUT = (
     "seconds to wait for a broker the controller is cut off from (a silent network is noticed "
     "by AMQP heartbeats) before failing every unfinished test; "
@@ -74,6 +82,22 @@ HELP_DIST = (
     "loadscope (a class's tests, or a module's functions, on one slot), loadgroup (tests with "
     "the same @pytest.mark.xdist_group(name) on one slot, the others as load)"
 )
+HELP_ARTIFACTS = (
+    "folder the dispatch_artifacts files of every test come home to, as "
+    "DIR/<nodeid as a path>/<file>; default <JSON report without .json>_artifacts beside the "
+    "JSON report (dispatch_artifacts without --celery-dispatch)"
+)
+HELP_ARTIFACTS_TMP_PATH = (
+    "also bring home pytest's tmp_path of dispatched tests: none (default), failed, or all"
+)
+HELP_ARTIFACTS_LIMIT = (
+    f"most bytes one test brings home (e.g. 100M, 2G); default {DEFAULT_TEST_LIMIT >> 20}M; "
+    "over it files are cut and the report says so"
+)
+HELP_ARTIFACTS_RUN_LIMIT = (
+    f"most bytes the whole run brings home; default {DEFAULT_RUN_LIMIT >> 20}M; over it files "
+    "are cut and the report says so"
+)
 HELP_QUEUES = "allowed queue names (one per line or comma separated); unset = any name"
 HELP_ROUTES = (
     "routing without markers, one '<glob or nodeid prefix> = <queue>' per line; the first match "
@@ -92,6 +116,7 @@ class Settings:
     wait_workers: float = DEFAULT_WAIT_WORKERS
     retries: int = DEFAULT_RETRIES
     broker_timeout: float = DEFAULT_BROKER_TIMEOUT
+    priority: int = DEFAULT_PRIORITY
     local_workers: tuple[str, ...] = ()
     local_workers_auto: bool = False
     timeline: str | None = None
@@ -99,6 +124,8 @@ class Settings:
     allowed_queues: frozenset[str] | None = None
     routes: tuple[RouteRule, ...] = ()
     dist: str = LOAD
+    artifacts: str = "dispatch_artifacts"
+    artifacts_limits: Limits = dataclasses.field(default_factory=Limits)
 
     @property
     def broker_masked(self) -> str:
@@ -148,11 +175,49 @@ def parse_retries(raw: str, source: str) -> int:
     return value
 
 
+def parse_priority(raw: str, source: str) -> int:
+    form = f"expected a whole number from 0 to {MAX_PRIORITY} (higher goes first), e.g. 9"
+    try:
+        value = int(str(raw).strip())
+    except (TypeError, ValueError):
+        raise _bad(source, raw, form) from None
+    if not 0 <= value <= MAX_PRIORITY:
+        raise _bad(source, raw, form)
+    return value
+
+
 def parse_dist(raw: str, source: str) -> str:
     mode = str(raw).strip()
     if mode not in DIST_MODES:
         raise _bad(source, raw, f"expected one of {', '.join(DIST_MODES)}")
     return mode
+
+
+_SIZE_RE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+
+
+def parse_size(raw: str, source: str) -> int:
+    """``1048576``, ``512K``, ``100M``, ``2G`` (powers of 1024) -> bytes."""
+    found = _SIZE_RE.fullmatch(str(raw).strip())
+    if not found:
+        raise _bad(source, raw, "expected a size in bytes, or with K, M or G, e.g. 100M")
+    return int(found.group(1)) << (10 * "_KMGT".index(found.group(2).upper() or "_"))
+
+
+def parse_tmp_path_mode(raw: str, source: str) -> str:
+    mode = str(raw).strip()
+    if mode not in TMP_PATH_MODES:
+        raise _bad(source, raw, f"expected one of {', '.join(TMP_PATH_MODES)}")
+    return mode
+
+
+def default_artifacts_dir(json_report: str, dispatch: bool) -> str:
+    """Beside the JSON report (``run.json`` -> ``run_artifacts``); without a JSON report
+    (no ``--celery-dispatch``), ``dispatch_artifacts`` in the current directory."""
+    if not dispatch:
+        return "dispatch_artifacts"
+    base = json_report[: -len(".json")] if json_report.endswith(".json") else json_report
+    return f"{base}_artifacts"
 
 
 def parse_queue_name(raw: str, source: str) -> str:
@@ -264,6 +329,7 @@ def resolve(
     wait_workers = parsed("wait-workers", parse_non_negative_float, DEFAULT_WAIT_WORKERS)
     retries = parsed("retries", parse_retries, DEFAULT_RETRIES)
     broker_timeout = parsed("broker-timeout", parse_positive_float, DEFAULT_BROKER_TIMEOUT)
+    priority = parsed("priority", parse_priority, DEFAULT_PRIORITY)
     local_workers: tuple[str, ...] = ()
     local_auto = False
     if picked := pick("local-workers"):
@@ -274,6 +340,12 @@ def resolve(
     timeline = parsed("timeline", lambda raw, _: str(raw), None)
     event_log = parsed("event-log", lambda raw, _: str(raw), None)
     dist = parsed("dist", parse_dist, LOAD)
+    artifacts = parsed("artifacts", lambda raw, _: str(raw), None)
+    limits = Limits(
+        per_test=parsed("artifacts-limit", parse_size, DEFAULT_TEST_LIMIT),
+        per_run=parsed("artifacts-run-limit", parse_size, DEFAULT_RUN_LIMIT),
+        tmp_path=parsed("artifacts-tmp-path", parse_tmp_path_mode, "none"),
+    )
     allowed, rules = _queues_and_routes(ini, default_queue)
 
     return Settings(
@@ -286,6 +358,7 @@ def resolve(
         wait_workers=wait_workers,
         retries=retries,
         broker_timeout=broker_timeout,
+        priority=priority,
         local_workers=local_workers,
         local_workers_auto=local_auto,
         timeline=timeline,
@@ -293,6 +366,8 @@ def resolve(
         allowed_queues=allowed,
         routes=tuple(rules),
         dist=dist,
+        artifacts=artifacts or default_artifacts_dir(json_report, dispatch),
+        artifacts_limits=limits,
     )
 
 

@@ -138,18 +138,29 @@ class Broker:
         0 when the queue is gone; ``None`` when the broker cannot be asked right now
         (a restart in progress): callers must not take that for "no worker".
         """
+        counts = self._passive_declare(name)
+        return None if counts is None else counts[1]
+
+    def message_count(self, name: str) -> int | None:
+        """Messages ready in a queue (0 when it is gone, ``None`` when the broker cannot tell)."""
+        counts = self._passive_declare(name)
+        return None if counts is None else counts[0]
+
+    def _passive_declare(self, name: str) -> tuple[int, int] | None:
+        """(messages, consumers) of a queue; (0, 0) when it is gone; None when unknown."""
         try:
             if not self.conn.connected:
                 self._reset_channel()
                 self.conn.ensure_connection(max_retries=1, timeout=2.0)
             ok = self.channel.queue_declare(queue=name, passive=True)
-            return int(getattr(ok, "consumer_count", ok[2]))
+            messages = getattr(ok, "message_count", ok[1])
+            return int(messages), int(getattr(ok, "consumer_count", ok[2]))
         except Exception as exc:
             self._reset_channel()
             code = getattr(exc, "code", None) or getattr(exc, "reply_code", None)
             if code == 404 or "NOT_FOUND" in str(exc):
-                return 0
-            log.debug("consumer count of %s failed: %s", name, exc)
+                return 0, 0
+            log.debug("passive declare of %s failed: %s", name, exc)
             with contextlib.suppress(Exception):
                 self.conn.collect()
             return None

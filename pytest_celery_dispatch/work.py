@@ -9,6 +9,7 @@ chunks (``session_id`` on the wire).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 
 @dataclasses.dataclass
@@ -29,6 +30,8 @@ class ChunkState:
     lost_by: list[str] = dataclasses.field(default_factory=list)  # workers of earlier attempts
     session_id: str | None = None  # the slot working on it
     send_failed_since: float | None = None
+    sent_order: int = 0  # its place in its work queue (first in, first out)
+    gone_since: float | None = None  # not started, yet no longer in its work queue
 
     @property
     def remaining(self) -> list[str]:
@@ -100,3 +103,29 @@ class Attempt:
 
 
 Action = Publish | StartSlot | Fail | Notice | Attempt
+
+
+class TurnGate:
+    """A run's queues on shared benches: ``grant(queue, slots)`` (see :func:`.lab.grant`) says
+    how many of a queue's slots the run may take now; 0 = the queue waits for its turn, and
+    nothing of it is sent meanwhile. Without a ``grant`` every queue goes at once."""
+
+    def __init__(self, grant: Callable[[str, int], int] | None = None) -> None:
+        self.grant = grant
+        self.waiting: dict[str, int] = {}  # queue -> its slots, while it waits for its turn
+        self.granted: dict[str, int] = {}  # queue -> slots this run may hold
+
+    def take(self, queue: str, slots: int) -> bool:
+        if self.grant is None:
+            return True
+        granted = self.grant(queue, slots)
+        if granted <= 0:
+            self.waiting[queue] = slots
+            return False
+        self.waiting.pop(queue, None)
+        self.granted[queue] = granted
+        return True
+
+    def due(self, stopping: bool = False) -> list[str]:
+        """The waiting queues whose turn has come (now granted); none once the run stops."""
+        return [] if stopping else [q for q, n in sorted(self.waiting.items()) if self.take(q, n)]

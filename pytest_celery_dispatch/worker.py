@@ -22,8 +22,11 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,12 +34,17 @@ from typing import Any
 from celery import Celery, Task, signals
 
 from . import embedded
+from .artifactpaths import Limits
+from .artifactship import ArtifactShipper
+from .benchnotice import record_last_run, start_bench_notices
 from .celeryconf import SILENT_LIMIT, backend_from_env, broker_from_env, celery_config
 from .demo_tasks import register_demo_tasks
 from .driver import KILL, RUN, STOP, SlotDriver
 from .launcher import RunnerLauncher
 from .liveness import CONTROLLER_CHECK_INTERVAL, ControllerWatch
 from .names import (
+    ENV_ARTIFACTS,
+    ENV_ARTIFACTS_TMP_PATH,
     ENV_BROKER_URL,
     ENV_CTX_HOSTNAME,
     ENV_CTX_QUEUE,
@@ -64,6 +72,7 @@ from .serialization import (
     stop_queue_name,
 )
 from .shipworker import BlobFetcher, Prepared, ShipState, prepare
+from .slotgate import SLOT_BUSY_RETRY, SlotLease, gate_of, make_gate_folder, remove_gate_folder
 from .spares import SPARE_DELAY, SparePool
 from .workerinfo import queue_of, worker_id, workspace
 from .workerpool import reserve_plain_task_process, slots_of, warm_connection
@@ -95,6 +104,7 @@ class WorkerProcess:
         self.zygotes = Zygotes(self.spares)
         self.presence: list[embedded.Presence] = []
         self.ship = ShipState()
+        self.notices: Any = None  # benchnotice.BenchNotices (main process)
 
 
 local = WorkerProcess()
@@ -126,8 +136,10 @@ class JsonFormatter(logging.Formatter):
 @signals.worker_init.connect  # type: ignore[untyped-decorator]
 def _note_concurrency(sender: Any = None, **kwargs: Any) -> None:
     """Pool processes inherit this: each session tells the controller its worker's slots.
-    The pool gets one process more, for plain tasks (see workerpool)."""
+    The pool gets one process more, for plain tasks (see workerpool); the slot locks keep
+    its runs to its slots (see slotgate)."""
     reserve_plain_task_process(sender)
+    make_gate_folder(str(getattr(sender, "hostname", "") or "worker"))
     # A run's zygote (see zygote.Zygotes.fork) lives in the pool process that started it:
     # with pool processes replaced after N tasks or M bytes it would go, and the runners forked
     # from it for the other slots with it. Such workers start a runner per slot.
@@ -149,7 +161,10 @@ def _start_spare_runner(**kwargs: Any) -> None:
 
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]
 def _announce_presence(sender: Any = None, **kwargs: Any) -> None:
-    """On the embedded broker, a worker's presence file is what counts it as a consumer."""
+    """On the embedded broker, a worker's presence file is what counts it as a consumer.
+    On every broker, its notice on the lab board (see benchnotice)."""
+    with contextlib.suppress(Exception):
+        local.notices = start_bench_notices(sender)
     conf = sender.app.conf
     if not embedded.is_embedded(conf.broker_write_url):
         return
@@ -167,8 +182,16 @@ def _announce_presence(sender: Any = None, **kwargs: Any) -> None:
 
 @signals.worker_shutdown.connect  # type: ignore[untyped-decorator]
 def _withdraw_presence(sender: Any = None, **kwargs: Any) -> None:
+    if local.notices is not None:
+        local.notices.stop()
+        local.notices = None
     while local.presence:
         local.presence.pop().stop()
+
+
+@signals.worker_shutdown.connect  # type: ignore[untyped-decorator]
+def _remove_slot_locks(sender: Any = None, **kwargs: Any) -> None:
+    remove_gate_folder()
 
 
 @signals.after_setup_logger.connect  # type: ignore[untyped-decorator]
@@ -369,7 +392,9 @@ class _Reply:
             self._conn.release()
 
 
-@app.task(name=SESSION_TASK, bind=True, acks_late=False, ignore_result=True)  # type: ignore[untyped-decorator]
+# max_retries=None: a session waiting for a free slot is sent back to its queue for as long as
+# the worker's slots are busy (``self.retry(max_retries=None)`` would mean the default, 3).
+@app.task(name=SESSION_TASK, bind=True, acks_late=False, ignore_result=True, max_retries=None)  # type: ignore[untyped-decorator]
 def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """One slot's share of a test run: a warm runner fed from the run's work queue.
 
@@ -382,22 +407,21 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     extra: dict[str, Any] = {k: base.get(k) for k in ("task_id", "worker", "queue", "session_id")}
     extra["identity"] = reply.identity
     hold = contextlib.ExitStack()  # the run's tree, held while the slot uses it
+    lease: SlotLease | None = None
     try:
         if reply.start_state() != RUN:
             log.info("session skipped: the run is over", extra=extra)
             return {"skipped": "run is over"}
-        shipped = _prepare_tree(self, payload, reply)
+        gate = gate_of(int(os.environ.get(ENV_WORKER_CONCURRENCY) or 1))
+        lease = gate.acquire() if gate is not None else None
+        if gate is not None and lease is None:
+            # Every slot of this worker is running a session: back to the queue, for a worker
+            # with a free slot (or this one, later).
+            log.info("every slot busy: session sent back to its queue", extra=extra)
+            raise self.retry(countdown=SLOT_BUSY_RETRY)
+        shipped = hold.enter_context(_prepare_tree(self, payload, reply, extra))
         if shipped.refused:
-            reply.emit(
-                {
-                    "type": "refused",
-                    "nodeids": payload.get("nodeids", []),
-                    "reason": shipped.refused,
-                }
-            )
-            log.warning("refused: %s", shipped.refused, extra=extra)
             return {"refused": shipped.refused}
-        hold.enter_context(shipped.hold)
         ws = shipped.workspace
         nodeids: list[str] = []
         for nodeid in (str(n) for n in payload.get("nodeids", [])):
@@ -424,9 +448,13 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             }
         )
         log.info("session started", extra={**extra, "tests": len(nodeids)})
+        limits = Limits.from_dict(payload.get("artifacts"))
+        artifacts = tempfile.mkdtemp(prefix="celery-dispatch-artifacts-")  # this attempt's
         env = dict(os.environ)
         env.update(
             {
+                ENV_ARTIFACTS: artifacts,
+                ENV_ARTIFACTS_TMP_PATH: limits.tmp_path,
                 ENV_WORKER_ID: base["worker"],
                 ENV_CTX_WORKER_ID: base["worker"],
                 ENV_CTX_QUEUE: base["queue"],
@@ -446,34 +474,47 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             plugin_options=dict(payload.get("plugin_options") or {}),
             key=f"{base['run_id']}/{base['queue']}",
         )
-        emit_logged = _ChunkLog(reply.emit, extra)
+        emit_logged = _ChunkLog(ArtifactShipper(reply.emit, limits, artifacts), extra)
 
         launcher = RunnerLauncher(spec, local.spares, local.zygotes)
         driver = SlotDriver(spec, emit_logged, reply.fetch, launcher, control=reply.control)
         try:
             summary = driver.run()
         finally:
+            shutil.rmtree(artifacts, ignore_errors=True)
             local.spares.prepare(ws, env, SPARE_DELAY)  # the next run's first runner
         summary["duration"] = round(time.monotonic() - started, 3)
+        last = emit_logged.last_run(summary, base, reply.identity)
+        record_last_run(str(self.request.hostname), last)
         if summary["state"] == RUN:
             reply.emit({"type": "session_finished", "summary": summary})
         log.info("session finished", extra={**extra, "summary": summary})
         return dict(summary)
     finally:
         hold.close()
+        if lease is not None:
+            lease.release()
         reply.close()
 
 
-def _prepare_tree(task: Task, payload: dict[str, Any], reply: _Reply) -> Prepared:
-    """The run's tree on this worker (see :mod:`.shipworker`); its state goes home in a
-    ``shipped`` event."""
+@contextlib.contextmanager
+def _prepare_tree(
+    task: Task, payload: dict[str, Any], reply: _Reply, extra: dict[str, Any]
+) -> Iterator[Prepared]:
+    """The run's tree on this worker (see :mod:`.shipworker`), held while the slot runs; its
+    state goes home in a ``shipped`` event, a refusal as ``refused`` for every test."""
     fetcher = BlobFetcher(task.app, reply.emit, reply.base)
     found = prepare(
         payload, workspace(), local.ship, fetcher, reply.base["worker"], task.app.conf.broker_url
     )
     if "ship" in payload:  # a controller that knows the event (and --celery-ship)
         reply.emit({"type": "shipped", "ship": found.info})
-    return found
+    if found.refused:
+        nodeids = payload.get("nodeids", [])
+        reply.emit({"type": "refused", "nodeids": nodeids, "reason": found.refused})
+        log.warning("refused: %s", found.refused, extra=extra)
+    with found.hold:
+        yield found
 
 
 class _ChunkLog:
@@ -485,6 +526,7 @@ class _ChunkLog:
         self.extra = extra
         self.chunks: dict[str, dict[str, Any]] = {}
         self.outcomes: dict[str, str] = {}
+        self.totals: dict[str, int] = {}  # the session's outcomes, for the worker's notice
 
     def __call__(self, event: dict[str, Any]) -> None:
         self.emit(event)
@@ -527,6 +569,7 @@ class _ChunkLog:
             for nodeid in nodeids:
                 outcome = self.outcomes.pop(nodeid, "not run")
                 counts[outcome] = counts.get(outcome, 0) + 1
+                self.totals[outcome] = self.totals.get(outcome, 0) + 1
             log.info(
                 "chunk finished",
                 extra={
@@ -538,6 +581,17 @@ class _ChunkLog:
                     "outcomes": counts,
                 },
             )
+
+    def last_run(self, summary: dict[str, Any], base: Event, identity: str) -> dict[str, Any]:
+        """This slot's run as the worker's notice shows it afterwards."""
+        return {
+            "run_id": base["run_id"],
+            "identity": identity,
+            "queue": base["queue"],
+            "state": summary.get("state"),
+            "outcomes": dict(self.totals),
+            "finished": time.time(),
+        }
 
 
 def different_files(

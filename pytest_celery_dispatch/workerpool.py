@@ -9,7 +9,8 @@ processes; a bench has one worker, so the worker keeps one process apart instead
 gets N + 1 processes and the worker says it has N slots (``DISPATCH_WORKER_CONCURRENCY``, the
 presence file on the embedded broker). The controller starts N slots on it, and the spare
 process is free when a plain task arrives (Celery 5's default ``-O fair`` hands a task to an
-idle process).
+idle process). A session that lands on that process while the N slots are busy does not run
+there: :mod:`.slotgate` sends it back to its queue.
 
 ``DISPATCH_PLAIN_TASK_PROCESS=0`` turns it off; other pools (solo, threads, gevent) and
 ``--autoscale`` keep their size. Worker side only: never imports the controller.

@@ -20,7 +20,15 @@ from pathlib import Path
 import pytest
 
 from pytest_celery_dispatch.embedded import EMBEDDED
-from tests.helpers import BROKER, WorkerProcess, consumer_count, delete_queues, stop_all
+from tests.helpers import (
+    BROKER,
+    WorkerProcess,
+    consumer_count,
+    delete_queues,
+    dispatch_args,
+    dispatch_command,
+    stop_all,
+)
 
 # pytest-randomly (a dev dependency, tests/e2e/test_compat.py) reorders every run it is loaded
 # in and reseeds `random`; many tests here rely on order. Keep it off in every pytest process
@@ -156,14 +164,7 @@ def run_dispatched(
     def run(*args: str, timeout: float = 120, broker: str = default) -> Dispatched:
         report = pytester.path / "dispatch-report.json"
         result = pytester.runpytest_subprocess(
-            "--celery-dispatch",
-            f"--celery-broker={broker}",
-            f"--rootdir={workspace}",
-            f"--celery-json-report={report}",
-            "-p",
-            "no:cacheprovider",
-            *args,
-            timeout=timeout,
+            *dispatch_args(broker, workspace, report), *args, timeout=timeout
         )
         return Dispatched(result, report)
 
@@ -211,24 +212,13 @@ class Controller:
         self, pytester: pytest.Pytester, workspace: Path, args: list[str], broker: str = BROKER
     ) -> None:
         import subprocess
-        import sys
 
         self.events = pytester.path / "events.jsonl"
         self.report = pytester.path / "dispatch-report.json"
         self.output = pytester.path / "controller.out"
-        command = [
-            sys.executable,
-            "-m",
-            "pytest",
-            "--celery-dispatch",
-            f"--celery-broker={broker}",
-            f"--rootdir={workspace}",
-            f"--celery-json-report={self.report}",
-            f"--celery-event-log={self.events}",
-            "-p",
-            "no:cacheprovider",
-            *args,
-        ]
+        command = dispatch_command(
+            broker, workspace, self.report, f"--celery-event-log={self.events}", *args
+        )
         with open(self.output, "wb") as out:
             self.proc = subprocess.Popen(
                 command, cwd=pytester.path, stdout=out, stderr=subprocess.STDOUT
@@ -257,7 +247,16 @@ class Controller:
         raise AssertionError(f"condition not met within {timeout}s:\n{self.text()}")
 
     def wait(self, timeout: float = 120.0) -> int:
-        return self.proc.wait(timeout)
+        """The controller's exit code; a hang fails with what it printed and its last events."""
+        import subprocess
+
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            tail = "\n".join(json.dumps(e) for e in self.event_lines()[-30:])
+            raise AssertionError(
+                f"controller still running after {timeout}s:\n{self.text()}\nlast events:\n{tail}"
+            ) from None
 
     def text(self) -> str:
         return self.output.read_text(errors="replace")

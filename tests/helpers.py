@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from kombu import Connection
 
@@ -169,3 +170,32 @@ def orphaned_spare_runners() -> list[str]:
         if b"celery" not in parent:
             found.append(f"{entry} (parent {fields[1]}: {parent[:80]!r})")
     return found
+
+
+def dispatch_command(broker: str, workspace: Path, report: Path, *args: str) -> list[str]:
+    """The command line of a dispatched run in a pytester project (rootdir: the workspace)."""
+    return [sys.executable, "-m", "pytest", *dispatch_args(broker, workspace, report), *args]
+
+
+def dispatch_args(broker: str, workspace: Path, report: Path) -> list[str]:
+    """The options every dispatched run of these tests has."""
+    options = ["--celery-dispatch", f"--celery-broker={broker}", f"--rootdir={workspace}"]
+    return [*options, f"--celery-json-report={report}", "-p", "no:cacheprovider"]
+
+
+def dispatch(
+    pytester: Any, workspace: Path, broker: str, name: str, *args: str, env: dict | None = None
+) -> subprocess.Popen[bytes]:
+    """``pytest --celery-dispatch ARGS`` in the background: its output in ``<name>.out``, its
+    JSON report in ``<name>.json`` (under ``pytester.path``); ``env`` replaces the CI
+    variables of this environment."""
+    command = dispatch_command(broker, workspace, pytester.path / f"{name}.json", *args)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("CI_", "GITHUB_"))}
+    out = open(pytester.path / f"{name}.out", "wb")  # noqa: SIM115 (closed with the process)
+    return subprocess.Popen(
+        command,
+        cwd=pytester.path,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={**environ, **(env or {})},
+    )

@@ -127,11 +127,6 @@ def test_controller_cut_off_for_30s_then_healed_every_test_passes_once(
     assert sorted(ends) == sorted(str(n) for n in range(16))
 
 
-@pytest.mark.skip(
-    reason="open (issue #20): since the merge with the plain-task process and the dead-"
-    "controller release, the last re-sent test of the cut-off worker can stay queued: the "
-    "run did not end within its deadline in 2 of 2 runs"
-)
 def test_worker_cut_off_for_good_its_twin_runs_the_rest_and_it_runs_nothing_after(
     pytester, worker_factory, controller, proxy
 ):

@@ -73,7 +73,12 @@ def test_the_runs_own_outputs_are_not_shipped(tmp_path: Path) -> None:
     (tmp_path / "t.py").write_text("x")
     (tmp_path / "report.json").write_text("{}")
     (tmp_path / "dispatch_results_20260101_120000.json").write_text("{}")  # an earlier run's
-    assert list_files(str(tmp_path), skip=[str(tmp_path / "report.json")]) == ["t.py"]
+    (tmp_path / "run_artifacts").mkdir()
+    (tmp_path / "run_artifacts" / "log.txt").write_text("a test's file")
+    (tmp_path / "dispatch_results_20260101_120000_artifacts").mkdir()
+    (tmp_path / "dispatch_results_20260101_120000_artifacts" / "x").write_text("")
+    skip = [str(tmp_path / "report.json"), str(tmp_path / "run_artifacts")]
+    assert list_files(str(tmp_path), skip=skip) == ["t.py"]
 
 
 def test_a_glob_matches_a_file_or_any_of_its_folders() -> None:

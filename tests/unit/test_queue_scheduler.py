@@ -46,6 +46,7 @@ class Lab:
 
     clock: Clock = field(default_factory=Clock)
     counts: dict[str, int | None] = field(default_factory=dict)
+    depths: dict[str, int | None] = field(default_factory=dict)  # messages in a work queue
     retries: int = 2
     timeout: float = 300.0
     wait_workers: float = 10.0
@@ -61,6 +62,7 @@ class Lab:
             policy=RetryPolicy(self.retries, send_limit=self.wait_workers + sch.SILENCE_LIMIT),
             broker=BROKER,
             consumer_count=lambda q: self.counts.get(q),
+            work_depth=lambda q: self.depths.get(q),
             clock=self.clock,
             dist=self.dist,
             broker_timeout=self.broker_timeout,
@@ -222,6 +224,85 @@ def test_stalled_queue_a_frozen_worker_holds_the_slot_task() -> None:
     lab.clock.advance(sch.backoff(2))
     assert len(of(StartSlot, lab.poll())) == 1
     assert not of(Publish, lab.poll())  # the chunk is still in the work queue
+
+
+def begin_two_slots(lab: Lab, nodeids: list[str]) -> tuple[list[ChunkState], SlotState]:
+    """Two worker slots, one chunk per test; the first slot takes the first chunk."""
+    actions = lab.begin(nodeids, consumers=2, slots=2)
+    chunks = [a.chunk for a in of(Publish, actions)]
+    first = of(StartSlot, actions)[0].slot
+    lab.take(chunks[0], first)
+    return chunks, first
+
+
+def test_a_chunk_taken_by_a_worker_that_died_before_saying_so_is_sent_again() -> None:
+    # The other worker took chunk b from the work queue (no ack) and died before its
+    # "started" went out: the controller still counts b as waiting, while the queue is empty
+    # and the live slot keeps the queue "moving". Without this rule it waits forever.
+    lab = Lab()
+    chunks, slot = begin_two_slots(lab, ["a", "b"])
+    lab.depths["queue_a"] = 0
+    for _ in range(int(sch.SILENCE_LIMIT)):
+        assert of(Notice, lab.poll()) == []
+        lab.clock.advance(1.0)
+        lab.heartbeat(chunks[0], slot)
+    assert of(Notice, lab.poll()) == []  # gone for exactly the limit: a slot may still say so
+    lab.clock.advance(0.1)
+    lab.heartbeat(chunks[0], slot)
+    actions = lab.poll()
+    (notice,) = of(Notice, actions)
+    assert notice.text == (
+        "queue queue_a: taken from its work queue 10s ago by a slot that never said so (its "
+        "worker died or was cut off as it took it); re-dispatching 1 test(s) in 1s "
+        "(attempt 2 of 3)"
+    )
+    assert chunks[1].batch_id in lab.sched.abandoned
+    assert chunks[0].batch_id not in lab.sched.abandoned
+    lab.clock.advance(sch.backoff(2))
+    lab.heartbeat(chunks[0], slot)
+    (publish,) = of(Publish, lab.poll())
+    assert publish.chunk.nodeids == ["b"]
+    assert publish.chunk.attempt == 2
+
+
+def test_a_chunk_announced_within_the_limit_is_not_lost() -> None:
+    lab = Lab()
+    chunks, slot = begin_two_slots(lab, ["a", "b"])
+    lab.depths["queue_a"] = 0
+    lab.poll()
+    lab.clock.advance(sch.SILENCE_LIMIT - 1.0)
+    lab.heartbeat(chunks[0], slot)
+    lab.poll()
+    second = next(s for s in lab.sched.slots.values() if s is not slot)
+    lab.take(chunks[1], second, worker="w2")  # its "started" was only late
+    lab.clock.advance(5.0)
+    lab.heartbeat(chunks[0], slot)
+    lab.heartbeat(chunks[1], second)
+    assert of(Notice, lab.poll()) == []
+    assert not lab.sched.abandoned
+
+
+def test_only_the_oldest_chunks_count_as_taken_first_in_first_out() -> None:
+    lab = Lab()
+    chunks, slot = begin_two_slots(lab, ["a", "b", "c", "d"])
+    lab.depths["queue_a"] = 2  # c and d are still in the work queue: b was taken
+    lab.poll()
+    lab.clock.advance(sch.SILENCE_LIMIT + 0.1)
+    lab.heartbeat(chunks[0], slot)
+    lab.poll()
+    assert lab.sched.abandoned == {chunks[1].batch_id}
+
+
+@pytest.mark.parametrize("depth", [None, 3])
+def test_an_unknown_or_full_work_queue_loses_nothing(depth: int | None) -> None:
+    lab = Lab()
+    chunks, slot = begin_two_slots(lab, ["a", "b", "c", "d"])
+    lab.depths["queue_a"] = depth
+    for _ in range(3):
+        lab.clock.advance(sch.SILENCE_LIMIT)
+        lab.heartbeat(chunks[0], slot)
+        assert of(Notice, lab.poll()) == []
+    assert not lab.sched.abandoned
 
 
 def test_send_failure_is_retried_each_second_then_fails_by_name() -> None:

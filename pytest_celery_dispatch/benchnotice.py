@@ -1,0 +1,137 @@
+"""A worker's notice on the lab board (see :mod:`.lab`): its queues and slots, the runs its
+slots are busy with, and its last run's result.
+
+:class:`BenchNotices` is a thread in the worker's main process (started at ``worker_ready``):
+every ``LAB_INTERVAL`` it reads the ``run_session`` tasks the worker is running (Celery's
+``active_requests``) and the last result a slot left (:func:`record_last_run`, written by the
+pool process as a slot ends), and publishes them. Worker side only: never imports the
+controller.
+
+PYTEST_DONT_REWRITE: imported by the worker app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import threading
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .lab import LAB_INTERVAL
+from .labboard import Board
+from .names import SLOT_TASK
+from .procutil import private_top
+
+
+def _last_path(node: str) -> str | None:
+    top = private_top()
+    if top is None:
+        return None
+    return os.path.join(top, "bench-" + re.sub(r"[^A-Za-z0-9_.@-]", "_", node) + ".json")
+
+
+def record_last_run(node: str, last: dict[str, Any]) -> None:
+    """A slot ended (pool process): keep its result for the worker's notice."""
+    path = _last_path(node)
+    if path is None:
+        return
+    with contextlib.suppress(OSError):
+        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "w") as fh:
+            json.dump(last, fh)
+        os.replace(tmp, path)
+
+
+def read_last_run(node: str) -> dict[str, Any] | None:
+    path = _last_path(node)
+    try:
+        with open(path or "") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def busy_slots(requests: Iterable[Any]) -> list[dict[str, Any]]:
+    """The runs a worker's slots are busy with, from its active Celery requests."""
+    busy = []
+    for request in list(requests):
+        if getattr(request, "task_name", None) != SLOT_TASK:
+            continue
+        args = getattr(request, "args", None) or []
+        payload = args[0] if args and isinstance(args[0], dict) else {}
+        started = getattr(request, "time_start", None)
+        busy.append(
+            {
+                "run_id": str(payload.get("run_id") or ""),
+                "queue": payload.get("queue"),
+                "identity": str((payload.get("identity") or {}).get("label") or ""),
+                "since": started,  # wall time (Celery converts it on accept)
+            }
+        )
+    return busy
+
+
+class BenchNotices(threading.Thread):
+    """Publishes this worker's notice every ``LAB_INTERVAL`` until :meth:`stop`."""
+
+    def __init__(
+        self, board: Board, node: str, worker: str, queues: Iterable[str], slots: int
+    ) -> None:
+        super().__init__(name="celery-dispatch-bench", daemon=True)
+        self.board = board
+        self.node = node
+        self.base: dict[str, Any] = {
+            "kind": "worker",
+            "id": node,
+            "node": node,
+            "worker": worker,
+            "host": socket.gethostname(),
+            "queues": sorted(queues),
+            "slots": slots,
+        }
+        self.stopping = threading.Event()
+
+    def notice(self) -> dict[str, Any]:
+        from celery.worker.state import active_requests
+
+        return {**self.base, "busy": busy_slots(active_requests), "last": read_last_run(self.node)}
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            with contextlib.suppress(Exception):
+                self.board.publish(self.notice())
+            self.stopping.wait(LAB_INTERVAL)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        with contextlib.suppress(Exception):
+            self.board.publish({"kind": "worker", "id": self.node, "gone": True})
+        with contextlib.suppress(Exception):
+            self.board.close()
+
+
+def start_bench_notices(worker: Any) -> BenchNotices:
+    """At ``worker_ready``: this worker's notices, on its broker's board."""
+    from .embedded import is_embedded
+    from .labboard import open_board
+    from .names import ENV_WORKER_ID
+    from .workerpool import slots_of
+
+    app = worker.app
+    queues = list(app.amqp.queues.consume_from or app.amqp.queues)
+    conf = app.conf
+    root = conf.broker_transport_options["root"] if is_embedded(conf.broker_write_url) else None
+    board = open_board(app, None if root is None else Path(root))  # it answers hellos too
+    node = str(worker.hostname)
+    name = os.environ.get(ENV_WORKER_ID) or node
+    slots = slots_of(getattr(worker, "controller", None))
+    notices = BenchNotices(board, node, name, queues, slots)
+    notices.start()
+    return notices

@@ -1,0 +1,96 @@
+"""``celery-dispatch status`` on the embedded broker's board (a folder): --json, the table,
+--watch until Ctrl-C; it writes nothing to the board."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pytest_celery_dispatch import cli, lab
+from pytest_celery_dispatch.labboard import LAB_FOLDER, FileBoard
+
+
+@pytest.fixture
+def board(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISPATCH_EMBEDDED_DIR", str(tmp_path))
+    board = FileBoard(tmp_path)
+    board.publish(
+        {
+            "kind": "worker",
+            "id": "w@h",
+            "worker": "worker-a",
+            "host": "h",
+            "queues": ["q"],
+            "slots": 1,
+            "busy": [{"run_id": "aaaa1111", "queue": "q", "identity": "job A"}],
+            "last": None,
+        }
+    )
+    board.publish(
+        {
+            "kind": "run",
+            "id": "aaaa1111",
+            "priority": 5,
+            "arrived": 1.0,
+            "identity": {"label": "job A"},
+            "queues": {"q": {"state": lab.HOLDING, "slots": 1, "done": 3, "total": 9}},
+        }
+    )
+    board.publish(
+        {
+            "kind": "run",
+            "id": "cccc3333",
+            "priority": 9,
+            "arrived": 3.0,
+            "identity": {"label": "job C"},
+            "queues": {"q": {"state": lab.WAITING, "total": 2}},
+        }
+    )
+    return tmp_path
+
+
+def files(root):
+    return sorted((p.name, p.stat().st_mtime) for p in (root / LAB_FOLDER).iterdir())
+
+
+def test_status_json_lists_the_busy_worker_and_the_line(board, capsys):
+    before = files(board)
+    assert cli.main(["status", "--broker", "embedded", "--json"]) == 0
+    view = json.loads(capsys.readouterr().out)
+    entry = view["queues"]["q"]
+    assert entry["workers"][0]["busy"][0]["run_id"] == "aaaa1111"
+    assert entry["workers"][0]["busy"][0]["done"] == 3
+    assert [(w["run_id"], w["priority"], w["position"]) for w in entry["waiting"]] == [
+        ("cccc3333", 9, 1)
+    ]
+    assert files(board) == before  # it only reads
+
+
+def test_status_table_and_watch_until_ctrl_c(board, capsys, monkeypatch):
+    sleeps = []
+
+    def sleep(seconds):
+        sleeps.append(seconds)
+        if seconds == cli.WATCH_EVERY and len([s for s in sleeps if s == seconds]) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.time, "sleep", sleep)
+    assert cli.main(["status", "--broker", "embedded", "--watch"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("celery-dispatch status: embedded") == 2
+    assert "worker-a" in out
+    assert "1. run cccc priority 9: job C (2 tests)" in out
+
+
+def test_status_needs_a_command(capsys):
+    with pytest.raises(SystemExit):
+        cli.main([])
+    assert "status" in capsys.readouterr().err
+
+
+def test_status_on_an_unreachable_broker_fails_fast_naming_it(capsys):
+    assert cli.main(["status", "--broker", "amqp://guest:secret@127.0.0.1:1//"]) == 1
+    err = capsys.readouterr().err
+    assert "127.0.0.1:1" in err
+    assert "secret" not in err
