@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import jsonschema
@@ -51,17 +52,36 @@ def write(root: Path, files: dict[str, str]) -> None:
 
 
 @pytest.fixture
-def bench(tmp_path_factory, monkeypatch, worker_factory):
+def outside():
+    """A private folder outside the shared workspace (the base temp folder, which other
+    tests' runs hash as their tree): caches, empty benches, keys. Removed after the test."""
+    import shutil
+    import tempfile
+
+    made: list[Path] = []
+
+    def make(name: str) -> Path:
+        made.append(Path(tempfile.mkdtemp(prefix=f"cdship-{name}-")))
+        return made[-1]
+
+    yield make
+    for folder in made:
+        subprocess.run(["chmod", "-R", "u+rwX", str(folder)], check=False)  # read-only trees
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def bench(outside, monkeypatch, worker_factory):
     """Start a worker in an empty folder (no checkout, no DISPATCH_WORKSPACE) with its own
     cache; on the embedded broker, controller and worker share a private broker folder."""
 
     def start(broker: str, concurrency: int = 1, allow: str | None = "allow", **env: str):
-        empty = tmp_path_factory.mktemp("empty-bench")
-        extra = {"DISPATCH_CACHE_DIR": str(tmp_path_factory.mktemp("cache")), **env}
+        empty = outside("empty-bench")
+        extra = {"DISPATCH_CACHE_DIR": str(outside("cache")), **env}
         if allow is not None:
             extra[ENV_SHIP_UNSIGNED] = allow
         if broker == EMBEDDED:
-            monkeypatch.setenv("DISPATCH_EMBEDDED_DIR", str(tmp_path_factory.mktemp("broker")))
+            monkeypatch.setenv("DISPATCH_EMBEDDED_DIR", str(outside("broker")))
         worker = worker_factory(root=empty, concurrency=concurrency, broker=broker, extra_env=extra)
         assert not any(empty.iterdir())
         return worker
@@ -251,9 +271,9 @@ def test_two_controllers_with_two_versions_of_a_file_on_one_worker_each_get_thei
     assert (meet / "two").exists()
 
 
-def test_a_worker_with_an_older_pytest_is_named_in_the_header(pytester, bench, tmp_path_factory):
+def test_a_worker_with_an_older_pytest_is_named_in_the_header(pytester, bench, outside):
     """The worker's metadata says pytest 8.0.0 (a dist-info ahead on its path)."""
-    fake = tmp_path_factory.mktemp("older")
+    fake = outside("older")
     info = fake / "pytest-8.0.0.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pytest\nVersion: 8.0.0\n")
@@ -268,7 +288,7 @@ def test_a_worker_with_an_older_pytest_is_named_in_the_header(pytester, bench, t
 
 
 def test_a_signed_run_runs_and_a_wrongly_signed_one_is_refused(
-    pytester, bench, tmp_path_factory, monkeypatch
+    pytester, bench, outside, monkeypatch
 ):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -288,7 +308,7 @@ def test_a_signed_run_runs_and_a_wrongly_signed_one_is_refused(
         )
         return tmp_path / f"{name}.pem", private.decode()
 
-    tmp_path = tmp_path_factory.mktemp("keys")  # outside the project: never in its tree
+    tmp_path = outside("keys")  # outside the project: never in its tree
     _, lab_text = keypair("lab")
     stranger_key, _ = keypair("stranger")
     write(pytester.path, PROJECT)
