@@ -140,7 +140,9 @@ class Worker:
         workspace: Path,
         broker: str,
         log_dir: Path,
+        extra_env: dict[str, str] | None = None,
     ) -> None:
+        self.extra_env = dict(extra_env or {})
         self.name = name
         self.queue = queue
         self.concurrency = concurrency
@@ -179,6 +181,7 @@ class Worker:
                 "DISPATCH_WORKSPACE": str(self.workspace),
                 "DISPATCH_LOG_FORMAT": "json",
                 "PYTHONUNBUFFERED": "1",
+                **self.extra_env,
             }
         )
         return env

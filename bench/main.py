@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--vhost", default=None, help="name of the private vhost to create")
     parser.add_argument(
+        "--ship-empty",
+        action="store_true",
+        help="start the workers in an empty folder with an empty cache: every run's tree is "
+        "shipped to them (unsigned, allowed on the bench's private vhost)",
+    )
+    parser.add_argument(
         "--timeout", type=float, default=600.0, help="deadline of one pytest run (s)"
     )
     args = parser.parse_args(argv)
@@ -210,13 +216,25 @@ class Bench:
 
     # ------------------------------------------------------------------------ workers
 
+    def empty_bench(self) -> tuple[Path, dict[str, str]]:
+        """An empty folder and an empty cache beside the root (--ship-empty)."""
+        empty = self.root.parent / f"{self.root.name}-empty-bench"
+        cache = self.root.parent / f"{self.root.name}-ship-cache"
+        for folder in (empty, cache):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        return empty, {"DISPATCH_CACHE_DIR": str(cache), "DISPATCH_SHIP_UNSIGNED": "allow"}
+
     def ensure_workers(self, concurrency: int) -> None:
         if self.workers and all(w.concurrency == concurrency for w in self.workers):
             return
         self.stop_workers()
         started = time.monotonic()
+        workspace, env = self.root, {}
+        if self.args.ship_empty:
+            workspace, env = self.empty_bench()
         self.workers = [
-            infra.Worker(name, queue, concurrency, self.root, self.broker_url, self.logs)
+            infra.Worker(name, queue, concurrency, workspace, self.broker_url, self.logs, env)
             for queue, name in WORKERS.items()
         ]
         for worker in self.workers:

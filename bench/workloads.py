@@ -21,6 +21,10 @@ QUEUES = ("queue_a", "queue_b")
 KEPT_PLUGINS = frozenset({"celery_dispatch", "timeout", "xdist", "xdist.looponfail"})
 
 
+#: What the bench writes under the workload root while it runs.
+BENCH_OUTPUTS = ("logs", "reports", "pids.json", "*-cache", "*.json", "*.png")
+
+
 def foreign_plugins() -> list[str]:
     """Entry-point names of the installed pytest plugins outside :data:`KEPT_PLUGINS`."""
     from importlib.metadata import entry_points
@@ -36,6 +40,9 @@ def pytest_ini(blocked: list[str]) -> str:
     ]
     if blocked:
         lines.append("addopts = " + " ".join(f"-p no:{name}" for name in blocked))
+    # The bench's own outputs under the root are not the workloads' tree (--celery-ship).
+    lines.append("celery_dispatch_ship_exclude =")
+    lines.extend(f"    {glob}" for glob in BENCH_OUTPUTS)
     return "\n".join(lines) + "\n"
 
 

@@ -3,7 +3,7 @@ shape a test's run on the worker (pure helpers over ``pytest.Config``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +73,9 @@ class SlotPayloads:
         self.plugin_options = forwarded_plugin_options(config)
         self.stream = config.getoption("capture", "fd") == "no"
         self._digests: dict[str, str] = {}
+        self.ship: dict[str, Any] = {"mode": "off"}  # the run's manifest (see shipcontrol)
+        #: Signs a payload: its ``ship`` with the signature (see shipsign); None: unsigned.
+        self.signer: Callable[[SessionPayload], dict[str, Any]] | None = None
         self.artifacts: dict[str, Any] = {}  # artifactpaths.Limits, as a dict
 
     def file_digests(self, nodeids: list[str]) -> dict[str, str]:
@@ -90,7 +93,7 @@ class SlotPayloads:
         return digests
 
     def for_slot(self, slot_id: str, queue: str, nodeids: list[str]) -> SessionPayload:
-        return {
+        payload: SessionPayload = {
             "protocol": PROTOCOL,
             "run_id": self.run_id,
             "reply_to": self.reply_to,
@@ -104,5 +107,9 @@ class SlotPayloads:
             "stream": self.stream,
             "plugin_options": self.plugin_options,
             "identity": self.identity,
+            "ship": self.ship,
             "artifacts": self.artifacts,
         }
+        if self.signer is not None and self.ship.get("digest"):
+            payload["ship"] = self.signer(payload)
+        return payload

@@ -14,6 +14,7 @@ PYTEST_DONT_REWRITE: spare runners import it before pytest configures.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # ----------------------------------------------------------------------------- brokers
 
@@ -60,6 +61,26 @@ def work_queue_name(run_id: str, queue: str) -> str:
     return f"celery-dispatch.work.{run_id}.{queue}"
 
 
+def blob_queue_name(run_id: str, session_id: str) -> str:
+    """Where the controller sends the blobs one slot asked for."""
+    return f"celery-dispatch.blobs.{run_id}.{session_id}"
+
+
+def run_queue(name: str, expires_ms: int) -> Any:
+    """A kombu queue of one run (reply, work, blobs): durable, on the default exchange, and
+    deleted by RabbitMQ once unused for ``expires_ms`` (kombu imported when called)."""
+    from kombu import Exchange, Queue
+
+    return Queue(
+        name,
+        exchange=Exchange("", type="direct"),
+        routing_key=name,
+        durable=True,
+        auto_delete=False,
+        queue_arguments={"x-expires": expires_ms},
+    )
+
+
 def stop_queue_name(run_id: str) -> str:
     """Exists while the controller asks its workers to stop after their running test."""
     return f"celery-dispatch.stop.{run_id}"
@@ -80,6 +101,15 @@ ENV_SSL_KEY = "DISPATCH_SSL_KEY"
 ENV_FORK = "DISPATCH_FORK_RUNNERS"
 ENV_PYCACHE = "DISPATCH_RUNNER_PYCACHE"
 ENV_SPARE = "DISPATCH_SPARE_RUNNER"
+#: Shipped trees (docs/workers.md): the worker's cache folder, its size limit, and whether it
+#: runs shipped trees of unsigned runs (``allow``; refused by default, but on the embedded broker).
+ENV_CACHE_DIR = "DISPATCH_CACHE_DIR"
+ENV_CACHE_LIMIT = "DISPATCH_CACHE_LIMIT"
+ENV_SHIP_UNSIGNED = "DISPATCH_SHIP_UNSIGNED"
+#: The public keys (or certificates) a worker takes signed shipped runs from (docs/security.md).
+ENV_SHIP_TRUST = "DISPATCH_SHIP_TRUST"
+#: The controller's signing key: a PEM file's path, or the PEM text (a CI secret).
+ENV_SHIP_KEY = "CELERY_DISPATCH_SHIP_KEY"
 
 # Set by the worker for the tests it runs (read by the ``dispatch_context`` fixture):
 ENV_CTX_WORKER_ID = "DISPATCH_WORKER_ID"

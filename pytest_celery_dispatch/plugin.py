@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from . import settings as S
+from . import shipcontrol
 from .identity import identity_line
 from .names import ENV_RUNNER
 from .routing import FANOUT_PARAM
@@ -125,6 +126,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     ):
         parser.addini(f"celery_dispatch_{name}", help_text, default=None)
     parser.addini("celery_dispatch_queues", S.HELP_QUEUES, type="linelist", default=[])
+    shipcontrol.add_options(group, parser)
     parser.addini("celery_dispatch_routes", S.HELP_ROUTES, type="linelist", default=[])
 
 

@@ -47,6 +47,9 @@ EventType = Literal[
     "output",  # what tests printed, streamed as it comes (-s on the controller)
     "warning",  # a warning recorded on the worker
     "results",  # finished tests sent together: each with its location, times and reports
+    "shipped",  # where a slot runs the tests: in place, up to date, shipped (see shipworker)
+    "ship_wanted",  # blobs a slot lacks: the controller sends them to its blob queue
+    "ship_progress",  # a slot receiving blobs is alive
     "artifact_chunk",  # a piece of a test's file (artifactship): name, offset, base64 data
     "artifacts",  # a test's files as sent: name, size, bytes, sha256, cut (before its results)
 ]
@@ -68,6 +71,7 @@ class SessionPayload(TypedDict):
     stream: bool  # -s on the controller: stream the tests' output as it comes
     plugin_options: dict[str, Any]  # other plugins' option values, applied if they exist there
     identity: dict[str, Any]  # who the run is (identity.Identity): workers log it
+    ship: dict[str, Any]  # the run's tree: mode, manifest and its digest (see shipworker)
     artifacts: dict[str, Any]  # artifactpaths.Limits: what a test may bring home
 
 
@@ -107,6 +111,9 @@ class Event(TypedDict, total=False):
     elapsed: float  # alive: how long the current test has run
     tests: list[dict[str, Any]]  # results
     concurrency: int  # session_started: the worker's slots
+    ship: dict[str, Any]  # shipped: what the slot found and did
+    blobs: list[str]  # ship_wanted: sha256 of each blob
+    blob_queue: str  # ship_wanted
     name: str  # artifact_chunk: the file, relative to its test's folder
     offset: int  # artifact_chunk
     files: list[dict[str, Any]]  # artifacts

@@ -46,6 +46,7 @@ from .scheduling import (
 )
 from .serialization import Chunk, Event, reply_queue_name, work_queue_name
 from .settings import Settings
+from .shipcontrol import ShipHandlers, Shipper, resolve_ship, run_outputs
 from .stashkeys import ARTIFACTS_KEY
 from .terminal import DispatchTerminal
 
@@ -53,7 +54,7 @@ from .terminal import DispatchTerminal
 POLL_INTERVAL = 0.5
 
 
-class DispatchSession(EventHandlers, ArtifactEvents):
+class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
     """Registered as a plugin only with ``--celery-dispatch``; owns the run's dispatching."""
 
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
@@ -84,6 +85,10 @@ class DispatchSession(EventHandlers, ArtifactEvents):
         self.payloads = SlotPayloads(
             config, self.run_id, self.reply_to, settings.timeout, self.identity
         )
+        outputs = run_outputs(
+            config, settings.json_report, settings.event_log, settings.timeline, settings.artifacts
+        )
+        self.shipper = Shipper(str(config.rootpath), resolve_ship(config), outputs)
         self.artifacts = config.stash[ARTIFACTS_KEY]
         self.payloads.artifacts = settings.artifacts_limits.as_dict()
         self.workers_by_queue: dict[str, list[str]] = {}
@@ -208,6 +213,8 @@ class DispatchSession(EventHandlers, ArtifactEvents):
             sweep(self.embedded_root)
         self._join_line()
         queues = self.scheduler.queue_nodeids
+        if not self.prepare_ship([n for nodeids in queues.values() for n in nodeids]):
+            return
         try:
             conn = transport.connect(self._app)
         except transport.BrokerUnavailable as exc:
@@ -480,4 +487,5 @@ class DispatchSession(EventHandlers, ArtifactEvents):
             "collect_only": bool(self.config.option.collectonly),
             "dist": self.settings.dist,
             "predicted": dict(sch.predicted),  # into dispatch.queues[...].predicted_test_time
+            "ship": self.shipper.report(),
         }

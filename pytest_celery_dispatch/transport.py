@@ -19,7 +19,7 @@ from typing import Any
 from celery import Celery
 from kombu import Connection, Consumer, Exchange, Queue
 
-from . import embedded
+from . import embedded, names
 from .celeryconf import celery_config
 from .liveness import CONTROLLER_HEARTBEAT, CONTROLLER_RECONNECT_MAX
 from .names import PLAIN_TASK_PROCESSES, SLOT_TASK, mask_url, stop_queue_name
@@ -101,14 +101,7 @@ def task_queue(app: Celery, name: str) -> Queue:
 def run_queue(name: str) -> Queue:
     """A queue of this run (reply or work): durable, on the default exchange, deleted by the
     controller at the end, and by RabbitMQ if the controller died and left it unused."""
-    return Queue(
-        name,
-        exchange=Exchange("", type="direct"),
-        routing_key=name,
-        durable=True,
-        auto_delete=False,
-        queue_arguments={"x-expires": RUN_QUEUE_EXPIRES_MS},
-    )
+    return names.run_queue(name, RUN_QUEUE_EXPIRES_MS)
 
 
 class Broker:

@@ -26,6 +26,7 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ from .serialization import (
     nodeid_path,
     stop_queue_name,
 )
+from .shipworker import BlobFetcher, Prepared, ShipState, prepare
 from .slotgate import SLOT_BUSY_RETRY, SlotLease, gate_of, make_gate_folder, remove_gate_folder
 from .spares import SPARE_DELAY, SparePool
 from .workerinfo import queue_of, worker_id, workspace
@@ -101,6 +103,7 @@ class WorkerProcess:
         self.spares = SparePool()
         self.zygotes = Zygotes(self.spares)
         self.presence: list[embedded.Presence] = []
+        self.ship = ShipState()
         self.notices: Any = None  # benchnotice.BenchNotices (main process)
 
 
@@ -153,6 +156,7 @@ def _start_spare_runner(**kwargs: Any) -> None:
     with contextlib.suppress(Exception):
         local.spares.prepare(workspace(), dict(os.environ))
     warm_connection(app)
+    _ = local.ship.versions  # read once here, not on a run's way to its first test
 
 
 @signals.worker_ready.connect  # type: ignore[untyped-decorator]
@@ -402,6 +406,7 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     base = reply.base
     extra: dict[str, Any] = {k: base.get(k) for k in ("task_id", "worker", "queue", "session_id")}
     extra["identity"] = reply.identity
+    hold = contextlib.ExitStack()  # the run's tree, held while the slot uses it
     lease: SlotLease | None = None
     try:
         if reply.start_state() != RUN:
@@ -414,7 +419,10 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             # with a free slot (or this one, later).
             log.info("every slot busy: session sent back to its queue", extra=extra)
             raise self.retry(countdown=SLOT_BUSY_RETRY)
-        ws = workspace()
+        shipped = hold.enter_context(_prepare_tree(self, payload, reply, extra))
+        if shipped.refused:
+            return {"refused": shipped.refused}
+        ws = shipped.workspace
         nodeids: list[str] = []
         for nodeid in (str(n) for n in payload.get("nodeids", [])):
             try:
@@ -483,9 +491,30 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         log.info("session finished", extra={**extra, "summary": summary})
         return dict(summary)
     finally:
+        hold.close()
         if lease is not None:
             lease.release()
         reply.close()
+
+
+@contextlib.contextmanager
+def _prepare_tree(
+    task: Task, payload: dict[str, Any], reply: _Reply, extra: dict[str, Any]
+) -> Iterator[Prepared]:
+    """The run's tree on this worker (see :mod:`.shipworker`), held while the slot runs; its
+    state goes home in a ``shipped`` event, a refusal as ``refused`` for every test."""
+    fetcher = BlobFetcher(task.app, reply.emit, reply.base)
+    found = prepare(
+        payload, workspace(), local.ship, fetcher, reply.base["worker"], task.app.conf.broker_url
+    )
+    if "ship" in payload:  # a controller that knows the event (and --celery-ship)
+        reply.emit({"type": "shipped", "ship": found.info})
+    if found.refused:
+        nodeids = payload.get("nodeids", [])
+        reply.emit({"type": "refused", "nodeids": nodeids, "reason": found.refused})
+        log.warning("refused: %s", found.refused, extra=extra)
+    with found.hold:
+        yield found
 
 
 class _ChunkLog:

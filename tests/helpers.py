@@ -66,6 +66,10 @@ class WorkerProcess:
                 "DISPATCH_WORKSPACE": str(workspace),
                 "DISPATCH_LOG_FORMAT": "json",
                 "PYTHONUNBUFFERED": "1",
+                # The shared workspace holds every test's project and the worker logs, which
+                # change while a run goes: the run's tree never matches it, and these workers
+                # run in place as before (tests/e2e/test_ship.py starts benches that ship).
+                "DISPATCH_SHIP_UNSIGNED": "refuse",
             }
         )
         self.env.update(extra_env or {})

@@ -1,0 +1,130 @@
+"""Signed shipped runs: the controller's key signs, a worker verifies with the keys it trusts."""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+
+import pytest
+
+cryptography = pytest.importorskip("cryptography")
+from cryptography import x509  # noqa: E402
+from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa  # noqa: E402
+from cryptography.x509.oid import NameOID  # noqa: E402
+
+from pytest_celery_dispatch.shipsign import (  # noqa: E402
+    SignatureError,
+    Signer,
+    signer_from,
+    verify,
+)
+
+PAYLOAD = {
+    "run_id": "r1",
+    "queue": "bench_a",
+    "nodeids": ["tests/test_x.py::test_a"],
+    "timeout": 300.0,
+    "pytest_args": [],
+    "plugin_options": {},
+    "session_id": "r1.s1",
+    "ship": {"mode": "auto", "digest": "d" * 64, "manifest": []},
+}
+
+
+def pem_private(key) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def pem_public(key) -> bytes:
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def signed(tmp_path: Path, key, payload=PAYLOAD) -> dict:
+    path = tmp_path / "key.pem"
+    path.write_bytes(pem_private(key))
+    return {**payload, "ship": Signer(str(path), "test")(payload)}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        ed25519.Ed25519PrivateKey.generate,
+        lambda: ec.generate_private_key(ec.SECP256R1()),
+        lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+    ],
+    ids=["ed25519", "ec", "rsa"],
+)
+def test_a_signed_payload_verifies_with_the_trusted_key(tmp_path: Path, make) -> None:
+    key = make()
+    (tmp_path / "trust.pem").write_bytes(pem_public(key))
+    payload = signed(tmp_path, key)
+    assert verify(payload, {"DISPATCH_SHIP_TRUST": str(tmp_path / "trust.pem")}) is None
+
+
+def test_a_changed_payload_does_not_verify(tmp_path: Path) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    (tmp_path / "trust.pem").write_bytes(pem_public(key))
+    env = {"DISPATCH_SHIP_TRUST": str(tmp_path / "trust.pem")}
+    payload = signed(tmp_path, key)
+    for changed in (
+        {**payload, "nodeids": ["tests/test_x.py::test_other"]},
+        {**payload, "ship": {**payload["ship"], "digest": "e" * 64}},
+        {**payload, "pytest_args": ["-o", "pythonpath=/elsewhere"]},
+    ):
+        assert "does not verify" in str(verify(changed, env))
+
+
+def test_a_key_the_worker_does_not_trust_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    trusted = ed25519.Ed25519PrivateKey.generate()
+    (tmp_path / "trust.pem").write_bytes(pem_public(trusted))
+    payload = signed(tmp_path, ed25519.Ed25519PrivateKey.generate())
+    why = verify(payload, {"DISPATCH_SHIP_TRUST": str(tmp_path / "trust.pem")})
+    assert "not among the keys it trusts (DISPATCH_SHIP_TRUST)" in str(why)
+    assert "set DISPATCH_SHIP_TRUST" in str(verify(payload, {}))
+
+
+def test_a_folder_of_certificates_is_a_trust_store(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "lab ci")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    store = tmp_path / "store"
+    store.mkdir()
+    other = ed25519.Ed25519PrivateKey.generate()
+    (store / "a.pem").write_bytes(pem_public(other) + cert.public_bytes(serialization.Encoding.PEM))
+    payload = signed(tmp_path, key)
+    assert verify(payload, {"DISPATCH_SHIP_TRUST": str(store)}) is None
+
+
+def test_the_key_comes_from_the_option_or_the_environment_and_is_never_quoted(
+    tmp_path: Path,
+) -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    text = pem_private(key).decode()
+    assert signer_from(None, {}) is None
+    assert signer_from(None, {"CELERY_DISPATCH_SHIP_KEY": text}) is not None
+    with pytest.raises(SignatureError) as info:
+        signer_from(None, {"CELERY_DISPATCH_SHIP_KEY": text.replace("A", "B", 5)})
+    assert "env CELERY_DISPATCH_SHIP_KEY" in str(info.value)
+    assert "PRIVATE KEY" not in str(info.value)
+    with pytest.raises(SignatureError, match="--celery-ship-key"):
+        signer_from(str(tmp_path / "missing.pem"), {})
+    ship = signer_from(None, {"CELERY_DISPATCH_SHIP_KEY": text})(PAYLOAD)  # type: ignore[misc]
+    assert "PRIVATE" not in str(ship)
+    assert set(ship["signature"]) == {"key", "value"}
