@@ -497,3 +497,31 @@ def local_dispatch() -> dict[str, Any]:
         "infrastructure_error": None,
         "session": None,
     }
+
+
+def run_section(session: Any) -> dict[str, Any]:
+    """The run-level part of the ``dispatch`` section, from the controller's
+    :class:`~.session.DispatchSession` (not imported: the session imports this module)."""
+    end = session.finished_at or time.time()
+    sch = session.scheduler
+    settings = session.settings
+    return {
+        "run_id": session.run_id,
+        "identity": dict(session.identity),
+        "priority": settings.priority,
+        "broker": settings.broker_masked,
+        "backend": settings.backend_masked,
+        "interrupted": session.interrupted,
+        "stopped_early": session.stopped_early,
+        "broker_error": session.broker_error,
+        "consumers": dict(sch.consumers),
+        "slots": dict(sch.capacity),
+        "worker_slots": sch.worker_slots(),  # into dispatch.workers[...].slots
+        "sessions": len(sch.slots),
+        "workers_by_queue": {q: list(w) for q, w in session.workers_by_queue.items()},
+        "wall_time": max(0.0, end - session.started_at),
+        "collect_only": bool(session.config.option.collectonly),
+        "dist": settings.dist,
+        "predicted": dict(sch.predicted),  # into dispatch.queues[...].predicted_test_time
+        "ship": session.shipper.report(),
+    }

@@ -225,7 +225,7 @@ def _stash_settings_for_fixtures(config: pytest.Config) -> None:
 def _register_session(config: pytest.Config, settings: S.Settings, recorder: Any) -> None:
     """The controller's session and its JSON report, as plugins of this run."""
     from .durations import LOCAL
-    from .jsonreport import JsonReportPlugin
+    from .jsonreport import JsonReportPlugin, run_section
     from .session import DispatchSession
 
     dsession = DispatchSession(config, settings)
@@ -250,7 +250,7 @@ def _register_session(config: pytest.Config, settings: S.Settings, recorder: Any
         dispatch_info=lambda nodeid: (
             dsession.records[nodeid].as_dict() if nodeid in dsession.records else None
         ),
-        session_info=dsession.report_info,
+        session_info=lambda: run_section(dsession),
         timeline=settings.timeline,
         path_asked=_json_report_asked(config),
         artifacts=dsession.artifacts,

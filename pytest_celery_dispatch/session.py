@@ -25,6 +25,7 @@ import pytest
 from . import routing
 from .artifactstore import ArtifactEvents
 from .collection import group_key, route_item
+from .discovery import find_workers, guess_queue_names, start_local_workers
 from .durations import queue_estimates
 from .events import EventHandlers
 from .forwarding import SlotPayloads
@@ -230,24 +231,24 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         self._consumer.ready.wait(5.0)
         for queue_name in queues:
             self._broker.declare_task_queue(queue_name)
-        self._start_local_workers(list(queues))
+        self._local_workers = start_local_workers(
+            self.settings,
+            self.config.rootpath,
+            self.embedded_root,
+            list(queues),
+            self._broker.consumer_count,
+            self.terminal.write_line,
+        )
         self.scheduler.estimates.update(queue_estimates(self.config, queues))  # longest first, ETA
-        consumers = {q: self._broker.consumer_count(q) or 0 for q in queues}
-        capacity: dict[str, int] = {}
-        if present := {q for q, c in consumers.items() if c > 0}:
-            # One consumer per worker and queue: a worker serving two of these queues answers
-            # once, so the wait may run to its (short) timeout; otherwise it ends early.
-            found = self._broker.inspect_workers(
-                present,
-                expected=sum(consumers[q] for q in present),
-                timeout=min(1.0, max(0.2, self.settings.wait_workers)),
-            )
-            self.workers_by_queue = {q: [name for name, _ in found[q]] for q in found}
-            capacity = {q: sum(c for _, c in found[q]) or consumers[q] for q in found}
-        self.execute(self.scheduler.begin(consumers, capacity))
+        found = find_workers(self._broker, queues, self.settings.wait_workers)
+        self.workers_by_queue = found.by_queue
+        self.execute(self.scheduler.begin(found.consumers, found.capacity))
         sch = self.scheduler
         if sch.waiting_queues:
-            self._guess_queue_names()
+            allowed = self.settings.allowed_queues
+            sch.guesses.update(
+                guess_queue_names(self._broker, sch.waiting_queues, sch.consumers, allowed)
+            )
         self.terminal.write_header(sch, self.workers_by_queue, self.settings.wait_workers)
         from .jsonreport import prefetch_environment
 
@@ -266,33 +267,6 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         self.turns = RunTurns(self.run_id, self.identity, self.settings.priority, board)
         self.turns.join(list(self.scheduler.queue_nodeids))
         self.scheduler.turns.grant = self.turns.grant
-
-    def _guess_queue_names(self) -> None:
-        """A queue without consumer may be a typo: guess the served or declared queues one edit
-        away (their names cost a broadcast: only asked on this unhappy path)."""
-        sch = self.scheduler
-        known = {q for q, count in sch.consumers.items() if count > 0}
-        known |= self.settings.allowed_queues or set()
-        known |= self._broker.served_queues()
-        for queue_name in sch.waiting_queues:
-            guess = routing.did_you_mean(queue_name, known)
-            if guess:
-                sch.guesses[queue_name] = guess
-
-    def _start_local_workers(self, queues: list[str]) -> None:
-        """--celery-local-workers: one worker per queue, started and awaited now."""
-        settings = self.settings
-        if settings.local_workers or settings.local_workers_auto:
-            from .localworkers import start_for_run
-
-            self._local_workers = start_for_run(
-                settings.broker,
-                self.config.rootpath,
-                self.embedded_root,
-                queues if settings.local_workers_auto else list(settings.local_workers),
-                self._broker.consumer_count,
-                self.terminal.write_line,
-            )
 
     def _consumer_count(self, queue_name: str) -> int | None:
         return self._broker.consumer_count(queue_name) if self._broker is not None else None
@@ -462,30 +436,3 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         ids = self.scheduler.unstarted_slot_task_ids()
         if ids and self._app is not None:
             self._app.control.revoke(ids)
-
-    # ------------------------------------------------------------------ figures
-
-    def report_info(self) -> dict[str, Any]:
-        """The run-level part of the JSON report's ``dispatch`` section."""
-        end = self.finished_at or time.time()
-        sch = self.scheduler
-        return {
-            "run_id": self.run_id,
-            "identity": dict(self.identity),
-            "priority": self.settings.priority,
-            "broker": self.settings.broker_masked,
-            "backend": self.settings.backend_masked,
-            "interrupted": self.interrupted,
-            "stopped_early": self.stopped_early,
-            "broker_error": self.broker_error,
-            "consumers": dict(sch.consumers),
-            "slots": dict(sch.capacity),
-            "worker_slots": sch.worker_slots(),  # into dispatch.workers[...].slots
-            "sessions": len(sch.slots),
-            "workers_by_queue": {q: list(w) for q, w in self.workers_by_queue.items()},
-            "wall_time": max(0.0, end - self.started_at),
-            "collect_only": bool(self.config.option.collectonly),
-            "dist": self.settings.dist,
-            "predicted": dict(sch.predicted),  # into dispatch.queues[...].predicted_test_time
-            "ship": self.shipper.report(),
-        }
