@@ -63,7 +63,9 @@ class SlotPayloads:
         reply_to: str,
         timeout: float,
         identity: Mapping[str, Any] | None = None,
+        health: tuple[tuple[str, ...], float | None] = ((), None),
     ) -> None:
+        self.health, self.health_every = list(health[0]), health[1]
         self.rootpath = Path(config.rootpath)
         self.identity = dict(identity or {})
         self.run_id = run_id
@@ -103,4 +105,6 @@ class SlotPayloads:
             "stream": self.stream,
             "plugin_options": self.plugin_options,
             "identity": self.identity,
+            "health": self.health,
+            "health_every": self.health_every,
         }

@@ -37,6 +37,9 @@ HELLO_WAIT = 0.15
 LINE_EVERY = 5.0
 
 WAITING, HOLDING = "waiting", "holding"
+#: ``celery-dispatch release WORKER``'s notice: ``worker`` (a name or node) and the ``since``
+#: of the quarantine it ends (see :mod:`.health`).
+RELEASE = "release"
 
 Notice = dict[str, Any]
 
@@ -185,6 +188,7 @@ def lab_view(notices: list[Notice], now: float | None = None) -> dict[str, Any]:
                     "state": "busy" if busy else "idle",
                     "busy": busy,
                     "last_run": worker.get("last"),
+                    "quarantine": worker.get("quarantine"),
                 }
             )
         for run in holders(notices, queue):

@@ -80,6 +80,14 @@ ENV_SSL_KEY = "DISPATCH_SSL_KEY"
 ENV_FORK = "DISPATCH_FORK_RUNNERS"
 ENV_PYCACHE = "DISPATCH_RUNNER_PYCACHE"
 ENV_SPARE = "DISPATCH_SPARE_RUNNER"
+#: Bench health (:mod:`.health`): the worker's own health tests (they win over the run's ini
+#: ``celery_dispatch_health``), how often at most they run (minutes), after how many sessions
+#: in a row ended in an infrastructure failure the worker quarantines itself, and whether a
+#: quarantined worker whose health tests pass again rejoins by itself (``1``).
+ENV_HEALTH = "DISPATCH_HEALTH"
+ENV_HEALTH_EVERY = "DISPATCH_HEALTH_EVERY"
+ENV_QUARANTINE_AFTER = "DISPATCH_QUARANTINE_AFTER"
+ENV_HEALTH_REJOIN = "DISPATCH_HEALTH_REJOIN"
 
 # Set by the worker for the tests it runs (read by the ``dispatch_context`` fixture):
 ENV_CTX_WORKER_ID = "DISPATCH_WORKER_ID"

@@ -66,6 +66,8 @@ class SessionPayload(TypedDict):
     stream: bool  # -s on the controller: stream the tests' output as it comes
     plugin_options: dict[str, Any]  # other plugins' option values, applied if they exist there
     identity: dict[str, Any]  # who the run is (identity.Identity): workers log it
+    health: list[str]  # ini celery_dispatch_health: the run's health tests (see health.py)
+    health_every: float | None  # ini celery_dispatch_health_every (minutes)
 
 
 class Chunk(TypedDict):

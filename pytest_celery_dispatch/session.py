@@ -29,6 +29,7 @@ from .events import EventHandlers
 from .forwarding import SlotPayloads
 from .identity import current_identity
 from .names import EMBEDDED
+from .quarantine import Quarantines
 from .replay import EventLog, Replayer
 from .scheduling import (
     SILENCE_LIMIT,
@@ -80,8 +81,14 @@ class DispatchSession(EventHandlers):
         )
         self.identity = current_identity()
         self.payloads = SlotPayloads(
-            config, self.run_id, self.reply_to, settings.timeout, self.identity
+            config,
+            self.run_id,
+            self.reply_to,
+            settings.timeout,
+            self.identity,
+            (settings.health, settings.health_every),
         )
+        self.quarantines = Quarantines(self.scheduler)  # workers that quarantined themselves
         self.workers_by_queue: dict[str, list[str]] = {}
         self.broker_error: str | None = None
         self.started_at = time.time()

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from .healthrules import parse_minutes, parse_tests
 from .names import DEFAULT_BACKEND as DEFAULT_BACKEND
 from .names import DEFAULT_BROKER as DEFAULT_BROKER
 from .names import EMBEDDED as EMBEDDED
@@ -87,6 +88,15 @@ HELP_ROUTES = (
     "wins, a queue marker still overrides it"
 )
 
+HELP_HEALTH = (
+    "health tests (nodeids or folders, comma or space separated) a worker runs before it takes "
+    "this run's work; a failure quarantines it (a worker's DISPATCH_HEALTH wins)"
+)
+HELP_HEALTH_EVERY = (
+    "minutes between two runs of a worker's health tests (default 10; at once after a crashed "
+    "or timed-out test; a worker's DISPATCH_HEALTH_EVERY wins)"
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -107,6 +117,8 @@ class Settings:
     allowed_queues: frozenset[str] | None = None
     routes: tuple[RouteRule, ...] = ()
     dist: str = LOAD
+    health: tuple[str, ...] = ()
+    health_every: float | None = None
 
     @property
     def broker_masked(self) -> str:
@@ -295,6 +307,9 @@ def resolve(
     event_log = parsed("event-log", lambda raw, _: str(raw), None)
     dist = parsed("dist", parse_dist, LOAD)
     allowed, rules = _queues_and_routes(ini, default_queue)
+    health = tuple(parse_tests(str(ini("celery_dispatch_health") or "")))
+    every = ini("celery_dispatch_health_every")
+    health_every = _minutes(str(every), "ini celery_dispatch_health_every") if every else None
 
     return Settings(
         dispatch=dispatch,
@@ -314,7 +329,16 @@ def resolve(
         allowed_queues=allowed,
         routes=tuple(rules),
         dist=dist,
+        health=health,
+        health_every=health_every,
     )
+
+
+def _minutes(raw: str, source: str) -> float:
+    try:
+        return parse_minutes(raw, source)
+    except ValueError as exc:
+        raise pytest.UsageError(f"celery-dispatch: {exc}") from None
 
 
 def _queues_and_routes(

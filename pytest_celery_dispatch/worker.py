@@ -35,6 +35,8 @@ from .benchnotice import record_last_run, start_bench_notices
 from .celeryconf import SILENT_LIMIT, backend_from_env, broker_from_env, celery_config
 from .demo_tasks import register_demo_tasks
 from .driver import KILL, RUN, STOP, SlotDriver
+from .health import session_health, worker_config
+from .healthrules import QUARANTINED
 from .launcher import RunnerLauncher
 from .liveness import CONTROLLER_CHECK_INTERVAL, ControllerWatch
 from .names import (
@@ -129,6 +131,7 @@ def _note_concurrency(sender: Any = None, **kwargs: Any) -> None:
     """Pool processes inherit this: each session tells the controller its worker's slots.
     The pool gets one process more, for plain tasks (see workerpool); the slot locks keep
     its runs to its slots (see slotgate)."""
+    worker_config()  # a bad DISPATCH_HEALTH* value stops the worker here, naming it
     reserve_plain_task_process(sender)
     make_gate_folder(str(getattr(sender, "hostname", "") or "worker"))
     # A run's zygote (see zygote.Zygotes.fork) lives in the pool process that started it:
@@ -409,22 +412,13 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             log.info("every slot busy: session sent back to its queue", extra=extra)
             raise self.retry(countdown=SLOT_BUSY_RETRY)
         ws = workspace()
-        nodeids: list[str] = []
-        for nodeid in (str(n) for n in payload.get("nodeids", [])):
-            try:
-                confine(ws, nodeid)
-                nodeids.append(nodeid)
-            except UnsafeNodeId as exc:
-                reply.emit({"type": "refused", "nodeids": [nodeid], "reason": str(exc)})
-                log.warning("refused: %s", exc, extra=extra)
-        differing = different_files(ws, payload.get("files") or {}, nodeids)
-        if differing:
-            bad = [n for n in nodeids if nodeid_path(n) in differing]
-            for path, reason in differing.items():
-                ids = [n for n in bad if nodeid_path(n) == path]
-                reply.emit({"type": "refused", "nodeids": ids, "reason": reason})
-                log.warning("refused: %s", reason, extra=extra)
-            nodeids = [n for n in nodeids if n not in set(bad)]
+        health = session_health(payload, ws, {**os.environ, ENV_WORKSPACE: ws})
+        if health is not None and (reason := health.before_work()) is not None:
+            # Quarantined: back to the queue, for a healthy worker; the controller learns why.
+            reply.emit({"type": QUARANTINED, "reason": reason})
+            log.warning("quarantined: session sent back to its queue", extra=extra)
+            raise self.retry(countdown=SLOT_BUSY_RETRY)
+        nodeids = checked_nodeids(reply, payload, ws, extra)
         started = time.monotonic()
         reply.emit(
             {
@@ -460,10 +454,14 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
 
         launcher = RunnerLauncher(spec, local.spares, local.zygotes)
         driver = SlotDriver(spec, emit_logged, reply.fetch, launcher, control=reply.control)
+        if health is not None:
+            driver.on_failure = lambda kind, why: health.after_failure(kind, why) is not None
         try:
             summary = driver.run()
         finally:
             local.spares.prepare(ws, env, SPARE_DELAY)  # the next run's first runner
+        if health is not None and (health.ended(reply.cut_off) or health.quarantined):
+            reply.emit({"type": QUARANTINED, "reason": health.quarantined})
         summary["duration"] = round(time.monotonic() - started, 3)
         last = emit_logged.last_run(summary, base, reply.identity)
         record_last_run(str(self.request.hostname), last)
@@ -475,6 +473,30 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         if lease is not None:
             lease.release()
         reply.close()
+
+
+def checked_nodeids(
+    reply: _Reply, payload: dict[str, Any], ws: str, extra: dict[str, Any]
+) -> list[str]:
+    """The session's nodeids this worker may run: inside its workspace, in files with the
+    controller's bytes; the others are refused by name."""
+    nodeids: list[str] = []
+    for nodeid in (str(n) for n in payload.get("nodeids", [])):
+        try:
+            confine(ws, nodeid)
+            nodeids.append(nodeid)
+        except UnsafeNodeId as exc:
+            reply.emit({"type": "refused", "nodeids": [nodeid], "reason": str(exc)})
+            log.warning("refused: %s", exc, extra=extra)
+    differing = different_files(ws, payload.get("files") or {}, nodeids)
+    if differing:
+        bad = [n for n in nodeids if nodeid_path(n) in differing]
+        for path, reason in differing.items():
+            ids = [n for n in bad if nodeid_path(n) == path]
+            reply.emit({"type": "refused", "nodeids": ids, "reason": reason})
+            log.warning("refused: %s", reason, extra=extra)
+        nodeids = [n for n in nodeids if n not in set(bad)]
+    return nodeids
 
 
 class _ChunkLog:
