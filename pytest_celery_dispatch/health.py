@@ -193,7 +193,7 @@ def run_health_tests(
         done = subprocess.run(
             [*command, "-o", "console_output_style=classic", "--", *tests],
             cwd=workspace,
-            env=dict(env),
+            env={**env, "COLUMNS": "10000"},  # the short summary's lines whole
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -296,11 +296,14 @@ class SessionHealth:
                 self.quarantined = failed
             return failed
 
-    def ended(self, cut_off: bool) -> str | None:
-        """Note how the session ended; the reason if that makes K infrastructure failures in a
+    def ended(self, cut_off: bool, took_work: bool) -> str | None:
+        """Note how the session ended (one that took no work and failed in nothing says nothing
+        about the bench: not noted); the reason if that makes K infrastructure failures in a
         row (and the worker was not quarantined already)."""
         if cut_off:
             self.infra = self.infra or "the session was cut off from the broker"
+        if self.infra is None and not took_work:
+            return None
         with self.book.changing() as state:
             endings = [bool(e) for e in state.get("endings") or []]
             reached = self.infra is not None and streak_reached(endings, self.config.after)

@@ -82,7 +82,8 @@ def health_failure(nodeid: str, message: str) -> str:
 
 
 def streak_failure(after: int, why: str) -> str:
-    return f"{after} sessions in a row ended in an infrastructure failure (the last: {why})"
+    sessions = f"{after} sessions in a row" if after != 1 else "a session"
+    return f"{sessions} ended in an infrastructure failure (the last: {why})"
 
 
 def every_worker_quarantined(

@@ -460,7 +460,9 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             summary = driver.run()
         finally:
             local.spares.prepare(ws, env, SPARE_DELAY)  # the next run's first runner
-        if health is not None and (health.ended(reply.cut_off) or health.quarantined):
+        if health is not None and (
+            health.ended(reply.cut_off, bool(summary["chunks"])) or health.quarantined
+        ):
             reply.emit({"type": QUARANTINED, "reason": health.quarantined})
         summary["duration"] = round(time.monotonic() - started, 3)
         last = emit_logged.last_run(summary, base, reply.identity)
