@@ -3,9 +3,10 @@
 Every controller with work for a queue publishes a *run notice* every ``LAB_INTERVAL``
 seconds: its identity, priority, when it arrived, and per queue whether it is ``waiting`` for
 a slot or ``holding`` slots (how many, its progress). Every worker publishes a *worker notice*:
-its queues, slots, the runs its slots are busy with, and its last run's result. A notice not
-renewed for ``LAB_STALE`` seconds is gone (a killed controller's with it); one that says
-``"gone": true`` is gone at once. :mod:`.labboard` carries them (a fanout exchange on
+its queues, slots, the runs its slots are busy with, its last run's result and its quarantine
+(see :mod:`.health`); ``celery-dispatch release`` publishes a *release notice* (:data:`RELEASE`).
+A notice not renewed for ``LAB_STALE`` seconds is gone (a killed controller's with it); one
+that says ``"gone": true`` is gone at once. :mod:`.labboard` carries them (a fanout exchange on
 RabbitMQ, a folder on the embedded broker); this module only decides.
 
 The rule (:func:`grant`): a queue's free slots are its slots minus those held by other runs;
