@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -131,7 +132,11 @@ def _note_concurrency(sender: Any = None, **kwargs: Any) -> None:
     """Pool processes inherit this: each session tells the controller its worker's slots.
     The pool gets one process more, for plain tasks (see workerpool); the slot locks keep
     its runs to its slots (see slotgate)."""
-    worker_config()  # a bad DISPATCH_HEALTH* value stops the worker here, naming it
+    try:
+        worker_config()
+    except ValueError as exc:  # a bad DISPATCH_HEALTH* value: the worker does not start
+        print(f"celery-dispatch worker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None  # Celery logs and swallows a signal handler's Exception
     reserve_plain_task_process(sender)
     make_gate_folder(str(getattr(sender, "hostname", "") or "worker"))
     # A run's zygote (see zygote.Zygotes.fork) lives in the pool process that started it:

@@ -25,7 +25,7 @@ from pytest_celery_dispatch.embedded import EMBEDDED
 from pytest_celery_dispatch.healthrules import DEFAULT_QUARANTINE_AFTER
 from pytest_celery_dispatch.retry import SILENCE_LIMIT, backoff
 from pytest_celery_dispatch.session import POLL_INTERVAL
-from tests.helpers import BROKER, dispatch
+from tests.helpers import BROKER, WorkerProcess, dispatch
 
 WORK = """
 import os
@@ -205,3 +205,20 @@ def test_a_queue_whose_workers_are_all_quarantined_fails_at_once_naming_each_rea
     for test in report["tests"]:
         assert test["outcome"] == "failed"
         assert message in json.dumps(test), test
+
+
+def test_a_bad_health_setting_stops_the_worker_at_start_naming_it(workspace, tmp_path):
+    worker = WorkerProcess(
+        "cdtest-bad-health",
+        "worker-bad",
+        workspace,
+        tmp_path,
+        broker=EMBEDDED,
+        extra_env={"DISPATCH_HEALTH_EVERY": "soon"},
+    )
+    with pytest.raises(RuntimeError) as info:
+        worker.start()
+    assert (
+        "celery-dispatch worker: invalid value 'soon' for env DISPATCH_HEALTH_EVERY: give "
+        "minutes (a number >= 0, e.g. 10)"
+    ) in str(info.value)
