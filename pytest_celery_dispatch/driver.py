@@ -24,8 +24,10 @@ from .serialization import HEARTBEAT_INTERVAL
 #: gone): the running test is interrupted as Ctrl-C would, its fixtures tear down, and the
 #: runner is killed if it has not ended ``TEARDOWN_GRACE`` seconds later.
 RUN, STOP, KILL = "run", "stop", "kill"
-#: The slot's state once its worker quarantined itself (see :mod:`.health`): it took no more
-#: work and left what it had unanswered, for the controller to re-send at once.
+#: The slot's state once its worker quarantined itself (see :mod:`.health`): it takes no more
+#: work and leaves what it had unanswered, for the controller to re-send at once. Also what
+#: ``control()`` answers when another slot of the worker quarantined it: the running test
+#: finishes (as after ``STOP``), no other starts.
 QUARANTINE = "quarantine"
 
 #: A chunk of work as fetched from the run's work queue.
@@ -413,8 +415,8 @@ class SlotDriver:
                     self.state = KILL
                     self.interrupted_at = now
                     runner.interrupt()
-            elif wanted == STOP and self.state == RUN:
-                self.state = STOP  # finish the running test, start no other
+            elif wanted in (STOP, QUARANTINE) and self.state == RUN:
+                self.state = wanted  # finish the running test, start no other
                 runner.request_stop()
         if self.interrupted_at is not None and now - self.interrupted_at >= self.teardown_grace:
             self.interrupted_at = None

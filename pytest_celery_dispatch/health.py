@@ -37,9 +37,10 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from .driver import QUARANTINE, RUN
 from .healthrules import (
     DEFAULT_HEALTH_EVERY,
     DEFAULT_QUARANTINE_AFTER,
@@ -295,6 +296,26 @@ class SessionHealth:
                 enter_quarantine(state, failed, by_health=True)
                 self.quarantined = failed
             return failed
+
+    def control(self, control: Callable[[], str]) -> Callable[[], str]:
+        """The slot's ``control()``, which also answers ``QUARANTINE`` once another slot of
+        the worker quarantined it: this slot finishes its running test and takes no other."""
+
+        def checked() -> str:
+            wanted = control()
+            if wanted == RUN and self.quarantined is None and self.book.quarantine() is not None:
+                return QUARANTINE
+            return wanted
+
+        return checked
+
+    def reason(self, stopped: bool) -> str | None:
+        """Why the controller must hear this slot quarantined: it quarantined the worker, or
+        it ``stopped`` for it (the reason another slot wrote)."""
+        if self.quarantined is not None or not stopped:
+            return self.quarantined
+        found = self.book.quarantine()
+        return str(found.get("reason")) if found else "quarantined"
 
     def ended(self, cut_off: bool, took_work: bool) -> str | None:
         """Note how the session ended (one that took no work and failed in nothing says nothing

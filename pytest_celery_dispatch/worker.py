@@ -35,7 +35,7 @@ from . import embedded
 from .benchnotice import record_last_run, start_bench_notices
 from .celeryconf import SILENT_LIMIT, backend_from_env, broker_from_env, celery_config
 from .demo_tasks import register_demo_tasks
-from .driver import KILL, RUN, STOP, SlotDriver
+from .driver import KILL, QUARANTINE, RUN, STOP, SlotDriver
 from .health import session_health, worker_config
 from .healthrules import QUARANTINED
 from .launcher import RunnerLauncher
@@ -461,14 +461,15 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         driver = SlotDriver(spec, emit_logged, reply.fetch, launcher, control=reply.control)
         if health is not None:
             driver.on_failure = lambda kind, why: health.after_failure(kind, why) is not None
+            driver.control = health.control(reply.control)
         try:
             summary = driver.run()
         finally:
             local.spares.prepare(ws, env, SPARE_DELAY)  # the next run's first runner
-        if health is not None and (
-            health.ended(reply.cut_off, bool(summary["chunks"])) or health.quarantined
-        ):
-            reply.emit({"type": QUARANTINED, "reason": health.quarantined})
+        if health is not None:
+            health.ended(reply.cut_off, bool(summary["chunks"]))
+            if reason := health.reason(summary["state"] == QUARANTINE):
+                reply.emit({"type": QUARANTINED, "reason": reason})
         summary["duration"] = round(time.monotonic() - started, 3)
         last = emit_logged.last_run(summary, base, reply.identity)
         record_last_run(str(self.request.hostname), last)

@@ -260,3 +260,26 @@ def test_without_quarantine_a_crashed_test_is_still_answered_and_the_slot_goes_o
     assert told == [("crash", "the test process crashed (killed by SIGSEGV)")]
     assert summary["state"] == RUN
     assert sorted(slot.results()) == ["t.py::a", "t.py::c"]
+
+
+def test_a_slot_whose_worker_another_slot_quarantined_finishes_its_test_and_takes_no_other(
+    tmp_path,
+) -> None:
+    ids = ["t.py::a", "t.py::b", "t.py::c"]
+    slot = Slot(ids, [["t.py::a"], ["t.py::b"], ["t.py::c"]], hang_on=("t.py::a",))
+    health = session(tmp_path)
+    slot.driver.control = health.control(lambda: RUN)
+    assert slot.driver.control() == RUN
+    other = session(tmp_path, after=1)  # another slot of the same worker
+    other.after_failure("runner", "the test process crashed outside a test (exit code 3)")
+    summary = slot.run()
+    assert summary["state"] == QUARANTINE
+    assert slot.runners[0].stop_asked  # the running test was let finish
+    assert sorted(slot.results()) == ["t.py::a"]
+    # b was taken (one chunk ahead of the running test) and stays unanswered: the controller
+    # re-sends it on the quarantined event; c stays in the work queue for a healthy worker.
+    assert slot.fetched == 2
+    assert slot.of("crashed") == []
+    assert slot.of("missing") == []
+    assert health.reason(stopped=True) == other.quarantined
+    assert session(tmp_path).reason(stopped=False) is None
