@@ -145,24 +145,25 @@ def quarantined_at(log: Path) -> float | None:
     return None
 
 
+@pytest.mark.parametrize("broker", [BROKER, EMBEDDED], ids=["rabbitmq", "embedded"])
 def test_a_worker_crashing_outside_tests_three_sessions_in_a_row_quarantines_itself(
-    pytester, worker_factory, workspace
+    pytester, worker_factory, workspace, broker
 ):
     pytester.makeconftest(CRASHY_CONFTEST)
-    crashy = worker_factory(worker_id="worker-c", extra_env={"CRASHY": "1"})
+    crashy = worker_factory(worker_id="worker-c", extra_env={"CRASHY": "1"}, broker=broker)
     pytester.makepyfile(test_work=WORK.format(queue=crashy.queue, count=16, sleep=0.25))
     # Alone on the queue, worker-c takes each run's only session: it crashes, its tests fail.
     for run in range(DEFAULT_QUARANTINE_AFTER - 1):
-        proc = dispatch(pytester, workspace, BROKER, f"prime{run}", "test_work.py")
+        proc = dispatch(pytester, workspace, broker, f"prime{run}", "test_work.py")
         code, out, _ = finish(pytester, proc, f"prime{run}")
         assert code == 1, out
         assert "crashed outside a test" in out or "before running any test" in out, out
         assert quarantined_at(crashy.log_path) is None, "quarantined before its third session"
 
-    worker_factory(queue=crashy.queue, worker_id="worker-d")
+    worker_factory(queue=crashy.queue, worker_id="worker-d", broker=broker)
     events = pytester.path / "events.jsonl"
     proc = dispatch(
-        pytester, workspace, BROKER, "third", f"--celery-event-log={events}", "test_work.py"
+        pytester, workspace, broker, "third", f"--celery-event-log={events}", "test_work.py"
     )
     code, out, report = finish(pytester, proc, "third")
     at = quarantined_at(crashy.log_path)
@@ -184,18 +185,19 @@ def test_a_worker_crashing_outside_tests_three_sessions_in_a_row_quarantines_its
     assert min(resent) - at <= deadline, (min(resent) - at, out)
 
 
+@pytest.mark.parametrize("broker", [BROKER, EMBEDDED], ids=["rabbitmq", "embedded"])
 def test_a_queue_whose_workers_are_all_quarantined_fails_at_once_naming_each_reason(
-    pytester, worker_factory, workspace
+    pytester, worker_factory, workspace, broker
 ):
     missing = pytester.path / "missing.board"
     env = {"BOARD_FILE": str(missing)}
     health = f"{pytester.path.relative_to(workspace)}/health/test_board.py::test_uart"
     env["DISPATCH_HEALTH"] = health  # the worker's own health tests (no ini in this run)
-    a = worker_factory(worker_id="worker-a", extra_env=env)
-    worker_factory(queue=a.queue, worker_id="worker-b", extra_env=env)
+    a = worker_factory(worker_id="worker-a", extra_env=env, broker=broker)
+    worker_factory(queue=a.queue, worker_id="worker-b", extra_env=env, broker=broker)
     health_project(pytester, workspace, a.queue, count=6, sleep=0.1)
 
-    proc = dispatch(pytester, workspace, BROKER, "all", "test_work.py")
+    proc = dispatch(pytester, workspace, broker, "all", "test_work.py")
     code, out, report = finish(pytester, proc, "all", limit=60)
     assert code == 1, out
     reason = f"health test {health} failed: AssertionError: board file {missing} is missing"
