@@ -97,13 +97,18 @@ def session_config(
     payload: Mapping[str, Any], environ: Mapping[str, str] | None = None
 ) -> HealthConfig:
     """The worker's settings, with the run's health tests and interval where the worker names
-    none (the worker's own win)."""
+    none (the worker's own win). What the payload holds is checked: a list of names (each is
+    confined to the workspace before it runs), a number of minutes, else the worker's own."""
     env = os.environ if environ is None else environ
     own = worker_config(env)
-    tests = own.tests or tuple(str(t) for t in payload.get("health") or ())
+    sent = payload.get("health")
+    tests = own.tests or tuple(str(t) for t in (sent if isinstance(sent, list) else ()))
     every = own.every
     if not env.get(ENV_HEALTH_EVERY) and payload.get("health_every") is not None:
-        every = float(payload["health_every"])
+        try:
+            every = parse_minutes(str(payload["health_every"]), "the run's health_every")
+        except ValueError as exc:
+            log.warning("%s; every %g minutes instead", exc, every)
     return dataclasses.replace(own, tests=tests, every=every)
 
 

@@ -80,6 +80,11 @@ def test_settings_from_the_worker_s_environment_win_over_the_run_s() -> None:
     assert session_config(payload, env) == HealthConfig(tests, 0.5, 5, True)
 
 
+def test_what_a_run_sends_is_checked_before_it_is_used() -> None:
+    payload = {"health": "tests/health", "health_every": "soon"}  # not a list, not minutes
+    assert session_config(payload, {}) == HealthConfig((), rules.DEFAULT_HEALTH_EVERY, 3, False)
+
+
 @pytest.mark.parametrize(
     ("name", "value", "form"),
     [
