@@ -24,6 +24,7 @@ lint: venv
 
 ## The whole suite: lint, types, unit tests and end-to-end tests (real RabbitMQ, real workers).
 test: lint
+	@scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest tests $(PYTEST_ARGS)
 
 ## The main job: worker-a and worker-b, the dispatched example tests, summary and JSON report.

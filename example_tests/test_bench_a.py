@@ -27,3 +27,13 @@ def test_boot_sequence_timing():
     time.sleep(0.2)  # waiting on the device
     print("bench A: boot sequence acknowledged")
     assert time.perf_counter() - started >= 0.2
+
+
+def test_serial_console_log(dispatch_artifacts):
+    """What the bench saw comes home: the device's serial console, saved as an artifact
+    (into --celery-artifacts DIR/<this test's nodeid>/console.log, whatever the outcome)."""
+    console = dispatch_artifacts / "console.log"
+    with console.open("w") as log:
+        for line in ("U-Boot 2024.01", "Starting kernel ...", "login: "):
+            log.write(f"[bench A] {line}\n")  # a real bench reads these from its UART
+    assert "login:" in console.read_text()

@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from .lab import LAB_INTERVAL, LAB_LISTEN, RELEASE, ago, lab_view, workers
+from .lab import BOARD_WAIT, LAB_INTERVAL, RELEASE, ago, lab_view, workers
 from .labboard import Board
 from .names import mask_url
 
@@ -128,14 +128,30 @@ def open_lab(broker: str | None, command: str) -> tuple[Board, str] | None:
     return open_board(app, root), url
 
 
+def heard_everyone(board: Board, command: str) -> bool:
+    """Wait (up to ``BOARD_WAIT``) until the board has heard every live sender; False (said on
+    stderr) when it is out of reach."""
+    deadline = time.monotonic() + BOARD_WAIT
+    while not board.ready:
+        if time.monotonic() >= deadline:
+            why = board.error or "no answer"
+            print(
+                f"celery-dispatch {command}: the lab board is out of reach ({why})", file=sys.stderr
+            )
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def status(broker: str | None, as_json: bool, watch: bool) -> int:
     opened = open_lab(broker, "status")
     if opened is None:
         return 1
     board, url = opened
     try:
+        if not heard_everyone(board, "status"):
+            return 1
         while True:
-            time.sleep(max(0.0, LAB_LISTEN + 0.1) if not board.ready else 0.0)
             view = lab_view(board.notices())
             view["broker"] = mask_url(url)
             if as_json:
@@ -161,7 +177,8 @@ def release(broker: str | None, name: str) -> int:
     board, url = opened
     notice_id = f"release-{uuid.uuid4().hex[:12]}"
     try:
-        time.sleep(LAB_LISTEN + 0.1)  # every live worker's notice heard
+        if not heard_everyone(board, "release"):
+            return 1
         found = find_worker(board.notices(), name)
         if found is None:
             known = sorted({str(w.get("worker") or w["id"]) for w in workers(board.notices())})

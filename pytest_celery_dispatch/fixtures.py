@@ -1,4 +1,5 @@
-"""The plugin's fixtures: ``dispatch_app``, ``dispatcher`` and ``dispatch_context``.
+"""The plugin's fixtures: ``dispatch_app``, ``dispatcher``, ``dispatch_context`` and
+``dispatch_artifacts``.
 
 Registered by :mod:`.plugin` (its ``pytest_plugins``), so ``-p no:celery_dispatch`` leaves
 them out too. Celery is imported only when a fixture is used.
@@ -11,6 +12,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,7 +29,7 @@ from .names import (
     ENV_RUNNER,
     ENV_WORKSPACE,
 )
-from .stashkeys import JSON_KEY, SESSION_KEY, SETTINGS_ERROR_KEY, SETTINGS_KEY
+from .stashkeys import ARTIFACTS_KEY, JSON_KEY, SESSION_KEY, SETTINGS_ERROR_KEY, SETTINGS_KEY
 from .taskrun import TaskResult as TaskResult
 
 
@@ -297,3 +299,21 @@ def current_context() -> DispatchContext:
 def dispatch_context() -> DispatchContext:
     """Where this test runs: worker id, queue and host on a worker; ``worker='local'`` here."""
     return current_context()
+
+
+@pytest.fixture
+def dispatch_artifacts(request: pytest.FixtureRequest) -> Path:
+    """A private, empty folder for this test's files: whatever the test leaves there comes home
+    after it, whatever its outcome, into ``--celery-artifacts DIR/<nodeid as a path>/``. On a
+    worker it is a fresh folder of this test and attempt; in a local run it is that folder under
+    DIR itself, so the same test works dispatched or not."""
+    from .artifactship import worker_folder
+
+    folder = worker_folder(request.node, os.environ)
+    if folder is not None:
+        return Path(folder)
+    store = request.config.stash.get(ARTIFACTS_KEY, None)
+    if store is None:
+        _settings_for_fixture(request.config)  # raises the settings' error, if that is why
+        raise pytest.UsageError("celery-dispatch: dispatch_artifacts has no folder here")
+    return Path(store.local_folder(request.node.nodeid))

@@ -75,6 +75,7 @@ class SlotPayloads:
         self.plugin_options = forwarded_plugin_options(config)
         self.stream = config.getoption("capture", "fd") == "no"
         self._digests: dict[str, str] = {}
+        self.artifacts: dict[str, Any] = {}  # artifactpaths.Limits, as a dict
 
     def file_digests(self, nodeids: list[str]) -> dict[str, str]:
         """sha256 of each test file of these nodeids, computed once per run and file."""
@@ -107,4 +108,5 @@ class SlotPayloads:
             "identity": self.identity,
             "health": self.health,
             "health_every": self.health_every,
+            "artifacts": self.artifacts,
         }

@@ -336,12 +336,14 @@ class JsonReportPlugin:
         session_info: Callable[[], dict[str, Any]],
         timeline: str | None = None,
         path_asked: bool = True,
+        artifacts: Any = None,
     ) -> None:
         self.config = config
         self.path = path
         # A --collect-only run writes the report only when it was asked for by path.
         self.path_asked = path_asked
         self.timeline = timeline
+        self.artifacts = artifacts  # the run's artifactstore.ArtifactStore
         self.timeline_written: str | None = None
         self.dispatch_info = dispatch_info
         self.session_info = session_info
@@ -418,6 +420,7 @@ class JsonReportPlugin:
                 if nodeid in self.collector.times:
                     info["started"], info["finished"] = self.collector.times[nodeid]
             record["dispatch"] = info
+            self._add_artifacts(nodeid, record)
             tests.append(record)
         extra = self.session_info()
         wall = float(extra.pop("wall_time", time.time() - self.created))
@@ -432,6 +435,9 @@ class JsonReportPlugin:
         dispatch = {"report_version": REPORT_VERSION, **extra, **figures}
         dispatch["tests_dispatched"] = sum(1 for t in tests if t["dispatch"]["queue"])
         dispatch["tests_local"] = len(tests) - dispatch["tests_dispatched"]
+        if self.artifacts is not None:
+            dispatch["artifacts"] = {"dir": self._relative(self.artifacts.root)}
+            dispatch["artifacts"].update(self.artifacts.totals())
         report = build_report(
             created=self.created,
             duration=time.time() - self.created,
@@ -447,6 +453,18 @@ class JsonReportPlugin:
             report["warnings"] = self.warnings
         return report
 
+    def _relative(self, path: str) -> str:
+        return os.path.relpath(path, os.path.dirname(os.path.abspath(self.path)))
+
+    def _add_artifacts(self, nodeid: str, record: dict[str, Any]) -> None:
+        """``tests[].artifacts``: the test's files, paths relative to the report's folder."""
+        entries = self.artifacts.entries.get(nodeid) if self.artifacts is not None else None
+        if entries:
+            from .artifactreport import report_entries
+
+            base = os.path.dirname(os.path.abspath(self.path))
+            record["artifacts"] = report_entries(entries, base)
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
         data = self.data = self.build(int(exitstatus))
@@ -457,8 +475,13 @@ class JsonReportPlugin:
         if self.timeline:
             from .timeline import render_timeline
 
-            write_text_atomic(self.timeline, render_timeline(data))
+            write_text_atomic(self.timeline, render_timeline(data, self._link_base()))
             self.timeline_written = self.timeline
+
+    def _link_base(self) -> str:
+        """The report's folder as seen from the timeline's: the prefix of artifact links."""
+        timeline_dir = os.path.dirname(os.path.abspath(str(self.timeline)))
+        return os.path.relpath(os.path.dirname(os.path.abspath(self.path)), timeline_dir)
 
 
 def local_dispatch() -> dict[str, Any]:

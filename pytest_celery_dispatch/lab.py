@@ -29,9 +29,9 @@ from typing import Any
 LAB_INTERVAL = 0.25
 #: A notice not renewed for this long is gone (its controller or worker is).
 LAB_STALE = 4.0
-#: A new listener on RabbitMQ hears every live notice within one interval: it decides nothing
-#: before it has listened this long.
-LAB_LISTEN = 1.6 * LAB_INTERVAL
+#: A run waits this long at most for the board at its start; a board it cannot reach by then
+#: (no right to declare ``celery-dispatch.lab`` on this vhost?) leaves the run out of the line.
+BOARD_WAIT = 3.0
 #: A new listener's hello is answered at once by every listening sender: heard all after this.
 HELLO_WAIT = 0.15
 #: The waiting line is printed at most this often (and when it changes).

@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .lab import HELLO_WAIT, LAB_INTERVAL, LAB_LISTEN, LAB_STALE, Notice
+from .lab import HELLO_WAIT, LAB_INTERVAL, LAB_STALE, Notice
 
 log = logging.getLogger("pytest_celery_dispatch.labboard")
 
@@ -44,9 +44,10 @@ LAB_FOLDER = "lab"
 class FileBoard:
     """The embedded broker's board: a folder of notices, one file per sender."""
 
+    error: str | None = None
+
     def __init__(self, root: Path) -> None:
         self.folder = Path(root) / LAB_FOLDER
-        self.started = time.monotonic() - LAB_LISTEN  # nothing to listen for
 
     def _path(self, sender: str) -> Path:
         return self.folder / (re.sub(r"[^A-Za-z0-9_.@-]", "_", sender) + ".json")
@@ -101,8 +102,8 @@ class AmqpBoard:
         self._pending: Notice | None = None
         self.id = uuid.uuid4().hex[:12]
         self.last: Notice | None = None  # the latest notice published here: a hello's answer
-        self.started = time.monotonic()
-        self._hello_at: float | None = None
+        self.error: str | None = None  # why the last connection failed
+        self._hello_at: float | None = None  # said hello on the current connection
         self._thread = threading.Thread(target=self._run, name="celery-dispatch-lab", daemon=True)
         self._thread.start()
 
@@ -121,7 +122,9 @@ class AmqpBoard:
                     self._serve(conn)
             except Exception as exc:
                 log.debug("lab board: %s; connecting again", exc)
-                self._stopping.wait(LAB_INTERVAL)
+                self.error = str(exc) or type(exc).__name__
+            self._hello_at = None  # cut off: what it holds ages, nothing is decided on it
+            self._stopping.wait(LAB_INTERVAL)
 
     def _serve(self, conn: Any) -> None:
         """Say hello, then send what :meth:`publish` gives and keep what comes, until
@@ -146,7 +149,7 @@ class AmqpBoard:
 
         with Consumer(conn, [queue], callbacks=[on_message], accept=["json"]):
             send({"kind": "hello", "id": self.id})
-            self._hello_at = self._hello_at or time.monotonic()
+            self._hello_at = time.monotonic()
             while True:
                 with self._lock:
                     pending, self._pending = self._pending, None
@@ -157,6 +160,7 @@ class AmqpBoard:
                     return
                 with contextlib.suppress(TimeoutError):  # nothing came: send, look at the flag
                     conn.drain_events(timeout=SEND_EVERY)
+                conn.heartbeat_check()  # ours out; a silent broker raises: connect again
 
     def _on_message(self, body: Any, message: Any, answer: Any) -> None:
         if isinstance(body, dict) and body.get("kind") == "hello":
@@ -174,11 +178,10 @@ class AmqpBoard:
 
     @property
     def ready(self) -> bool:
-        """Listened long enough to have heard every live sender: the answers to its hello,
-        else one round of notices."""
-        now, hello = time.monotonic(), self._hello_at
-        heard = hello is not None and now - hello >= HELLO_WAIT
-        return heard or now - self.started >= LAB_LISTEN
+        """Connected, and listened long enough to have heard every live sender (the answers to
+        its hello). Not while cut off from the broker."""
+        hello = self._hello_at
+        return hello is not None and time.monotonic() - hello >= HELLO_WAIT
 
     def notices(self) -> list[Notice]:
         now = time.monotonic()

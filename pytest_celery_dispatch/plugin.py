@@ -17,7 +17,7 @@ from . import settings as S
 from .identity import identity_line
 from .names import ENV_RUNNER
 from .routing import FANOUT_PARAM
-from .stashkeys import JSON_KEY, SESSION_KEY, SETTINGS_ERROR_KEY, SETTINGS_KEY
+from .stashkeys import ARTIFACTS_KEY, JSON_KEY, SESSION_KEY, SETTINGS_ERROR_KEY, SETTINGS_KEY
 
 #: The fixtures live in their own module, registered with (and disabled with) this plugin.
 pytest_plugins = ["pytest_celery_dispatch.fixtures"]
@@ -83,6 +83,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     # Checked by settings.parse_dist (not argparse choices), which names where a bad value
     # came from, the ini key included.
     group.addoption("--celery-dist", dest="celery_dist", metavar="MODE", help=S.HELP_DIST)
+    group.addoption(
+        "--celery-artifacts", dest="celery_artifacts", metavar="DIR", help=S.HELP_ARTIFACTS
+    )
+    group.addoption(
+        "--celery-artifacts-tmp-path",
+        dest="celery_artifacts_tmp_path",
+        metavar="WHICH",
+        help=S.HELP_ARTIFACTS_TMP_PATH,
+    )
+    group.addoption(
+        "--celery-artifacts-limit",
+        dest="celery_artifacts_limit",
+        metavar="SIZE",
+        help=S.HELP_ARTIFACTS_LIMIT,
+    )
+    group.addoption(
+        "--celery-artifacts-run-limit",
+        dest="celery_artifacts_run_limit",
+        metavar="SIZE",
+        help=S.HELP_ARTIFACTS_RUN_LIMIT,
+    )
     for name, help_text in (
         ("broker", S.HELP_BROKER),
         ("backend", S.HELP_BACKEND),
@@ -97,6 +118,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         ("timeline", S.HELP_TIMELINE),
         ("event_log", S.HELP_EVENT_LOG),
         ("dist", S.HELP_DIST),
+        ("artifacts", S.HELP_ARTIFACTS),
+        ("artifacts_tmp_path", S.HELP_ARTIFACTS_TMP_PATH),
+        ("artifacts_limit", S.HELP_ARTIFACTS_LIMIT),
+        ("artifacts_run_limit", S.HELP_ARTIFACTS_RUN_LIMIT),
     ):
         parser.addini(f"celery_dispatch_{name}", help_text, default=None)
     parser.addini("celery_dispatch_queues", S.HELP_QUEUES, type="linelist", default=[])
@@ -155,9 +180,12 @@ def pytest_configure(config: pytest.Config) -> None:
     recorder = _register_recorder(config)
     if not config.getoption("celery_dispatch", False) or is_runner():
         _stash_settings_for_fixtures(config)
+        if not is_runner() and SETTINGS_KEY in config.stash:
+            _register_artifacts(config, config.stash[SETTINGS_KEY])
         return
     settings = resolve_settings(config)
     config.stash[SETTINGS_KEY] = settings
+    _register_artifacts(config, settings)
     _check_compatible(config)
     _check_writable_outputs(settings)
     _register_session(config, settings, recorder)
@@ -173,6 +201,17 @@ def _register_recorder(config: pytest.Config) -> Any:
     recorder = DurationRecorder(config)
     config.pluginmanager.register(recorder, "celery_dispatch_durations")
     return recorder
+
+
+def _register_artifacts(config: pytest.Config, settings: S.Settings) -> None:
+    """The run's artifact folder (created when first needed) and the plugin that names each
+    test's files in its reports."""
+    from .artifactreport import ArtifactReporter
+    from .artifactstore import ArtifactStore
+
+    store = ArtifactStore(settings.artifacts, settings.artifacts_limits)
+    config.stash[ARTIFACTS_KEY] = store
+    config.pluginmanager.register(ArtifactReporter(config, store), "celery_dispatch_artifacts")
 
 
 def _stash_settings_for_fixtures(config: pytest.Config) -> None:
@@ -201,6 +240,8 @@ def _register_session(config: pytest.Config, settings: S.Settings, recorder: Any
 
     if recorder is not None:
         recorder.where = where
+    reporter: Any = config.pluginmanager.get_plugin("celery_dispatch_artifacts")
+    reporter.session_of = lambda n: dsession.records[n].session if n in dsession.records else None
     config.stash[SESSION_KEY] = dsession
     config.pluginmanager.register(dsession, "celery_dispatch_session")
     json_plugin = JsonReportPlugin(
@@ -212,6 +253,7 @@ def _register_session(config: pytest.Config, settings: S.Settings, recorder: Any
         session_info=dsession.report_info,
         timeline=settings.timeline,
         path_asked=_json_report_asked(config),
+        artifacts=dsession.artifacts,
     )
     config.stash[JSON_KEY] = json_plugin
     config.pluginmanager.register(json_plugin, "celery_dispatch_json")
@@ -255,6 +297,14 @@ def _check_writable_outputs(settings: S.Settings) -> None:
                 f"celery-dispatch: cannot write {what} {path!r}: {why}; "
                 f"pass {option} PATH in a writable directory"
             )
+    from .artifactpaths import folder_problem
+
+    why = folder_problem(settings.artifacts)
+    if why:
+        raise pytest.UsageError(
+            f"celery-dispatch: cannot write test artifacts into {settings.artifacts!r}: {why}; "
+            "pass --celery-artifacts DIR in a writable directory"
+        )
 
 
 def pytest_report_header(config: pytest.Config) -> list[str] | None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from .artifactship import note_tmp_path, runner_event
 from .jsonlines import LineWriter, read_until_closed
 from .names import (
     ENV_COMMAND_FD,
@@ -95,6 +96,7 @@ class RunnerPlugin:
         self.collected: dict[str, Any] = {}  # this process's "collected" event, for its forks
         self.collect_errors: dict[str, str] = {}  # collector nodeid -> its error (tail)
         self.started: set[str] = set()  # tests whose logstart was sent
+        self.failed: set[str] = set()  # tests with a failed phase (their tmp_path may go home)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RunnerPlugin | None:
@@ -286,11 +288,20 @@ class RunnerPlugin:
             return (yield)
         finally:
             if item.nodeid in self.started:
+                artifacts = runner_event(item, item.nodeid in self.failed, os.environ)
+                if artifacts is not None:  # before logfinish: the files reach home first
+                    self.emit(artifacts)
                 self.emit({"type": "logfinish", "nodeid": item.nodeid, "ts": time.time()})
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_teardown(self, item: pytest.Item) -> None:
+        note_tmp_path(item)  # item.funcargs is gone once the fixtures are torn down
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if self.writer is None:
             return
+        if report.failed:
+            self.failed.add(report.nodeid)
         report.sections = [(name, truncate_section(text)) for name, text in report.sections]
         config = self.config
         data = (

@@ -47,6 +47,8 @@ EventType = Literal[
     "output",  # what tests printed, streamed as it comes (-s on the controller)
     "warning",  # a warning recorded on the worker
     "results",  # finished tests sent together: each with its location, times and reports
+    "artifact_chunk",  # a piece of a test's file (artifactship): name, offset, base64 data
+    "artifacts",  # a test's files as sent: name, size, bytes, sha256, cut (before its results)
 ]
 
 
@@ -68,6 +70,7 @@ class SessionPayload(TypedDict):
     identity: dict[str, Any]  # who the run is (identity.Identity): workers log it
     health: list[str]  # ini celery_dispatch_health: the run's health tests (see health.py)
     health_every: float | None  # ini celery_dispatch_health_every (minutes)
+    artifacts: dict[str, Any]  # artifactpaths.Limits: what a test may bring home
 
 
 class Chunk(TypedDict):
@@ -106,6 +109,9 @@ class Event(TypedDict, total=False):
     elapsed: float  # alive: how long the current test has run
     tests: list[dict[str, Any]]  # results
     concurrency: int  # session_started: the worker's slots
+    name: str  # artifact_chunk: the file, relative to its test's folder
+    offset: int  # artifact_chunk
+    files: list[dict[str, Any]]  # artifacts
 
 
 def dumps(obj: Any) -> str:

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from . import routing
+from .artifactstore import ArtifactEvents
 from .collection import group_key, route_item
 from .durations import queue_estimates
 from .events import EventHandlers
@@ -46,13 +47,14 @@ from .scheduling import (
 )
 from .serialization import Chunk, Event, reply_queue_name, work_queue_name
 from .settings import Settings
+from .stashkeys import ARTIFACTS_KEY
 from .terminal import DispatchTerminal
 
 #: How often the scheduler's clocks are polled (queues without consumers, lost work).
 POLL_INTERVAL = 0.5
 
 
-class DispatchSession(EventHandlers):
+class DispatchSession(EventHandlers, ArtifactEvents):
     """Registered as a plugin only with ``--celery-dispatch``; owns the run's dispatching."""
 
     def __init__(self, config: pytest.Config, settings: Settings) -> None:
@@ -89,6 +91,8 @@ class DispatchSession(EventHandlers):
             (settings.health, settings.health_every),
         )
         self.quarantines = Quarantines(self.scheduler)  # workers that quarantined themselves
+        self.artifacts = config.stash[ARTIFACTS_KEY]
+        self.payloads.artifacts = settings.artifacts_limits.as_dict()
         self.workers_by_queue: dict[str, list[str]] = {}
         self.broker_error: str | None = None
         self.started_at = time.time()

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from .artifactpaths import DEFAULT_RUN_LIMIT, DEFAULT_TEST_LIMIT, TMP_PATH_MODES, Limits
 from .healthrules import parse_minutes, parse_tests
 from .names import DEFAULT_BACKEND as DEFAULT_BACKEND
 from .names import DEFAULT_BROKER as DEFAULT_BROKER
@@ -82,6 +83,22 @@ HELP_DIST = (
     "loadscope (a class's tests, or a module's functions, on one slot), loadgroup (tests with "
     "the same @pytest.mark.xdist_group(name) on one slot, the others as load)"
 )
+HELP_ARTIFACTS = (
+    "folder the dispatch_artifacts files of every test come home to, as "
+    "DIR/<nodeid as a path>/<file>; default <JSON report without .json>_artifacts beside the "
+    "JSON report (dispatch_artifacts without --celery-dispatch)"
+)
+HELP_ARTIFACTS_TMP_PATH = (
+    "also bring home pytest's tmp_path of dispatched tests: none (default), failed, or all"
+)
+HELP_ARTIFACTS_LIMIT = (
+    f"most bytes one test brings home (e.g. 100M, 2G); default {DEFAULT_TEST_LIMIT >> 20}M; "
+    "over it files are cut and the report says so"
+)
+HELP_ARTIFACTS_RUN_LIMIT = (
+    f"most bytes the whole run brings home; default {DEFAULT_RUN_LIMIT >> 20}M; over it files "
+    "are cut and the report says so"
+)
 HELP_QUEUES = "allowed queue names (one per line or comma separated); unset = any name"
 HELP_ROUTES = (
     "routing without markers, one '<glob or nodeid prefix> = <queue>' per line; the first match "
@@ -119,6 +136,8 @@ class Settings:
     dist: str = LOAD
     health: tuple[str, ...] = ()
     health_every: float | None = None
+    artifacts: str = "dispatch_artifacts"
+    artifacts_limits: Limits = dataclasses.field(default_factory=Limits)
 
     @property
     def broker_masked(self) -> str:
@@ -184,6 +203,33 @@ def parse_dist(raw: str, source: str) -> str:
     if mode not in DIST_MODES:
         raise _bad(source, raw, f"expected one of {', '.join(DIST_MODES)}")
     return mode
+
+
+_SIZE_RE = re.compile(r"(\d+)\s*([kmgt]?)(?:i?b)?", re.IGNORECASE)
+
+
+def parse_size(raw: str, source: str) -> int:
+    """``1048576``, ``512K``, ``100M``, ``2G`` (powers of 1024) -> bytes."""
+    found = _SIZE_RE.fullmatch(str(raw).strip())
+    if not found:
+        raise _bad(source, raw, "expected a size in bytes, or with K, M or G, e.g. 100M")
+    return int(found.group(1)) << (10 * "_KMGT".index(found.group(2).upper() or "_"))
+
+
+def parse_tmp_path_mode(raw: str, source: str) -> str:
+    mode = str(raw).strip()
+    if mode not in TMP_PATH_MODES:
+        raise _bad(source, raw, f"expected one of {', '.join(TMP_PATH_MODES)}")
+    return mode
+
+
+def default_artifacts_dir(json_report: str, dispatch: bool) -> str:
+    """Beside the JSON report (``run.json`` -> ``run_artifacts``); without a JSON report
+    (no ``--celery-dispatch``), ``dispatch_artifacts`` in the current directory."""
+    if not dispatch:
+        return "dispatch_artifacts"
+    base = json_report[: -len(".json")] if json_report.endswith(".json") else json_report
+    return f"{base}_artifacts"
 
 
 def parse_queue_name(raw: str, source: str) -> str:
@@ -306,6 +352,12 @@ def resolve(
     timeline = parsed("timeline", lambda raw, _: str(raw), None)
     event_log = parsed("event-log", lambda raw, _: str(raw), None)
     dist = parsed("dist", parse_dist, LOAD)
+    artifacts = parsed("artifacts", lambda raw, _: str(raw), None)
+    limits = Limits(
+        per_test=parsed("artifacts-limit", parse_size, DEFAULT_TEST_LIMIT),
+        per_run=parsed("artifacts-run-limit", parse_size, DEFAULT_RUN_LIMIT),
+        tmp_path=parsed("artifacts-tmp-path", parse_tmp_path_mode, "none"),
+    )
     allowed, rules = _queues_and_routes(ini, default_queue)
     health = tuple(parse_tests(str(ini("celery_dispatch_health") or "")))
     every = ini("celery_dispatch_health_every")
@@ -331,6 +383,8 @@ def resolve(
         dist=dist,
         health=health,
         health_every=health_every,
+        artifacts=artifacts or default_artifacts_dir(json_report, dispatch),
+        artifacts_limits=limits,
     )
 
 

@@ -19,3 +19,5 @@ SETTINGS_ERROR_KEY = pytest.StashKey[str]()
 SESSION_KEY = pytest.StashKey[Any]()
 #: The ``JsonReportPlugin`` of a ``--celery-dispatch`` run.
 JSON_KEY = pytest.StashKey[Any]()
+#: The run's ``ArtifactStore`` (test artifacts), on the controller of every run.
+ARTIFACTS_KEY = pytest.StashKey[Any]()

@@ -1,7 +1,8 @@
 """The ``--celery-timeline`` picture: a self-contained HTML Gantt chart of a run (pure).
 
 ``render_timeline(report)`` takes the JSON report (``jsonreport.build_report``'s layout) and
-returns one HTML document: inline CSS and SVG, no script, nothing fetched from the network.
+returns one HTML document: inline CSS and SVG, one small hover script, nothing fetched from the
+network.
 
 * One lane per worker slot (the test's ``dispatch.session``), labelled ``worker / queue / slot n``;
   a dispatched test without a session goes to a lane of its worker; a test the controller ran
@@ -9,7 +10,8 @@ returns one HTML document: inline CSS and SVG, no script, nothing fetched from t
 * One bar per test, from ``started`` to ``finished`` relative to the earliest ``sent`` /
   ``started`` time of the run (the sum of the phase durations when ``finished`` is missing),
   filled by outcome; infrastructure failures (crash, lost worker...) are hatched and outlined.
-  Each bar carries ``data-nodeid`` and an SVG ``<title>`` (the hover text).
+  Each bar carries ``data-nodeid`` and an SVG ``<title>`` (the hover text, shown in a box by
+  :mod:`.timeline_links`); a test with artifacts has its bar linked to its files.
 * The lane background is idle time; the lane that finishes last is the critical path.
 * The queue and worker tables show configured slots (the report's ``slots``) and the lanes used
   (drawn) apart; utilisation is busy / (wall x configured slots).
@@ -25,6 +27,7 @@ from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from .timeline_links import anchors, artifact_rows, artifacts_table, hover_box
 from .timeline_model import (
     AXIS_H,
     BAR_H,
@@ -62,8 +65,9 @@ from .timeline_model import (
 __all__ = ["render_timeline"]
 
 
-def render_timeline(report: Mapping[str, Any]) -> str:
-    """The whole HTML document for one JSON report."""
+def render_timeline(report: Mapping[str, Any], link_base: str = ".") -> str:
+    """The whole HTML document for one JSON report; ``link_base`` is the report's folder as
+    seen from the page's (artifact paths in the report are relative to the report)."""
     raw_tests = report.get("tests")
     tests = [
         _read_test(t)
@@ -71,6 +75,7 @@ def render_timeline(report: Mapping[str, Any]) -> str:
         if isinstance(t, Mapping)
     ]
     dispatch = _map(report.get("dispatch"))
+    rows = artifact_rows(t for t in (raw_tests or []) if isinstance(t, Mapping))
 
     drawn = [t for t in tests if t.start is not None]
     moments = [t.sent for t in tests if t.sent is not None]
@@ -94,9 +99,11 @@ def render_timeline(report: Mapping[str, Any]) -> str:
         "(one per slot that ran tests)</h2>\n",
         _critical_note(critical, origin),
         _legend(),
-        _chart(lanes, critical, origin),
+        _chart(lanes, critical, origin, anchors(rows)),
         _worker_table(dispatch, lanes, wall),
         _untimed_table([t for t in tests if t.start is None]),
+        artifacts_table(rows, link_base),
+        hover_box(),
         "</body>\n</html>\n",
     ]
     return "".join(parts)
@@ -418,7 +425,9 @@ def _legend() -> str:
     return f'<div class="legend">{"".join(items)}</div>\n'
 
 
-def _chart(lanes: list[_Lane], critical: _Lane | None, origin: float) -> str:
+def _chart(
+    lanes: list[_Lane], critical: _Lane | None, origin: float, links: Mapping[str, str]
+) -> str:
     if not lanes:
         return ""
     t_max = max(lane.last for lane in lanes) - origin
@@ -491,7 +500,7 @@ def _chart(lanes: list[_Lane], critical: _Lane | None, origin: float) -> str:
     for y in separators:
         out.append(f'<line class="sep" x1="4" x2="{x0 + PLOT_W}" y1="{y}" y2="{y}"/>\n')
 
-    out.extend(_bars(lanes, critical, origin, scale))  # one per test, in lane order
+    out.extend(_bars(lanes, critical, origin, scale, links))  # one per test, in lane order
 
     # Right column: busy share per lane; the critical lane outlined, its end marked.
     for i, lane in enumerate(lanes):
@@ -516,8 +525,15 @@ def _chart(lanes: list[_Lane], critical: _Lane | None, origin: float) -> str:
     return "".join(out)
 
 
-def _bars(lanes: list[_Lane], critical: _Lane | None, origin: float, scale: float) -> list[str]:
-    """One SVG bar per test, lane by lane, filled by outcome (hover: the bar's title)."""
+def _bars(
+    lanes: list[_Lane],
+    critical: _Lane | None,
+    origin: float,
+    scale: float,
+    links: Mapping[str, str],
+) -> list[str]:
+    """One SVG bar per test, lane by lane, filled by outcome (hover: the bar's title); a bar
+    with artifacts links to them (``links``: nodeid -> the id of its artifacts row)."""
     out: list[str] = []
     top, x0 = AXIS_H, LABEL_W
     for i, lane in enumerate(lanes):
@@ -537,11 +553,14 @@ def _bars(lanes: list[_Lane], critical: _Lane | None, origin: float, scale: floa
                 classes += " crit"
             if w < THIN_BAR_W:
                 classes += " thin"
-            out.append(
+            bar = (
                 f'<rect class="{classes}" x="{_n(bar_x)}" y="{bar_y}" width="{_n(w)}" '
                 f'height="{BAR_H}" data-nodeid="{_e(test.nodeid)}">'
-                f"<title>{_e(_bar_title(test, lane, origin))}</title></rect>\n"
+                f"<title>{_e(_bar_title(test, lane, origin))}</title></rect>"
             )
+            if test.nodeid in links:
+                bar = f'<a href="#{links[test.nodeid]}" class="artlink">{bar}</a>'
+            out.append(bar + "\n")
         out.append("</g>\n")
     return out
 

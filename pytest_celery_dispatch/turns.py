@@ -47,23 +47,47 @@ class RunTurns:
             "arrived": wall(),
         }
         self.since: dict[str, float] = {}  # queue -> when this run got its turn (wall)
+        self.unreachable: str | None = None  # why the board could not be reached at the start
+        self._joined = False  # the board was waited for (at the first grant)
+        self._said = False  # ... and its being out of reach was said
         self._last_notice = float("-inf")
+        self._queues: dict[str, Any] = {}  # the queues of the notice published last
         self._last_line: dict[str, tuple[float, str]] = {}
 
     def join(self, queues: list[str]) -> None:
         """On the board at once, waiting for every queue: runs starting together see each
         other before either decides."""
-        waiting = {queue: {"state": lab.WAITING} for queue in queues}
-        self.board.publish({**self.me, "queues": waiting})
+        self._publish({queue: {"state": lab.WAITING} for queue in queues})
+
+    def _publish(self, queues: dict[str, Any]) -> None:
+        self._queues = queues
+        self.board.publish({**self.me, "queues": queues})
 
     def grant(self, queue: str, slots: int) -> int:
-        """Slots of ``queue`` this run may take now (0: wait for its turn)."""
-        while not self.board.ready:  # hear every run on the board first (under a second)
-            time.sleep(0.05)
+        """Slots of ``queue`` this run may take now (0: wait for its turn).
+
+        At the start, the board is waited for (``HELLO_WAIT`` normally); a board still out of
+        reach after ``BOARD_WAIT`` leaves this run out of the line (said once). Later, while
+        the board is cut off (a broker restart), a waiting queue keeps waiting.
+        """
+        if not self._joined:
+            self._joined = True
+            deadline = self.clock() + lab.BOARD_WAIT
+            while not self.board.ready:
+                if self.clock() >= deadline:
+                    self.unreachable = self.board.error or "no answer"
+                    break
+                time.sleep(0.02)
+        if self.unreachable:
+            return slots  # as without a line
+        if not self.board.ready:
+            return 0
         with contextlib.suppress(Exception):
             granted = lab.grant(self.me, self.board.notices(), queue, slots)
-            if granted > 0:
+            if granted > 0:  # said at once: a run arriving now must count these slots as held
                 self.since[queue] = self.wall()
+                state = {"state": lab.HOLDING, "slots": granted, "since": self.since[queue]}
+                self._publish({**self._queues, queue: state})
             return granted
         return slots  # the board cannot be read: as without a line
 
@@ -90,8 +114,14 @@ class RunTurns:
         now = self.clock()
         if now - self._last_notice >= lab.LAB_INTERVAL:
             self._last_notice = now
-            self.board.publish(self.notice(sch))
+            self._publish(self.notice(sch)["queues"])
         lines: list[str] = []
+        if self.unreachable and not self._said:
+            self._said = True
+            lines.append(
+                f"the lab board is out of reach ({self.unreachable}): this run does "
+                "not wait in line for busy queues (docs/shared-benches.md)"
+            )
         for queue in [q for q in self._last_line if q not in sch.turns.waiting]:
             del self._last_line[queue]
             lines.append(f"{queue}: this run's turn; sending its tests")

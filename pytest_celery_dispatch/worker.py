@@ -22,8 +22,10 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,6 +34,8 @@ from typing import Any
 from celery import Celery, Task, signals
 
 from . import embedded
+from .artifactpaths import Limits
+from .artifactship import ArtifactShipper
 from .benchnotice import record_last_run, start_bench_notices
 from .celeryconf import SILENT_LIMIT, backend_from_env, broker_from_env, celery_config
 from .demo_tasks import register_demo_tasks
@@ -41,6 +45,8 @@ from .healthrules import QUARANTINED
 from .launcher import RunnerLauncher
 from .liveness import CONTROLLER_CHECK_INTERVAL, ControllerWatch
 from .names import (
+    ENV_ARTIFACTS,
+    ENV_ARTIFACTS_TMP_PATH,
     ENV_BROKER_URL,
     ENV_CTX_HOSTNAME,
     ENV_CTX_QUEUE,
@@ -433,9 +439,13 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             }
         )
         log.info("session started", extra={**extra, "tests": len(nodeids)})
+        limits = Limits.from_dict(payload.get("artifacts"))
+        artifacts = tempfile.mkdtemp(prefix="celery-dispatch-artifacts-")  # this attempt's
         env = dict(os.environ)
         env.update(
             {
+                ENV_ARTIFACTS: artifacts,
+                ENV_ARTIFACTS_TMP_PATH: limits.tmp_path,
                 ENV_WORKER_ID: base["worker"],
                 ENV_CTX_WORKER_ID: base["worker"],
                 ENV_CTX_QUEUE: base["queue"],
@@ -455,7 +465,7 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             plugin_options=dict(payload.get("plugin_options") or {}),
             key=f"{base['run_id']}/{base['queue']}",
         )
-        emit_logged = _ChunkLog(reply.emit, extra)
+        emit_logged = _ChunkLog(ArtifactShipper(reply.emit, limits, artifacts), extra)
 
         launcher = RunnerLauncher(spec, local.spares, local.zygotes)
         driver = SlotDriver(spec, emit_logged, reply.fetch, launcher, control=reply.control)
@@ -465,6 +475,7 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         try:
             summary = driver.run()
         finally:
+            shutil.rmtree(artifacts, ignore_errors=True)
             local.spares.prepare(ws, env, SPARE_DELAY)  # the next run's first runner
         if health is not None:
             health.ended(reply.cut_off, bool(summary["chunks"]))

@@ -6,6 +6,7 @@
    worker-a (queue_a) and worker-b (queue_b) with the contract's worker command, runs the
    examples on them (summary, JSON report, JUnit XML, HTML timeline, event log) and stops them;
 3. checks the JSON report: every queue_a test ran on worker-a, every queue_b test on worker-b;
+   prints where each test artifact landed (the bench's console log, beside the report);
 4. exits with pytest's exit code.
 """
 
@@ -105,6 +106,13 @@ def main() -> int:
                 f"{run['total_time']:.3f}s, slower task {run['metrics']['slowest']:.3f}s, "
                 f"over it by {run['overhead'] * 1000:.0f}ms; "
                 f"{run['successes']} succeeded, {run['failures']} failed"
+            )
+    for test in data["tests"]:
+        for artifact in test.get("artifacts", []):
+            landed = (report.parent / artifact["path"]).resolve().relative_to(ROOT)
+            say(
+                f"artifact of {test['nodeid'].rsplit('::', 1)[-1]}: {landed} "
+                f"({artifact['bytes']} bytes, sha256 {artifact['sha256'][:12]})"
             )
     say(f"JUnit XML {junit.relative_to(ROOT)}")
     say(f"timeline {timeline.relative_to(ROOT)} (open it in a browser)")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -87,7 +88,7 @@ def test_examples_run_locally_without_the_flag(tmp_path):
     before = set(ROOT.glob("dispatch_results_*.json"))
     proc = run_examples("-rs", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "9 passed, 1 skipped" in proc.stdout
+    assert "10 passed, 1 skipped" in proc.stdout
     assert "dispatcher needs a broker: cannot reach the broker amqp://guest:**@127.0.0.1:1//" in (
         proc.stdout
     )
@@ -123,8 +124,12 @@ def check_demo_run(proc: subprocess.CompletedProcess) -> None:
     assert "started local workers worker-a (queue_a), worker-b (queue_b)" in out
     check_documented_run(out)
     assert "[demo] documented run (test_task_a_and_task_b_run_concurrently): total " in out
-    assert "3 tests on worker-a via queue_a, 5 on worker-b via queue_b, exit code 0" in out
-    assert "10 passed" in out
+    assert "4 tests on worker-a via queue_a, 5 on worker-b via queue_b, exit code 0" in out
+    assert "11 passed" in out
+    landed = re.search(r"\[demo\] artifact of test_serial_console_log: (\S+) \(", out)
+    assert landed, out
+    assert "Starting kernel" in (ROOT / landed.group(1)).read_text()
+    assert landed.group(1).startswith("demo-output/dispatch_results_")
     assert demo_processes() == []  # the local workers and their runners are gone
     deadline = time.monotonic() + 5  # a spare runner leaves when its worker's pipe closes
     while orphaned_spare_runners() and time.monotonic() < deadline:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -115,6 +116,10 @@ def quarantined_worker(tmp_path, monkeypatch):
     )
     notices = BenchNotices(FileBoard(tmp_path), "worker-a@h", "worker-a", ["q"], 1)
     notices.start()
+    deadline = time.monotonic() + 5.0
+    while not (tmp_path / LAB_FOLDER / "worker-a@h.json").exists():  # its first notice
+        assert time.monotonic() < deadline, "the worker published no notice"
+        time.sleep(0.01)
     yield book
     notices.stop()
     notices.join(5)

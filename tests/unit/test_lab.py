@@ -90,6 +90,7 @@ def test_the_status_view_lists_workers_holders_and_the_line_in_order():
 
 class FakeBoard:
     ready = True
+    error = None
 
     def __init__(self, notices=()):
         self.others = list(notices)
@@ -164,3 +165,55 @@ def test_a_slot_busy_with_a_run_without_notice_counts_as_held():
     assert lab.grant(run("b"), [dying], Q, 2) == 1
     holder = run("dead", state=lab.HOLDING, slots=1)
     assert lab.grant(run("b"), [dying, holder], Q, 2) == 1  # not counted twice
+
+
+def test_a_board_out_of_reach_at_the_start_leaves_the_run_out_of_the_line():
+    board = FakeBoard()
+    board.ready, board.error = False, "ACCESS_REFUSED"
+    now = [0.0]
+
+    def clock():
+        now[0] += 1.0  # each look at the clock: a second later
+        return now[0]
+
+    turns = RunTurns("me", {"label": "me@h"}, 5, board, wall=lambda: 1.0, clock=clock)
+    assert turns.grant(Q, 2) == 2  # as without a line, after BOARD_WAIT
+    assert now[0] >= lab.BOARD_WAIT
+    sch = scheduler(turns.grant)
+    lines = turns.tick(sch)
+    assert lines == [
+        "the lab board is out of reach (ACCESS_REFUSED): this run does not wait in line for "
+        "busy queues (docs/shared-benches.md)"
+    ]
+    assert turns.tick(sch) == []  # said once
+
+
+def test_a_waiting_run_keeps_waiting_while_the_board_is_cut_off():
+    board = FakeBoard([run("a", state=lab.HOLDING, slots=1)])
+    turns = RunTurns("me", {"label": "me@h"}, 5, board, wall=lambda: 1.0, clock=lambda: 0.0)
+    assert turns.grant(Q, 1) == 0
+    board.ready, board.others = False, []  # a broker restart: the holder's notice is gone too
+    assert turns.grant(Q, 1) == 0
+    board.ready = True
+    assert turns.grant(Q, 1) == 1
+
+
+def test_a_run_starts_its_free_queue_while_its_busy_one_waits():
+    sch = scheduler(lambda queue, slots: 0 if queue == Q else slots)
+    sch.queue_nodeids["queue_b"] = ["t.py::c"]
+    actions = sch.begin({Q: 1, "queue_b": 1}, {Q: 1, "queue_b": 1})
+    assert {a.slot.queue for a in actions if isinstance(a, StartSlot)} == {"queue_b"}
+    assert set(sch.turns.waiting) == {Q}
+    assert not [a for a in sch.poll() if isinstance(a, StartSlot) and a.slot.queue == Q]
+
+
+def test_a_granted_queue_is_published_as_held_at_once():
+    """A run arriving right after must count the slots as taken, before the next renewal."""
+    board = FakeBoard()
+    turns = RunTurns("me", {"label": "me@h"}, 5, board, wall=lambda: 7.0, clock=lambda: 0.0)
+    turns.join([Q, "queue_b"])
+    assert turns.grant(Q, 2) == 2
+    queues = board.published[-1]["queues"]
+    assert queues[Q] == {"state": lab.HOLDING, "slots": 2, "since": 7.0}
+    assert queues["queue_b"] == {"state": lab.WAITING}
+    assert lab.grant(run("late", priority=9), [board.published[-1]], Q, 2) == 0
