@@ -58,9 +58,10 @@ from .names import (
     ENV_HEALTH_EVERY,
     ENV_HEALTH_REJOIN,
     ENV_QUARANTINE_AFTER,
+    ENV_RUNNER,
     ENV_SLOT_GATE,
 )
-from .procutil import describe_exit
+from .procutil import describe_exit, kill_group
 from .serialization import UnsafeNodeId, confine
 
 log = logging.getLogger("pytest_celery_dispatch.health")
@@ -195,28 +196,33 @@ def run_health_tests(
         "-p",
         "no:cacheprovider",
     ]
-    try:
-        done = subprocess.run(
-            [*command, "-o", "console_output_style=classic", "--", *tests],
-            cwd=workspace,
-            env={**env, "COLUMNS": "10000"},  # the short summary's lines whole
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        return f"health tests {' '.join(tests)} still running after {timeout:g}s"
-    if done.returncode == 0:
+    # ENV_RUNNER: dispatching is forced off there, whatever the project's addopts say (as in a
+    # slot's runner); COLUMNS: the short summary's lines whole.
+    with subprocess.Popen(
+        [*command, "-o", "console_output_style=classic", "--", *tests],
+        cwd=workspace,
+        env={**env, ENV_RUNNER: "1", "COLUMNS": "10000"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own group: a timeout kills what the tests started too
+    ) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            proc.communicate()
+            return f"health tests {' '.join(tests)} still running after {timeout:g}s"
+    if proc.returncode == 0:
         return None
-    for line in done.stdout.splitlines():
+    for line in stdout.splitlines():
         found = re.match(r"^(?:FAILED|ERROR) (\S+)(?: - (.*))?$", line.strip())
         if found:
             return health_failure(found.group(1), (found.group(2) or "").strip())
-    if done.returncode == 5:
+    if proc.returncode == 5:
         return f"health tests {' '.join(tests)} not found in {workspace} (pytest collected none)"
-    tail = (done.stdout + done.stderr).strip()[-REASON_TAIL:].replace("\n", " | ")
-    return f"health tests {' '.join(tests)} failed ({describe_exit(done.returncode)}): {tail}"
+    tail = (stdout + stderr).strip()[-REASON_TAIL:].replace("\n", " | ")
+    return f"health tests {' '.join(tests)} failed ({describe_exit(proc.returncode)}): {tail}"
 
 
 def session_health(

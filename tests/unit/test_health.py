@@ -288,3 +288,11 @@ def test_a_slot_whose_worker_another_slot_quarantined_finishes_its_test_and_take
     assert slot.of("missing") == []
     assert health.reason(stopped=True) == other.quarantined
     assert session(tmp_path).reason(stopped=False) is None
+
+
+def test_a_hanging_health_test_is_killed_after_the_timeout_and_quarantines(tmp_path) -> None:
+    (tmp_path / "test_hang.py").write_text("import time\n\ndef test_hang():\n    time.sleep(60)\n")
+    one = SessionHealth(
+        HealthBook(str(tmp_path)), HealthConfig(("test_hang.py",)), str(tmp_path), os.environ, 2
+    )
+    assert one.before_work() == "health tests test_hang.py still running after 2s"
