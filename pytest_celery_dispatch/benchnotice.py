@@ -1,5 +1,6 @@
 """A worker's notice on the lab board (see :mod:`.lab`): its queues and slots, the runs its
-slots are busy with, and its last run's result.
+slots are busy with, its last run's result, and its quarantine (see :mod:`.health`); the
+board's release notices for it (``celery-dispatch release``) put it back in service.
 
 :class:`BenchNotices` is a thread in the worker's main process (started at ``worker_ready``):
 every ``LAB_INTERVAL`` it reads the ``run_session`` tasks the worker is running (Celery's
@@ -23,7 +24,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .lab import LAB_INTERVAL
+from .health import HealthBook
+from .lab import LAB_INTERVAL, RELEASE
 from .labboard import Board
 from .names import SLOT_TASK
 from .procutil import private_top
@@ -101,13 +103,33 @@ class BenchNotices(threading.Thread):
     def notice(self) -> dict[str, Any]:
         from celery.worker.state import active_requests
 
-        return {**self.base, "busy": busy_slots(active_requests), "last": read_last_run(self.node)}
+        notice = {
+            **self.base,
+            "busy": busy_slots(active_requests),
+            "last": read_last_run(self.node),
+        }
+        book = HealthBook.of_worker()
+        notice["quarantine"] = book.quarantine() if book is not None else None
+        return notice
 
     def run(self) -> None:
         while not self.stopping.is_set():
             with contextlib.suppress(Exception):
+                self.take_releases()
+            with contextlib.suppress(Exception):
                 self.board.publish(self.notice())
             self.stopping.wait(LAB_INTERVAL)
+
+    def take_releases(self) -> None:
+        """``celery-dispatch release WORKER``: a release notice naming this worker (its name
+        or node) and its quarantine puts it back in service."""
+        book = HealthBook.of_worker()
+        if book is None or book.quarantine() is None:
+            return
+        for notice in self.board.notices():
+            named = notice.get("worker") in (self.base["worker"], self.node)
+            if notice.get("kind") == RELEASE and named:
+                book.release(notice.get("since"), f"released by {notice.get('by') or '?'}")
 
     def stop(self) -> None:
         self.stopping.set()

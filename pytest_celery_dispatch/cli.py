@@ -5,23 +5,32 @@ per queue its workers (name, host, slots, idle or busy), the run holding each bu
 (identity, progress, elapsed), the runs waiting with their priority and place in line, and each
 worker's last run. It reads what workers and controllers publish and changes nothing.
 ``--json`` prints the same as one JSON object (for scripts); ``--watch`` shows it again every
-few seconds until Ctrl-C. Subcommands share one parser, so more (a ``release``) fit beside it.
+few seconds until Ctrl-C. ``release WORKER`` puts a quarantined worker back in service (a
+release notice on the board: the worker takes it and says so in its notice; see :mod:`.health`).
+Subcommands share one parser and one ``--broker`` handling.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import socket
 import sys
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from .lab import BOARD_WAIT, ago, lab_view
+from .lab import BOARD_WAIT, LAB_INTERVAL, RELEASE, ago, lab_view, workers
+from .labboard import Board
 from .names import mask_url
 
 #: ``--watch``: seconds between two views.
 WATCH_EVERY = 2.0
+#: ``release``: how long it waits for the worker to say it is back in service.
+RELEASE_WAIT = 10.0
+BROKER_HELP = "broker URL or 'embedded' (default: env CELERY_BROKER_URL, then BROKER_URL)"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,13 +41,14 @@ def _parser() -> argparse.ArgumentParser:
     status = commands.add_parser(
         "status", help="who uses the benches: workers, the runs holding them, the runs waiting"
     )
-    status.add_argument(
-        "--broker",
-        metavar="URL",
-        help="broker URL or 'embedded' (default: env CELERY_BROKER_URL, then BROKER_URL)",
-    )
+    status.add_argument("--broker", metavar="URL", help=BROKER_HELP)
     status.add_argument("--json", action="store_true", help="one JSON object, for scripts")
     status.add_argument("--watch", action="store_true", help="show it again every 2 s")
+    release = commands.add_parser(
+        "release", help="put a quarantined worker back in service (its health tests run again)"
+    )
+    release.add_argument("worker", metavar="WORKER", help="the worker's name (WORKER_ID) or node")
+    release.add_argument("--broker", metavar="URL", help=BROKER_HELP)
     return parser
 
 
@@ -62,6 +72,12 @@ def render(view: dict[str, Any]) -> str:
                     else " " * 57
                 )
                 out.append(head + (_slot_text(slot) if slot else "-"))
+            quarantine = worker.get("quarantine")
+            if quarantine:
+                out.append(
+                    f"  {'':<24} QUARANTINED {ago(now - float(quarantine.get('since') or now))}: "
+                    f"{quarantine.get('reason')} (celery-dispatch release {worker['name']})"
+                )
             last = worker.get("last_run")
             if last:
                 counts = ", ".join(f"{v} {k}" for k, v in sorted(last.get("outcomes", {}).items()))
@@ -92,7 +108,9 @@ def _slot_text(slot: dict[str, Any]) -> str:
     return text + ")"
 
 
-def status(broker: str | None, as_json: bool, watch: bool) -> int:
+def open_lab(broker: str | None, command: str) -> tuple[Board, str] | None:
+    """The lab board of ``--broker`` (else the environment's) and its URL; None (said on
+    stderr, with the fix) when the broker does not answer."""
     from .celeryconf import broker_from_env
     from .labboard import open_board
     from .transport import BrokerUnavailable, connect, embedded_root_of, make_app
@@ -105,20 +123,34 @@ def status(broker: str | None, as_json: bool, watch: bool) -> int:
             connect(app).release()  # fail fast, with the fix, rather than show an empty lab
         except BrokerUnavailable as exc:
             fix = str(exc).replace("--celery-broker", "--broker")  # this command's option
-            print(f"celery-dispatch status: {fix}", file=sys.stderr)
-            return 1
-    board = open_board(app, root)
+            print(f"celery-dispatch {command}: {fix}", file=sys.stderr)
+            return None
+    return open_board(app, root), url
+
+
+def heard_everyone(board: Board, command: str) -> bool:
+    """Wait (up to ``BOARD_WAIT``) until the board has heard every live sender; False (said on
+    stderr) when it is out of reach."""
+    deadline = time.monotonic() + BOARD_WAIT
+    while not board.ready:
+        if time.monotonic() >= deadline:
+            why = board.error or "no answer"
+            print(
+                f"celery-dispatch {command}: the lab board is out of reach ({why})", file=sys.stderr
+            )
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def status(broker: str | None, as_json: bool, watch: bool) -> int:
+    opened = open_lab(broker, "status")
+    if opened is None:
+        return 1
+    board, url = opened
     try:
-        deadline = time.monotonic() + BOARD_WAIT
-        while not board.ready:
-            if time.monotonic() >= deadline:
-                why = board.error or "no answer"
-                print(
-                    f"celery-dispatch status: the lab board is out of reach ({why})",
-                    file=sys.stderr,
-                )
-                return 1
-            time.sleep(0.02)
+        if not heard_everyone(board, "status"):
+            return 1
         while True:
             view = lab_view(board.notices())
             view["broker"] = mask_url(url)
@@ -137,10 +169,71 @@ def status(broker: str | None, as_json: bool, watch: bool) -> int:
         board.close()
 
 
+def release(broker: str | None, name: str) -> int:
+    """``celery-dispatch release WORKER``: 0 once the worker's notice shows it in service."""
+    opened = open_lab(broker, "release")
+    if opened is None:
+        return 1
+    board, url = opened
+    notice_id = f"release-{uuid.uuid4().hex[:12]}"
+    try:
+        if not heard_everyone(board, "release"):
+            return 1
+        found = find_worker(board.notices(), name)
+        if found is None:
+            known = sorted({str(w.get("worker") or w["id"]) for w in workers(board.notices())})
+            print(
+                f"celery-dispatch release: no worker {name!r} on the board of {mask_url(url)} "
+                f"(workers there: {', '.join(known) or 'none'}); see celery-dispatch status",
+                file=sys.stderr,
+            )
+            return 1
+        quarantine = found.get("quarantine")
+        if not quarantine:
+            print(f"{name} is not quarantined: nothing to release")
+            return 0
+        notice = {
+            "kind": RELEASE,
+            "id": notice_id,
+            "worker": name,
+            "since": quarantine.get("since"),
+            "by": f"{getpass.getuser()}@{socket.gethostname()}",
+        }
+        deadline = time.monotonic() + RELEASE_WAIT
+        while time.monotonic() < deadline:
+            board.publish(notice)
+            time.sleep(LAB_INTERVAL)
+            now = find_worker(board.notices(), name)
+            if now is not None and (now.get("quarantine") or {}).get("since") != quarantine.get(
+                "since"
+            ):
+                print(f"{name} released (it was quarantined: {quarantine.get('reason')})")
+                return 0
+        print(
+            f"celery-dispatch release: {name} did not take the release within {RELEASE_WAIT:g}s "
+            "(is it running? see its log and celery-dispatch status)",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        board.publish({"kind": RELEASE, "id": notice_id, "gone": True})
+        board.close()
+
+
+def find_worker(notices: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    """The worker notice whose name (WORKER_ID) or node is ``name``."""
+    for notice in workers(notices):
+        if name in (notice.get("worker"), notice.get("node"), notice.get("id")):
+            return notice
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "status":
         return status(args.broker, args.json, args.watch)
+    if args.command == "release":
+        return release(args.broker, args.worker)
     return 2  # pragma: no cover (argparse requires a command)
 
 

@@ -24,11 +24,19 @@ from .serialization import HEARTBEAT_INTERVAL
 #: gone): the running test is interrupted as Ctrl-C would, its fixtures tear down, and the
 #: runner is killed if it has not ended ``TEARDOWN_GRACE`` seconds later.
 RUN, STOP, KILL = "run", "stop", "kill"
+#: The slot's state once its worker quarantined itself (see :mod:`.health`): it takes no more
+#: work and leaves what it had unanswered, for the controller to re-send at once. Also what
+#: ``control()`` answers when another slot of the worker quarantined it: the running test
+#: finishes (as after ``STOP``), no other starts.
+QUARANTINE = "quarantine"
 
 #: A chunk of work as fetched from the run's work queue.
 Chunk = dict[str, Any]
 Emit = Callable[[dict[str, Any]], None]
 Clock = Callable[[], float]
+#: ``on_failure(kind, why)``: a test crashed (``crash``), timed out (``timeout``), or the runner
+#: crashed outside a test (``runner``); True when the worker quarantines itself now.
+OnFailure = Callable[[str, str], bool]
 
 
 class Runner(Protocol):
@@ -172,8 +180,10 @@ class SlotDriver:
         heartbeat: float = HEARTBEAT_INTERVAL,
         teardown_grace: float = TEARDOWN_GRACE,
         clock: Clock = time.monotonic,
+        on_failure: OnFailure = lambda kind, why: False,
     ) -> None:
         self.spec = spec
+        self.on_failure = on_failure
         self.emit = Coalescer(emit, clock=clock)
         self.fetch = fetch
         self.start_runner = start_runner
@@ -405,8 +415,8 @@ class SlotDriver:
                     self.state = KILL
                     self.interrupted_at = now
                     runner.interrupt()
-            elif wanted == STOP and self.state == RUN:
-                self.state = STOP  # finish the running test, start no other
+            elif wanted in (STOP, QUARANTINE) and self.state == RUN:
+                self.state = wanted  # finish the running test, start no other
                 runner.request_stop()
         if self.interrupted_at is not None and now - self.interrupted_at >= self.teardown_grace:
             self.interrupted_at = None
@@ -422,6 +432,15 @@ class SlotDriver:
                     "elapsed": round(now - runner.current_since, 3) if current else 0.0,
                 }
             )
+
+    def _quarantined(self, kind: str, why: str) -> bool:
+        """Tell the worker's health what happened; True when it quarantined itself: the slot
+        ends, what it holds unanswered (the controller re-sends it at once)."""
+        self.emit.flush()
+        if not self.on_failure(kind, why):
+            return False
+        self.state = QUARANTINE
+        return True
 
     def _work_done(self) -> bool:
         """The work queue ran dry and every test taken from it is answered."""
@@ -441,6 +460,12 @@ class SlotDriver:
             batch_id = self.assigned.get(runner.current, "")
             self.emit(crashed(runner.current, batch_id, why, runner.crash_output()))
             self._finish(runner.current)
+            if self._quarantined("timeout" if self.kill_reason else "crash", why):
+                return True
+        elif not runner.self_stopped and not self._work_done():
+            outside = f"the test process crashed outside a test ({describe_exit(code)})"
+            if self._quarantined("runner", outside):
+                return True
         if runner.self_stopped:
             self.state = STOP  # -x / --maxfail: the controller stops the whole run too
             return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, cast
 
+from .quarantine import Quarantines
 from .replay import Replayer
 from .scheduling import Action, ChunkState, QueueScheduler
 from .serialization import Event
@@ -23,6 +24,7 @@ class EventHandlers:
     scheduler: QueueScheduler
     replayer: Replayer
     terminal: DispatchTerminal
+    quarantines: Quarantines
 
     def execute(self, actions: list[Action]) -> None:
         raise NotImplementedError
@@ -53,6 +55,12 @@ class EventHandlers:
 
     def on_warning(self, event: Event, chunk: ChunkState | None) -> None:
         self.replayer.record_warning(event)
+
+    def on_quarantined(self, event: Event, chunk: ChunkState | None) -> None:
+        """A worker quarantined itself (see :mod:`.quarantine`): its work goes elsewhere now;
+        a queue with only quarantined workers fails its tests now."""
+        worker, reason = str(event.get("worker")), str(event.get("reason") or "unknown reason")
+        self.execute(self.quarantines.quarantined(str(event.get("queue")), worker, reason))
 
     # ------------------------------------------------------------------ chunks
 

@@ -63,7 +63,9 @@ class SlotPayloads:
         reply_to: str,
         timeout: float,
         identity: Mapping[str, Any] | None = None,
+        health: tuple[tuple[str, ...], float | None] = ((), None),
     ) -> None:
+        self.health, self.health_every = list(health[0]), health[1]
         self.rootpath = Path(config.rootpath)
         self.identity = dict(identity or {})
         self.run_id = run_id
@@ -108,6 +110,8 @@ class SlotPayloads:
             "plugin_options": self.plugin_options,
             "identity": self.identity,
             "ship": self.ship,
+            "health": self.health,
+            "health_every": self.health_every,
             "artifacts": self.artifacts,
         }
         if self.signer is not None and self.ship.get("digest"):

@@ -3,9 +3,10 @@
 Every controller with work for a queue publishes a *run notice* every ``LAB_INTERVAL``
 seconds: its identity, priority, when it arrived, and per queue whether it is ``waiting`` for
 a slot or ``holding`` slots (how many, its progress). Every worker publishes a *worker notice*:
-its queues, slots, the runs its slots are busy with, and its last run's result. A notice not
-renewed for ``LAB_STALE`` seconds is gone (a killed controller's with it); one that says
-``"gone": true`` is gone at once. :mod:`.labboard` carries them (a fanout exchange on
+its queues, slots, the runs its slots are busy with, its last run's result and its quarantine
+(see :mod:`.health`); ``celery-dispatch release`` publishes a *release notice* (:data:`RELEASE`).
+A notice not renewed for ``LAB_STALE`` seconds is gone (a killed controller's with it); one
+that says ``"gone": true`` is gone at once. :mod:`.labboard` carries them (a fanout exchange on
 RabbitMQ, a folder on the embedded broker); this module only decides.
 
 The rule (:func:`grant`): a queue's free slots are its slots minus those held by other runs;
@@ -37,6 +38,9 @@ HELLO_WAIT = 0.15
 LINE_EVERY = 5.0
 
 WAITING, HOLDING = "waiting", "holding"
+#: ``celery-dispatch release WORKER``'s notice: ``worker`` (a name or node) and the ``since``
+#: of the quarantine it ends (see :mod:`.health`).
+RELEASE = "release"
 
 Notice = dict[str, Any]
 
@@ -185,6 +189,7 @@ def lab_view(notices: list[Notice], now: float | None = None) -> dict[str, Any]:
                     "state": "busy" if busy else "idle",
                     "busy": busy,
                     "last_run": worker.get("last"),
+                    "quarantine": worker.get("quarantine"),
                 }
             )
         for run in holders(notices, queue):

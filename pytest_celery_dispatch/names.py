@@ -110,6 +110,14 @@ ENV_SHIP_UNSIGNED = "DISPATCH_SHIP_UNSIGNED"
 ENV_SHIP_TRUST = "DISPATCH_SHIP_TRUST"
 #: The controller's signing key: a PEM file's path, or the PEM text (a CI secret).
 ENV_SHIP_KEY = "CELERY_DISPATCH_SHIP_KEY"
+#: Bench health (:mod:`.health`): the worker's own health tests (they win over the run's ini
+#: ``celery_dispatch_health``), how often at most they run (minutes), after how many sessions
+#: in a row ended in an infrastructure failure the worker quarantines itself, and whether a
+#: quarantined worker whose health tests pass again rejoins by itself (``1``).
+ENV_HEALTH = "DISPATCH_HEALTH"
+ENV_HEALTH_EVERY = "DISPATCH_HEALTH_EVERY"
+ENV_QUARANTINE_AFTER = "DISPATCH_QUARANTINE_AFTER"
+ENV_HEALTH_REJOIN = "DISPATCH_HEALTH_REJOIN"
 
 # Set by the worker for the tests it runs (read by the ``dispatch_context`` fixture):
 ENV_CTX_WORKER_ID = "DISPATCH_WORKER_ID"

@@ -128,6 +128,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("celery_dispatch_queues", S.HELP_QUEUES, type="linelist", default=[])
     shipcontrol.add_options(group, parser)
     parser.addini("celery_dispatch_routes", S.HELP_ROUTES, type="linelist", default=[])
+    parser.addini("celery_dispatch_health", S.HELP_HEALTH, default=None)
+    parser.addini("celery_dispatch_health_every", S.HELP_HEALTH_EVERY, default=None)
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:

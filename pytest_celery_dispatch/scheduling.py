@@ -259,11 +259,9 @@ class QueueScheduler(Recovery):
         return self._revised_eta(slot.queue) + more
 
     def _revised_eta(self, queue: str) -> list[Action]:
-        """The queue has more slots than its plan assumed (a worker missed the start's
-        inspect): the predicted test time on the slots it really has."""
+        """More slots than planned (a worker missed the start's inspect): the ETA on them."""
         slots = self.capacity.get(queue, 0)
-        eta = self.forecast.revise(queue, slots)
-        if eta is None:
+        if (eta := self.forecast.revise(queue, slots)) is None:
             return []
         return [Notice(f"{queue}: {plural(slots, 'slot')}; revised ETA {eta:.2f}s", "cyan")]
 
@@ -324,7 +322,6 @@ class QueueScheduler(Recovery):
 
     def connection(self, connected: bool, last_heard: float | None = None) -> list[Action]:
         """The reply consumer's connection, as seen now: say when it goes and comes back.
-
         Asked on every turn of the event loop (not only at each poll), so the return is said
         before the first event that came with it, even when that event ends the run. Cut off,
         every deadline waits up to ``--celery-broker-timeout`` from ``last_heard``."""
@@ -411,13 +408,17 @@ class QueueScheduler(Recovery):
 
     def _ensure_slot(self, queue: str, now: float) -> list[Action]:
         """While work for a queue is left, at least one live slot must pull it."""
-        if queue in self.waiting_queues or self.stopping or not self.unfinished_in(queue):
-            return []
-        if any(s.live and s.queue == queue for s in self.slots.values()):
+        pulled = any(s.live and s.queue == queue for s in self.slots.values())
+        if pulled or queue in self.waiting_queues or self.stopping or not self.unfinished_in(queue):
             return []
         if now < self._slot_not_before.get(queue, 0.0):
             return []  # backing off before the next attempt
         return [self._new_slot(queue)]
+
+    def worker_out(self, worker: str, why: str) -> list[Action]:
+        """A worker quarantined itself (:mod:`.quarantine`): its started chunks are lost now."""
+        ours = [c for c in self.live_chunks() if c.worker == worker and c.started_at]
+        return [a for c in ours for a in self._lost(c, self.clock(), why)]
 
     # ------------------------------------------------------------------ stopping
 

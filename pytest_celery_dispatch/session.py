@@ -31,6 +31,7 @@ from .events import EventHandlers
 from .forwarding import SlotPayloads
 from .identity import current_identity
 from .names import EMBEDDED
+from .quarantine import Quarantines
 from .replay import EventLog, Replayer
 from .scheduling import (
     SILENCE_LIMIT,
@@ -84,12 +85,18 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         )
         self.identity = current_identity()
         self.payloads = SlotPayloads(
-            config, self.run_id, self.reply_to, settings.timeout, self.identity
+            config,
+            self.run_id,
+            self.reply_to,
+            settings.timeout,
+            self.identity,
+            (settings.health, settings.health_every),
         )
         outputs = run_outputs(
             config, settings.json_report, settings.event_log, settings.timeline, settings.artifacts
         )
         self.shipper = Shipper(str(config.rootpath), resolve_ship(config), outputs)
+        self.quarantines = Quarantines(self.scheduler)  # workers that quarantined themselves
         self.artifacts = config.stash[ARTIFACTS_KEY]
         self.payloads.artifacts = settings.artifacts_limits.as_dict()
         self.workers_by_queue: dict[str, list[str]] = {}

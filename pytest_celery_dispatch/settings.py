@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from .artifactpaths import DEFAULT_RUN_LIMIT, DEFAULT_TEST_LIMIT, TMP_PATH_MODES, Limits
+from .healthrules import parse_minutes, parse_tests
 from .names import DEFAULT_BACKEND as DEFAULT_BACKEND
 from .names import DEFAULT_BROKER as DEFAULT_BROKER
 from .names import EMBEDDED as EMBEDDED
@@ -104,6 +105,15 @@ HELP_ROUTES = (
     "wins, a queue marker still overrides it"
 )
 
+HELP_HEALTH = (
+    "health tests (nodeids or folders, comma or space separated) a worker runs before it takes "
+    "this run's work; a failure quarantines it (a worker's DISPATCH_HEALTH wins)"
+)
+HELP_HEALTH_EVERY = (
+    "minutes between two runs of a worker's health tests (default 10; at once after a crashed "
+    "or timed-out test; a worker's DISPATCH_HEALTH_EVERY wins)"
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -124,6 +134,8 @@ class Settings:
     allowed_queues: frozenset[str] | None = None
     routes: tuple[RouteRule, ...] = ()
     dist: str = LOAD
+    health: tuple[str, ...] = ()
+    health_every: float | None = None
     artifacts: str = "dispatch_artifacts"
     artifacts_limits: Limits = dataclasses.field(default_factory=Limits)
 
@@ -347,6 +359,9 @@ def resolve(
         tmp_path=parsed("artifacts-tmp-path", parse_tmp_path_mode, "none"),
     )
     allowed, rules = _queues_and_routes(ini, default_queue)
+    health = tuple(parse_tests(str(ini("celery_dispatch_health") or "")))
+    every = ini("celery_dispatch_health_every")
+    health_every = _minutes(str(every), "ini celery_dispatch_health_every") if every else None
 
     return Settings(
         dispatch=dispatch,
@@ -366,9 +381,18 @@ def resolve(
         allowed_queues=allowed,
         routes=tuple(rules),
         dist=dist,
+        health=health,
+        health_every=health_every,
         artifacts=artifacts or default_artifacts_dir(json_report, dispatch),
         artifacts_limits=limits,
     )
+
+
+def _minutes(raw: str, source: str) -> float:
+    try:
+        return parse_minutes(raw, source)
+    except ValueError as exc:
+        raise pytest.UsageError(f"celery-dispatch: {exc}") from None
 
 
 def _queues_and_routes(

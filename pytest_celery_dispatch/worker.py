@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -34,12 +35,15 @@ from typing import Any
 from celery import Celery, Task, signals
 
 from . import embedded
+from .admission import checked_nodeids
 from .artifactpaths import Limits
 from .artifactship import ArtifactShipper
 from .benchnotice import record_last_run, start_bench_notices
 from .celeryconf import SILENT_LIMIT, backend_from_env, broker_from_env, celery_config
 from .demo_tasks import register_demo_tasks
-from .driver import KILL, RUN, STOP, SlotDriver
+from .driver import KILL, QUARANTINE, RUN, STOP, SlotDriver
+from .health import session_health, worker_config
+from .healthrules import QUARANTINED
 from .launcher import RunnerLauncher
 from .liveness import CONTROLLER_CHECK_INTERVAL, ControllerWatch
 from .names import (
@@ -64,11 +68,7 @@ from .serialization import (
     PROTOCOL,
     SESSION_TASK,
     Event,
-    UnsafeNodeId,
-    confine,
     dumps,
-    file_digest,
-    nodeid_path,
     stop_queue_name,
 )
 from .shipworker import BlobFetcher, Prepared, ShipState, prepare
@@ -138,6 +138,11 @@ def _note_concurrency(sender: Any = None, **kwargs: Any) -> None:
     """Pool processes inherit this: each session tells the controller its worker's slots.
     The pool gets one process more, for plain tasks (see workerpool); the slot locks keep
     its runs to its slots (see slotgate)."""
+    try:
+        worker_config()
+    except ValueError as exc:  # a bad DISPATCH_HEALTH* value: the worker does not start
+        print(f"celery-dispatch worker: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None  # Celery logs and swallows a signal handler's Exception
     reserve_plain_task_process(sender)
     make_gate_folder(str(getattr(sender, "hostname", "") or "worker"))
     # A run's zygote (see zygote.Zygotes.fork) lives in the pool process that started it:
@@ -423,22 +428,13 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
         if shipped.refused:
             return {"refused": shipped.refused}
         ws = shipped.workspace
-        nodeids: list[str] = []
-        for nodeid in (str(n) for n in payload.get("nodeids", [])):
-            try:
-                confine(ws, nodeid)
-                nodeids.append(nodeid)
-            except UnsafeNodeId as exc:
-                reply.emit({"type": "refused", "nodeids": [nodeid], "reason": str(exc)})
-                log.warning("refused: %s", exc, extra=extra)
-        differing = different_files(ws, payload.get("files") or {}, nodeids)
-        if differing:
-            bad = [n for n in nodeids if nodeid_path(n) in differing]
-            for path, reason in differing.items():
-                ids = [n for n in bad if nodeid_path(n) == path]
-                reply.emit({"type": "refused", "nodeids": ids, "reason": reason})
-                log.warning("refused: %s", reason, extra=extra)
-            nodeids = [n for n in nodeids if n not in set(bad)]
+        health = session_health(payload, ws, {**os.environ, ENV_WORKSPACE: ws})
+        if health is not None and (reason := health.before_work()) is not None:
+            # Quarantined: back to the queue, for a healthy worker; the controller learns why.
+            reply.emit({"type": QUARANTINED, "reason": reason})
+            log.warning("quarantined: session sent back to its queue", extra=extra)
+            raise self.retry(countdown=SLOT_BUSY_RETRY)
+        nodeids = checked_nodeids(reply.emit, payload, ws, extra)
         started = time.monotonic()
         reply.emit(
             {
@@ -478,11 +474,18 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
 
         launcher = RunnerLauncher(spec, local.spares, local.zygotes)
         driver = SlotDriver(spec, emit_logged, reply.fetch, launcher, control=reply.control)
+        if health is not None:
+            driver.on_failure = lambda kind, why: health.after_failure(kind, why) is not None
+            driver.control = health.control(reply.control)
         try:
             summary = driver.run()
         finally:
             shutil.rmtree(artifacts, ignore_errors=True)
             local.spares.prepare(ws, env, SPARE_DELAY)  # the next run's first runner
+        if health is not None:
+            health.ended(reply.cut_off, bool(summary["chunks"]))
+            if reason := health.reason(summary["state"] == QUARANTINE):
+                reply.emit({"type": QUARANTINED, "reason": reason})
         summary["duration"] = round(time.monotonic() - started, 3)
         last = emit_logged.last_run(summary, base, reply.identity)
         record_last_run(str(self.request.hostname), last)
@@ -592,29 +595,6 @@ class _ChunkLog:
             "outcomes": dict(self.totals),
             "finished": time.time(),
         }
-
-
-def different_files(
-    workspace_root: str, files: dict[str, str], nodeids: list[str]
-) -> dict[str, str]:
-    """Test files whose bytes here differ from the controller's (path -> message)."""
-    found: dict[str, str] = {}
-    worker = worker_id()
-    for path in dict.fromkeys(nodeid_path(n) for n in nodeids):
-        expected = files.get(path)
-        if not expected:
-            continue
-        full = confine(workspace_root, path)
-        try:
-            actual = file_digest(full)
-        except OSError:
-            continue  # a missing file is reported by the runner as "not found"
-        if actual != expected:
-            found[path] = (
-                f"{worker} has a different {path} (sha256 {actual[:12]}, the controller's is "
-                f"{expected[:12]}): update the worker's checkout at {workspace_root}"
-            )
-    return found
 
 
 # ---------------------------------------------------------------------------- health + demo

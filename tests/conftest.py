@@ -90,9 +90,17 @@ def queues() -> Iterator[Queues]:
         delete_queues(q.a, q.b, q.empty)
 
 
+#: Workers shared by the whole session never quarantine themselves for infrastructure failures
+#: (bench health, tests/e2e/test_bench_health.py, uses workers of its own).
+SHARED = {"DISPATCH_QUARANTINE_AFTER": "0"}
+
+
 @pytest.fixture(scope="session")
 def workers(queues: Queues, workspace: Path) -> Iterator[dict[str, WorkerProcess]]:
-    """worker-a on queue A and worker-b on queue B, for the whole session."""
+    """worker-a on queue A and worker-b on queue B, for the whole session.
+
+    They see the deliberate faults of many tests (timeouts, runners that cannot start): they
+    must not quarantine themselves between tests (``SHARED``)."""
     if not broker_reachable():
         pytest.fail(f"RabbitMQ is not reachable at {BROKER}: start it (rabbitmq-server -detached)")
     logs = workspace / "worker-logs"
@@ -100,7 +108,8 @@ def workers(queues: Queues, workspace: Path) -> Iterator[dict[str, WorkerProcess
     started: dict[str, WorkerProcess] = {}
     try:
         for key, queue in (("a", queues.a), ("b", queues.b)):
-            started[key] = WorkerProcess(queue, f"worker-{key}", workspace, logs).start()
+            worker = WorkerProcess(queue, f"worker-{key}", workspace, logs, extra_env=SHARED)
+            started[key] = worker.start()
         yield started
     finally:
         stop_all(list(started.values()))
@@ -115,7 +124,9 @@ def embedded_workers(queues: Queues, workspace: Path) -> Iterator[dict[str, Work
     started: dict[str, WorkerProcess] = {}
     try:
         for key, queue in (("a", queues.a), ("b", queues.b)):
-            worker = WorkerProcess(queue, f"worker-{key}", workspace, logs, broker=EMBEDDED)
+            worker = WorkerProcess(
+                queue, f"worker-{key}", workspace, logs, broker=EMBEDDED, extra_env=SHARED
+            )
             started[key] = worker.start()
         yield started
     finally:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -94,3 +95,61 @@ def test_status_on_an_unreachable_broker_fails_fast_naming_it(capsys):
     err = capsys.readouterr().err
     assert "127.0.0.1:1" in err
     assert "secret" not in err
+
+
+# ----------------------------------------------------------------------------- release
+
+
+@pytest.fixture
+def quarantined_worker(tmp_path, monkeypatch):
+    """worker-a's notices on the embedded board, from its own thread, quarantined."""
+    from pytest_celery_dispatch.benchnotice import BenchNotices
+    from pytest_celery_dispatch.health import HealthBook, HealthConfig, SessionHealth
+
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    monkeypatch.setenv("DISPATCH_EMBEDDED_DIR", str(tmp_path))
+    monkeypatch.setenv("DISPATCH_SLOT_GATE", str(gate))
+    book = HealthBook(str(gate))
+    SessionHealth(book, HealthConfig(after=1), str(tmp_path), {}, 30).after_failure(
+        "runner", "the test process crashed outside a test (exit code 3)"
+    )
+    notices = BenchNotices(FileBoard(tmp_path), "worker-a@h", "worker-a", ["q"], 1)
+    notices.start()
+    deadline = time.monotonic() + 5.0
+    while not (tmp_path / LAB_FOLDER / "worker-a@h.json").exists():  # its first notice
+        assert time.monotonic() < deadline, "the worker published no notice"
+        time.sleep(0.01)
+    yield book
+    notices.stop()
+    notices.join(5)
+
+
+def test_status_shows_a_quarantined_worker_and_why(quarantined_worker, capsys):
+    assert cli.main(["status", "--broker", "embedded", "--json"]) == 0
+    (worker,) = json.loads(capsys.readouterr().out)["queues"]["q"]["workers"]
+    reason = (
+        "a session ended in an infrastructure failure (the last: the test process "
+        "crashed outside a test (exit code 3))"
+    )
+    assert worker["quarantine"]["reason"] == reason
+    assert cli.main(["status", "--broker", "embedded"]) == 0
+    table = capsys.readouterr().out
+    assert f"QUARANTINED 0 s ago: {reason} (celery-dispatch release worker-a)" in table
+
+
+def test_release_puts_the_worker_back_and_waits_until_it_says_so(quarantined_worker, capsys):
+    assert cli.main(["release", "worker-a", "--broker", "embedded"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("worker-a released (it was quarantined: a session ended in an")
+    assert quarantined_worker.quarantine() is None
+    assert cli.main(["release", "worker-a", "--broker", "embedded"]) == 0
+    assert capsys.readouterr().out == "worker-a is not quarantined: nothing to release\n"
+
+
+def test_release_of_a_worker_not_on_the_board_names_the_ones_there(quarantined_worker, capsys):
+    assert cli.main(["release", "worker-z", "--broker", "embedded"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("celery-dispatch release: no worker 'worker-z' on the board of embedded")
+    assert "(workers there: worker-a)" in err
+    assert quarantined_worker.quarantine() is not None

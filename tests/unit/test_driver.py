@@ -475,8 +475,8 @@ def test_a_worker_cut_off_from_the_broker_stops_its_slot_after_the_silent_limit(
 
 
 def test_a_test_file_that_differs_from_the_controller_s_is_refused_by_name(tmp_path):
+    from pytest_celery_dispatch.admission import different_files
     from pytest_celery_dispatch.serialization import file_digest
-    from pytest_celery_dispatch.worker import different_files
 
     (tmp_path / "test_same.py").write_text("def test_x(): pass\n")
     (tmp_path / "test_other.py").write_text("def test_y(): assert False\n")

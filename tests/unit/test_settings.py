@@ -302,3 +302,25 @@ def test_a_bad_dist_names_its_source_and_the_accepted_modes(
         f"celery-dispatch: invalid value {bad!r} for {source}: "
         "expected one of load, loadfile, loadscope, loadgroup"
     )
+
+
+def test_health_tests_and_their_interval_from_the_ini() -> None:
+    assert resolve().health == ()
+    assert resolve().health_every is None
+    settings = resolve(
+        ini={
+            "celery_dispatch_health": "tests/health/test_board.py::test_uart,\ntests/health/power",
+            "celery_dispatch_health_every": "2.5",
+        }
+    )
+    assert settings.health == ("tests/health/test_board.py::test_uart", "tests/health/power")
+    assert settings.health_every == 2.5
+
+
+def test_a_bad_health_interval_names_the_ini_key_and_the_form() -> None:
+    with pytest.raises(pytest.UsageError) as info:
+        resolve(ini={"celery_dispatch_health_every": "hourly"})
+    assert str(info.value) == (
+        "celery-dispatch: invalid value 'hourly' for ini celery_dispatch_health_every: give "
+        "minutes (a number >= 0, e.g. 10)"
+    )
