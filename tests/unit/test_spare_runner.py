@@ -7,7 +7,7 @@ import os
 from pytest_celery_dispatch.names import ENV_PYCACHE, ENV_SPARE
 from pytest_celery_dispatch.runnerspec import RunnerSpec, runner_env, runner_pycache
 from pytest_celery_dispatch.spares import Spare, SparePool
-from pytest_celery_dispatch.zygote import sweep_zygotes
+from pytest_celery_dispatch.zygote import listen, sweep_zygotes
 
 
 def spec_for(workspace, env) -> RunnerSpec:
@@ -175,5 +175,32 @@ def test_the_folders_of_killed_zygotes_are_swept_and_live_ones_kept(tmp_path):
         assert not dead.exists()
         assert (live / "sock").exists()
         assert other.exists()
+    finally:
+        listener.close()
+
+
+def test_a_zygote_s_socket_appears_only_once_it_listens(tmp_path, monkeypatch):
+    """A driver that starts a zygote connects as soon as its socket file exists: ``bind`` makes
+    the file before ``listen``, and a connection in between is refused (the slot then started
+    a cold runner of its own)."""
+    import socket
+
+    path = str(tmp_path / "sock")
+    (tmp_path / "sock.new").write_text("")  # left by a zygote killed before it listened
+    seen_before_listen: list[bool] = []
+    real_listen = socket.socket.listen
+
+    def observed_listen(self, *args):
+        seen_before_listen.append(os.path.exists(path))
+        return real_listen(self, *args)
+
+    monkeypatch.setattr(socket.socket, "listen", observed_listen)
+    listener = listen(path)
+    try:
+        assert seen_before_listen == [False]
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(path)  # ready as soon as it is there
+        client.close()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["sock"]
     finally:
         listener.close()
