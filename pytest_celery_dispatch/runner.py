@@ -212,7 +212,7 @@ class RunnerPlugin:
         if session.config.option.collectonly:
             return True
         if self.listener is not None:
-            pipes = ZygoteServer(session, self.listener).serve()
+            pipes = ZygoteServer(session, self.listener, str(self.zygote)).serve()
             if pipes is None:
                 return True  # the zygote ends here
             # A freshly forked runner: the driver's pipes, then what was collected.

@@ -1,4 +1,5 @@
-"""The program of a spare runner: ``python .../spare_boot.py BOOT_FD DELAY`` (see :mod:`.spares`).
+"""The program of a spare runner: ``python .../spare_boot.py BOOT_FD DELAY READY_FD`` (see
+:mod:`.spares`).
 
 What a spare runner does before it is needed: start the interpreter and import pytest with its
 own plugins and this plugin's modules, then wait on the boot pipe for one slot's command line,
@@ -8,7 +9,8 @@ nothing an earlier one left: each spare serves one runner and a new interpreter 
 
 Run by path, not with ``-m``: ``-m`` would import this package (and ``importlib.metadata``)
 before the delay, and a spare must stay idle until then. So this file imports only the standard
-library at its top, and its two settings come as arguments.
+library at its top, and its settings come as arguments. Once it has imported pytest and waits
+for an order, it writes one byte on ``READY_FD`` (the worker logs "spare runner ready").
 
 PYTEST_DONT_REWRITE: nothing here is a test helper.
 """
@@ -62,7 +64,19 @@ def _take_order(order: dict[str, object]) -> list[str]:
     return [str(a) for a in args]
 
 
-def main(boot_fd: int, delay: float) -> int:
+def _say_ready(ready_fd: int, waiting: bool) -> None:
+    """Tell the worker this spare is warm and waits for an order (if it does); no runner it
+    becomes keeps the pipe."""
+    if ready_fd < 0:
+        return
+    with contextlib.suppress(OSError):
+        if waiting:
+            os.write(ready_fd, b"1")
+    with contextlib.suppress(OSError):
+        os.close(ready_fd)
+
+
+def main(boot_fd: int, delay: float, ready_fd: int = -1) -> int:
     boot = os.fdopen(boot_fd, "rb")
     # Warm up only once the worker is quiet: a spare is started as a slot ends, when its tests'
     # processes exit and the controller writes its reports; the next run is seconds away.
@@ -71,6 +85,7 @@ def main(boot_fd: int, delay: float) -> int:
     if line == b"":
         return 0  # the worker process went away (or no longer needs a spare)
     pytest_dir = _import_pytest()
+    _say_ready(ready_fd, waiting=line is None)
     if line is None:
         line = boot.readline()
     boot.close()
@@ -87,4 +102,5 @@ if __name__ == "__main__":
     # Python put this file's folder first on sys.path; the workspace (our cwd) belongs there,
     # as for the ``python -c`` program this replaces. Only the standard library is imported yet.
     sys.path[0] = os.getcwd()
-    sys.exit(main(int(sys.argv[1]), float(sys.argv[2])))
+    ready = int(sys.argv[3]) if len(sys.argv) > 3 else -1
+    sys.exit(main(int(sys.argv[1]), float(sys.argv[2]), ready))

@@ -10,6 +10,7 @@ PYTEST_DONT_REWRITE: spare runners import it before pytest configures (see spare
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import sys
@@ -25,12 +26,16 @@ from .runnerspec import RunnerSpec, runner_env, startup_env
 #: How long a spare started at the end of a slot waits before it warms up.
 SPARE_DELAY = 1.5
 
+log = logging.getLogger("pytest_celery_dispatch.spares")
+
 
 class Spare:
     """A runner process started ahead of time, waiting for one slot's order on its boot pipe.
 
     Its event and command pipes are made now: ``event_w`` / ``command_r`` are its ends (their
-    numbers are valid in the spare), ``event_fd`` / ``command_fd`` ours.
+    numbers are valid in the spare), ``event_fd`` / ``command_fd`` ours. It says on a pipe of
+    its own when it has imported pytest and waits for an order: a thread of ours logs it
+    ("spare runner ready").
     """
 
     def __init__(self, workspace: str, env: Mapping[str, str], delay: float = 0.0) -> None:
@@ -38,38 +43,68 @@ class Spare:
         env = runner_env(env)
         self.startup_env = startup_env(env)
         boot_r, self.boot_w = os.pipe()
+        ready_r, ready_w = os.pipe()
         self.event_fd, self.event_w = os.pipe()
         self.command_r, self.command_fd = os.pipe()
         program = spare_boot.__file__
         assert program is not None
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, program, str(boot_r), str(delay)],
+                [sys.executable, program, str(boot_r), str(delay), str(ready_w)],
                 cwd=self.workspace,
                 env=dict(env),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
-                pass_fds=(boot_r, self.event_w, self.command_r),
+                pass_fds=(boot_r, ready_w, self.event_w, self.command_r),
                 start_new_session=True,
             )
         except BaseException:
-            for fd in (boot_r, self.boot_w, self.event_fd, self.event_w, self.command_r):
-                os.close(fd)
-            os.close(self.command_fd)
+            close_quietly(self.boot_w, ready_r, self.event_fd, self.event_w, self.command_r)
+            close_quietly(self.command_fd)
             raise
         finally:
-            with contextlib.suppress(OSError):
-                os.close(boot_r)
+            close_quietly(boot_r, ready_w)
         os.close(self.event_w)
         os.close(self.command_r)
+        extra = {"pid": os.getpid(), "spare_pid": self.proc.pid}
+        log.info("spare runner started", extra={**extra, "delay": delay})
+        self.watcher = threading.Thread(
+            target=self._log_when_ready, args=(ready_r, extra), name="spare-ready", daemon=True
+        )
+        self.watcher.start()
+
+    @staticmethod
+    def _log_when_ready(ready_r: int, extra: dict[str, object]) -> None:
+        """Log "spare runner ready" when the spare says so; nothing if it ends or is activated
+        first (its end of the pipe closes). This thread owns ``ready_r``."""
+        try:
+            said = os.read(ready_r, 1)
+        except OSError:
+            said = b""
+        finally:
+            close_quietly(ready_r)
+        if said:
+            log.info("spare runner ready", extra=extra)
+
+    def unfit_reason(self, spec: RunnerSpec) -> str:
+        """Why this spare cannot serve ``spec`` ("" if it can)."""
+        if self.proc.poll() is not None:
+            return f"it exited ({self.proc.returncode})"
+        if os.path.realpath(spec.workspace) != self.workspace:
+            return f"its workspace is {self.workspace}, the slot's {spec.workspace}"
+        wanted = startup_env(runner_env(spec.env))
+        if wanted != self.startup_env:
+            names = sorted(
+                k
+                for k in wanted.keys() | self.startup_env.keys()
+                if wanted.get(k) != self.startup_env.get(k)
+            )
+            return f"its start-up environment differs ({', '.join(names)})"
+        return ""
 
     def fits(self, spec: RunnerSpec) -> bool:
-        return (
-            self.proc.poll() is None
-            and os.path.realpath(spec.workspace) == self.workspace
-            and startup_env(runner_env(spec.env)) == self.startup_env
-        )
+        return not self.unfit_reason(spec)
 
     def activate(self, args: list[str], env: Mapping[str, str], log: str | None) -> bool:
         """Send the order: run ``pytest args`` with ``env``, output to ``log`` (None: keep the
@@ -137,7 +172,13 @@ class SparePool:
             spare, self._spare = self._spare, None
         if spare is None:
             return None
-        if spare.fits(spec):
+        reason = spare.unfit_reason(spec)
+        if not reason:
             return spare
+        log.info(
+            "spare runner not used: %s",
+            reason,
+            extra={"pid": os.getpid(), "spare_pid": spare.proc.pid},
+        )
         spare.discard()
         return None

@@ -409,7 +409,9 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
     """
     reply = _Reply(self, payload)
     base = reply.base
-    extra: dict[str, Any] = {k: base.get(k) for k in ("task_id", "worker", "queue", "session_id")}
+    # pid: the pool process, as in the spare runner's lines (each pool process has its own).
+    keys = ("task_id", "worker", "queue", "session_id", "pid")
+    extra: dict[str, Any] = {k: base.get(k) for k in keys}
     extra["identity"] = reply.identity
     hold = contextlib.ExitStack()  # the run's tree, held while the slot uses it
     lease: SlotLease | None = None

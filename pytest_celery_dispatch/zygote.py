@@ -61,10 +61,25 @@ ZYGOTE_REPLY_WAIT = 4.0
 def listen(path: str) -> socket.socket:
     """A zygote listens from its start (as its runner plugin registers): the slots' drivers
     connect while it loads the entry-point plugins and the conftest files and collects, and
-    wait for their runners."""
+    wait for their runners.
+
+    The socket appears at ``path`` only once it listens: a driver takes the file for a zygote
+    ready to connect to, and ``bind`` makes it before ``listen`` accepts anyone (a connection
+    in between is refused). So it is bound under another name and renamed (atomic) after.
+    """
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(path)
-    listener.listen(64)
+    unready = path + ".new"  # path is < 100 characters (zygote_path): this fits sun_path
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(unready)  # left by a zygote killed between its bind and its rename
+    try:
+        listener.bind(unready)
+        listener.listen(64)
+        os.rename(unready, path)
+    except BaseException:
+        listener.close()
+        with contextlib.suppress(OSError):
+            os.unlink(unready)
+        raise
     return listener
 
 
@@ -74,16 +89,16 @@ class ZygoteServer:
     and environment) and, later, that runner's exit status. A driver that goes away takes its
     runner with it."""
 
-    def __init__(self, session: pytest.Session, listener: socket.socket) -> None:
+    def __init__(self, session: pytest.Session, listener: socket.socket, path: str) -> None:
         self.session = session
         self.listener = listener
+        self.path = path  # where it listens (its bound name was another: see listen)
         self.clients: dict[socket.socket, int] = {}  # connection -> its runner's pid (0: none yet)
         self.served = False
 
     def serve(self) -> tuple[int, int] | None:
         """Serve until the zygote is no longer needed (None, in the zygote), or return the
         (event fd, command fd) of the driver in each forked runner, to run its commands."""
-        path = self.listener.getsockname()
         last_active = time.monotonic()
         while self.clients or time.monotonic() - last_active < (
             ZYGOTE_IDLE if self.served else ZYGOTE_FIRST_WAIT
@@ -104,7 +119,7 @@ class ZygoteServer:
                 last_active = time.monotonic()
         self.listener.close()
         with contextlib.suppress(OSError):
-            os.unlink(path)
+            os.unlink(self.path)
         home = os.environ.get(ENV_ZYGOTE_HOME)
         if home:  # (pytest's own end may still write its cache there: swept with the dead ones)
             shutil.rmtree(home, ignore_errors=True)

@@ -7,13 +7,42 @@ import time
 
 import pytest
 
+from pytest_celery_dispatch.zygote import ZYGOTE_FIRST_WAIT
+
+
+def log_records(worker) -> list[dict]:
+    records = []
+    for line in worker.log_path.read_text(errors="replace").splitlines():
+        if line.startswith("{") and line.endswith("}"):  # not a line being written
+            records.append(json.loads(line))
+    return records
+
 
 def session_summaries(worker) -> list[dict]:
-    lines = []
-    for line in worker.log_path.read_text(errors="replace").splitlines():
-        if line.startswith("{") and '"session finished"' in line:
-            lines.append(json.loads(line)["summary"])
-    return lines
+    return [r["summary"] for r in log_records(worker) if r["message"] == "session finished"]
+
+
+def spares_ready(worker) -> bool:
+    """Whether the latest spare runner of each pool process has said it is ready (pytest
+    imported, waiting for an order): the worker logs each spare it starts and its readiness."""
+    latest: dict[int, int] = {}  # pool process -> its latest spare
+    ready: set[int] = set()
+    for record in log_records(worker):
+        if record["message"] == "spare runner started":
+            latest[record["pid"]] = record["spare_pid"]
+        elif record["message"] == "spare runner ready":
+            ready.add(record["spare_pid"])
+    return bool(latest) and set(latest.values()) <= ready
+
+
+def wait_for(condition, what: str) -> None:
+    # A guard against a hang only: each condition is an event the worker logs when it happens.
+    # The bound is the plugin's own patience with a process that starts pytest (a zygote waits
+    # this long for its first slot).
+    deadline = time.monotonic() + ZYGOTE_FIRST_WAIT
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
 
 
 def log_session_fixture(pytester, log) -> None:
@@ -59,11 +88,15 @@ def test_a_new_run_sees_the_current_code_and_session_fixtures_end_with_the_run(
         # This run's session fixture was set up and torn down before the run ended.
         assert lines[-4::2] == ["setup", "teardown"], lines
         assert lines.count("setup") == lines.count("teardown") == run_no
-        time.sleep(0.5)  # the worker's log line for the session comes right after its results
+        # The worker logs the session right after its results; the spare runner it started as
+        # the session ended (SPARE_DELAY) gets ready later. The next run starts once it is.
+        wait_for(lambda n=run_no: len(session_summaries(worker)) == n, "the session's log line")
+        wait_for(lambda: spares_ready(worker), "every pool process's spare runner ready")
     summaries = session_summaries(worker)
     assert len(summaries) == 3
     # The first run may start cold (the spare could still be starting); the next ones use the
-    # spare runner started when the previous session ended.
+    # spare runner started when the previous session ended (or, if their session landed on the
+    # other pool process, that one's spare).
     assert [s["warm_start"] for s in summaries[1:]] == [True, True], summaries
 
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from pytest_celery_dispatch.names import ENV_PYCACHE, ENV_SPARE
 from pytest_celery_dispatch.runnerspec import RunnerSpec, runner_env, runner_pycache
 from pytest_celery_dispatch.spares import Spare, SparePool
-from pytest_celery_dispatch.zygote import sweep_zygotes
+from pytest_celery_dispatch.zygote import listen, sweep_zygotes
 
 
 def spec_for(workspace, env) -> RunnerSpec:
@@ -42,6 +43,8 @@ def test_a_spare_that_started_differently_is_not_used(tmp_path):
     spare = Spare(str(tmp_path), dict(os.environ, PYTHONPATH="/somewhere"))
     try:
         assert not spare.fits(spec_for(tmp_path, dict(os.environ, PYTHONPATH="/elsewhere")))
+        reason = spare.unfit_reason(spec_for(tmp_path, dict(os.environ, PYTHONPATH="/elsewhere")))
+        assert reason == "its start-up environment differs (PYTHONPATH)"
         assert not spare.fits(
             spec_for(tmp_path / "other", dict(os.environ, PYTHONPATH="/somewhere"))
         )
@@ -49,6 +52,41 @@ def test_a_spare_that_started_differently_is_not_used(tmp_path):
     finally:
         spare.discard()
     assert spare.proc.poll() is not None
+
+
+def ready_lines(caplog, spare) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "pytest_celery_dispatch.spares"
+        and getattr(r, "spare_pid", 0) == spare.proc.pid
+    ]
+
+
+def test_a_spare_says_when_it_is_ready_for_an_order(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pytest_celery_dispatch.spares")
+    spare = Spare(str(tmp_path), dict(os.environ))
+    try:
+        spare.watcher.join(60)  # it ends once the spare has said it (or has gone)
+        assert spare.proc.poll() is None  # it waits for its order
+        assert ready_lines(caplog, spare) == ["spare runner started", "spare runner ready"]
+    finally:
+        spare.discard()
+
+
+def test_a_spare_given_its_order_before_it_is_ready_never_says_it_is(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pytest_celery_dispatch.spares")
+    (tmp_path / "test_one.py").write_text("def test_one():\n    pass\n")
+    spare = Spare(str(tmp_path), dict(os.environ), delay=60.0)
+    try:
+        log = tmp_path / "runner.log"
+        assert spare.activate(["-p", "no:cacheprovider", "test_one.py"], dict(os.environ), str(log))
+        assert spare.proc.wait(60) == 0, log.read_text()
+        spare.watcher.join(60)
+        assert not spare.watcher.is_alive()  # the runner it became did not keep the pipe
+        assert ready_lines(caplog, spare) == ["spare runner started"]
+    finally:
+        spare.discard()
 
 
 def test_a_spare_exits_when_its_worker_process_goes_away(tmp_path):
@@ -175,5 +213,32 @@ def test_the_folders_of_killed_zygotes_are_swept_and_live_ones_kept(tmp_path):
         assert not dead.exists()
         assert (live / "sock").exists()
         assert other.exists()
+    finally:
+        listener.close()
+
+
+def test_a_zygote_s_socket_appears_only_once_it_listens(tmp_path, monkeypatch):
+    """A driver that starts a zygote connects as soon as its socket file exists: ``bind`` makes
+    the file before ``listen``, and a connection in between is refused (the slot then started
+    a cold runner of its own)."""
+    import socket
+
+    path = str(tmp_path / "sock")
+    (tmp_path / "sock.new").write_text("")  # left by a zygote killed before it listened
+    seen_before_listen: list[bool] = []
+    real_listen = socket.socket.listen
+
+    def observed_listen(self, *args):
+        seen_before_listen.append(os.path.exists(path))
+        return real_listen(self, *args)
+
+    monkeypatch.setattr(socket.socket, "listen", observed_listen)
+    listener = listen(path)
+    try:
+        assert seen_before_listen == [False]
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client.connect(path)  # ready as soon as it is there
+        client.close()
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["sock"]
     finally:
         listener.close()
