@@ -38,6 +38,7 @@ from .artifactpaths import Limits
 from .artifactship import ArtifactShipper
 from .benchnotice import record_last_run, start_bench_notices
 from .celeryconf import SILENT_LIMIT, backend_from_env, broker_from_env, celery_config
+from .cutoffguard import CutOffGuard
 from .demo_tasks import register_demo_tasks
 from .driver import KILL, RUN, STOP, SlotDriver
 from .launcher import RunnerLauncher
@@ -242,15 +243,28 @@ class _Reply:
         """True once the broker has said nothing for ``SILENT_LIMIT`` s (said once, in the
         log); the connection is then dropped without a word."""
         if not self.cut_off and self.clock() - self.last_heard > SILENT_LIMIT:
-            self.cut_off = True
-            log.warning(
-                "no word from the broker for %.0f s: stopping this slot (it cannot be heard)",
-                self.clock() - self.last_heard,
-                extra={"task_id": self.base["task_id"], "session_id": self.base["session_id"]},
-            )
+            self.give_up()
             with contextlib.suppress(Exception):
                 self._conn.collect()
         return self.cut_off
+
+    def silence(self) -> float | None:
+        """Seconds since the broker last answered; None once this line knows it is cut off
+        (every later call returns at once). Read by the :class:`.CutOffGuard` thread."""
+        return None if self.cut_off else self.clock() - self.last_heard
+
+    def give_up(self) -> None:
+        """Cut off for good: ``control()`` answers ``KILL`` from now on, ``fetch()`` nothing,
+        ``emit()`` drops. No broker call: the guard thread calls it while the slot's own thread
+        may be waiting inside one."""
+        if self.cut_off:
+            return
+        self.cut_off = True
+        log.warning(
+            "no word from the broker for %.0f s: stopping this slot (it cannot be heard)",
+            self.clock() - self.last_heard,
+            extra={"task_id": self.base["task_id"], "session_id": self.base["session_id"]},
+        )
 
     def emit(self, event: Event | dict[str, Any]) -> None:
         if self.cut_off:
@@ -289,14 +303,19 @@ class _Reply:
         """The next chunk of work from the run's work queue, or None when there is none.
 
         Taken without a late ack: the controller owns completeness and re-sends lost work.
-        A broker restart is waited out (about 30 s); a deleted work queue means the run is over.
+        A broker restart is waited out, as long as the broker has answered within
+        ``SILENT_LIMIT``: one connection attempt per round, so no round waits more than one
+        connect timeout or socket timeout past it. A deleted work queue means the run is over.
         """
         for attempt in range(30):
-            if self.cut_off:
+            if self._silent():
                 return None
             try:
                 if self._work_channel is None:
-                    self._conn.ensure_connection(max_retries=3)
+                    # One connection attempt per round (bounded by the connect timeout), the
+                    # silence checked between rounds: kombu's own retries (max_retries=3) add
+                    # up to ~30 s against a silent network, all of it past SILENT_LIMIT.
+                    self._conn.ensure_connection(max_retries=0)
                     self._work_channel = self._conn.channel()
                 message = self._work_channel.basic_get(queue=self.work_queue, no_ack=True)
                 self.last_heard = self.clock()
@@ -478,8 +497,10 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
 
         launcher = RunnerLauncher(spec, local.spares, local.zygotes)
         driver = SlotDriver(spec, emit_logged, reply.fetch, launcher, control=reply.control)
+        guard = CutOffGuard(reply.silence, lambda: driver.runner, reply.give_up)
         try:
-            summary = driver.run()
+            with guard.watching():
+                summary = driver.run()
         finally:
             shutil.rmtree(artifacts, ignore_errors=True)
             local.spares.prepare(ws, env, SPARE_DELAY)  # the next run's first runner
