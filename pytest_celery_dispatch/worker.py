@@ -213,6 +213,8 @@ class _Reply:
     wait is bounded by the connection's read timeout), the slot can no longer be heard: the
     controller has counted it lost and sent its work elsewhere. ``control()`` then answers
     ``KILL`` (its runner stops), ``fetch()`` nothing, and ``emit()`` drops what it is given.
+    Should a call hold the slot's thread past that anyway, the :class:`.CutOffGuard` thread
+    declares it (:meth:`give_up`) and stops the runner itself.
     """
 
     def __init__(self, task: Task, payload: dict[str, Any]) -> None:
