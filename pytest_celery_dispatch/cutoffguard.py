@@ -18,7 +18,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from .celeryconf import BROKER_IO_TIMEOUT, SILENT_LIMIT
 from .liveness import TEARDOWN_GRACE
@@ -35,6 +35,23 @@ class Stoppable(Protocol):
     def interrupt(self) -> None: ...
 
     def kill(self) -> None: ...
+
+
+class Slot(Protocol):
+    """What the guard needs of a :class:`.SlotDriver`."""
+
+    @property
+    def runner(self) -> Stoppable | None: ...
+
+    def run(self) -> dict[str, Any]: ...
+
+
+def run_guarded(
+    driver: Slot, silence: Callable[[], float | None], give_up: Callable[[], None]
+) -> dict[str, Any]:
+    """``driver.run()`` with a :class:`CutOffGuard` beside it, on the slot's broker line."""
+    with CutOffGuard(silence, lambda: driver.runner, give_up).watching():
+        return driver.run()
 
 
 class CutOffGuard:

@@ -38,7 +38,7 @@ from .artifactpaths import Limits
 from .artifactship import ArtifactShipper
 from .benchnotice import record_last_run, start_bench_notices
 from .celeryconf import SILENT_LIMIT, backend_from_env, broker_from_env, celery_config
-from .cutoffguard import CutOffGuard
+from .cutoffguard import run_guarded
 from .demo_tasks import register_demo_tasks
 from .driver import KILL, RUN, STOP, SlotDriver
 from .launcher import RunnerLauncher
@@ -213,8 +213,7 @@ class _Reply:
     wait is bounded by the connection's read timeout), the slot can no longer be heard: the
     controller has counted it lost and sent its work elsewhere. ``control()`` then answers
     ``KILL`` (its runner stops), ``fetch()`` nothing, and ``emit()`` drops what it is given.
-    Should a call hold the slot's thread past that anyway, the :class:`.CutOffGuard` thread
-    declares it (:meth:`give_up`) and stops the runner itself.
+    A call that holds the slot's thread past that meets the :class:`.CutOffGuard` instead.
     """
 
     def __init__(self, task: Task, payload: dict[str, Any]) -> None:
@@ -251,22 +250,18 @@ class _Reply:
         return self.cut_off
 
     def silence(self) -> float | None:
-        """Seconds since the broker last answered; None once this line knows it is cut off
-        (every later call returns at once). Read by the :class:`.CutOffGuard` thread."""
+        """Seconds since the broker last answered; None once cut off (calls return at once)."""
         return None if self.cut_off else self.clock() - self.last_heard
 
     def give_up(self) -> None:
-        """Cut off for good: ``control()`` answers ``KILL`` from now on, ``fetch()`` nothing,
-        ``emit()`` drops. No broker call: the guard thread calls it while the slot's own thread
-        may be waiting inside one."""
-        if self.cut_off:
-            return
-        self.cut_off = True
-        log.warning(
-            "no word from the broker for %.0f s: stopping this slot (it cannot be heard)",
-            self.clock() - self.last_heard,
-            extra={"task_id": self.base["task_id"], "session_id": self.base["session_id"]},
-        )
+        """Cut off for good (no broker call: the guard's thread calls it too)."""
+        if not self.cut_off:
+            self.cut_off = True
+            log.warning(
+                "no word from the broker for %.0f s: stopping this slot (it cannot be heard)",
+                self.clock() - self.last_heard,
+                extra={"task_id": self.base["task_id"], "session_id": self.base["session_id"]},
+            )
 
     def emit(self, event: Event | dict[str, Any]) -> None:
         if self.cut_off:
@@ -305,18 +300,16 @@ class _Reply:
         """The next chunk of work from the run's work queue, or None when there is none.
 
         Taken without a late ack: the controller owns completeness and re-sends lost work.
-        A broker restart is waited out, as long as the broker has answered within
-        ``SILENT_LIMIT``: one connection attempt per round, so no round waits more than one
-        connect timeout or socket timeout past it. A deleted work queue means the run is over.
+        A broker restart is waited out while heard within ``SILENT_LIMIT`` (one connection
+        attempt per round: none waits long past it); a deleted work queue means the run is over.
         """
         for attempt in range(30):
             if self._silent():
                 return None
             try:
                 if self._work_channel is None:
-                    # One connection attempt per round (bounded by the connect timeout), the
-                    # silence checked between rounds: kombu's own retries (max_retries=3) add
-                    # up to ~30 s against a silent network, all of it past SILENT_LIMIT.
+                    # One attempt (one connect timeout): kombu's retries add up to ~30 s
+                    # against a silent network, far past SILENT_LIMIT.
                     self._conn.ensure_connection(max_retries=0)
                     self._work_channel = self._conn.channel()
                 message = self._work_channel.basic_get(queue=self.work_queue, no_ack=True)
@@ -499,10 +492,8 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
 
         launcher = RunnerLauncher(spec, local.spares, local.zygotes)
         driver = SlotDriver(spec, emit_logged, reply.fetch, launcher, control=reply.control)
-        guard = CutOffGuard(reply.silence, lambda: driver.runner, reply.give_up)
         try:
-            with guard.watching():
-                summary = driver.run()
+            summary = run_guarded(driver, reply.silence, reply.give_up)
         finally:
             shutil.rmtree(artifacts, ignore_errors=True)
             local.spares.prepare(ws, env, SPARE_DELAY)  # the next run's first runner

@@ -648,10 +648,17 @@ def test_the_guard_leaves_a_slot_that_knows_it_is_cut_off_or_a_closed_runner_alo
 def test_the_guard_looks_on_its_own_thread_while_the_slot_runs():
     import threading
 
-    from pytest_celery_dispatch.cutoffguard import CutOffGuard
+    from pytest_celery_dispatch.cutoffguard import run_guarded
 
     interrupted = threading.Event()
-    runner = types.SimpleNamespace(interrupt=interrupted.set, kill=lambda: None)
-    guard = CutOffGuard(lambda: 1e9, lambda: runner, lambda: None, interval=0.01)
-    with guard.watching():
-        assert interrupted.wait(30)  # the slot's own thread is busy here
+
+    class StuckSlot:
+        runner = types.SimpleNamespace(interrupt=interrupted.set, kill=lambda: None)
+
+        def run(self) -> dict[str, Any]:
+            assert interrupted.wait(30)  # its thread is held in a broker call meanwhile
+            return {"state": KILL}
+
+    given_up: list[bool] = []
+    assert run_guarded(StuckSlot(), lambda: 1e9, lambda: given_up.append(True)) == {"state": KILL}
+    assert given_up == [True]
