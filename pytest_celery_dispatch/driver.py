@@ -282,6 +282,12 @@ class SlotDriver:
             chunk = self.fetch()
             if chunk is None:
                 self.out_of_work = True
+                # The shutdown below starts the test the runner holds back: not before the
+                # controller's word says the run goes on (no work also comes to a slot cut off
+                # from its broker, or of a run that is over, and such a slot starts nothing).
+                self._ask_controller(runner, self.clock())
+                if self.state != RUN:
+                    return False
             else:
                 self.chunks += 1
                 runnable = self._take(chunk, runner)
@@ -400,24 +406,7 @@ class SlotDriver:
             )
             runner.kill()
         if now - self.last_check >= self.check_interval:
-            self.last_check = now
-            wanted = self.control()
-            if wanted == KILL and self.state != KILL and not self.run_over:
-                if runner.shutdown_sent and runner.current is None:
-                    # The run is over and so is this slot's work (the controller ends the run
-                    # once the last results are in, while the runner winds down): nothing to
-                    # interrupt, the slot ends normally unless work is left undone.
-                    if not self._work_done():
-                        self.state = KILL
-                    self.run_over = True
-                    runner.kill()
-                else:
-                    self.state = KILL
-                    self.interrupted_at = now
-                    runner.interrupt()
-            elif wanted in (STOP, QUARANTINE) and self.state == RUN:
-                self.state = wanted  # finish the running test, start no other
-                runner.request_stop()
+            self._ask_controller(runner, now)
         if self.interrupted_at is not None and now - self.interrupted_at >= self.teardown_grace:
             self.interrupted_at = None
             runner.kill()  # its teardown took too long
@@ -441,6 +430,28 @@ class SlotDriver:
             return False
         self.state = QUARANTINE
         return True
+
+    def _ask_controller(self, runner: Runner, now: float) -> None:
+        """Act on ``control()``: drop the run now (``KILL``) or after the running test
+        (``STOP``, or ``QUARANTINE``: the worker stepped aside)."""
+        self.last_check = now
+        wanted = self.control()
+        if wanted == KILL and self.state != KILL and not self.run_over:
+            if runner.shutdown_sent and runner.current is None:
+                # The run is over and so is this slot's work (the controller ends the run
+                # once the last results are in, while the runner winds down): nothing to
+                # interrupt, the slot ends normally unless work is left undone.
+                if not self._work_done():
+                    self.state = KILL
+                self.run_over = True
+                runner.kill()
+            else:
+                self.state = KILL
+                self.interrupted_at = now
+                runner.interrupt()
+        elif wanted in (STOP, QUARANTINE) and self.state == RUN:
+            self.state = wanted  # finish the running test, start no other
+            runner.request_stop()
 
     def _work_done(self) -> bool:
         """The work queue ran dry and every test taken from it is answered."""

@@ -40,6 +40,7 @@ from .artifactpaths import Limits
 from .artifactship import ArtifactShipper
 from .benchnotice import record_last_run, start_bench_notices
 from .celeryconf import SILENT_LIMIT, backend_from_env, broker_from_env, celery_config
+from .cutoffguard import run_guarded
 from .demo_tasks import register_demo_tasks
 from .driver import KILL, QUARANTINE, RUN, STOP, SlotDriver
 from .health import session_health, worker_config
@@ -217,6 +218,7 @@ class _Reply:
     wait is bounded by the connection's read timeout), the slot can no longer be heard: the
     controller has counted it lost and sent its work elsewhere. ``control()`` then answers
     ``KILL`` (its runner stops), ``fetch()`` nothing, and ``emit()`` drops what it is given.
+    A call that holds the slot's thread past that meets the :class:`.CutOffGuard` instead.
     """
 
     def __init__(self, task: Task, payload: dict[str, Any]) -> None:
@@ -247,15 +249,24 @@ class _Reply:
         """True once the broker has said nothing for ``SILENT_LIMIT`` s (said once, in the
         log); the connection is then dropped without a word."""
         if not self.cut_off and self.clock() - self.last_heard > SILENT_LIMIT:
+            self.give_up()
+            with contextlib.suppress(Exception):
+                self._conn.collect()
+        return self.cut_off
+
+    def silence(self) -> float | None:
+        """Seconds since the broker last answered; None once cut off (calls return at once)."""
+        return None if self.cut_off else self.clock() - self.last_heard
+
+    def give_up(self) -> None:
+        """Cut off for good (no broker call: the guard's thread calls it too)."""
+        if not self.cut_off:
             self.cut_off = True
             log.warning(
                 "no word from the broker for %.0f s: stopping this slot (it cannot be heard)",
                 self.clock() - self.last_heard,
                 extra={"task_id": self.base["task_id"], "session_id": self.base["session_id"]},
             )
-            with contextlib.suppress(Exception):
-                self._conn.collect()
-        return self.cut_off
 
     def emit(self, event: Event | dict[str, Any]) -> None:
         if self.cut_off:
@@ -294,14 +305,17 @@ class _Reply:
         """The next chunk of work from the run's work queue, or None when there is none.
 
         Taken without a late ack: the controller owns completeness and re-sends lost work.
-        A broker restart is waited out (about 30 s); a deleted work queue means the run is over.
+        A broker restart is waited out while heard within ``SILENT_LIMIT`` (one connection
+        attempt per round: none waits long past it); a deleted work queue means the run is over.
         """
         for attempt in range(30):
-            if self.cut_off:
+            if self._silent():
                 return None
             try:
                 if self._work_channel is None:
-                    self._conn.ensure_connection(max_retries=3)
+                    # One attempt (one connect timeout): kombu's retries add up to ~30 s
+                    # against a silent network, far past SILENT_LIMIT.
+                    self._conn.ensure_connection(max_retries=0)
                     self._work_channel = self._conn.channel()
                 message = self._work_channel.basic_get(queue=self.work_queue, no_ack=True)
                 self.last_heard = self.clock()
@@ -480,7 +494,7 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             driver.on_failure = lambda kind, why: health.after_failure(kind, why) is not None
             driver.control = health.control(reply.control)
         try:
-            summary = driver.run()
+            summary = run_guarded(driver, reply.silence, reply.give_up)
         finally:
             shutil.rmtree(artifacts, ignore_errors=True)
             local.spares.prepare(ws, env, SPARE_DELAY)  # the next run's first runner

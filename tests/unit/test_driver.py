@@ -27,8 +27,9 @@ class FakeRunner(RunnerState):
     """Runs what it is sent at once: logstart, a passing call report, logfinish per test.
 
     ``crash_on``: the process dies in that test (after its logstart); ``hang_on``: that test
-    never ends unless the runner is asked to stop; ``collects=False``: it dies at start-up.
-    Waiting for it moves the fake clock on.
+    never ends unless the runner is asked to stop; ``collects=False``: it dies at start-up;
+    ``holds_back``: like the real runner, it keeps the last test it was sent (for ``nextitem``)
+    until the next command. Waiting for it moves the fake clock on.
     """
 
     streams_output = False
@@ -44,6 +45,7 @@ class FakeRunner(RunnerState):
         collects: bool = True,
         ignores_interrupt: bool = False,
         winds_down: bool = False,
+        holds_back: bool = False,
     ) -> None:
         super().__init__(eligible)
         self.clock = clock
@@ -57,6 +59,9 @@ class FakeRunner(RunnerState):
         self.ignores_interrupt = ignores_interrupt
         self.winds_down = winds_down  # after its shutdown, it stays until killed
         self.hanging: str | None = None
+        self.holds_back = holds_back
+        self.held: list[str] = []
+        self.began: list[str] = []  # every test it started
         if collects:
             self.outbox.append(
                 {"type": "collected", "missing": list(missing), "reason": "not found: x"}
@@ -65,6 +70,7 @@ class FakeRunner(RunnerState):
     def _run(self, nodeid: str) -> None:
         if self.exited or self.hanging:
             return
+        self.began.append(nodeid)
         self.outbox.append({"type": "logstart", "nodeid": nodeid, "location": [nodeid, 1, "t"]})
         if nodeid in self.crash_on:
             self.exited, self.code = True, -11
@@ -79,12 +85,15 @@ class FakeRunner(RunnerState):
 
     def send(self, command: dict[str, Any]) -> None:
         self.sent.append(command)
-        for nodeid in command.get("nodeids", []):
-            self._run(nodeid)
+        self.held.extend(command.get("nodeids", []))
+        while len(self.held) > (1 if self.holds_back else 0):
+            self._run(self.held.pop(0))
 
     def shutdown(self) -> None:
         self.shutdown_sent = True
         self.sent.append({"type": "shutdown"})
+        while self.held:
+            self._run(self.held.pop(0))
         if not self.hanging and not self.winds_down:
             self.exited = True
 
@@ -245,6 +254,38 @@ def test_a_dropped_run_interrupts_the_running_test_as_ctrl_c_would_and_ends_the_
     assert slot.of("crashed") == []  # the run is over: nobody to tell
     assert slot.clock.now < 1005 + 1  # at the next check, not at the per-test deadline
     assert "t.py::b" not in slot.results()  # nothing more of the run starts
+
+
+def test_a_slot_that_gets_no_more_work_starts_its_held_test_only_on_the_controller_s_word():
+    # The runner holds the last test of its chunk back (nextitem) until told what comes next;
+    # "shutdown" starts it. No more work also comes to a slot cut off from its broker, whose
+    # control() then says KILL: the held test must not start (its twin runs it).
+    ids = ["t.py::a", "t.py::b"]
+    cut = [False]
+
+    def fetch() -> dict[str, Any] | None:
+        if slot.fetched:
+            cut[0] = True  # the broker went silent while the slot asked for more
+            return None
+        slot.fetched += 1
+        return slot.chunks[0]
+
+    slot = Slot(ids, [ids], holds_back=True)
+    slot.driver.fetch = fetch
+    slot.driver.control = lambda: KILL if cut[0] else RUN
+    summary = slot.run()
+    (runner,) = slot.runners
+    assert runner.began == ["t.py::a"]
+    assert {"type": "shutdown"} not in runner.sent
+    assert runner.interrupted
+    assert summary["state"] == KILL
+
+    slot = Slot(ids, [ids], holds_back=True)  # the same slot heard: the held test runs
+    summary = slot.run()
+    (runner,) = slot.runners
+    assert runner.began == ids
+    assert summary["state"] == RUN
+    assert sorted(slot.results()) == ids
 
 
 def test_a_runner_whose_teardown_outlasts_the_grace_is_killed():
@@ -488,3 +529,136 @@ def test_a_test_file_that_differs_from_the_controller_s_is_refused_by_name(tmp_p
     assert list(found) == ["test_other.py"]
     assert "has a different test_other.py" in found["test_other.py"]
     assert f"update the worker's checkout at {tmp_path}" in found["test_other.py"]
+
+
+def test_a_slot_asking_for_work_from_a_silent_broker_gives_up_one_attempt_past_the_limit(
+    monkeypatch,
+):
+    # Each broker call against a silent network waits its whole bound (a read: the socket's
+    # timeout; a connection: the connect timeout). The slot checks the silence before every
+    # attempt and makes one connection attempt at a time (kombu's own retries would add up to
+    # ~30 s more): fetch() ends within SILENT_LIMIT plus one attempt's waits.
+    from pytest_celery_dispatch import worker
+    from pytest_celery_dispatch.celeryconf import BROKER_IO_TIMEOUT, SILENT_LIMIT, celery_config
+
+    connect_timeout = celery_config("amqp://h//", "rpc://")["broker_connection_timeout"]
+    clock = FakeClock()
+    attempts: list[Any] = []
+
+    class SilentConnection:
+        def ensure_connection(self, max_retries: Any = None) -> None:
+            attempts.append(max_retries)
+            clock.now += connect_timeout
+            raise TimeoutError("timed out")
+
+        def collect(self) -> None:
+            pass
+
+    class SilentChannel:
+        def basic_get(self, queue: str, no_ack: bool) -> None:
+            clock.now += BROKER_IO_TIMEOUT
+            raise TimeoutError()
+
+    reply = object.__new__(worker._Reply)
+    reply.task = types.SimpleNamespace(
+        app=types.SimpleNamespace(connection_for_write=SilentConnection)
+    )
+    reply.work_queue = "celery-dispatch.work.R.q"
+    reply.base = {"run_id": "R", "task_id": "T", "session_id": "S"}
+    reply.clock, reply.last_heard, reply.cut_off = clock, clock(), False
+    reply._conn, reply._work_channel = SilentConnection(), SilentChannel()
+    monkeypatch.setattr(worker.time, "sleep", lambda s: setattr(clock, "now", clock.now + s))
+    began = clock()
+    assert reply.fetch() is None
+    assert reply.cut_off
+    assert attempts
+    assert set(attempts) == {0}  # no connection attempt retried inside kombu
+    assert clock() - began <= SILENT_LIMIT + 2.0 + connect_timeout  # + one pause, one attempt
+    assert reply.silence() is None
+
+
+class GuardedRunner:
+    def __init__(self) -> None:
+        self.interrupted = self.killed = False
+
+    def interrupt(self) -> None:
+        self.interrupted = True
+
+    def kill(self) -> None:
+        self.killed = True
+
+
+def test_the_guard_stops_the_runner_of_a_slot_stuck_in_a_broker_call():
+    # The driver's thread is held inside a broker call (it cannot look at the silence): the
+    # guard, on its own thread, marks the slot cut off, interrupts the runner past GUARD_LIMIT
+    # and kills it after the teardown grace.
+    from pytest_celery_dispatch.cutoffguard import GUARD_LIMIT, CutOffGuard
+    from pytest_celery_dispatch.liveness import TEARDOWN_GRACE
+
+    clock = FakeClock()
+    heard = clock()
+    given_up: list[bool] = []
+    runner = GuardedRunner()
+    guard = CutOffGuard(
+        lambda: None if given_up else clock() - heard,
+        lambda: runner,
+        lambda: given_up.append(True),
+        clock=clock,
+    )
+    clock.now += GUARD_LIMIT
+    guard.check()
+    assert not runner.interrupted
+    assert not given_up
+    clock.now += 0.5
+    guard.check()
+    assert runner.interrupted
+    assert given_up == [True]
+    assert not runner.killed
+    clock.now += TEARDOWN_GRACE - 0.1
+    guard.check()
+    assert not runner.killed  # its fixtures are tearing down
+    clock.now += 0.1
+    guard.check()
+    assert runner.killed
+
+
+def test_the_guard_leaves_a_slot_that_knows_it_is_cut_off_or_a_closed_runner_alone():
+    from pytest_celery_dispatch.cutoffguard import GUARD_LIMIT, CutOffGuard
+    from pytest_celery_dispatch.liveness import TEARDOWN_GRACE
+
+    clock = FakeClock()
+    runner: GuardedRunner | None = GuardedRunner()
+    guard = CutOffGuard(lambda: None, lambda: runner, lambda: None, clock=clock)
+    clock.now += 10 * GUARD_LIMIT
+    guard.check()  # the slot's driver saw the silence itself and stops its runner
+    assert runner is not None
+    assert not runner.interrupted
+
+    stopped = GuardedRunner()
+    runner = stopped
+    guard = CutOffGuard(lambda: clock() - 1000.0, lambda: runner, lambda: None, clock=clock)
+    guard.check()
+    assert stopped.interrupted
+    runner = None  # it ended, the driver closed it: its pid may be someone else's now
+    clock.now += TEARDOWN_GRACE
+    guard.check()
+    assert not stopped.killed
+
+
+def test_the_guard_looks_on_its_own_thread_while_the_slot_runs():
+    import threading
+
+    from pytest_celery_dispatch.cutoffguard import run_guarded
+
+    interrupted = threading.Event()
+
+    class StuckSlot:
+        runner = types.SimpleNamespace(interrupt=interrupted.set, kill=lambda: None)
+
+        def run(self) -> dict[str, Any]:
+            assert interrupted.wait(30)  # its thread is held in a broker call meanwhile
+            return {"state": KILL}
+
+    given_up: list[bool] = []
+    assert run_guarded(StuckSlot(), lambda: 1e9, lambda: given_up.append(True)) == {"state": KILL}
+    assert given_up == [True]
