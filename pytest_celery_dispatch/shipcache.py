@@ -116,7 +116,10 @@ class ShipCache:
             try:
                 self._fill(build, manifest)
                 self._stamp(build, manifest, path + ".stamp")
+                # Moving a folder to another parent needs write access to it (its ``..``) for
+                # anyone but root: the tree's top is made read-only once in place.
                 os.rename(build, path)
+                os.chmod(path, 0o555)
             except BaseException:
                 remove_tree(build)
                 raise
@@ -143,7 +146,7 @@ class ShipCache:
             except OSError:  # another file system, or no hard links
                 shutil.copyfile(blob, target)
                 os.chmod(target, 0o444)
-        for folder in sorted(folders, key=len, reverse=True):
+        for folder in sorted(folders - {build}, key=len, reverse=True):
             os.chmod(folder, 0o555)  # read-only: a run cannot change the next one's files
 
     def _stamp(self, tree: str, manifest: Manifest, stamp: str) -> None:

@@ -1,8 +1,9 @@
 """Run docker-compose.yml's worker services, and the worker image's commands, as local processes.
 
 The command and environment are the compose file's own. Only what points into a container is
-rewritten: ``host.docker.internal`` becomes 127.0.0.1 (or the host of ``BROKER_URL``) and the
-``/workspace`` mount becomes this checkout. ``${VAR:-default}`` is interpolated as compose does.
+rewritten: ``host.docker.internal`` becomes 127.0.0.1 (or the host of ``BROKER_URL``), the
+``/workspace`` mount becomes this checkout and a named volume (the cache) a local folder.
+``${VAR:-default}`` is interpolated as compose does.
 Used by ``make demo`` and by the tests, so a wrong compose command fails there.
 
 :class:`WorkerImage` reads workers/Dockerfile (ENV, COPY, ENTRYPOINT, CMD, HEALTHCHECK) so the
@@ -24,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -33,6 +35,8 @@ from kombu import Connection
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+#: The override that mounts this checkout as the workers' workspace (run in place, zero-copy).
+CHECKOUT_FILE = ROOT / "workers" / "compose.checkout.yml"
 DOCKERFILE = ROOT / "workers" / "Dockerfile"
 CONTAINER_WORKSPACE = "/workspace"
 _VAR = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\}")
@@ -46,15 +50,53 @@ def interpolate(text: str, environ: Mapping[str, str]) -> str:
     return _VAR.sub(sub, text).replace("$$", "$")
 
 
-def load(path: Path = COMPOSE_FILE) -> dict:
-    return yaml.safe_load(path.read_text())
+def load(path: Path = COMPOSE_FILE, *overrides: Path) -> dict:
+    """The compose file, with ``overrides`` merged as ``docker compose -f a -f b`` merges them:
+    a service's ``volumes`` by their target, its other keys replaced."""
+    compose = yaml.safe_load(path.read_text())
+    for override in overrides:
+        for name, spec in (yaml.safe_load(override.read_text()).get("services") or {}).items():
+            service = compose["services"].setdefault(name, {})
+            for key, value in spec.items():
+                if key == "volumes":
+                    by_target = {volume_parts(v)[1]: v for v in service.get("volumes") or []}
+                    by_target.update({volume_parts(v)[1]: v for v in value})
+                    service["volumes"] = list(by_target.values())
+                else:
+                    service[key] = value
+    return compose
 
 
-def localize(value: str, workspace: Path) -> str:
-    """A container's value as seen from here: the host is 127.0.0.1, /workspace the checkout."""
+def volume_parts(volume: str | Mapping) -> tuple[str, str, bool]:
+    """(source, target, read_only) of a service's volume, short or long syntax."""
+    if isinstance(volume, str):
+        source, target, *mode = volume.split(":")
+        return source, target, bool(mode) and "ro" in mode[0].split(",")
+    return str(volume["source"]), str(volume["target"]), bool(volume.get("read_only"))
+
+
+def is_named(source: str) -> bool:
+    """Whether a volume's source is a named volume (not a path of the host)."""
+    return not source.startswith((".", "/", "~"))
+
+
+def named_volumes(spec: Mapping) -> dict[str, str]:
+    """A service's named volumes: target in the container -> volume name."""
+    found = {}
+    for volume in spec.get("volumes") or []:
+        source, target, _ = volume_parts(volume)
+        if is_named(source):
+            found[target] = source
+    return found
+
+
+def localize(value: str, workspace: Path, mounts: Mapping[str, Path] | None = None) -> str:
+    """A container's value as seen from here: the host is 127.0.0.1, /workspace the checkout,
+    the target of a volume in ``mounts`` its local folder."""
     text = value.replace("host.docker.internal", "127.0.0.1")
-    if text == CONTAINER_WORKSPACE or text.startswith(CONTAINER_WORKSPACE + "/"):
-        text = str(workspace) + text[len(CONTAINER_WORKSPACE) :]
+    for inside, outside in {CONTAINER_WORKSPACE: workspace, **(mounts or {})}.items():
+        if text == inside or text.startswith(inside + "/"):
+            return str(outside) + text[len(inside) :]
     return text
 
 
@@ -91,8 +133,11 @@ class LocalService:
         # The image's ENTRYPOINT (a local copy: WorkerImage) runs the command, as in a container.
         self.argv = [*entrypoint, *argv]
         env = dict(env_in)
+        # A named volume is a folder of its own here (``<log_dir>/volumes/<name>``).
+        volume_root = (log_dir or Path(tempfile.gettempdir())) / "volumes"
+        self.volumes = {t: volume_root / n for t, n in named_volumes(spec).items()}
         for key, value in (spec.get("environment") or {}).items():
-            env[key] = localize(interpolate(str(value), env_in), workspace)
+            env[key] = localize(interpolate(str(value), env_in), workspace, self.volumes)
         env.setdefault("PYTHONUNBUFFERED", "1")
         self.env = env
         self.workspace = workspace
@@ -121,6 +166,8 @@ class LocalService:
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        for folder in self.volumes.values():
+            folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -369,10 +416,13 @@ class WorkerImage:
 
         Nothing of this process's environment leaks in but HOME and the locale; PATH is
         ``bin_dir`` (the image's scripts), then this interpreter's directory, then the system's.
+        The image's cache folder (``DISPATCH_CACHE_DIR``) is ``cache`` beside ``bin_dir``.
         """
+        cache = self.env.get("DISPATCH_CACHE_DIR")
+        mounts = {cache: bin_dir.parent / "cache"} if cache else {}
         env = {k: v for k, v in os.environ.items() if k in ("HOME", "LANG", "LC_ALL", "TMPDIR")}
         env["HOSTNAME"] = socket.gethostname()  # Docker sets it to the container's host name
-        env.update({k: localize(v, workspace) for k, v in self.env.items()})
+        env.update({k: localize(v, workspace, mounts) for k, v in self.env.items()})
         env.update(overrides or {})
         env["PATH"] = os.pathsep.join(
             [str(bin_dir), str(Path(sys.executable).parent), os.defpath.lstrip(os.pathsep)]

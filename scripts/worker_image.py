@@ -12,8 +12,10 @@ without a Docker engine (and where ``podman run`` cannot start containers):
   args), tagged with its ``image`` name, in Docker's format (which keeps ``HEALTHCHECK``).
 * **the containers**: one working container per compose worker service, run with chroot
   isolation (the host's network, so compose's ``extra_hosts`` ``host-gateway`` is 127.0.0.1),
-  the service's ``hostname``, ``environment`` (interpolated as compose does), ``volumes`` and
-  ``command`` behind the image's own ENTRYPOINT, as the image's USER. Stopping one stops every
+  the service's ``hostname``, ``environment`` (interpolated as compose does), ``volumes`` (a
+  named volume is a new folder under the log folder with the owner, mode and files of the
+  image's folder it is mounted on, as Docker fills a new volume) and ``command`` behind the
+  image's own ENTRYPOINT, as the image's USER. Stopping one stops every
   process it started (SIGTERM, then SIGKILL) and removes the working container.
 
 Not emulated: ``init: true`` (no PID namespace: the worker's processes are the host's),
@@ -371,10 +373,16 @@ class Container:
             # host-gateway is the host; chroot isolation shares its network: 127.0.0.1.
             self.hosts.append(f"{host}:{'127.0.0.1' if address == 'host-gateway' else address}")
         self.volumes = []
+        #: named volume -> its folder here (``<log_dir>/volumes/<name>``), new and empty
+        self.named: dict[str, Path] = {}
+        volume_root = (log_dir or Path(tempfile.gettempdir())) / "volumes"
         for volume in spec.get("volumes") or []:
             source, target, *mode = str(volume).split(":")
             if source.startswith("."):
                 source = str((context / source).resolve())
+            elif compose_workers.is_named(source):
+                self.named[target] = volume_root / source
+                source = str(self.named[target])
             self.volumes.append(":".join([source, target, *mode]))
         self.container = f"{spec.get('container_name') or name}-{uuid.uuid4().hex[:8]}"
         self.log_path = (log_dir or Path(tempfile.gettempdir())) / f"{self.container}.log"
@@ -386,6 +394,27 @@ class Container:
         adds = [a for host in self.hosts for a in ("--add-host", host)]
         buildah("from", "--pull=never", "--name", self.container, *adds, str(self.image["Id"]))
         self.created = True
+        if self.named:
+            self._populate_volumes()
+
+    def _populate_volumes(self) -> None:
+        """A new named volume takes the owner, mode and files of the image's folder it is
+        mounted on (Docker's copy-up), so the image's user can write its cache there."""
+        rootfs = Path(buildah("mount", self.container))
+        try:
+            for target, folder in self.named.items():
+                inside = rootfs / target.lstrip("/")
+                if folder.exists():
+                    continue  # a volume keeps what it holds, as compose's do across `up`s
+                if inside.is_dir():
+                    shutil.copytree(inside, folder, symlinks=True)
+                    shutil.copystat(inside, folder)
+                    info = inside.stat()
+                    os.chown(folder, info.st_uid, info.st_gid)
+                else:
+                    folder.mkdir(parents=True)
+        finally:
+            buildah("umount", self.container, check=False)
 
     def run_argv(self, argv: Sequence[str], user: str | None = None) -> list[str]:
         """``buildah run`` of ``argv`` in this container as compose would set it up."""

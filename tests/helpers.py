@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -199,3 +200,38 @@ def dispatch(
         stderr=subprocess.STDOUT,
         env={**environ, **(env or {})},
     )
+
+
+def dispatch_examples(
+    root: Path, broker: str, report: Path, *args: str
+) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
+    """``pytest example_tests --celery-dispatch`` from ``root`` on ``broker`` (given as compose's
+    ``BROKER_URL``): the finished process and the tests of its JSON report ([] without one)."""
+    env = dict(os.environ, CELERY_BROKER_URL=broker, BROKER_URL=broker)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "example_tests",
+            "--celery-dispatch",
+            "-p",
+            "no:cacheprovider",
+            f"--celery-json-report={report}",
+            *args,
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    tests = json.loads(report.read_text())["tests"] if report.exists() else []
+    return proc, tests
+
+
+def check_examples_passed(tests: list[dict[str, Any]]) -> None:
+    """Every example passed: queue_a's on worker-a, queue_b's on worker-b, the rest here."""
+    workers = {(t["dispatch"]["queue"], t["dispatch"]["worker"]) for t in tests}
+    assert workers == {("queue_a", "worker-a"), ("queue_b", "worker-b"), (None, "local")}
+    assert all(t["outcome"] == "passed" for t in tests), tests

@@ -6,8 +6,11 @@
 # (EX_CONFIG), when:
 #   * WORKER_ID or QUEUE is empty: the worker is named $WORKER_ID@<hostname> and the healthcheck
 #     asks that name whether it consumes $QUEUE;
-#   * DISPATCH_WORKSPACE is not a readable directory, or is empty: the checkout is not mounted
-#     there, and every dispatched test would come back "not found".
+#   * DISPATCH_WORKSPACE is set but is not a readable directory (a mount that went wrong);
+#   * DISPATCH_CACHE_DIR is set but is not a directory this user can write: every shipped run
+#     would fail (a volume mounted there that the image did not make, owned by root).
+# An empty (or unset) workspace is fine: each run ships its test tree into the cache. It says so,
+# and whether this worker takes unsigned runs (DISPATCH_SHIP_UNSIGNED) or trusts a signing key.
 # Any other command (sh, python, celery inspect ...) runs unchecked, for debugging.
 set -eu
 
@@ -40,13 +43,26 @@ if starts_a_worker "$@"; then
     [ -n "${WORKER_ID:-}" ] || fail "WORKER_ID is empty: set it (e.g. -e WORKER_ID=worker-a)"
     [ -n "${QUEUE:-}" ] || fail "QUEUE is empty: set the queue this worker consumes (-e QUEUE=queue_a)"
     ws="${DISPATCH_WORKSPACE:-}"
-    [ -n "$ws" ] || fail "DISPATCH_WORKSPACE is empty: set it to where the checkout is mounted"
-    [ -d "$ws" ] || fail "DISPATCH_WORKSPACE=$ws is not a directory: mount the checkout there (-v \"\$PWD\":$ws:ro)"
-    if ! { [ -r "$ws" ] && [ -x "$ws" ]; }; then
-        fail "uid $(id -u) cannot read $ws: make the checkout readable (chmod -R a+rX) or run as its owner (--user \"\$(id -u):\$(id -g)\")"
+    if [ -n "$ws" ]; then
+        [ -d "$ws" ] || fail "DISPATCH_WORKSPACE=$ws is not a directory: unset it (runs ship their tree) or mount a checkout there (-v \"\$PWD\":$ws:ro)"
+        if ! { [ -r "$ws" ] && [ -x "$ws" ]; }; then
+            fail "uid $(id -u) cannot read $ws: make the checkout readable (chmod -R a+rX) or run as its owner (--user \"\$(id -u):\$(id -g)\")"
+        fi
     fi
-    if [ -z "$(ls -A "$ws")" ]; then
-        fail "$ws is empty: the checkout is not mounted (docker run -v \"\$PWD\":$ws:ro ..., compose mounts ./ there)"
+    cache="${DISPATCH_CACHE_DIR:-}"
+    if [ -n "$cache" ]; then
+        [ -d "$cache" ] || mkdir -p "$cache" 2>/dev/null \
+            || fail "DISPATCH_CACHE_DIR=$cache is not a directory and uid $(id -u) cannot make it: mount a volume there (-v worker-a-cache:$cache)"
+        if ! { [ -w "$cache" ] && [ -x "$cache" ]; }; then
+            fail "uid $(id -u) cannot write its cache $cache: give it a volume it owns (a new named volume copies the image's $cache) or chown $(id -u) it"
+        fi
+    fi
+    if [ -z "$ws" ] || [ -z "$(ls -A "$ws")" ]; then
+        case "$(echo "${DISPATCH_SHIP_UNSIGNED:-}" | tr '[:upper:]' '[:lower:]')" in
+            allow | 1 | yes | true | on) takes="signed and unsigned runs (DISPATCH_SHIP_UNSIGNED=allow)" ;;
+            *) takes="runs signed by a key of DISPATCH_SHIP_TRUST${DISPATCH_SHIP_TRUST:+ ($DISPATCH_SHIP_TRUST)}" ;;
+        esac
+        echo "worker-entrypoint: no checkout in ${ws:-the workspace}: each run ships its test tree into ${cache:-the cache}; takes $takes" >&2
     fi
 fi
 

@@ -27,7 +27,14 @@ import pytest
 from celery import Celery
 
 from pytest_celery_dispatch.celeryconf import celery_config
-from tests.helpers import BROKER, WorkerProcess, consumer_count, delete_queues
+from tests.helpers import (
+    BROKER,
+    WorkerProcess,
+    check_examples_passed,
+    consumer_count,
+    delete_queues,
+    dispatch_examples,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -76,6 +83,13 @@ def run_bounded(
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode, out, time.monotonic() - started
+
+
+def compose_environ(broker: str) -> dict[str, str]:
+    """This environment with compose's ``BROKER_URL`` (.env / the shell) set to ``broker``."""
+    env = dict(os.environ, BROKER_URL=broker)
+    env.pop("CELERY_BROKER_URL", None)
+    return env
 
 
 class ImageWorker(WorkerProcess):
@@ -165,25 +179,26 @@ def test_healthcheck_fails_within_its_timeout_when_the_broker_is_unreachable(bin
 @pytest.mark.parametrize(
     ("case", "message"),
     [
-        ("empty workspace", "is empty: the checkout is not mounted"),
-        ("no workspace", "is not a directory: mount the checkout there"),
+        ("no workspace", "is not a directory: unset it (runs ship their tree) or mount a checkout"),
+        ("cache not a folder", "is not a directory and uid 0 cannot make it: mount a volume"),
         ("no WORKER_ID", "WORKER_ID is empty"),
         ("no QUEUE", "QUEUE is empty"),
     ],
 )
 def test_entrypoint_refuses_to_start_a_worker_that_cannot_work(bin_dir, tmp_path, case, message):
-    empty = tmp_path / "workspace"
-    empty.mkdir()
     overrides = {
         "BROKER_URL": DEAD_BROKER,  # had it started anyway, it would reach no broker
         "QUEUE": f"cdtest-{uuid.uuid4().hex[:8]}-refused",
         "WORKER_ID": "refused",
         "DISPATCH_WORKSPACE": str(ROOT),
+        "DISPATCH_CACHE_DIR": str(tmp_path / "cache"),
     }
-    if case == "empty workspace":
-        overrides["DISPATCH_WORKSPACE"] = str(empty)
-    elif case == "no workspace":
+    if case == "no workspace":
         overrides["DISPATCH_WORKSPACE"] = str(tmp_path / "not-mounted")
+    elif case == "cache not a folder":
+        (tmp_path / "a-file").write_text("")
+        overrides["DISPATCH_CACHE_DIR"] = str(tmp_path / "a-file")
+        message = message.replace("uid 0", f"uid {os.getuid()}")
     elif case == "no WORKER_ID":
         overrides["WORKER_ID"] = ""
     else:
@@ -193,6 +208,35 @@ def test_entrypoint_refuses_to_start_a_worker_that_cannot_work(bin_dir, tmp_path
     assert code == 78, out  # EX_CONFIG, before any celery starts
     assert out.startswith("worker-entrypoint: "), out
     assert message in out
+
+
+@pytest.mark.parametrize("unsigned", ["allow", ""])
+def test_entrypoint_starts_a_worker_in_an_empty_workspace_and_says_what_it_takes(
+    bin_dir, tmp_path, unsigned
+):
+    """No checkout mounted: each run ships its tree into the cache, which the entrypoint makes."""
+    empty = tmp_path / "workspace"
+    empty.mkdir()
+    cache = tmp_path / "volume" / "cache"
+    overrides = {
+        "QUEUE": "queue_a",
+        "WORKER_ID": "worker-a",
+        "DISPATCH_WORKSPACE": str(empty),
+        "DISPATCH_CACHE_DIR": str(cache),
+        "DISPATCH_SHIP_UNSIGNED": unsigned,
+    }
+    env = IMAGE.environment(ROOT, bin_dir, overrides)
+    # Any command with the word `worker` is checked as a worker's; this one only says it started.
+    argv = [*IMAGE.entrypoint, "python", "-c", "print('started')", "worker"]
+    code, out, _ = run_bounded(argv, env, 10, cwd=empty)
+    assert code == 0, out
+    assert out.splitlines()[-1] == "started", out
+    assert f"no checkout in {empty}: each run ships its test tree into {cache}" in out
+    if unsigned:
+        assert "takes signed and unsigned runs (DISPATCH_SHIP_UNSIGNED=allow)" in out
+    else:
+        assert "takes runs signed by a key of DISPATCH_SHIP_TRUST" in out
+    assert cache.is_dir()
 
 
 def test_entrypoint_runs_other_commands_unchecked(bin_dir, tmp_path):
@@ -207,8 +251,7 @@ def test_entrypoint_runs_other_commands_unchecked(bin_dir, tmp_path):
 def test_compose_healthchecks_against_the_compose_workers(vhost_broker, bin_dir, tmp_path):
     compose = compose_workers.load()
     specs = compose_workers.worker_services(compose)
-    env = dict(os.environ, BROKER_URL=vhost_broker)
-    env.pop("CELERY_BROKER_URL", None)
+    env = compose_environ(vhost_broker)
     entrypoint = local_argv(IMAGE.entrypoint, bin_dir)  # the compose command behind the image's
 
     def healthcheck(service: compose_workers.LocalService) -> tuple[int, str]:
@@ -279,8 +322,7 @@ def test_examples_pass_on_compose_workers_with_a_read_only_workspace(
     vhost_broker, bin_dir, tmp_path, read_only_checkout
 ):
     workspace = Path(read_only_checkout[-1])  # empty out here, the checkout in the workers' view
-    env = dict(os.environ, BROKER_URL=vhost_broker)
-    env.pop("CELERY_BROKER_URL", None)
+    env = compose_environ(vhost_broker)
     entrypoint = [*read_only_checkout, *local_argv(IMAGE.entrypoint, bin_dir)]
     report = tmp_path / "report.json"
     with compose_workers.running(
@@ -293,25 +335,38 @@ def test_examples_pass_on_compose_workers_with_a_read_only_workspace(
             options = [line.split()[5] for line in mountinfo if line.split()[4] == str(workspace)]
             assert options, mountinfo
             assert "ro" in options[-1].split(","), options  # the worker sees it read-only
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "example_tests",
-                "--celery-dispatch",
-                "-p",
-                "no:cacheprovider",
-                f"--celery-json-report={report}",
-            ],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-        )
+        proc, tests = dispatch_examples(ROOT, vhost_broker, report)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    tests = json.loads(report.read_text())["tests"]
-    workers = {(t["dispatch"]["queue"], t["dispatch"]["worker"]) for t in tests}
-    assert workers == {("queue_a", "worker-a"), ("queue_b", "worker-b"), (None, "local")}
-    assert all(t["outcome"] == "passed" for t in tests)
+    check_examples_passed(tests)
+    for name in ("worker-a", "worker-b"):
+        assert f"celery-dispatch: {name}: in place" in proc.stdout, proc.stdout  # zero-copy
+
+
+def test_examples_pass_on_compose_workers_with_no_checkout(vhost_broker, bin_dir, tmp_path):
+    """The compose file as it is: an empty workspace, each run's tree shipped into the cache
+    volume (a folder here), unsigned runs taken as the compose file says."""
+    empty = tmp_path / "workspace"
+    empty.mkdir()
+    env = compose_environ(vhost_broker)
+    entrypoint = local_argv(IMAGE.entrypoint, bin_dir)
+    report = tmp_path / "report.json"
+    with compose_workers.running(
+        workspace=empty, environ=env, log_dir=tmp_path, entrypoint=entrypoint
+    ) as services:
+        for service in services:
+            assert service.env["DISPATCH_WORKSPACE"] == str(empty)
+            assert service.env["DISPATCH_CACHE_DIR"] == str(service.volumes["/cache"])
+            assert service.env["DISPATCH_SHIP_UNSIGNED"] == "allow"
+        proc, tests = dispatch_examples(ROOT, vhost_broker, report)
+        logs = {s.name: s.log_path.read_text() for s in services}
+        caches = {s.name: s.volumes["/cache"] for s in services}
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    check_examples_passed(tests)
+    assert list(empty.iterdir()) == []  # nothing written into the workspace
+    ship = json.loads(report.read_text())["dispatch"]["ship"]
+    for name in ("worker-a", "worker-b"):
+        assert ship["workers"][name]["state"] == "shipped", ship
+        assert f"celery-dispatch: {name}: {ship['files']:,} files, " in proc.stdout, proc.stdout
+        assert "worker-entrypoint: no checkout in" in logs[name], logs[name][-2000:]
+        trees = list((caches[name] / "trees").iterdir())
+        assert any((tree / "example_tests" / "test_bench_a.py").is_file() for tree in trees)

@@ -21,13 +21,13 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from kombu.utils.url import maybe_sanitize_url
 
-from tests.helpers import consumer_count
+from tests.helpers import check_examples_passed, consumer_count, dispatch_examples
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -54,25 +54,34 @@ def image() -> dict:
         pytest.fail(str(exc), pytrace=False)
 
 
+Bench = dict[str, worker_image.Container]
+
+
 @pytest.fixture
-def bench(
-    image: dict, vhost_broker: str, tmp_path: Path
-) -> Iterator[dict[str, worker_image.Container]]:
-    """worker-a and worker-b in containers of the image, on a private vhost; stopped after."""
+def start_bench(image: dict, vhost_broker: str, tmp_path: Path) -> Iterator[Callable[..., Bench]]:
+    """Starts worker-a and worker-b in containers of the image, on a private vhost, from the
+    compose file with ``overrides`` (``-f`` files) merged; every one stopped after."""
     environ = {"BROKER_URL": vhost_broker}  # what compose interpolates (.env / the shell)
-    services = compose_workers.worker_services(compose_workers.load())
-    containers = {
-        name: worker_image.Container(name, spec, image, environ, tmp_path)
-        for name, spec in sorted(services.items())
-    }
-    try:
+    started: list[worker_image.Container] = []
+
+    def start(*overrides: Path) -> Bench:
+        compose = compose_workers.load(compose_workers.COMPOSE_FILE, *overrides)
+        services = compose_workers.worker_services(compose)
+        containers = {
+            name: worker_image.Container(name, spec, image, environ, tmp_path)
+            for name, spec in sorted(services.items())
+        }
+        started.extend(containers.values())
         for container in containers.values():
             container.start()
         for container in containers.values():
             wait_consuming(container, vhost_broker)
-        yield containers
+        return containers
+
+    try:
+        yield start
     finally:
-        left = {name: c.stop() for name, c in containers.items()}
+        left = {c.name: c.stop() for c in started}
         assert not any(left.values()), f"processes left after stopping: {left}"
 
 
@@ -109,10 +118,12 @@ def test_the_image_is_the_dockerfiles(image):
     assert image["Healthcheck"]["Test"] == ["CMD", "worker-healthcheck"]  # kept: Docker's format
     env = dict(e.split("=", 1) for e in image["Env"])
     assert env["DISPATCH_WORKSPACE"] == "/workspace"
+    assert env["DISPATCH_CACHE_DIR"] == "/cache"
     assert env["DISPATCH_LOG_FORMAT"] == "json"
 
 
-def test_examples_pass_on_the_image_workers(bench, vhost_broker, tmp_path):
+def check_started(bench: Bench) -> None:
+    """Each worker runs as the image's user, is ready under its node name and logs JSON."""
     for name, container in bench.items():
         assert container.uids() == {UID}, f"{name} runs as {container.uids()}"
         log = container.log_text()
@@ -120,49 +131,84 @@ def test_examples_pass_on_the_image_workers(bench, vhost_broker, tmp_path):
         records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
         assert records, f"no JSON log lines from {name}:\n{log[-3000:]}"
 
-    report = tmp_path / "report.json"
-    env = dict(os.environ, CELERY_BROKER_URL=vhost_broker, BROKER_URL=vhost_broker)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "example_tests",
-            "--celery-dispatch",
-            "-p",
-            "no:cacheprovider",
-            f"--celery-json-report={report}",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+
+def run_examples(bench: Bench, broker: str, report: Path) -> tuple[str, dict]:
+    """The examples dispatched from this checkout: all passed, each on its worker; the output
+    and the JSON report's ``dispatch.ship``."""
+    proc, tests = dispatch_examples(ROOT, broker, report)
     logs = "\n".join(c.log_text()[-2000:] for c in bench.values())
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs
-    tests = json.loads(report.read_text())["tests"]
-    workers = {(t["dispatch"]["queue"], t["dispatch"]["worker"]) for t in tests}
-    assert workers == {("queue_a", "worker-a"), ("queue_b", "worker-b"), (None, "local")}
-    assert all(t["outcome"] == "passed" for t in tests), proc.stdout
+    check_examples_passed(tests)
+    return proc.stdout, json.loads(report.read_text())["dispatch"]["ship"]
 
+
+def check_healthy_and_stop(bench: Bench) -> None:
     for name, container in bench.items():
         # The image's own HEALTHCHECK, in the container, beside the worker.
         code, out = container.healthcheck()
         assert code == 0, out
         assert f"healthy: {name}@{container.hostname} answers" in out, out
         assert out.rstrip().endswith(f"consumes {container.env['QUEUE']}"), out
-        # The image's user, and compose's ./:/workspace:ro.
-        code, out = container.exec(["sh", "-c", "id -u; touch /workspace/.image-test"], 30)
-        assert out.splitlines()[0] == str(UID), out
-        assert code != 0, out
-        assert "Read-only file system" in out, out
-        assert not (ROOT / ".image-test").exists()
-
     for name, container in bench.items():
         left = container.stop()
         assert left == [], f"{name}: processes left after stopping: {left}"
         assert container.container not in worker_image.working_containers()
+
+
+def test_examples_pass_on_image_workers_without_a_checkout(start_bench, vhost_broker, tmp_path):
+    """docker-compose.yml as it is: no checkout in the containers, each run's tree shipped into
+    the worker's cache volume."""
+    bench = start_bench()
+    check_started(bench)
+    for container in bench.values():
+        assert [v.split(":")[1] for v in container.volumes] == ["/cache"], container.volumes
+        assert (
+            "no checkout in /workspace: each run ships its test tree into /cache; takes signed "
+            "and unsigned runs (DISPATCH_SHIP_UNSIGNED=allow)"
+        ) in container.log_text()
+        # The workspace is empty; the new volume has the image's /cache owner and mode.
+        code, out = container.exec(["sh", "-c", "ls -A /workspace; stat -c %u:%a /cache"], 30)
+        assert (code, out.split()) == (0, [f"{UID}:700"]), out
+
+    out, ship = run_examples(bench, vhost_broker, tmp_path / "first.json")
+    for name, container in bench.items():
+        assert ship["workers"][name]["state"] == "shipped", ship
+        assert f"celery-dispatch: {name}: {ship['files']:,} files, " in out, out
+        # The tree is in the service's volume, owned by the image's user.
+        trees = [t for t in (container.named["/cache"] / "trees").iterdir() if t.is_dir()]
+        assert [t.name for t in trees] == [ship["digest"]], trees
+        assert (trees[0] / "example_tests" / "test_bench_a.py").is_file()
+        assert (container.named["/cache"] / "blobs").stat().st_uid == UID
+    assert ship["blobs_sent"] > 0
+
+    # Run again: the volume kept the tree, nothing is sent.
+    out, ship = run_examples(bench, vhost_broker, tmp_path / "again.json")
+    assert ship["blobs_sent"] == 0, ship
+    for name in bench:
+        assert ship["workers"][name]["state"] == "up to date", ship
+        assert f"celery-dispatch: {name}: up to date" in out, out
+    check_healthy_and_stop(bench)
+
+
+def test_examples_run_in_place_on_image_workers_with_the_checkout_mounted(
+    start_bench, vhost_broker, tmp_path
+):
+    """With workers/compose.checkout.yml: this checkout read-only as /workspace, zero-copy."""
+    bench = start_bench(compose_workers.CHECKOUT_FILE)
+    check_started(bench)
+    out, ship = run_examples(bench, vhost_broker, tmp_path / "report.json")
+    assert ship["blobs_sent"] == 0, ship
+    for name, container in bench.items():
+        assert ship["workers"][name]["state"] == "in place", ship
+        assert f"celery-dispatch: {name}: in place" in out, out
+        assert "no checkout in" not in container.log_text()
+        # The image's user, and the override's ./:/workspace:ro.
+        code, text = container.exec(["sh", "-c", "id -u; touch /workspace/.image-test"], 30)
+        assert text.splitlines()[0] == str(UID), text
+        assert code != 0, text
+        assert "Read-only file system" in text, text
+        assert not (ROOT / ".image-test").exists()
+    check_healthy_and_stop(bench)
 
 
 def test_the_entrypoint_gives_celery_broker_url_precedence(tmp_path):

@@ -33,6 +33,7 @@ DEFAULT_BROKER = "amqp://guest:guest@host.docker.internal:5672//"
 BROKER_EXPRESSION = "${BROKER_URL:-" + DEFAULT_BROKER + "}"
 SCALE_FILE = ROOT / "workers" / "compose.scale.yml"
 SCALE_COMMAND = "docker compose -f docker-compose.yml -f workers/compose.scale.yml up -d"
+CHECKOUT_COMMAND = "docker compose -f docker-compose.yml -f workers/compose.checkout.yml up -d"
 
 
 @pytest.fixture(scope="module")
@@ -84,12 +85,7 @@ def mounts(spec: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
     """(source, target, read_only) of each volume, short or long syntax."""
     found = []
     for volume in spec.get("volumes") or []:
-        if isinstance(volume, str):
-            source, target, *mode = volume.split(":")
-            read_only = bool(mode) and "ro" in mode[0].split(",")
-        else:
-            source, target = volume["source"], volume["target"]
-            read_only = bool(volume.get("read_only"))
+        source, target, read_only = compose_workers.volume_parts(volume)
         found.append((source.rstrip("/") or "/", target, read_only))
     return found
 
@@ -116,7 +112,6 @@ def test_each_worker_consumes_only_its_queue_under_its_names(compose, name):
     env = spec["environment"]
     assert env["WORKER_ID"] == name
     assert env["QUEUE"] == want["queue"]  # the healthcheck checks the worker consumes it
-    assert env["DISPATCH_WORKSPACE"] == "/workspace"
     assert env["CELERY_BROKER_URL"] == BROKER_EXPRESSION
     assert "ports" not in spec  # a worker only connects out
 
@@ -153,13 +148,49 @@ def test_the_broker_url_comes_from_the_environment_or_a_dotenv_file(compose):
 
 
 @pytest.mark.parametrize("name", sorted(CONTRACT))
-def test_each_worker_mounts_the_checkout_read_only_as_the_image_workspace(compose, image, name):
+def test_each_worker_runs_without_the_checkout_its_cache_a_named_volume(compose, image, name):
     spec = compose["services"][name]
-    assert mounts(spec) == [(".", "/workspace", True)]
-    assert image.env["DISPATCH_WORKSPACE"] == "/workspace" == image.workdir
+    # No bind mount of the project: each run ships its tree into the worker's own cache volume.
+    assert mounts(spec) == [(f"{name}-cache", "/cache", False)]
+    assert compose_workers.named_volumes(spec) == {"/cache": f"{name}-cache"}
+    assert f"{name}-cache" in compose["volumes"]  # declared: compose keeps it across `down`
+    env = spec["environment"]
+    assert env["DISPATCH_CACHE_DIR"] == "/cache" == image.env["DISPATCH_CACHE_DIR"]
+    assert env["DISPATCH_WORKSPACE"] == "/workspace" == image.env["DISPATCH_WORKSPACE"]
+    assert image.workdir == "/workspace"
     assert spec["build"] == {"context": ".", "dockerfile": "workers/Dockerfile"}
     assert (ROOT / spec["build"]["dockerfile"]) == image.path
     assert spec["image"] == compose["services"]["worker-a"]["image"]  # one image for both
+
+
+def test_the_workers_take_unsigned_shipped_runs_on_purpose_and_say_why(compose):
+    # The lab trusts its broker's vhost: unsigned shipped runs are allowed, overridable in .env.
+    for name in CONTRACT:
+        raw = compose["services"][name]["environment"]["DISPATCH_SHIP_UNSIGNED"]
+        assert raw == "${DISPATCH_SHIP_UNSIGNED:-allow}", name
+        assert compose_workers.interpolate(raw, {}) == "allow"
+        assert compose_workers.interpolate(raw, {"DISPATCH_SHIP_UNSIGNED": "refuse"}) == "refuse"
+    text = (ROOT / "docker-compose.yml").read_text()
+    before = text[: text.index("DISPATCH_SHIP_UNSIGNED:")]
+    comment = before[before.rindex("\n\n") :]
+    assert "trusts its broker" in comment
+    assert "DISPATCH_SHIP_TRUST" in comment  # and how to require signatures instead
+    assert "docs/security.md" in comment
+
+
+@pytest.mark.parametrize("name", sorted(CONTRACT))
+def test_the_checkout_override_mounts_it_read_only_and_keeps_the_cache(name):
+    merged = compose_workers.load(compose_workers.COMPOSE_FILE, compose_workers.CHECKOUT_FILE)
+    spec = merged["services"][name]
+    assert sorted(mounts(spec)) == [(".", "/workspace", True), (f"{name}-cache", "/cache", False)]
+    override = yaml.safe_load(compose_workers.CHECKOUT_FILE.read_text())
+    assert set(override) == {"services"}
+    assert set(override["services"]) == set(CONTRACT)
+    assert all(set(s) == {"volumes"} for s in override["services"].values())
+    # The same command in the override, in docker-compose.yml and in docs/workers.md.
+    for path in (compose_workers.CHECKOUT_FILE, compose_workers.COMPOSE_FILE):
+        assert CHECKOUT_COMMAND in path.read_text(), path
+    assert CHECKOUT_COMMAND in (ROOT / "docs" / "workers.md").read_text()
 
 
 @pytest.mark.parametrize("name", sorted(CONTRACT))
@@ -243,11 +274,12 @@ def test_the_dockerfile_builds_a_slim_non_root_worker_image(image):
     assert user, "no USER: the worker would run as root"
     assert user not in ("root", "0"), image.user
     assert image.env["PYTHONUNBUFFERED"] == "1"
-    # Queue, worker name, broker and workspace come from ENV (queue, name, workspace from ARG).
-    assert {"QUEUE", "WORKER_ID", "WORKSPACE"} <= set(image.args)
+    # Queue, worker name, broker, workspace and cache come from ENV (all but the broker from ARG).
+    assert {"QUEUE", "WORKER_ID", "WORKSPACE", "CACHE"} <= set(image.args)
     assert image.env["QUEUE"] == image.args["QUEUE"]
     assert image.env["WORKER_ID"] == image.args["WORKER_ID"]
     assert image.env["DISPATCH_WORKSPACE"] == image.args["WORKSPACE"]
+    assert image.env["DISPATCH_CACHE_DIR"] == image.args["CACHE"]
     # BROKER_URL, not CELERY_BROKER_URL: the latter would win over a BROKER_URL given at run time.
     assert image.env["BROKER_URL"] == DEFAULT_BROKER
     assert "CELERY_BROKER_URL" not in image.env

@@ -114,3 +114,25 @@ def test_a_tree_a_test_wrote_into_is_noticed_and_its_blob_dropped(tmp_path: Path
     assert list(cache.missing(manifest)) == [
         e["sha256"] for e in manifest.entries if e["path"] == "test_a.py"
     ]
+
+
+def test_a_tree_is_moved_into_place_while_its_user_may_still_move_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    # Renaming a folder into another parent needs write access to the folder itself for a
+    # non-root user (the worker image's uid 10001): read-only only once in place.
+    cache = ShipCache(str(tmp_path / "cache"))
+    manifest = fill(cache, project(tmp_path / "p"))
+    modes = []
+    rename = os.rename
+
+    def checked_rename(src: str, dst: str) -> None:
+        modes.append(os.stat(src).st_mode)
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", checked_rename)
+    tree = Path(cache.materialize(manifest))
+    assert modes
+    assert all(mode & 0o200 for mode in modes), [oct(m) for m in modes]
+    assert tree.stat().st_mode & 0o222 == 0  # and read-only once in place
+    assert (tree / "data").stat().st_mode & 0o222 == 0
