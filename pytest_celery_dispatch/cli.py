@@ -179,8 +179,8 @@ def release(broker: str | None, name: str) -> int:
     try:
         if not heard_everyone(board, "release"):
             return 1
-        found = find_worker(board.notices(), name)
-        if found is None:
+        matches = find_workers(board.notices(), name)
+        if not matches:
             known = sorted({str(w.get("worker") or w["id"]) for w in workers(board.notices())})
             print(
                 f"celery-dispatch release: no worker {name!r} on the board of {mask_url(url)} "
@@ -188,14 +188,24 @@ def release(broker: str | None, name: str) -> int:
                 file=sys.stderr,
             )
             return 1
-        quarantine = found.get("quarantine")
-        if not quarantine:
+        quarantined = [w for w in matches if w.get("quarantine")]
+        if not quarantined:
             print(f"{name} is not quarantined: nothing to release")
             return 0
+        if len(quarantined) > 1:
+            nodes = ", ".join(sorted(str(w["id"]) for w in quarantined))
+            print(
+                f"celery-dispatch release: {len(quarantined)} quarantined workers are named "
+                f"{name!r} ({nodes}): name one by its node",
+                file=sys.stderr,
+            )
+            return 1
+        found = quarantined[0]
+        quarantine = found["quarantine"]
         notice = {
             "kind": RELEASE,
             "id": notice_id,
-            "worker": name,
+            "worker": found["id"],  # its node: another worker may have the same name
             "since": quarantine.get("since"),
             "by": f"{getpass.getuser()}@{socket.gethostname()}",
         }
@@ -203,7 +213,7 @@ def release(broker: str | None, name: str) -> int:
         while time.monotonic() < deadline:
             board.publish(notice)
             time.sleep(LAB_INTERVAL)
-            now = find_worker(board.notices(), name)
+            now = find_worker(board.notices(), str(found["id"]))
             if now is not None and (now.get("quarantine") or {}).get("since") != quarantine.get(
                 "since"
             ):
@@ -220,12 +230,18 @@ def release(broker: str | None, name: str) -> int:
         board.close()
 
 
+def find_workers(notices: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    """The worker notices whose name (WORKER_ID) or node is ``name``: a node names one worker,
+    a name may be shared (``worker-a`` on two hosts)."""
+    found = [w for w in workers(notices) if name in (w.get("worker"), w.get("node"), w.get("id"))]
+    by_node = [w for w in found if name in (w.get("node"), w.get("id"))]
+    return by_node or found
+
+
 def find_worker(notices: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
-    """The worker notice whose name (WORKER_ID) or node is ``name``."""
-    for notice in workers(notices):
-        if name in (notice.get("worker"), notice.get("node"), notice.get("id")):
-            return notice
-    return None
+    """The first worker notice whose name (WORKER_ID) or node is ``name``."""
+    found = find_workers(notices, name)
+    return found[0] if found else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -32,9 +33,14 @@ import os
 import time
 import pytest
 
+GATE = {gate!r}
+
 @pytest.mark.queue({queue!r})
 @pytest.mark.parametrize("n", range({count}))
 def test_work(n):
+    deadline = time.monotonic() + 120
+    while GATE and not os.path.exists(GATE) and time.monotonic() < deadline:
+        time.sleep(0.05)  # held until the e2e test opens the gate
     time.sleep({sleep})
 """
 
@@ -85,9 +91,13 @@ def worker_entry(view: dict, queue: str, name: str) -> dict:
     return found[0]
 
 
-def health_project(pytester, workspace: Path, queue: str, count: int, sleep: float) -> str:
-    """The run's tests and its health test; the health test's nodeid (rootdir: workspace)."""
-    pytester.makepyfile(test_work=WORK.format(queue=queue, count=count, sleep=sleep))
+def health_project(
+    pytester, workspace: Path, queue: str, count: int, sleep: float, gate: str | None = None
+) -> str:
+    """The run's tests (each held until the file ``gate`` exists, when given) and its health
+    test; the health test's nodeid (rootdir: workspace)."""
+    source = WORK.format(queue=queue, count=count, sleep=sleep, gate=gate)
+    pytester.makepyfile(test_work=source)
     (pytester.path / "health").mkdir()
     (pytester.path / "health" / "test_board.py").write_text(HEALTH)
     return f"{pytester.path.relative_to(workspace)}/health/test_board.py::test_uart"
@@ -103,10 +113,20 @@ def test_a_worker_whose_health_test_fails_quarantines_itself_and_is_released(
     b = worker_factory(
         queue=a.queue, worker_id="worker-b", broker=broker, extra_env={"BOARD_FILE": str(board_b)}
     )
-    health = health_project(pytester, workspace, a.queue, count=10, sleep=0.3)
+    # The run's tests wait until worker-a has quarantined itself: on a busy machine worker-b
+    # could otherwise run them all before worker-a is given a session of the run.
+    gate = pytester.path / "gate"
+    health = health_project(pytester, workspace, a.queue, count=10, sleep=0.3, gate=str(gate))
     args = ("-o", f"celery_dispatch_health={health}", "test_work.py")
 
-    code, out, report = finish(pytester, dispatch(pytester, workspace, broker, "one", *args), "one")
+    one = dispatch(pytester, workspace, broker, "one", *args)
+    deadline = time.monotonic() + 120  # a guard against a hang, not a measure
+    while quarantined_at(a.log_path) is None:
+        assert one.poll() is None, (pytester.path / "one.out").read_text()
+        assert time.monotonic() < deadline, "worker-a never quarantined itself"
+        time.sleep(0.1)
+    gate.write_text("open")
+    code, out, report = finish(pytester, one, "one")
     assert code == 0, out
     assert "10 passed" in out
     assert {t["dispatch"]["worker"] for t in report["tests"]} == {"worker-b"}, out
@@ -151,7 +171,7 @@ def test_a_worker_crashing_outside_tests_three_sessions_in_a_row_quarantines_its
 ):
     pytester.makeconftest(CRASHY_CONFTEST)
     crashy = worker_factory(worker_id="worker-c", extra_env={"CRASHY": "1"}, broker=broker)
-    pytester.makepyfile(test_work=WORK.format(queue=crashy.queue, count=16, sleep=0.25))
+    pytester.makepyfile(test_work=WORK.format(queue=crashy.queue, count=16, sleep=0.25, gate=None))
     # Alone on the queue, worker-c takes each run's only session: it crashes, its tests fail.
     for run in range(DEFAULT_QUARANTINE_AFTER - 1):
         proc = dispatch(pytester, workspace, broker, f"prime{run}", "test_work.py")

@@ -153,3 +153,28 @@ def test_release_of_a_worker_not_on_the_board_names_the_ones_there(quarantined_w
     assert err.startswith("celery-dispatch release: no worker 'worker-z' on the board of embedded")
     assert "(workers there: worker-a)" in err
     assert quarantined_worker.quarantine() is not None
+
+
+def test_release_by_a_shared_name_releases_the_quarantined_worker_of_that_name(
+    quarantined_worker, tmp_path, capsys
+):
+    # Another worker of the same name (WORKER_ID) on another host, in service: the name alone
+    # must not pick it and answer "not quarantined".
+    other = {"kind": "worker", "id": "worker-a@0ther", "node": "worker-a@0ther"}
+    FileBoard(tmp_path).publish({**other, "worker": "worker-a", "queues": ["q"], "slots": 1})
+    assert cli.main(["release", "worker-a", "--broker", "embedded"]) == 0
+    assert capsys.readouterr().out.startswith("worker-a released (it was quarantined: ")
+    assert quarantined_worker.quarantine() is None
+
+
+def test_a_node_names_one_worker_and_a_name_may_name_several():
+    notices = [
+        {"kind": "worker", "id": "worker-a@h1", "node": "worker-a@h1", "worker": "worker-a"},
+        {"kind": "worker", "id": "worker-a@h2", "node": "worker-a@h2", "worker": "worker-a"},
+    ]
+    assert [w["id"] for w in cli.find_workers(notices, "worker-a")] == [
+        "worker-a@h1",
+        "worker-a@h2",
+    ]
+    assert [w["id"] for w in cli.find_workers(notices, "worker-a@h2")] == ["worker-a@h2"]
+    assert cli.find_workers(notices, "worker-b") == []
