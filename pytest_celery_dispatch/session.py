@@ -112,7 +112,6 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         self.turns: Any = None  # turns.RunTurns: this run in the line for shared benches
         self._session: pytest.Session | None = None
         self._last_poll = 0.0
-        self._declared: set[str] = set()
         self._unknown_events: set[str] = set()
 
     # ------------------------------------------------------------------ collection
@@ -313,9 +312,10 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
             "nodeids": list(chunk.nodeids),
         }
         try:
-            if name not in self._declared:
-                self._broker.declare_work_queue(name)
-                self._declared.add(name)
+            # Declared before every chunk (a passive-cheap round trip): the workers delete a
+            # run's work queue when they take its controller for gone (a cut network), and a
+            # chunk published to a deleted queue is dropped without a word.
+            self._broker.declare_work_queue(name)
             self._broker.publish_work(name, message)
         except Exception as exc:
             self.execute(self.scheduler.send_failed(chunk, describe_error(exc)))
