@@ -165,7 +165,12 @@ def test_worker_cut_off_alone_stops_its_runner_and_its_tests_fail_by_name(
     alone = worker_factory(worker_id="worker-a1", broker=through(proxy))
     long = 25.0  # longer than the worker takes to notice: only a stopped runner never ends it
     log = slow_tests(pytester, alone.queue, count=3, sleep=long)
-    ctl = controller("--celery-timeout=60", "--celery-retries=1", "--celery-wait-workers=1")
+    ctl = controller(
+        "--celery-timeout=60",
+        "--celery-retries=1",
+        "--celery-wait-workers=1",
+        "--celery-ship=off",  # in place: no workspace hashing late in a suite (a big basetemp)
+    )
     began = time.monotonic()
     while not any(kind == "start" for kind, *_ in log_lines(log)):
         assert time.monotonic() - began < 60, ctl.text()
