@@ -239,6 +239,10 @@ class QueueScheduler(Recovery):
             slot.last_seen = now
             slot.worker = str(worker or slot.worker or "")
             self.queue_last_seen[slot.queue] = now
+            if slot.held:
+                slot.held = [c for c in slot.held if not c.finished]
+                for chunk in slot.held:
+                    chunk.last_seen = now
         return slot
 
     def slot_started(self, slot: SlotState, concurrency: int) -> list[Action]:
@@ -277,6 +281,8 @@ class QueueScheduler(Recovery):
         chunk.started_at = chunk.started_at or self.clock()
         chunk.worker = worker
         chunk.session_id = slot_id
+        if (slot := self.slots.get(slot_id)) is not None and chunk not in slot.held:
+            slot.held.append(chunk)
 
     def test_started(self, chunk: ChunkState, nodeid: str, elapsed: float = 0.0) -> None:
         chunk.current_since = self.clock() - elapsed

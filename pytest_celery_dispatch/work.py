@@ -55,6 +55,9 @@ class SlotState:
     worker: str | None = None
     finished: bool = False
     lost: bool = False
+    #: The chunks it announced and has not finished: its heartbeats speak for them all (it
+    #: takes the next one while a test runs, and that one is silent until its turn).
+    held: list[ChunkState] = dataclasses.field(default_factory=list)
 
     @property
     def live(self) -> bool:
