@@ -7,6 +7,7 @@ Layout under the cache folder (``DISPATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME`` 
     trees/<digest>/         a run's tree, hard links to the blobs (copies for executables)
     trees/<digest>.lock     held shared while a run uses the tree, exclusively while it is built
     tmp/                    blobs being received, trees being built
+    hashes/<key>.json       a worker's workspace's files, hashed (see hashcache)
 
 A tree is built once per manifest and reused by every later run with the same manifest (its
 path is the same, so the bytecode cache, warm runners and the zygote keep working). Above
@@ -25,11 +26,12 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 
+from .hashcache import HashCache, workspace_key
 from .manifest import Entry, Manifest, parse_size
 from .names import ENV_CACHE_DIR, ENV_CACHE_LIMIT
-from .serialization import file_digest
 
 DEFAULT_CACHE_LIMIT = 2 * 1024**3
 
@@ -48,14 +50,17 @@ def cache_limit(env: Mapping[str, str]) -> int:
 
 
 class ShipCache:
-    def __init__(self, root: str, limit: int = DEFAULT_CACHE_LIMIT) -> None:
+    def __init__(
+        self, root: str, limit: int = DEFAULT_CACHE_LIMIT, clock: Callable[[], int] = time.time_ns
+    ) -> None:
         self.root = root
         self.limit = limit
+        self.clock = clock  # wall time (ns), for the hash cache's racy files
         for sub in ("", "blobs", "trees", "tmp"):
             os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
         os.chmod(root, 0o700)
-        #: (path, size, mtime_ns, inode) -> sha256: a workspace's files hashed once
-        self._hashed: dict[tuple[str, int, int, int], str] = {}
+        #: (worker, workspace) -> its files hashed, kept on disk (see hashcache)
+        self._hashes: dict[tuple[str, str], HashCache] = {}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ShipCache:
@@ -190,34 +195,40 @@ class ShipCache:
 
     # ------------------------------------------------------------------ a workspace in place
 
-    def matches(self, workspace: str, manifest: Manifest) -> list[str]:
+    def workspace_hashes(self, workspace: str, worker: str = "") -> HashCache:
+        """What ``worker`` hashed of ``workspace`` (loaded once per process)."""
+        key = (worker, workspace)
+        if key not in self._hashes:
+            path = os.path.join(self.root, "hashes", workspace_key(worker, workspace) + ".json")
+            self._hashes[key] = HashCache(path, self.clock)
+        return self._hashes[key]
+
+    def matches(self, workspace: str, manifest: Manifest, worker: str = "") -> list[str]:
         """The manifest's paths that ``workspace`` lacks or holds different (empty: it
-        matches, and can be used in place). Extra files in the workspace do not count."""
+        matches, and can be used in place). Extra files in the workspace do not count. Sizes
+        first; a file is hashed only when its stat is not the one this worker hashed it at."""
+        hashes = self.workspace_hashes(workspace, worker)
         differ: list[str] = []
         for entry in manifest.entries:
-            full = os.path.join(workspace, *entry["path"].split("/"))
+            full = os.path.join(workspace, entry["path"])  # POSIX paths, checked
             try:
                 st = os.lstat(full)
+                same = self._same(full, st, entry, hashes)
             except OSError:
+                same = False
+            if not same:
                 differ.append(entry["path"])
-                continue
-            if not self._same(full, st, entry):
-                differ.append(entry["path"])
+        hashes.keep_only({os.path.join(workspace, e["path"]) for e in manifest.entries})
+        hashes.save()
         return differ
 
-    def _same(self, full: str, st: os.stat_result, entry: Entry) -> bool:
+    @staticmethod
+    def _same(full: str, st: os.stat_result, entry: Entry, hashes: HashCache) -> bool:
         if "link" in entry:
             return stat.S_ISLNK(st.st_mode) and os.readlink(full) == entry["link"]
         if not stat.S_ISREG(st.st_mode) or st.st_size != entry["size"]:
             return False
-        return self._sha(full, st) == entry["sha256"]
-
-    def _sha(self, full: str, st: os.stat_result) -> str:
-        key = (full, st.st_size, st.st_mtime_ns, st.st_ino)
-        found = self._hashed.get(key)
-        if found is None:
-            found = self._hashed[key] = file_digest(full)
-        return found
+        return hashes.sha256(full, st) == entry["sha256"]
 
     # ------------------------------------------------------------------ eviction
 

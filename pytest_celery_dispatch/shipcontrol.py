@@ -17,6 +17,7 @@ import pytest
 
 from .blobs import messages
 from .envdrift import differences, versions
+from .hashcache import HashCache
 from .manifest import (
     DEFAULT_MAX_FILE,
     DEFAULT_MAX_TOTAL,
@@ -56,6 +57,8 @@ class ShipSettings:
     max_file: int = DEFAULT_MAX_FILE
     max_total: int = DEFAULT_MAX_TOTAL
     signer: Signer | None = None
+    #: Where the controller remembers its files' sha256 (pytest's cache; None without it).
+    hash_file: str | None = None
 
 
 def add_options(group: Any, parser: pytest.Parser) -> None:
@@ -95,12 +98,25 @@ def resolve_ship(config: pytest.Config) -> ShipSettings:
         raise pytest.UsageError(f"celery-dispatch: {exc}") from None
     return ShipSettings(
         signer=signer,
+        hash_file=hash_file(config) if mode != "off" else None,
         mode=mode,
         include=tuple(config.getini("celery_dispatch_ship_include")),
         exclude=tuple(config.getini("celery_dispatch_ship_exclude")),
         max_file=sizes[SETTING_MAX_FILE],
         max_total=sizes[SETTING_MAX_TOTAL],
     )
+
+
+def hash_file(config: pytest.Config) -> str | None:
+    """The controller's hash cache (see hashcache), in pytest's cache folder: none when the
+    cache plugin is off (``-p no:cacheprovider``) or its folder cannot be made."""
+    cache = getattr(config, "cache", None)
+    if cache is None:
+        return None
+    try:
+        return str(cache.mkdir("celery-dispatch") / "hashes.json")
+    except OSError:
+        return None
 
 
 def run_outputs(config: pytest.Config, *paths: str | None) -> list[str]:
@@ -124,6 +140,7 @@ class Shipper:
         self.workers: dict[str, dict[str, Any]] = {}
         self.seconds = 0.0
         self.error: str | None = None  # why the tree could not be shipped
+        self.hashes: HashCache | None = None  # the files' sha256 from earlier runs
 
     def prepare(self) -> str | None:
         """Build the manifest (``off``: none); raises :class:`.manifest.ShipError`. Returns the
@@ -133,12 +150,13 @@ class Shipper:
         began = time.monotonic()
         st = self.settings
         files = list_files(self.root, st.include, st.exclude, self.outputs)
-        self.manifest = build_manifest(self.root, files, st.max_file, st.max_total)
+        self.hashes = HashCache(st.hash_file)  # in memory only without pytest's cache
+        self.manifest = build_manifest(self.root, files, st.max_file, st.max_total, self.hashes)
         self.seconds = time.monotonic() - began
         return (
             f"the run's tree: {len(self.manifest.entries):,} files, "
             f"{human_bytes(self.manifest.total_size)} (--celery-ship {st.mode}, manifest "
-            f"{self.manifest.digest[:12]}, {self.seconds:.2f} s)"
+            f"{self.manifest.digest[:12]}, {self.hashes.hashed:,} hashed, {self.seconds:.2f} s)"
         )
 
     @property
@@ -230,6 +248,7 @@ class Shipper:
             "files": len(manifest.entries) if manifest else None,
             "tree_bytes": manifest.total_size if manifest else None,
             "manifest_seconds": round(self.seconds, 3),
+            "files_hashed": self.hashes.hashed if self.hashes else None,
             "error": self.error,
             "blobs_sent": sum(w["blobs_sent"] for w in self.workers.values()),
             "bytes_sent": sum(w["bytes_sent"] for w in self.workers.values()),

@@ -135,7 +135,7 @@ def prepare(
     }
     cache = state.cache
     if ship.get("mode") == "auto":
-        differ = cache.matches(workspace, manifest)
+        differ = cache.matches(workspace, manifest, worker)
         if not differ:
             return Prepared(workspace, {**info, "state": "in place"})
         info["differ"] = len(differ)
