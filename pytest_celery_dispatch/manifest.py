@@ -22,6 +22,7 @@ import posixpath
 import re
 import stat
 import subprocess
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypedDict
 
@@ -62,6 +63,8 @@ SNAPSHOT_FILE = 1 * MB
 SNAPSHOT_TOTAL = 64 * MB
 SETTING_MAX_FILE = "celery_dispatch_ship_max_file"
 SETTING_MAX_TOTAL = "celery_dispatch_ship_max_total"
+#: The largest manifest a worker fetches (its JSON: about 100 bytes a file).
+MAX_MANIFEST_BYTES = 256 * MB
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -87,10 +90,14 @@ class Manifest:
     snapshot: dict[str, bytes] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @functools.cached_property
+    def canonical(self) -> bytes:
+        """The entries as canonical JSON: what the digest hashes, and what a worker fetches."""
+        return json.dumps(list(self.entries), sort_keys=True, separators=(",", ":")).encode()
+
+    @functools.cached_property
     def digest(self) -> str:
         """sha256 of the canonical JSON of the entries: the tree's name on every worker."""
-        text = json.dumps(list(self.entries), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+        return hashlib.sha256(self.canonical).hexdigest()
 
     @property
     def total_size(self) -> int:
@@ -387,6 +394,22 @@ def check_entries(raw: Any, max_file: int, max_total: int) -> Manifest:
         if links.intersection(parents) or seen.intersection(parents):
             raise ValueError(f"entry {path!r} lies beneath another entry (a link or a file)")
     return Manifest(tuple(entries))
+
+
+def parse_manifest(data: bytes, digest: str) -> Manifest:
+    """A manifest a worker fetched by the digest its session names: the bytes are checked
+    against the digest before they are parsed (JSON only), then every entry
+    (:func:`check_entries`). Raises ValueError."""
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError("the manifest does not match its digest")
+    try:
+        raw = json.loads(data)
+    except ValueError:
+        raise ValueError("the manifest is not JSON") from None
+    manifest = check_entries(raw, sys.maxsize, sys.maxsize)
+    if manifest.digest != digest:  # entries with other fields than a controller writes
+        raise ValueError("the manifest is not in its canonical form")
+    return manifest
 
 
 def _parents(path: str) -> Iterator[str]:

@@ -4,6 +4,7 @@ Layout under the cache folder (``DISPATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME`` 
 ``/pytest-celery-dispatch``, this user's only)::
 
     blobs/ab/abcdef...      a file's bytes, read-only, named by their sha256
+    manifests/<digest>.json a run's manifest as fetched (JSON, checked against its digest)
     trees/<digest>/         a run's tree, hard links to the blobs (copies for executables)
     trees/<digest>.lock     held shared while a run uses the tree, exclusively while it is built
     tmp/                    blobs being received, trees being built
@@ -12,7 +13,8 @@ Layout under the cache folder (``DISPATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME`` 
 A tree is built once per manifest and reused by every later run with the same manifest (its
 path is the same, so the bytecode cache, warm runners and the zygote keep working). Above
 ``DISPATCH_CACHE_LIMIT`` (default 2 GB) the least recently used trees not in use go first,
-then blobs no tree holds (oldest received first). The worker writes only inside this folder.
+then blobs no tree holds and manifests (oldest received first). The worker writes only inside
+this folder.
 
 PYTEST_DONT_REWRITE: imported by the worker side.
 """
@@ -56,7 +58,7 @@ class ShipCache:
         self.root = root
         self.limit = limit
         self.clock = clock  # wall time (ns), for the hash cache's racy files
-        for sub in ("", "blobs", "trees", "tmp"):
+        for sub in ("", "blobs", "manifests", "trees", "tmp"):
             os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
         os.chmod(root, 0o700)
         #: (worker, workspace) -> its files hashed, kept on disk (see hashcache)
@@ -85,6 +87,25 @@ class ShipCache:
         os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
         os.chmod(received, 0o444)
         os.replace(received, target)
+
+    def manifest_path(self, digest: str) -> str:
+        return os.path.join(self.root, "manifests", digest + ".json")
+
+    def add_manifest(self, digest: str, received: str) -> None:
+        """Keep a fetched manifest (its bytes matched ``digest``; parsed when used)."""
+        os.chmod(received, 0o444)
+        os.replace(received, self.manifest_path(digest))
+
+    def read_manifest(self, digest: str) -> bytes | None:
+        try:
+            with open(self.manifest_path(digest), "rb") as fh:
+                return fh.read()
+        except OSError:
+            return None
+
+    def drop_manifest(self, digest: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.manifest_path(digest))
 
     def tmp_dir(self) -> str:
         return tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"))
@@ -234,15 +255,15 @@ class ShipCache:
 
     def size(self) -> int:
         total = 0
-        for here, _, files in os.walk(os.path.join(self.root, "blobs")):
-            for name in files:
-                with contextlib.suppress(OSError):
-                    total += os.lstat(os.path.join(here, name)).st_size
+        for path in self._stored():
+            with contextlib.suppress(OSError):
+                total += os.lstat(path).st_size
         return total
 
     def evict(self) -> list[str]:
         """Above the limit: trees not in use, least recently used first, then blobs no tree
-        holds (one link), oldest first. Returns what went (tree digests, blob shas)."""
+        holds (one link) and manifests, oldest first. Returns what went (tree digests, blob
+        shas, manifest files)."""
         gone: list[str] = []
         total = self.size()
         if total <= self.limit:
@@ -254,7 +275,7 @@ class ShipCache:
             digest = name[: -len(".lock")]
             if self._drop_tree(os.path.join(trees_dir, digest)):
                 gone.append(digest)
-        for blob in sorted(self._blobs(), key=_mtime):
+        for blob in sorted(self._stored(), key=_mtime):
             if total <= self.limit:
                 break
             st = os.lstat(blob)
@@ -276,10 +297,12 @@ class ShipCache:
                     os.unlink(path + suffix)
             return True
 
-    def _blobs(self) -> Iterator[str]:
-        for here, _, files in os.walk(os.path.join(self.root, "blobs")):
-            for name in files:
-                yield os.path.join(here, name)
+    def _stored(self) -> Iterator[str]:
+        """Every blob and manifest file."""
+        for sub in ("blobs", "manifests"):
+            for here, _, files in os.walk(os.path.join(self.root, sub)):
+                for name in files:
+                    yield os.path.join(here, name)
 
 
 def _mtime(path: str) -> float:

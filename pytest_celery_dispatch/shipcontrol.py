@@ -168,34 +168,50 @@ class Shipper:
         return self._versions
 
     def payload(self) -> dict[str, Any]:
-        """The ``ship`` part of every slot's payload."""
+        """The ``ship`` part of every slot's payload: the manifest by its digest (a worker that
+        lacks it asks for it as for a blob)."""
         if self.manifest is None:
             return {"mode": "off"}
         return {
             "mode": self.settings.mode,
             "digest": self.manifest.digest,
-            "manifest": self.manifest.as_list(),
+            "manifest_size": len(self.manifest.canonical),
         }
 
     def _worker(self, name: str) -> dict[str, Any]:
         return self.workers.setdefault(
-            name, {"state": None, "blobs_sent": 0, "bytes_sent": 0, "seconds": None, "drift": []}
+            name,
+            {
+                "state": None,
+                "blobs_sent": 0,
+                "bytes_sent": 0,
+                "manifests_sent": 0,
+                "seconds": None,
+                "drift": [],
+            },
         )
 
     def serve(self, run_id: str, event: Event, publish: Any) -> None:
-        """Send the blobs a slot asked for (only this run's own) to that slot's blob queue."""
-        if self.manifest is None:
+        """Send the blobs a slot asked for (only this run's own files, and its manifest) to
+        that slot's blob queue."""
+        manifest = self.manifest
+        if manifest is None:
             return
-        known = self.manifest.blobs()
-        wanted = [s for s in dict.fromkeys(event.get("blobs") or []) if s in known]
+        known = manifest.blobs()
+        asked = dict.fromkeys(event.get("blobs") or [])
+        wanted = [s for s in asked if s in known and s != manifest.digest]
         queue = blob_queue_name(run_id, str(event.get("session_id", "")))
         stats = self._worker(str(event.get("worker")))
-        snapshot = self.manifest.snapshot
-        files = (
+        snapshot = manifest.snapshot
+        files: list[tuple[str | bytes, str, str]] = []
+        if manifest.digest in asked:
+            files.append((manifest.canonical, manifest.digest, "the run's manifest"))
+            stats["manifests_sent"] += 1
+        files += (
             (snapshot.get(s) or os.path.join(self.root, known[s]["path"]), s, known[s]["path"])
             for s in wanted
         )
-        for batch in messages(files):
+        for batch in messages(iter(files)):
             body = dumps(batch)
             publish(queue, body)
             stats["bytes_sent"] += len(body)
@@ -251,6 +267,7 @@ class Shipper:
             "files_hashed": self.hashes.hashed if self.hashes else None,
             "error": self.error,
             "blobs_sent": sum(w["blobs_sent"] for w in self.workers.values()),
+            "manifests_sent": sum(w["manifests_sent"] for w in self.workers.values()),
             "bytes_sent": sum(w["bytes_sent"] for w in self.workers.values()),
             "workers": {k: dict(v) for k, v in sorted(self.workers.items())},
         }
