@@ -175,7 +175,7 @@ def _refusal(
     """None when this worker may take the run's tree; else why not: a signature it does not
     take, or :data:`UNSIGNED` for an unsigned run it does not take."""
     if (payload.get("ship") or {}).get("signature"):
-        why = verify(payload, state.env)
+        why = verify(payload, state.env, state.clock())
         return f"{worker} does not run this shipped tree: {why}" if why else None
     return None if unsigned_allowed(state.env, broker_url) else UNSIGNED
 

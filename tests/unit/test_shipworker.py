@@ -197,3 +197,40 @@ def test_a_manifest_that_is_not_json_or_not_canonical_is_refused(tmp_path: Path,
         data["ship"].update(digest=hashlib.sha256(text).hexdigest(), manifest_size=len(text))
         found = prepare(data, str(root), state, FakeFetcher(root, text), "w", "amqp://x//")
         assert why in str(found.refused), text
+
+
+def test_an_expired_signature_is_refused_before_anything_is_fetched(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from pytest_celery_dispatch.shipsign import DEFAULT_MAX_AGE, Signer
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (tmp_path / "trust.pem").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    root, empty = project(tmp_path / "ctl"), tmp_path / "empty"
+    empty.mkdir()
+    data = payload(root, "always")
+    data["ship"] = Signer(private.decode(), "test", lambda: 1000.0)(data)
+    env = {
+        "DISPATCH_CACHE_DIR": str(tmp_path / "c"),
+        "DISPATCH_SHIP_TRUST": str(tmp_path / "trust.pem"),
+    }
+    fetch = FakeFetcher(root)
+    fresh = prepare(data, str(empty), ShipState(env, lambda: 1000.0 + 60), fetch, "w", "amqp://x//")
+    fresh.hold.close()
+    assert (fresh.info["state"], fresh.refused) == ("shipped", None)
+    late = ShipState(
+        {**env, "DISPATCH_CACHE_DIR": str(tmp_path / "c2")}, lambda: 1000.0 + DEFAULT_MAX_AGE + 1
+    )
+    old = prepare(data, str(empty), late, fetch, "w", "amqp://x//")
+    assert "w does not run this shipped tree" in str(old.refused)
+    assert "(DISPATCH_SHIP_MAX_AGE, 1.0 d)" in str(old.refused)
+    assert len(fetch.asked) == 2, "the expired run fetched nothing (the fresh one: manifest, blobs)"
