@@ -107,9 +107,6 @@ class Manifest:
         """Each distinct content once: sha256 -> an entry holding it."""
         return {e["sha256"]: e for e in self.entries if "sha256" in e}
 
-    def as_list(self) -> list[Entry]:
-        return [dict(e) for e in self.entries]  # type: ignore[misc]
-
 
 def _git_files(root: str) -> list[str] | None:
     """Tracked files and untracked files git would not ignore, under ``root``; None outside

@@ -149,7 +149,8 @@ class Shipper:
             return None
         began = time.monotonic()
         st = self.settings
-        files = list_files(self.root, st.include, st.exclude, self.outputs)
+        own = [st.hash_file] if st.hash_file else []  # a cache_dir inside the tree
+        files = list_files(self.root, st.include, st.exclude, [*self.outputs, *own])
         self.hashes = HashCache(st.hash_file)  # in memory only without pytest's cache
         self.manifest = build_manifest(self.root, files, st.max_file, st.max_total, self.hashes)
         self.seconds = time.monotonic() - began

@@ -49,3 +49,17 @@ def test_the_manifest_is_served_when_asked_and_parses_as_the_controllers(tmp_pat
     assert (stats["manifests_sent"], stats["blobs_sent"]) == (1, 0)  # an unknown sha: nothing
     assert ship.report()["manifests_sent"] == 1
     assert stats["bytes_sent"] == sum(len(body) for _, body in sent)
+
+
+def test_the_controllers_hash_cache_is_used_and_never_part_of_the_tree(tmp_path: Path) -> None:
+    root = tmp_path / "ctl"
+    root.mkdir()
+    (root / "test_a.py").write_text("def test(): pass\n")
+    store = root / "cache" / "hashes.json"  # a cache_dir inside the rootdir, outside git
+    store.parent.mkdir()
+    store.write_text("{}")
+    first = Shipper(str(root), ShipSettings(hash_file=str(store)), [])
+    first.prepare()
+    assert first.manifest is not None
+    assert [e["path"] for e in first.manifest.entries] == ["test_a.py"]
+    assert first.report()["files_hashed"] == 1
