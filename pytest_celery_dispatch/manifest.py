@@ -84,7 +84,7 @@ class Entry(TypedDict, total=False):
 @dataclasses.dataclass(frozen=True)
 class Manifest:
     entries: tuple[Entry, ...]
-    #: The bytes of small files as they were hashed (sha256 -> bytes), so that a file written
+    #: The bytes of small files as they were read (sha256 -> bytes), so that a file written
     #: during the run (a log in the rootdir) is still sent as the manifest names it. Controller
     #: side only: not part of the digest.
     snapshot: dict[str, bytes] = dataclasses.field(default_factory=dict, compare=False, repr=False)
