@@ -252,7 +252,7 @@ class QueueScheduler(Recovery):
         unknown_workers = max(0, self.consumers.get(slot.queue, 0) - len(known))
         wanted = sum(known.values()) + unknown_workers
         self.capacity[slot.queue] = max(self.capacity.get(slot.queue, 0), wanted)
-        wanted = min(wanted, self.turns.granted.get(slot.queue, wanted))  # a shared bench
+        wanted = self.turns.widen(slot.queue, wanted)  # a shared bench: the line decides
         live = sum(1 for s in self.slots.values() if s.live and s.queue == slot.queue)
         waiting = sum(1 for c in self.live_chunks(slot.queue) if c.started_at is None)
         more = [self._new_slot(slot.queue) for _ in range(min(wanted - live, waiting))]

@@ -126,6 +126,16 @@ class TurnGate:
         self.granted[queue] = granted
         return True
 
+    def widen(self, queue: str, slots: int) -> int:
+        """A queue already going learned it has ``slots`` slots (its first count missed a
+        worker): how many it may hold now. Above its grant, the line's rule decides again
+        (:func:`.lab.grant`); never fewer than it holds."""
+        held = self.granted.get(queue)
+        if self.grant is None or held is None or slots <= held:
+            return slots
+        self.granted[queue] = max(held, self.grant(queue, slots))
+        return self.granted[queue]
+
     def due(self, stopping: bool = False) -> list[str]:
         """The waiting queues whose turn has come (now granted); none once the run stops."""
         return [] if stopping else [q for q, n in sorted(self.waiting.items()) if self.take(q, n)]
