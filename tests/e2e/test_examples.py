@@ -101,8 +101,21 @@ def demo_processes() -> list[str]:
     return [
         line
         for line in ps.stdout.splitlines()
-        if ("-Q queue_a" in line or "-Q queue_b" in line) and " Z" not in line
+        if ("-Q queue_a" in line or "-Q queue_b" in line)
+        and " Z" not in line
+        and of_this_checkout(line)
     ]
+
+
+def of_this_checkout(ps_line: str) -> bool:
+    """Whether a process runs this checkout's Python or works in it (another checkout's
+    workers on the same queue names are not this demo's)."""
+    if str(ROOT) in ps_line:
+        return True
+    try:
+        return Path(os.readlink(f"/proc/{ps_line.split()[0]}/cwd")).is_relative_to(ROOT)
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def make_demo(broker_url: str) -> subprocess.CompletedProcess:
