@@ -171,7 +171,9 @@ class QueueScheduler(Recovery):
         recorded durations, longest first, the predicted test time; nothing before its turn."""
         nodeids = self.queue_nodeids[queue]
         slots = max(1, self.capacity.get(queue) or self.consumers.get(queue) or 1)
-        if queue not in self.turns.granted and not self.turns.take(queue, slots):
+        # A shared bench: this run holds no more of its slots than it has tests.
+        wanted = min(slots, len(nodeids))
+        if queue not in self.turns.granted and not self.turns.take(queue, slots, wanted):
             return [], []
         planned = plan_work(nodeids, slots, self.dist, self.group_of, self.estimates.get(queue))
         self.forecast.planned(queue, planned, slots)
@@ -256,9 +258,10 @@ class QueueScheduler(Recovery):
         unknown_workers = max(0, self.consumers.get(slot.queue, 0) - len(known))
         wanted = sum(known.values()) + unknown_workers
         self.capacity[slot.queue] = max(self.capacity.get(slot.queue, 0), wanted)
-        wanted = self.turns.widen(slot.queue, wanted)  # a shared bench: the line decides
         live = sum(1 for s in self.slots.values() if s.live and s.queue == slot.queue)
         waiting = sum(1 for c in self.live_chunks(slot.queue) if c.started_at is None)
+        # A shared bench: the line decides on the slots this run has work for.
+        wanted = self.turns.widen(slot.queue, wanted, min(wanted, live + waiting))
         more = [self._new_slot(slot.queue) for _ in range(min(wanted - live, waiting))]
         return self._revised_eta(slot.queue) + more
 

@@ -63,8 +63,9 @@ class RunTurns:
         self._queues = queues
         self.board.publish({**self.me, "queues": queues})
 
-    def grant(self, queue: str, slots: int) -> int:
-        """Slots of ``queue`` this run may take now (0: wait for its turn).
+    def grant(self, queue: str, slots: int, wanted: int | None = None) -> int:
+        """Slots of the ``slots`` of ``queue`` this run may take now, at most ``wanted``
+        (0: wait for its turn).
 
         At the start, the board is waited for (``HELLO_WAIT`` normally); a board still out of
         reach after ``BOARD_WAIT`` leaves this run out of the line (said once). Later, while
@@ -78,18 +79,19 @@ class RunTurns:
                     self.unreachable = self.board.error or "no answer"
                     break
                 time.sleep(0.02)
+        wanted = slots if wanted is None else wanted
         if self.unreachable:
-            return slots  # as without a line
+            return wanted  # as without a line
         if not self.board.ready:
             return 0
         with contextlib.suppress(Exception):
-            granted = lab.grant(self.me, self.board.notices(), queue, slots)
+            granted = min(wanted, lab.grant(self.me, self.board.notices(), queue, slots))
             if granted > 0:  # said at once: a run arriving now must count these slots as held
                 since = self.since.setdefault(queue, self.wall())  # kept when widened
                 state = {"state": lab.HOLDING, "slots": granted, "since": since}
                 self._publish({**self._queues, queue: state})
             return granted
-        return slots  # the board cannot be read: as without a line
+        return wanted  # the board cannot be read: as without a line
 
     def notice(self, sch: QueueScheduler) -> lab.Notice:
         """This run's notice: each queue it waits for or holds (slots, progress)."""

@@ -109,36 +109,40 @@ Action = Publish | StartSlot | Fail | Notice | Attempt
 
 
 class TurnGate:
-    """A run's queues on shared benches: ``grant(queue, slots)`` (see :func:`.lab.grant`) says
-    how many of a queue's slots the run may take now; 0 = the queue waits for its turn, and
-    nothing of it is sent meanwhile. Without a ``grant`` every queue goes at once."""
+    """A run's queues on shared benches: ``grant(queue, slots, wanted)`` (see
+    :func:`.lab.grant`) says how many of a queue's ``slots`` the run may take now, at most the
+    ``wanted`` it has work for; 0 = the queue waits for its turn, and nothing of it is sent
+    meanwhile. Without a ``grant`` every queue goes at once."""
 
-    def __init__(self, grant: Callable[[str, int], int] | None = None) -> None:
+    def __init__(self, grant: Callable[[str, int, int], int] | None = None) -> None:
         self.grant = grant
-        self.waiting: dict[str, int] = {}  # queue -> its slots, while it waits for its turn
+        self.waiting: dict[str, tuple[int, int]] = {}  # queue -> (slots, wanted), waiting
         self.granted: dict[str, int] = {}  # queue -> slots this run may hold
 
-    def take(self, queue: str, slots: int) -> bool:
+    def take(self, queue: str, slots: int, wanted: int | None = None) -> bool:
         if self.grant is None:
             return True
-        granted = self.grant(queue, slots)
+        wanted = slots if wanted is None else wanted
+        granted = self.grant(queue, slots, wanted)
         if granted <= 0:
-            self.waiting[queue] = slots
+            self.waiting[queue] = (slots, wanted)
             return False
         self.waiting.pop(queue, None)
         self.granted[queue] = granted
         return True
 
-    def widen(self, queue: str, slots: int) -> int:
+    def widen(self, queue: str, slots: int, wanted: int) -> int:
         """A queue already going learned it has ``slots`` slots (its first count missed a
-        worker): how many it may hold now. Above its grant, the line's rule decides again
-        (:func:`.lab.grant`); never fewer than it holds."""
+        worker) and has work for ``wanted``: how many it may hold now. Above its grant, the
+        line's rule decides again (:func:`.lab.grant`); never fewer than it holds."""
         held = self.granted.get(queue)
-        if self.grant is None or held is None or slots <= held:
-            return slots
-        self.granted[queue] = max(held, self.grant(queue, slots))
+        if self.grant is None or held is None or wanted <= held:
+            return wanted
+        self.granted[queue] = max(held, self.grant(queue, slots, wanted))
         return self.granted[queue]
 
     def due(self, stopping: bool = False) -> list[str]:
         """The waiting queues whose turn has come (now granted); none once the run stops."""
-        return [] if stopping else [q for q, n in sorted(self.waiting.items()) if self.take(q, n)]
+        if stopping:
+            return []
+        return [q for q, (n, w) in sorted(self.waiting.items()) if self.take(q, n, w)]

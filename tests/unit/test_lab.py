@@ -199,7 +199,7 @@ def test_a_waiting_run_keeps_waiting_while_the_board_is_cut_off():
 
 
 def test_a_run_starts_its_free_queue_while_its_busy_one_waits():
-    sch = scheduler(lambda queue, slots: 0 if queue == Q else slots)
+    sch = scheduler(lambda queue, slots, wanted: 0 if queue == Q else wanted)
     sch.queue_nodeids["queue_b"] = ["t.py::c"]
     actions = sch.begin({Q: 1, "queue_b": 1}, {Q: 1, "queue_b": 1})
     assert {a.slot.queue for a in actions if isinstance(a, StartSlot)} == {"queue_b"}
@@ -257,3 +257,13 @@ def sent(sch, actions):
         if isinstance(action, Publish):
             sch.sent(action.chunk)
     return [a.slot for a in actions if isinstance(a, StartSlot)]
+
+
+def test_a_run_holds_no_more_slots_of_a_shared_bench_than_it_has_tests():
+    board = FakeBoard()
+    turns = RunTurns("me", {"label": "me@h"}, 5, board, wall=lambda: 50.0, clock=lambda: 0.0)
+    sch = scheduler(turns.grant)
+    sch.queue_nodeids[Q] = ["t.py::only"]
+    assert len(sent(sch, sch.begin({Q: 1}, {Q: 2}))) == 1
+    assert board.published[-1]["queues"][Q]["slots"] == 1  # the other slot is free for others
+    assert lab.grant(run("next"), [board.published[-1]], Q, 2) == 1
