@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,12 @@ from tests.helpers import (
 # this suite starts (pytester runs, the workers' runner processes); a test that wants it passes
 # `-p randomly`, which re-enables it.
 os.environ["PYTEST_ADDOPTS"] = (os.environ.get("PYTEST_ADDOPTS", "") + " -p no:randomly").strip()
+
+# A suite started in the background by a shell without job control (`make test &` in a script,
+# some CI runners) inherits SIGINT ignored, and so would every controller it starts: the Ctrl-C
+# tests' SIGINT would do nothing. A handled signal is reset to the default across exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
