@@ -15,10 +15,13 @@ import socket
 from collections.abc import Iterator
 from typing import Any
 
-from .serialization import dumps
+from .serialization import dumps, encode_text
 
 #: Bytes read from a pipe at a time.
 READ_SIZE = 1 << 16
+#: Between a line's header and its part relayed as it is (:func:`encode_split`): JSON text
+#: never holds a raw tab (``json.dumps`` escapes every control character).
+SPLIT = b"\t"
 
 
 def encode(message: Any, *, exact: bool = False) -> bytes:
@@ -29,8 +32,21 @@ def encode(message: Any, *, exact: bool = False) -> bytes:
     return (dumps(message) + "\n").encode("utf-8", "replace")
 
 
+def encode_split(header: dict[str, Any], fields: dict[str, Any]) -> bytes:
+    """One line its reader decodes only in part: ``header``, a tab, then the members of
+    ``fields`` (its JSON object without the braces), which :func:`decode` leaves as bytes in
+    the header's ``raw`` for the slot to relay (:class:`.serialization.RawTest`)."""
+    if not fields:
+        raise ValueError("encode_split: no fields")
+    return encode_text(header) + SPLIT + encode_text(fields)[1:-1] + b"\n"
+
+
 def decode(line: bytes) -> Any:
-    return json.loads(line.decode("utf-8", "replace"))
+    head, split, raw = line.partition(SPLIT)
+    message = json.loads(head.decode("utf-8", "replace"))
+    if split:
+        message["raw"] = raw
+    return message
 
 
 def write_all(fd: int, data: bytes) -> None:
