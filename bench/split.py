@@ -1,9 +1,11 @@
 """``python -m bench.split DIR [--tests N]``: the per-test CPU of a dispatched run, split into
 its parts, from the profiles ``python -m bench --profile DIR`` left (see bench/profiling).
 
-Each profile is one thread of one process and counts CPU time (``time.thread_time``); cProfile
-slows the profiled code (roughly 1.5-2x for pytest's many small calls), so read the split as
-shares and compare runs profiled the same way, not with the bench's unprofiled seconds.
+Each profile is one thread of one process, timed by cProfile's wall clock; the time spent
+blocked (in ``select``, a pipe or socket read, a lock: :data:`BLOCKING`) is taken out, so what
+is left is close to CPU time on a machine that is not overloaded. cProfile slows the profiled
+code (roughly 1.5-2x for pytest's many small calls), so read the split as shares and compare
+runs profiled the same way, not with the bench's unprofiled seconds.
 
 The parts, by the functions whose cumulative CPU they are:
 
@@ -35,8 +37,11 @@ SERIALIZE = (
     ("pytest_celery_dispatch/runner.py", "_send_test"),
 )
 DRIVER_LOOP = ("pytest_celery_dispatch/driver.py", "_loop")
+DRIVER_PUMP = (
+    ("pytest_celery_dispatch/driver.py", "_pump"),
+    ("pytest_celery_dispatch/driver.py", "tick"),
+)
 PUBLISH = ("pytest_celery_dispatch/worker.py", "emit")
-FETCH = ("pytest_celery_dispatch/worker.py", "fetch")
 CONTROLLER = ("pytest_celery_dispatch/session.py", "pytest_runtestloop")
 CONSUMER = ("pytest_celery_dispatch/transport.py", "_consume")
 DECODE = (
@@ -44,11 +49,42 @@ DECODE = (
     ("pytest_celery_dispatch/transport.py", "_on_message"),
 )
 REPLAY = (("pytest_celery_dispatch/events.py", "on_results"),)
+#: ``Replayer.rebuild`` where it exists, else pytest's hook (called by the replay's buffering).
 REBUILD = (
-    ("_pytest/reports.py", "pytest_report_from_serializable"),
     ("pytest_celery_dispatch/replay.py", "rebuild"),
+    ("_pytest/reports.py", "pytest_report_from_serializable"),
 )
 HOOKS = (("pytest_celery_dispatch/replay.py", "replay"),)
+#: Built-in calls that wait (their time is not CPU time).
+BLOCKING = (
+    "<built-in method select.select>",
+    "<method 'poll' of 'select.poll' objects>",
+    "<method 'poll' of 'select.epoll' objects>",
+    "<method 'read' of '_io.FileIO' objects>",
+    "<built-in method posix.read>",
+    "<built-in method posix.waitpid>",
+    "<method 'recv' of '_socket.socket' objects>",
+    "<method 'recv_into' of '_socket.socket' objects>",
+    "<method 'acquire' of '_thread.lock' objects>",
+    "<method 'acquire' of '_thread.RLock' objects>",
+    "<built-in method time.sleep>",
+)
+
+
+def waits(stats: pstats.Stats, caller_suffix: str = "") -> float:
+    """Time blocked in :data:`BLOCKING` calls (only those made from files ending with
+    ``caller_suffix``, when given)."""
+    total = 0.0
+    for (filename, _line, function), row in stats.stats.items():  # type: ignore[attr-defined]
+        if filename != "~" or function not in BLOCKING:
+            continue
+        if not caller_suffix:
+            total += row[2]
+            continue
+        for (caller_file, _l, _f), edge in row[4].items():
+            if caller_file.endswith(caller_suffix):
+                total += edge[2]
+    return total
 
 
 def cumulative(stats: pstats.Stats, wanted: tuple[str, str]) -> float:
@@ -72,35 +108,40 @@ def split(folder: Path) -> dict[str, dict[str, float]]:
     parts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for path in sorted(folder.glob("*.prof")):
         stats = pstats.Stats(str(path))
-        total = own_total(stats)
+        busy = own_total(stats) - waits(stats)
         loop = cumulative(stats, RUN_LOOP)
         if loop:
             serialize = cumulative_any(stats, SERIALIZE)
-            parts["worker: runner"]["run"] += loop - serialize
+            run = loop - serialize - waits(stats, "pytest_celery_dispatch/jsonlines.py")
+            parts["worker: runner"]["run"] += run
             parts["worker: runner"]["serialize"] += serialize
-            parts["worker: runner"]["start-up, collection"] += total - loop
+            parts["worker: runner"]["start-up, collection, end"] += busy - run - serialize
             continue
         driver = cumulative(stats, DRIVER_LOOP)
         if driver:
-            publish, fetch = cumulative(stats, PUBLISH), cumulative(stats, FETCH)
-            parts["worker: slot driver"]["relay"] += driver - publish - fetch
+            publish = cumulative(stats, PUBLISH)
+            pump = cumulative_any(stats, DRIVER_PUMP)
+            relay = pump - publish - waits(stats, "pytest_celery_dispatch/launcher.py")
+            parts["worker: slot driver"]["relay"] += relay
             parts["worker: slot driver"]["publish"] += publish
-            parts["worker: slot driver"]["fetch chunks"] += fetch
-            parts["worker: slot driver"]["other (task start, slot set-up)"] += total - driver
+            parts["worker: slot driver"]["other (task, slot set-up, fetch, control)"] += (
+                busy - relay - publish
+            )
             continue
         consumer = cumulative(stats, CONSUMER)
         if consumer:
             decode = cumulative_any(stats, DECODE)
-            parts["controller"]["receive"] += consumer - decode
-            parts["controller"]["decode"] += decode
+            parts["controller"]["receive (consumer thread)"] += busy - decode
+            parts["controller"]["decode (consumer thread)"] += decode
             continue
         if cumulative(stats, CONTROLLER):
             replay = cumulative_any(stats, REPLAY)
-            rebuild, hooks = cumulative_any(stats, REBUILD), cumulative_any(stats, HOOKS)
+            rebuild = cumulative(stats, REBUILD[0]) or cumulative(stats, REBUILD[1])
+            hooks = cumulative_any(stats, HOOKS)
             parts["controller"]["replay: rebuild reports"] += rebuild
             parts["controller"]["replay: pytest's hooks"] += hooks
             parts["controller"]["replay: bookkeeping"] += replay - rebuild - hooks
-            parts["controller"]["other (start, collection, scheduling, end)"] += total - replay
+            parts["controller"]["other (start, collection, scheduling, end)"] += busy - replay
     return parts
 
 
@@ -113,7 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     if not parts:
         print(f"no profiles in {args.folder}")
         return 1
-    print(f"CPU per test (µs, under cProfile), {args.tests} tests, profiles in {args.folder}")
+    print(
+        f"CPU per test (µs, under cProfile, waits left out), {args.tests} tests, "
+        f"profiles in {args.folder}"
+    )
     for role, rows in parts.items():
         total = sum(rows.values())
         print(f"  {role}: {1e6 * total / args.tests:8.1f} µs/test in all")

@@ -2,7 +2,8 @@
 ``PYTHONPATH`` and ``CDBENCH_PROFILE_DIR`` set runs under cProfile and leaves its profile in
 that folder (``bench/split.py`` reads them).
 
-* each profile counts its thread's CPU time (`time.thread_time`), not waits;
+* cProfile's own clock (wall time: a CPU clock read per call slowed the profiled slots so much
+  that they took themselves for cut off from the broker); ``bench.split`` takes the waits out;
 * a process started fresh (controller, celery worker, spare runner, zygote) profiles its main
   thread from here, and every thread it starts later; each is written at exit;
 * a forked child (a celery pool process, a runner forked from the zygote) drops what it
@@ -23,7 +24,6 @@ def _install(folder: str) -> None:
     import cProfile
     import sys
     import threading
-    import time
 
     state: dict[str, object] = {"main": None, "threads": []}
     inherited: list[object] = []  # a parent's profilers, never destroyed in a child
@@ -35,14 +35,14 @@ def _install(folder: str) -> None:
     def start_main() -> None:
         inherited.append(state["main"])
         inherited.append(state["threads"])
-        profile = cProfile.Profile(time.thread_time)  # CPU, not wall
+        profile = cProfile.Profile()
         state["main"] = profile
         state["threads"] = []
         profile.enable()
 
     def thread_boot(frame: object, event: str, arg: object) -> None:
         sys.setprofile(None)
-        profile = cProfile.Profile(time.thread_time)  # CPU, not wall
+        profile = cProfile.Profile()
         state["threads"].append(profile)  # type: ignore[attr-defined]
         profile.enable()
 
