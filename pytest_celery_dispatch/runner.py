@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from .artifactship import note_tmp_path, runner_event
-from .jsonlines import LineWriter, encode_split, read_until_closed, write_all
+from .jsonlines import LineWriter, encode_split, read_until_closed
 from .names import (
     ENV_COMMAND_FD,
     ENV_EVENT_FD,
@@ -230,6 +230,17 @@ class RunnerPlugin:
         return self._run_commands(session, int(fd))
 
     def _run_commands(self, session: pytest.Session, fd: int) -> bool:
+        try:
+            return self._run_each_command(session, fd)
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send the finished test held back for the next write (see :meth:`_send_test`)."""
+        if self.writer is not None:
+            self.writer.flush()
+
+    def _run_each_command(self, session: pytest.Session, fd: int) -> bool:
         index = {item.nodeid: item for item in session.items}
         pending: list[pytest.Item] = []
 
@@ -237,7 +248,7 @@ class RunnerPlugin:
             item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
             return not (session.shouldfail or session.shouldstop or self.stop_requested)
 
-        for command in read_until_closed(fd):
+        for command in read_until_closed(fd, before_read=self._flush):
             if command.get("type") == "run":
                 pending.extend(index[n] for n in command.get("nodeids", []) if n in index)
                 while len(pending) > 1:
@@ -335,8 +346,12 @@ class RunnerPlugin:
             "finished": finished,
             "reports": reports,
         }
-        write_all(self.writer.fd, encode_split(header, fields))
+        # Held back until the next line (the next test's logstart) or the next wait for a
+        # command: one write per test. A runner that dies after this test and before that
+        # write dies in the next test, the one its driver names as crashed.
+        self.writer.hold(encode_split(header, fields))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if session.shouldfail:  # the forwarded -x / --maxfail tripped in this runner
             self.emit({"type": "stopping", "reason": str(session.shouldfail)})
+        self._flush()

@@ -11,7 +11,7 @@ from typing import Any, cast
 import pytest
 
 from pytest_celery_dispatch.driver import KILL, RUN, STOP, Coalescer, SlotDriver
-from pytest_celery_dispatch.jsonlines import decode, encode_split
+from pytest_celery_dispatch.jsonlines import LineWriter, decode, encode_split, read_until_closed
 from pytest_celery_dispatch.launcher import RunnerState
 from pytest_celery_dispatch.runnerspec import RunnerSpec
 from pytest_celery_dispatch.serialization import HEARTBEAT_INTERVAL, encode_event
@@ -703,3 +703,37 @@ def test_a_finished_test_is_relayed_home_as_its_runner_encoded_it():
             }
         ],
     }
+
+
+def test_a_held_line_goes_out_with_the_next_write_or_before_the_runner_waits():
+    """The runner holds a finished test back for the next test's logstart (one write per
+    test), and never waits for a command with a line still held."""
+    import os
+
+    events_r, events_w = os.pipe()
+    commands_r, commands_w = os.pipe()
+    writer = LineWriter(events_w)
+    writer.hold(encode_split({"type": "test", "nodeid": "a"}, {"nodeid": "a"}))
+    assert not select_ready(events_r)
+    writer.write({"type": "logstart", "nodeid": "b"})
+    lines = os.read(events_r, 1 << 16).splitlines()
+    assert [decode(line)["type"] for line in lines] == ["test", "logstart"]
+    writer.hold(encode_split({"type": "test", "nodeid": "b"}, {"nodeid": "b"}))
+    os.write(commands_w, b'{"type": "shutdown"}\n')
+    os.close(commands_w)
+    flushed: list[bytes] = []
+
+    def before_read() -> None:
+        writer.flush()
+        flushed.append(os.read(events_r, 1 << 16) if select_ready(events_r) else b"")
+
+    assert [c["type"] for c in read_until_closed(commands_r, before_read)] == ["shutdown"]
+    assert decode(flushed[0].rstrip(b"\n"))["nodeid"] == "b"
+    os.close(events_r)
+    os.close(events_w)
+
+
+def select_ready(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0)[0])
