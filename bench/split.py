@@ -31,6 +31,8 @@ from pathlib import Path
 
 #: (file suffix, function name) of the functions each part is read from.
 RUN_LOOP = ("pytest_celery_dispatch/runner.py", "_run_commands")
+PROTOCOL = ("_pytest/runner.py", "pytest_runtest_protocol")
+RUNNER_TESTS = "runner tests"
 SERIALIZE = (
     ("_pytest/reports.py", "pytest_report_to_serializable"),
     ("pytest_celery_dispatch/runner.py", "emit"),
@@ -100,6 +102,15 @@ def cumulative_any(stats: pstats.Stats, wanted: tuple[tuple[str, str], ...]) -> 
     return sum(cumulative(stats, w) for w in wanted)
 
 
+def calls(stats: pstats.Stats, wanted: tuple[str, str]) -> int:
+    suffix, name = wanted
+    return sum(
+        row[1]
+        for (filename, _line, function), row in stats.stats.items()  # type: ignore[attr-defined]
+        if function == name and filename.endswith(suffix)
+    )
+
+
 def own_total(stats: pstats.Stats) -> float:
     return float(stats.total_tt)  # type: ignore[attr-defined]
 
@@ -111,6 +122,8 @@ def split(folder: Path) -> dict[str, dict[str, float]]:
         busy = own_total(stats) - waits(stats)
         loop = cumulative(stats, RUN_LOOP)
         if loop:
+            # A runner killed as its run ends leaves no profile: its tests are counted here.
+            parts[RUNNER_TESTS]["tests"] += calls(stats, PROTOCOL)
             serialize = cumulative_any(stats, SERIALIZE)
             run = loop - serialize - waits(stats, "pytest_celery_dispatch/jsonlines.py")
             parts["worker: runner"]["run"] += run
@@ -158,11 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU per test (µs, under cProfile, waits left out), {args.tests} tests, "
         f"profiles in {args.folder}"
     )
+    runner_tests = int(parts.pop(RUNNER_TESTS, {}).get("tests", 0))
     for role, rows in parts.items():
+        tests = args.tests
+        if role == "worker: runner" and runner_tests:
+            tests = runner_tests
         total = sum(rows.values())
-        print(f"  {role}: {1e6 * total / args.tests:8.1f} µs/test in all")
+        print(f"  {role}: {1e6 * total / tests:8.1f} µs/test in all ({tests} tests profiled)")
         for name, seconds in rows.items():
-            print(f"    {name:<45} {1e6 * seconds / args.tests:8.1f}")
+            print(f"    {name:<45} {1e6 * seconds / tests:8.1f}")
     return 0
 
 
