@@ -89,12 +89,16 @@ def main() -> None:
     finally:
         worker.terminate()
         worker.wait(30)
-    print("| run | controller wall | manifest | blobs sent | bytes sent | worker: state, seconds |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| run | controller wall | manifest | manifests sent | blobs sent | bytes sent "
+        "| worker: state, seconds |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for name, wall, ship in rows:
         w = next(iter(ship["workers"].values()), {})
         print(
-            f"| {name} | {wall:.2f} s | {ship['manifest_seconds']:.2f} s | {ship['blobs_sent']} "
+            f"| {name} | {wall:.2f} s | {ship['manifest_seconds']:.2f} s "
+            f"| {ship.get('manifests_sent', 0)} | {ship['blobs_sent']} "
             f"| {ship['bytes_sent']:,} | {w.get('state')}, {w.get('seconds')} |"
         )
     shutil.rmtree(work, ignore_errors=True)

@@ -56,7 +56,7 @@ def pieces(source: str | bytes, sha256: str, name: str = "") -> Iterator[dict[st
 
 
 def _opened(source: str | bytes) -> BinaryIO:
-    """A file's bytes as they were hashed (kept in memory), else the file itself."""
+    """A file's bytes as they were read for the manifest (kept in memory), else the file itself."""
     return io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
 
 

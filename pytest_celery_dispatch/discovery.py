@@ -31,11 +31,11 @@ def find_workers(broker: Any, queues: Iterable[str], wait_workers: float) -> Wor
     consumers = {q: broker.consumer_count(q) or 0 for q in queues}
     if not (present := {q for q, c in consumers.items() if c > 0}):
         return Workers(consumers, {}, {})
-    # One consumer per worker and queue: a worker serving two of these queues answers once,
-    # so the wait may run to its (short) timeout; otherwise it ends early.
+    # The wait ends once each queue's consumers answered; a worker that answers too late
+    # tells its slots when its first session starts (QueueScheduler.slot_started).
     found = broker.inspect_workers(
         present,
-        expected=sum(consumers[q] for q in present),
+        {q: consumers[q] for q in present},
         timeout=min(1.0, max(0.2, wait_workers)),
     )
     by_queue = {q: [name for name, _ in found[q]] for q in found}

@@ -22,9 +22,11 @@ import posixpath
 import re
 import stat
 import subprocess
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypedDict
 
+from .hashcache import HashCache
 from .serialization import file_digest
 
 #: Folders never shipped by the walk outside git (git's own ignore rules decide inside it).
@@ -61,6 +63,8 @@ SNAPSHOT_FILE = 1 * MB
 SNAPSHOT_TOTAL = 64 * MB
 SETTING_MAX_FILE = "celery_dispatch_ship_max_file"
 SETTING_MAX_TOTAL = "celery_dispatch_ship_max_total"
+#: The largest manifest a worker fetches (its JSON: about 100 bytes a file).
+MAX_MANIFEST_BYTES = 256 * MB
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -80,16 +84,20 @@ class Entry(TypedDict, total=False):
 @dataclasses.dataclass(frozen=True)
 class Manifest:
     entries: tuple[Entry, ...]
-    #: The bytes of small files as they were hashed (sha256 -> bytes), so that a file written
+    #: The bytes of small files as they were read (sha256 -> bytes), so that a file written
     #: during the run (a log in the rootdir) is still sent as the manifest names it. Controller
     #: side only: not part of the digest.
     snapshot: dict[str, bytes] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @functools.cached_property
+    def canonical(self) -> bytes:
+        """The entries as canonical JSON: what the digest hashes, and what a worker fetches."""
+        return json.dumps(list(self.entries), sort_keys=True, separators=(",", ":")).encode()
+
+    @functools.cached_property
     def digest(self) -> str:
         """sha256 of the canonical JSON of the entries: the tree's name on every worker."""
-        text = json.dumps(list(self.entries), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()
+        return hashlib.sha256(self.canonical).hexdigest()
 
     @property
     def total_size(self) -> int:
@@ -98,9 +106,6 @@ class Manifest:
     def blobs(self) -> dict[str, Entry]:
         """Each distinct content once: sha256 -> an entry holding it."""
         return {e["sha256"]: e for e in self.entries if "sha256" in e}
-
-    def as_list(self) -> list[Entry]:
-        return [dict(e) for e in self.entries]  # type: ignore[misc]
 
 
 def _git_files(root: str) -> list[str] | None:
@@ -151,11 +156,26 @@ def _rel(rel_here: str, name: str) -> str:
 
 def matches(path: str, pattern: str) -> bool:
     """``pattern`` (fnmatch, ``*`` crosses ``/``) matches the path or one of its folders."""
-    pattern = pattern.strip().strip("/")
-    if not pattern:
-        return False
-    parts = path.split("/")
-    return any(fnmatch.fnmatchcase("/".join(parts[:n]), pattern) for n in range(1, len(parts) + 1))
+    return matcher([pattern])(path)
+
+
+def matcher(patterns: Iterable[str]) -> Callable[[str], bool]:
+    """One test for several :func:`matches` patterns (compiled once, for thousands of paths)."""
+    cleaned = [p.strip().strip("/") for p in patterns]
+    regexes = [fnmatch.translate(p) for p in cleaned if p]
+    if not regexes:
+        return lambda path: False
+    match = re.compile("|".join(f"(?:{r})" for r in regexes)).match
+
+    def test(path: str) -> bool:
+        end = path.find("/")
+        while end != -1:  # each folder of the path, then the path itself
+            if match(path[:end]):
+                return True
+            end = path.find("/", end + 1)
+        return match(path) is not None
+
+    return test
 
 
 def list_files(
@@ -167,12 +187,12 @@ def list_files(
     """The run's files under ``root``: git's view (tracked + untracked-not-ignored), else a
     walk without junk; plus files matching ``include`` globs, minus ``exclude`` globs and the
     files and folders in ``skip`` (the run's own outputs: reports, logs, artifacts)."""
-    include = [p for p in include if p.strip()]
-    exclude = [p for p in exclude if p.strip()] + list(ALWAYS_EXCLUDED)
+    included = matcher(include)
+    excluded = matcher([*exclude, *ALWAYS_EXCLUDED])
     listed = _git_files(root)
     names = set(walk_files(root) if listed is None else listed)
-    if include:
-        names |= {p for p in walk_files(root) if any(matches(p, g) for g in include)}
+    if any(p.strip().strip("/") for p in include):
+        names |= {p for p in walk_files(root) if included(p)}
     real_root = os.path.realpath(root)
     skipped = {os.path.relpath(os.path.realpath(p), real_root).replace(os.sep, "/") for p in skip}
     return sorted(
@@ -180,7 +200,7 @@ def list_files(
         for n in names
         if n not in skipped
         and not any(n.startswith(folder + "/") for folder in skipped)
-        and not any(matches(n, g) for g in exclude)
+        and not excluded(n)
         and os.path.lexists(os.path.join(root, n))
     )
 
@@ -202,34 +222,51 @@ def link_target_inside(path: str, target: str) -> bool:
 
 
 def _entry(
-    root: str, real_root: str, rel: str, snapshot: dict[str, bytes] | None = None
+    root: str,
+    real_root: str,
+    rel: str,
+    st: os.stat_result,
+    snapshot: dict[str, bytes] | None = None,
+    hashes: HashCache | None = None,
 ) -> Entry | str | None:
     """The entry of one file; a str is a refusal; None: not a file (a folder git lists).
-    A small file's bytes go to ``snapshot`` (when given) as they are hashed."""
+    A small file's bytes go to ``snapshot`` (when given) as they are read; its sha256 comes
+    from ``hashes`` when the file's stat is the one it was hashed at."""
     full = os.path.join(root, rel)
-    st = os.lstat(full)
     if stat.S_ISLNK(st.st_mode):
-        target = os.readlink(full)
-        real = os.path.realpath(full)
-        if real != real_root and not real.startswith(real_root + os.sep):
-            return f"{rel} -> {target} (resolves to {real}, outside {real_root})"
-        if os.path.isabs(target):  # inside the tree: keep it, relative
-            target = os.path.relpath(real, os.path.dirname(os.path.join(real_root, rel)))
-        target = target.replace(os.sep, "/")
-        if not link_target_inside(rel, target):
-            return f"{rel} -> {target} (climbs out of the tree)"
-        return {"path": rel, "link": target}
+        return _link_entry(real_root, rel, full)
     if not stat.S_ISREG(st.st_mode):
         return None
     entry: Entry = {"path": rel, "size": st.st_size, "exec": bool(st.st_mode & 0o111)}
+    known = hashes.lookup(full, st) if hashes is not None else None
+    since = hashes.clock() if hashes is not None else 0
     if snapshot is not None and st.st_size <= SNAPSHOT_FILE:
         with open(full, "rb") as fh:
             data = fh.read()
-        entry["sha256"], entry["size"] = hashlib.sha256(data).hexdigest(), len(data)
+        # bytes read after a hit are not hashed: were they changed meanwhile, the blob sender
+        # notices (see blobs.pieces) and the worker checks every blob's sha256 anyway
+        entry["sha256"] = known or hashlib.sha256(data).hexdigest()
+        entry["size"] = len(data) if known is None else st.st_size
         snapshot[entry["sha256"]] = data
     else:
-        entry["sha256"] = file_digest(full)
+        entry["sha256"] = known or file_digest(full)
+    if hashes is not None and known is None:
+        hashes.hashed += 1
+        hashes.remember(full, st, entry["sha256"], since)
     return entry
+
+
+def _link_entry(real_root: str, rel: str, full: str) -> Entry | str:
+    target = os.readlink(full)
+    real = os.path.realpath(full)
+    if real != real_root and not real.startswith(real_root + os.sep):
+        return f"{rel} -> {target} (resolves to {real}, outside {real_root})"
+    if os.path.isabs(target):  # inside the tree: keep it, relative
+        target = os.path.relpath(real, os.path.dirname(os.path.join(real_root, rel)))
+    target = target.replace(os.sep, "/")
+    if not link_target_inside(rel, target):
+        return f"{rel} -> {target} (climbs out of the tree)"
+    return {"path": rel, "link": target}
 
 
 def _biggest(sizes: dict[str, int], count: int = 5) -> str:
@@ -261,23 +298,24 @@ def build_manifest(
     paths: Iterable[str],
     max_file: int = DEFAULT_MAX_FILE,
     max_total: int = DEFAULT_MAX_TOTAL,
+    hashes: HashCache | None = None,
 ) -> Manifest:
     """Hash ``paths`` (root-relative) into a manifest; :class:`ShipError` names every escaping
-    symlink, else the files over a limit (checked from their sizes before hashing)."""
+    symlink, else the files over a limit (checked from their sizes before hashing). With
+    ``hashes``, a file whose stat is the one it was hashed at is not hashed again; the cache
+    then forgets the files gone from the tree and is saved."""
     real_root = os.path.realpath(root)
     paths = list(paths)
-    sizes: dict[str, int] = {}
-    for rel in paths:
-        st = os.lstat(os.path.join(root, rel))
-        if stat.S_ISREG(st.st_mode):
-            sizes[rel] = st.st_size
+    stats = {rel: os.lstat(os.path.join(root, rel)) for rel in paths}
+    sizes = {rel: st.st_size for rel, st in stats.items() if stat.S_ISREG(st.st_mode)}
     escaping: list[str] = []
     entries: list[Entry] = []
     check_limits(sizes, max_file, max_total)
     snapshot: dict[str, bytes] = {}
     kept = 0
     for rel in paths:
-        found = _entry(root, real_root, rel, snapshot if kept < SNAPSHOT_TOTAL else None)
+        room = snapshot if kept < SNAPSHOT_TOTAL else None
+        found = _entry(root, real_root, rel, stats[rel], room, hashes)
         if isinstance(found, str):
             escaping.append(found)
         elif found is not None:
@@ -289,6 +327,9 @@ def build_manifest(
             "them, exclude them (ini celery_dispatch_ship_exclude) or run in place "
             "(--celery-ship off)"
         )
+    if hashes is not None:
+        hashes.keep_only({os.path.join(root, e["path"]) for e in entries})
+        hashes.save()
     return Manifest(tuple(entries), snapshot)
 
 
@@ -350,6 +391,22 @@ def check_entries(raw: Any, max_file: int, max_total: int) -> Manifest:
         if links.intersection(parents) or seen.intersection(parents):
             raise ValueError(f"entry {path!r} lies beneath another entry (a link or a file)")
     return Manifest(tuple(entries))
+
+
+def parse_manifest(data: bytes, digest: str) -> Manifest:
+    """A manifest a worker fetched by the digest its session names: the bytes are checked
+    against the digest before they are parsed (JSON only), then every entry
+    (:func:`check_entries`). Raises ValueError."""
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError("the manifest does not match its digest")
+    try:
+        raw = json.loads(data)
+    except ValueError:
+        raise ValueError("the manifest is not JSON") from None
+    manifest = check_entries(raw, sys.maxsize, sys.maxsize)
+    if manifest.digest != digest:  # entries with other fields than a controller writes
+        raise ValueError("the manifest is not in its canonical form")
+    return manifest
 
 
 def _parents(path: str) -> Iterator[str]:

@@ -108,6 +108,8 @@ ENV_CACHE_LIMIT = "DISPATCH_CACHE_LIMIT"
 ENV_SHIP_UNSIGNED = "DISPATCH_SHIP_UNSIGNED"
 #: The public keys (or certificates) a worker takes signed shipped runs from (docs/security.md).
 ENV_SHIP_TRUST = "DISPATCH_SHIP_TRUST"
+#: How old a signed run a worker takes (docs/security.md): seconds, or with s/m/h/d; 24h.
+ENV_SHIP_MAX_AGE = "DISPATCH_SHIP_MAX_AGE"
 #: The controller's signing key: a PEM file's path, or the PEM text (a CI secret).
 ENV_SHIP_KEY = "CELERY_DISPATCH_SHIP_KEY"
 #: Bench health (:mod:`.health`): the worker's own health tests (they win over the run's ini

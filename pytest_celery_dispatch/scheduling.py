@@ -239,6 +239,10 @@ class QueueScheduler(Recovery):
             slot.last_seen = now
             slot.worker = str(worker or slot.worker or "")
             self.queue_last_seen[slot.queue] = now
+            if slot.held:
+                slot.held = [c for c in slot.held if not c.finished]
+                for chunk in slot.held:
+                    chunk.last_seen = now
         return slot
 
     def slot_started(self, slot: SlotState, concurrency: int) -> list[Action]:
@@ -252,7 +256,7 @@ class QueueScheduler(Recovery):
         unknown_workers = max(0, self.consumers.get(slot.queue, 0) - len(known))
         wanted = sum(known.values()) + unknown_workers
         self.capacity[slot.queue] = max(self.capacity.get(slot.queue, 0), wanted)
-        wanted = min(wanted, self.turns.granted.get(slot.queue, wanted))  # a shared bench
+        wanted = self.turns.widen(slot.queue, wanted)  # a shared bench: the line decides
         live = sum(1 for s in self.slots.values() if s.live and s.queue == slot.queue)
         waiting = sum(1 for c in self.live_chunks(slot.queue) if c.started_at is None)
         more = [self._new_slot(slot.queue) for _ in range(min(wanted - live, waiting))]
@@ -277,6 +281,8 @@ class QueueScheduler(Recovery):
         chunk.started_at = chunk.started_at or self.clock()
         chunk.worker = worker
         chunk.session_id = slot_id
+        if (slot := self.slots.get(slot_id)) is not None and chunk not in slot.held:
+            slot.held.append(chunk)
 
     def test_started(self, chunk: ChunkState, nodeid: str, elapsed: float = 0.0) -> None:
         chunk.current_since = self.clock() - elapsed

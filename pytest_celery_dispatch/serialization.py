@@ -71,7 +71,7 @@ class SessionPayload(TypedDict):
     stream: bool  # -s on the controller: stream the tests' output as it comes
     plugin_options: dict[str, Any]  # other plugins' option values, applied if they exist there
     identity: dict[str, Any]  # who the run is (identity.Identity): workers log it
-    ship: dict[str, Any]  # the run's tree: mode, manifest and its digest (see shipworker)
+    ship: dict[str, Any]  # the run's tree: mode, the manifest's digest and size (see shipworker)
     health: list[str]  # ini celery_dispatch_health: the run's health tests (see health.py)
     health_every: float | None  # ini celery_dispatch_health_every (minutes)
     artifacts: dict[str, Any]  # artifactpaths.Limits: what a test may bring home

@@ -4,14 +4,17 @@ Layout under the cache folder (``DISPATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME`` 
 ``/pytest-celery-dispatch``, this user's only)::
 
     blobs/ab/abcdef...      a file's bytes, read-only, named by their sha256
+    manifests/<digest>.json a run's manifest as fetched (JSON, checked against its digest)
     trees/<digest>/         a run's tree, hard links to the blobs (copies for executables)
     trees/<digest>.lock     held shared while a run uses the tree, exclusively while it is built
     tmp/                    blobs being received, trees being built
+    hashes/<key>.json       a worker's workspace's files, hashed (see hashcache)
 
 A tree is built once per manifest and reused by every later run with the same manifest (its
 path is the same, so the bytecode cache, warm runners and the zygote keep working). Above
 ``DISPATCH_CACHE_LIMIT`` (default 2 GB) the least recently used trees not in use go first,
-then blobs no tree holds (oldest received first). The worker writes only inside this folder.
+then blobs no tree holds and manifests (oldest received first). The worker writes only inside
+this folder.
 
 PYTEST_DONT_REWRITE: imported by the worker side.
 """
@@ -25,11 +28,12 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 
+from .hashcache import HashCache, workspace_key
 from .manifest import Entry, Manifest, parse_size
 from .names import ENV_CACHE_DIR, ENV_CACHE_LIMIT
-from .serialization import file_digest
 
 DEFAULT_CACHE_LIMIT = 2 * 1024**3
 
@@ -48,14 +52,17 @@ def cache_limit(env: Mapping[str, str]) -> int:
 
 
 class ShipCache:
-    def __init__(self, root: str, limit: int = DEFAULT_CACHE_LIMIT) -> None:
+    def __init__(
+        self, root: str, limit: int = DEFAULT_CACHE_LIMIT, clock: Callable[[], int] = time.time_ns
+    ) -> None:
         self.root = root
         self.limit = limit
-        for sub in ("", "blobs", "trees", "tmp"):
+        self.clock = clock  # wall time (ns), for the hash cache's racy files
+        for sub in ("", "blobs", "manifests", "trees", "tmp"):
             os.makedirs(os.path.join(root, sub), mode=0o700, exist_ok=True)
         os.chmod(root, 0o700)
-        #: (path, size, mtime_ns, inode) -> sha256: a workspace's files hashed once
-        self._hashed: dict[tuple[str, int, int, int], str] = {}
+        #: (worker, workspace) -> its files hashed, kept on disk (see hashcache)
+        self._hashes: dict[tuple[str, str], HashCache] = {}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> ShipCache:
@@ -80,6 +87,25 @@ class ShipCache:
         os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
         os.chmod(received, 0o444)
         os.replace(received, target)
+
+    def manifest_path(self, digest: str) -> str:
+        return os.path.join(self.root, "manifests", digest + ".json")
+
+    def add_manifest(self, digest: str, received: str) -> None:
+        """Keep a fetched manifest (its bytes matched ``digest``; parsed when used)."""
+        os.chmod(received, 0o444)
+        os.replace(received, self.manifest_path(digest))
+
+    def read_manifest(self, digest: str) -> bytes | None:
+        try:
+            with open(self.manifest_path(digest), "rb") as fh:
+                return fh.read()
+        except OSError:
+            return None
+
+    def drop_manifest(self, digest: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.manifest_path(digest))
 
     def tmp_dir(self) -> str:
         return tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"))
@@ -190,48 +216,54 @@ class ShipCache:
 
     # ------------------------------------------------------------------ a workspace in place
 
-    def matches(self, workspace: str, manifest: Manifest) -> list[str]:
+    def workspace_hashes(self, workspace: str, worker: str = "") -> HashCache:
+        """What ``worker`` hashed of ``workspace`` (loaded once per process)."""
+        key = (worker, workspace)
+        if key not in self._hashes:
+            path = os.path.join(self.root, "hashes", workspace_key(worker, workspace) + ".json")
+            self._hashes[key] = HashCache(path, self.clock)
+        return self._hashes[key]
+
+    def matches(self, workspace: str, manifest: Manifest, worker: str = "") -> list[str]:
         """The manifest's paths that ``workspace`` lacks or holds different (empty: it
-        matches, and can be used in place). Extra files in the workspace do not count."""
+        matches, and can be used in place). Extra files in the workspace do not count. Sizes
+        first; a file is hashed only when its stat is not the one this worker hashed it at."""
+        hashes = self.workspace_hashes(workspace, worker)
         differ: list[str] = []
         for entry in manifest.entries:
-            full = os.path.join(workspace, *entry["path"].split("/"))
+            full = os.path.join(workspace, entry["path"])  # POSIX paths, checked
             try:
                 st = os.lstat(full)
+                same = self._same(full, st, entry, hashes)
             except OSError:
+                same = False
+            if not same:
                 differ.append(entry["path"])
-                continue
-            if not self._same(full, st, entry):
-                differ.append(entry["path"])
+        hashes.keep_only({os.path.join(workspace, e["path"]) for e in manifest.entries})
+        hashes.save()
         return differ
 
-    def _same(self, full: str, st: os.stat_result, entry: Entry) -> bool:
+    @staticmethod
+    def _same(full: str, st: os.stat_result, entry: Entry, hashes: HashCache) -> bool:
         if "link" in entry:
             return stat.S_ISLNK(st.st_mode) and os.readlink(full) == entry["link"]
         if not stat.S_ISREG(st.st_mode) or st.st_size != entry["size"]:
             return False
-        return self._sha(full, st) == entry["sha256"]
-
-    def _sha(self, full: str, st: os.stat_result) -> str:
-        key = (full, st.st_size, st.st_mtime_ns, st.st_ino)
-        found = self._hashed.get(key)
-        if found is None:
-            found = self._hashed[key] = file_digest(full)
-        return found
+        return hashes.sha256(full, st) == entry["sha256"]
 
     # ------------------------------------------------------------------ eviction
 
     def size(self) -> int:
         total = 0
-        for here, _, files in os.walk(os.path.join(self.root, "blobs")):
-            for name in files:
-                with contextlib.suppress(OSError):
-                    total += os.lstat(os.path.join(here, name)).st_size
+        for path in self._stored():
+            with contextlib.suppress(OSError):
+                total += os.lstat(path).st_size
         return total
 
     def evict(self) -> list[str]:
         """Above the limit: trees not in use, least recently used first, then blobs no tree
-        holds (one link), oldest first. Returns what went (tree digests, blob shas)."""
+        holds (one link) and manifests, oldest first. Returns what went (tree digests, blob
+        shas, manifest files)."""
         gone: list[str] = []
         total = self.size()
         if total <= self.limit:
@@ -243,7 +275,7 @@ class ShipCache:
             digest = name[: -len(".lock")]
             if self._drop_tree(os.path.join(trees_dir, digest)):
                 gone.append(digest)
-        for blob in sorted(self._blobs(), key=_mtime):
+        for blob in sorted(self._stored(), key=_mtime):
             if total <= self.limit:
                 break
             st = os.lstat(blob)
@@ -265,10 +297,12 @@ class ShipCache:
                     os.unlink(path + suffix)
             return True
 
-    def _blobs(self) -> Iterator[str]:
-        for here, _, files in os.walk(os.path.join(self.root, "blobs")):
-            for name in files:
-                yield os.path.join(here, name)
+    def _stored(self) -> Iterator[str]:
+        """Every blob and manifest file."""
+        for sub in ("blobs", "manifests"):
+            for here, _, files in os.walk(os.path.join(self.root, sub)):
+                for name in files:
+                    yield os.path.join(here, name)
 
 
 def _mtime(path: str) -> float:

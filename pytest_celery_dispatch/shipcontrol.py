@@ -17,6 +17,7 @@ import pytest
 
 from .blobs import messages
 from .envdrift import differences, versions
+from .hashcache import HashCache
 from .manifest import (
     DEFAULT_MAX_FILE,
     DEFAULT_MAX_TOTAL,
@@ -56,6 +57,8 @@ class ShipSettings:
     max_file: int = DEFAULT_MAX_FILE
     max_total: int = DEFAULT_MAX_TOTAL
     signer: Signer | None = None
+    #: Where the controller remembers its files' sha256 (pytest's cache; None without it).
+    hash_file: str | None = None
 
 
 def add_options(group: Any, parser: pytest.Parser) -> None:
@@ -95,12 +98,25 @@ def resolve_ship(config: pytest.Config) -> ShipSettings:
         raise pytest.UsageError(f"celery-dispatch: {exc}") from None
     return ShipSettings(
         signer=signer,
+        hash_file=hash_file(config) if mode != "off" else None,
         mode=mode,
         include=tuple(config.getini("celery_dispatch_ship_include")),
         exclude=tuple(config.getini("celery_dispatch_ship_exclude")),
         max_file=sizes[SETTING_MAX_FILE],
         max_total=sizes[SETTING_MAX_TOTAL],
     )
+
+
+def hash_file(config: pytest.Config) -> str | None:
+    """The controller's hash cache (see hashcache), in pytest's cache folder: none when the
+    cache plugin is off (``-p no:cacheprovider``) or its folder cannot be made."""
+    cache = getattr(config, "cache", None)
+    if cache is None:
+        return None
+    try:
+        return str(cache.mkdir("celery-dispatch") / "hashes.json")
+    except OSError:
+        return None
 
 
 def run_outputs(config: pytest.Config, *paths: str | None) -> list[str]:
@@ -124,6 +140,7 @@ class Shipper:
         self.workers: dict[str, dict[str, Any]] = {}
         self.seconds = 0.0
         self.error: str | None = None  # why the tree could not be shipped
+        self.hashes: HashCache | None = None  # the files' sha256 from earlier runs
 
     def prepare(self) -> str | None:
         """Build the manifest (``off``: none); raises :class:`.manifest.ShipError`. Returns the
@@ -132,13 +149,15 @@ class Shipper:
             return None
         began = time.monotonic()
         st = self.settings
-        files = list_files(self.root, st.include, st.exclude, self.outputs)
-        self.manifest = build_manifest(self.root, files, st.max_file, st.max_total)
+        own = [st.hash_file] if st.hash_file else []  # a cache_dir inside the tree
+        files = list_files(self.root, st.include, st.exclude, [*self.outputs, *own])
+        self.hashes = HashCache(st.hash_file)  # in memory only without pytest's cache
+        self.manifest = build_manifest(self.root, files, st.max_file, st.max_total, self.hashes)
         self.seconds = time.monotonic() - began
         return (
             f"the run's tree: {len(self.manifest.entries):,} files, "
             f"{human_bytes(self.manifest.total_size)} (--celery-ship {st.mode}, manifest "
-            f"{self.manifest.digest[:12]}, {self.seconds:.2f} s)"
+            f"{self.manifest.digest[:12]}, {self.hashes.hashed:,} hashed, {self.seconds:.2f} s)"
         )
 
     @property
@@ -150,34 +169,50 @@ class Shipper:
         return self._versions
 
     def payload(self) -> dict[str, Any]:
-        """The ``ship`` part of every slot's payload."""
+        """The ``ship`` part of every slot's payload: the manifest by its digest (a worker that
+        lacks it asks for it as for a blob)."""
         if self.manifest is None:
             return {"mode": "off"}
         return {
             "mode": self.settings.mode,
             "digest": self.manifest.digest,
-            "manifest": self.manifest.as_list(),
+            "manifest_size": len(self.manifest.canonical),
         }
 
     def _worker(self, name: str) -> dict[str, Any]:
         return self.workers.setdefault(
-            name, {"state": None, "blobs_sent": 0, "bytes_sent": 0, "seconds": None, "drift": []}
+            name,
+            {
+                "state": None,
+                "blobs_sent": 0,
+                "bytes_sent": 0,
+                "manifests_sent": 0,
+                "seconds": None,
+                "drift": [],
+            },
         )
 
     def serve(self, run_id: str, event: Event, publish: Any) -> None:
-        """Send the blobs a slot asked for (only this run's own) to that slot's blob queue."""
-        if self.manifest is None:
+        """Send the blobs a slot asked for (only this run's own files, and its manifest) to
+        that slot's blob queue."""
+        manifest = self.manifest
+        if manifest is None:
             return
-        known = self.manifest.blobs()
-        wanted = [s for s in dict.fromkeys(event.get("blobs") or []) if s in known]
+        known = manifest.blobs()
+        asked = dict.fromkeys(event.get("blobs") or [])
+        wanted = [s for s in asked if s in known and s != manifest.digest]
         queue = blob_queue_name(run_id, str(event.get("session_id", "")))
         stats = self._worker(str(event.get("worker")))
-        snapshot = self.manifest.snapshot
-        files = (
+        snapshot = manifest.snapshot
+        files: list[tuple[str | bytes, str, str]] = []
+        if manifest.digest in asked:
+            files.append((manifest.canonical, manifest.digest, "the run's manifest"))
+            stats["manifests_sent"] += 1
+        files += (
             (snapshot.get(s) or os.path.join(self.root, known[s]["path"]), s, known[s]["path"])
             for s in wanted
         )
-        for batch in messages(files):
+        for batch in messages(iter(files)):
             body = dumps(batch)
             publish(queue, body)
             stats["bytes_sent"] += len(body)
@@ -230,8 +265,10 @@ class Shipper:
             "files": len(manifest.entries) if manifest else None,
             "tree_bytes": manifest.total_size if manifest else None,
             "manifest_seconds": round(self.seconds, 3),
+            "files_hashed": self.hashes.hashed if self.hashes else None,
             "error": self.error,
             "blobs_sent": sum(w["blobs_sent"] for w in self.workers.values()),
+            "manifests_sent": sum(w["manifests_sent"] for w in self.workers.values()),
             "bytes_sent": sum(w["bytes_sent"] for w in self.workers.values()),
             "workers": {k: dict(v) for k, v in sorted(self.workers.items())},
         }

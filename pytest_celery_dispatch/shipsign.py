@@ -22,13 +22,20 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
-from .names import ENV_SHIP_KEY, ENV_SHIP_TRUST
+from .names import ENV_SHIP_KEY, ENV_SHIP_MAX_AGE, ENV_SHIP_TRUST
 
 #: The payload fields a signature covers (the manifest through ``ship.digest``).
 SIGNED_FIELDS = ("run_id", "queue", "nodeids", "timeout", "pytest_args", "plugin_options")
+#: ... and those of its ``ship``: ``issued`` is when the controller signed (Unix time).
+SIGNED_SHIP_FIELDS = ("mode", "digest", "manifest_size", "issued")
+#: A signature older than this is refused (``DISPATCH_SHIP_MAX_AGE``; seconds).
+DEFAULT_MAX_AGE = 24 * 3600.0
+#: A signature dated further ahead of the worker's clock is refused (seconds).
+MAX_CLOCK_AHEAD = 300.0
 
 _PEM = re.compile(rb"-----BEGIN ([A-Z ]+)-----.+?-----END \1-----", re.S)
 
@@ -45,8 +52,63 @@ class SignatureError(Exception):
 def signed_bytes(payload: Mapping[str, Any]) -> bytes:
     ship = payload.get("ship") or {}
     content = {name: payload.get(name) for name in SIGNED_FIELDS}
-    content["ship"] = {"mode": ship.get("mode"), "digest": ship.get("digest")}
+    content["ship"] = {name: ship.get(name) for name in SIGNED_SHIP_FIELDS}
     return json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+
+
+def parse_age(raw: str, source: str) -> float:
+    """``90``, ``90s``, ``30m``, ``12h`` or ``2d`` as seconds; ValueError naming ``source``."""
+    text = str(raw).strip().lower()
+    factor = {"s": 1, "m": 60, "h": 3600, "d": 86400}.get(text[-1:], 1)
+    number = text[:-1] if text[-1:] in ("s", "m", "h", "d") else text
+    try:
+        value = float(number) * factor
+    except ValueError:
+        value = -1.0
+    if not value > 0 or value == float("inf"):
+        raise ValueError(
+            f"invalid duration {raw!r} for {source}: expected seconds, or a number with s, m, h "
+            "or d (e.g. 12h)"
+        )
+    return value
+
+
+def max_age(env: Mapping[str, str]) -> float:
+    """How old a signature this worker takes (``DISPATCH_SHIP_MAX_AGE``), in seconds."""
+    raw = env.get(ENV_SHIP_MAX_AGE, "").strip()
+    return parse_age(raw, ENV_SHIP_MAX_AGE) if raw else DEFAULT_MAX_AGE
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.3g} s"
+
+
+def age_refusal(issued: Any, env: Mapping[str, str], now: float) -> str | None:
+    """None when a signature made at ``issued`` (controller's clock, Unix time) is young enough
+    for this worker at ``now``; else why not, naming the setting."""
+    if type(issued) not in (int, float):
+        return "the run's signature has no issue time (sign it with this plugin's version)"
+    try:
+        limit = max_age(env)
+    except ValueError as exc:
+        return str(exc)
+    age = now - issued
+    if age > limit:
+        return (
+            f"the run's signature was made {_duration(age)} ago, longer ago than this worker "
+            f"takes ({ENV_SHIP_MAX_AGE}, {_duration(limit)}): a run sent again, or one that "
+            f"waited that long for a free slot. Start the run again (each slot is signed when "
+            f"it is sent), or raise {ENV_SHIP_MAX_AGE} in the worker's environment"
+        )
+    if -age > MAX_CLOCK_AHEAD:
+        return (
+            f"the run's signature is dated {_duration(-age)} ahead of this worker's clock (more "
+            f"than {MAX_CLOCK_AHEAD:.0f} s): set the controller's and the worker's clocks (NTP)"
+        )
+    return None
 
 
 def _crypto() -> Any:
@@ -97,7 +159,8 @@ def _verify(public_key: Any, signature: bytes, data: bytes) -> None:
 class Signer:
     """The controller's signing key (loaded once per run)."""
 
-    def __init__(self, source: str, where: str) -> None:
+    def __init__(self, source: str, where: str, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock  # the issue time signed with each payload
         serialization = _crypto()
         text = source.encode() if source.lstrip().startswith("-----BEGIN") else None
         try:
@@ -111,9 +174,10 @@ class Signer:
         self.key_id = key_id(self.key.public_key())
 
     def __call__(self, payload: Mapping[str, Any]) -> dict[str, Any]:
-        """The payload's ``ship`` with its signature."""
-        signature = _sign(self.key, signed_bytes(payload))
+        """The payload's ``ship`` with its issue time and its signature."""
         ship = dict(payload.get("ship") or {})
+        ship["issued"] = self.clock()
+        signature = _sign(self.key, signed_bytes({**payload, "ship": ship}))
         ship["signature"] = {"key": self.key_id, "value": base64.b64encode(signature).decode()}
         return ship
 
@@ -145,9 +209,10 @@ def trusted_keys(env: Mapping[str, str]) -> dict[str, Any]:
     return keys
 
 
-def verify(payload: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
-    """None when the payload's signature verifies with a key this worker trusts; else why
-    not (naming the setting)."""
+def verify(payload: Mapping[str, Any], env: Mapping[str, str], now: float) -> str | None:
+    """None when the payload's signature verifies with a key this worker trusts and is not
+    older than its ``DISPATCH_SHIP_MAX_AGE`` at ``now`` (Unix time); else why not (naming the
+    setting)."""
     signature = (payload.get("ship") or {}).get("signature") or {}
     try:
         keys = trusted_keys(env)
@@ -165,7 +230,7 @@ def verify(payload: Mapping[str, Any], env: Mapping[str, str]) -> str | None:
         _verify(key, base64.b64decode(str(signature.get("value", ""))), signed_bytes(payload))
     except Exception:
         return "the run's signature does not verify: the run was changed after it was signed"
-    return None
+    return age_refusal((payload.get("ship") or {}).get("issued"), env, now)
 
 
 def signer_from(option: str | None, env: Mapping[str, str]) -> Signer | None:

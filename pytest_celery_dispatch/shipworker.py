@@ -3,8 +3,12 @@
 :func:`prepare` decides, before anything of the run is written or run:
 
 * no ``ship`` in the payload (``--celery-ship off``): the workspace, in place, as before;
-* the manifest is checked entry by entry (:func:`.manifest.check_entries`) and against its
-  digest; a bad one refuses the run;
+* ``always``: whether this worker takes the run's tree (below) is decided first, before
+  anything is fetched;
+* the session names the manifest by its digest (:func:`load_manifest`): parsed already, in the
+  cache, else asked of the controller like a blob; its bytes are checked against the digest
+  before they are parsed, then entry by entry (:func:`.manifest.check_entries`); a bad one
+  refuses the run;
 * ``auto`` and the workspace holds every file of the manifest as it is: in place (zero copy);
 * otherwise the run's tree is needed, and only a run this worker may take code from gets it:
   a signed run whose signature verifies with a key of ``DISPATCH_SHIP_TRUST`` (a bad or
@@ -21,20 +25,21 @@ PYTEST_DONT_REWRITE: the worker side imports it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import fcntl
 import json
 import logging
 import os
-import sys
+import re
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from .blobs import Assembler, BlobError
 from .envdrift import shadowed, versions
-from .manifest import Manifest, check_entries, human_bytes
+from .manifest import MAX_MANIFEST_BYTES, Manifest, human_bytes, parse_manifest
 from .names import (
     ENV_CACHE_LIMIT,
     ENV_SHIP_TRUST,
@@ -48,12 +53,21 @@ from .shipsign import verify
 
 log = logging.getLogger("pytest_celery_dispatch.worker")
 
+#: Takes a received, verified blob (its sha256, its temporary file) into the cache.
+Keep = Callable[[str, str], None]
+
 #: No blob from the controller for this long: the transfer failed (seconds).
 BLOB_SILENCE = 60.0
 #: A slot fetching blobs tells the controller it is alive this often (seconds).
 PROGRESS_INTERVAL = 2.0
 #: The blob queue of a slot that died is deleted by the broker after this (ms).
 BLOB_QUEUE_EXPIRES_MS = 10 * 60 * 1000
+
+#: Manifests a worker process keeps parsed (a run's slots, and a second run's, share them).
+MANIFESTS_KEPT = 4
+#: What :func:`_refusal` answers for an unsigned run the worker does not take.
+UNSIGNED = "unsigned"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 ALLOW = ("allow", "1", "yes", "true", "on")
 REFUSE = ("refuse", "0", "no", "false", "off")
@@ -79,13 +93,17 @@ def refusal_unsigned(worker: str) -> str:
 
 
 class ShipState:
-    """What one worker process keeps for shipping: its cache and its versions, made when a
-    run first needs them."""
+    """What one worker process keeps for shipping: its cache, its versions (made when a run
+    first needs them) and the last manifests it used, parsed."""
 
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, env: Mapping[str, str] | None = None, clock: Callable[[], float] = time.time
+    ) -> None:
         self.env = os.environ if env is None else env
+        self.clock = clock  # wall time, for the signatures' age
         self._cache: ShipCache | None = None
         self._versions: dict[str, str] | None = None
+        self.manifests: collections.OrderedDict[str, Manifest] = collections.OrderedDict()
 
     @property
     def cache(self) -> ShipCache:
@@ -100,6 +118,15 @@ class ShipState:
         return self._versions
 
 
+class Fetcher(Protocol):
+    """Brings the blobs a slot lacks (:class:`BlobFetcher`; a fake in the unit tests) and
+    hands each, verified, to ``keep`` (default: the cache's blobs)."""
+
+    def __call__(
+        self, missing: dict[str, int], cache: ShipCache, keep: Keep | None = None
+    ) -> dict[str, Any]: ...
+
+
 @dataclasses.dataclass
 class Prepared:
     workspace: str
@@ -108,11 +135,56 @@ class Prepared:
     hold: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
 
 
+def load_manifest(ship: Mapping[str, Any], state: ShipState, fetcher: Fetcher) -> Manifest:
+    """The manifest a session names by its digest: parsed already, in the cache, else asked of
+    the controller once (like a blob) and kept. Its bytes are checked against the digest before
+    they are parsed (:func:`.manifest.parse_manifest`). ValueError: a bad manifest; BlobError
+    or OSError: it did not arrive."""
+    digest = ship.get("digest")
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        raise ValueError(f"the session names no manifest digest ({digest!r})")
+    if digest in state.manifests:
+        state.manifests.move_to_end(digest)
+        return state.manifests[digest]
+    cache = state.cache
+    data = cache.read_manifest(digest)
+    if data is None:
+        size = ship.get("manifest_size")
+        if type(size) is not int or not 0 < size <= MAX_MANIFEST_BYTES:
+            raise ValueError(
+                f"its size {size!r} is not between 1 byte and {human_bytes(MAX_MANIFEST_BYTES)}"
+            )
+        fetcher({digest: size}, cache, cache.add_manifest)
+        data = cache.read_manifest(digest)
+        if data is None:
+            raise BlobError("the manifest was received but is not in the cache")
+    try:
+        manifest = parse_manifest(data, digest)
+    except ValueError:
+        cache.drop_manifest(digest)
+        raise
+    state.manifests[digest] = manifest
+    while len(state.manifests) > MANIFESTS_KEPT:
+        state.manifests.popitem(last=False)
+    return manifest
+
+
+def _refusal(
+    payload: Mapping[str, Any], state: ShipState, worker: str, broker_url: str | None
+) -> str | None:
+    """None when this worker may take the run's tree; else why not: a signature it does not
+    take, or :data:`UNSIGNED` for an unsigned run it does not take."""
+    if (payload.get("ship") or {}).get("signature"):
+        why = verify(payload, state.env, state.clock())
+        return f"{worker} does not run this shipped tree: {why}" if why else None
+    return None if unsigned_allowed(state.env, broker_url) else UNSIGNED
+
+
 def prepare(
     payload: Mapping[str, Any],
     workspace: str,
     state: ShipState,
-    fetcher: Callable[[dict[str, int], ShipCache], dict[str, Any]],
+    fetcher: Fetcher,
     worker: str,
     broker_url: str | None,
 ) -> Prepared:
@@ -121,10 +193,16 @@ def prepare(
     versions_info = {"versions": state.versions}
     if not ship or ship.get("mode") == "off":
         return Prepared(workspace, {"state": "in place", **versions_info})
+    auto = ship.get("mode") == "auto"
+    refused = None if auto else _refusal(payload, state, worker, broker_url)
+    if refused:  # the tree is needed: who sent it is checked before anything is fetched
+        why = refusal_unsigned(worker) if refused == UNSIGNED else refused
+        return Prepared(workspace, {**versions_info, "state": "refused"}, why)
     try:
-        manifest = check_entries(ship.get("manifest"), sys.maxsize, sys.maxsize)
-        if manifest.digest != ship.get("digest"):
-            raise ValueError("the manifest does not match its digest")
+        manifest = load_manifest(ship, state, fetcher)
+    except (BlobError, OSError) as exc:  # before ValueError: a BlobError is one
+        why = f"{worker}: fetching the run's manifest failed: {exc}"
+        return Prepared(workspace, {**versions_info, "state": "failed"}, why)
     except ValueError as exc:
         return Prepared(workspace, versions_info, f"{worker} refused the run's manifest: {exc}")
     info: dict[str, Any] = {
@@ -134,29 +212,33 @@ def prepare(
         **versions_info,
     }
     cache = state.cache
-    if ship.get("mode") == "auto":
-        differ = cache.matches(workspace, manifest)
+    if auto:
+        differ = cache.matches(workspace, manifest, worker)
         if not differ:
             return Prepared(workspace, {**info, "state": "in place"})
         info["differ"] = len(differ)
         info["differ_examples"] = differ[:3]
-    if ship.get("signature"):
-        why = verify(payload, state.env)
-        if why:
-            refused = f"{worker} does not run this shipped tree: {why}"
-            return Prepared(workspace, {**info, "state": "refused"}, refused)
-    elif not unsigned_allowed(state.env, broker_url):
-        if ship.get("mode") == "auto":
+        refused = _refusal(payload, state, worker, broker_url)
+        if refused == UNSIGNED:
             info["note"] = refusal_unsigned(worker)
             return Prepared(workspace, {**info, "state": "in place, differs"})
-        return Prepared(workspace, {**info, "state": "refused"}, refusal_unsigned(worker))
+        if refused:
+            return Prepared(workspace, {**info, "state": "refused"}, refused)
     if manifest.total_size > cache.limit:
         refused = (
             f"{worker} cannot hold the run's tree ({human_bytes(manifest.total_size)}) in its "
             f"cache of {human_bytes(cache.limit)}: raise its {ENV_CACHE_LIMIT}"
         )
         return Prepared(workspace, {**info, "state": "refused"}, refused)
-    prepared = Prepared(workspace, info)
+    return _build(cache, manifest, fetcher, Prepared(workspace, info), worker)
+
+
+def _build(
+    cache: ShipCache, manifest: Manifest, fetcher: Fetcher, prepared: Prepared, worker: str
+) -> Prepared:
+    """The manifest's tree, built from the cache (missing blobs fetched) unless it is there,
+    held while the slot runs."""
+    info = prepared.info
     prepared.hold.callback(_evict, cache)  # after the run lets its tree go
     started = time.monotonic()
     try:
@@ -173,7 +255,8 @@ def prepare(
             raise OSError("the tree was evicted twice while it was built")
     except (BlobError, OSError) as exc:
         prepared.hold.close()
-        return Prepared(workspace, {**info, "state": "failed"}, f"{worker}: shipping failed: {exc}")
+        why = f"{worker}: shipping failed: {exc}"
+        return Prepared(prepared.workspace, {**info, "state": "failed"}, why)
     info["seconds"] = round(time.monotonic() - started, 3)
     info["shadowed"] = shadowed(e["path"] for e in manifest.entries)
     prepared.workspace = cache.tree_path(manifest)
@@ -206,11 +289,7 @@ def _evict(cache: ShipCache) -> None:
         log.info("cache over its limit: evicted %d trees and blobs", len(gone))
 
 
-def _fill(
-    cache: ShipCache,
-    manifest: Manifest,
-    fetcher: Callable[[dict[str, int], ShipCache], dict[str, Any]],
-) -> dict[str, Any]:
+def _fill(cache: ShipCache, manifest: Manifest, fetcher: Fetcher) -> dict[str, Any]:
     """Fetch the blobs the cache lacks, one slot of this worker at a time (a second slot
     waits, then finds them there)."""
     lock_path = cache.tree_path(manifest) + ".fetch"
@@ -242,7 +321,9 @@ class BlobFetcher:
         self.queue = blob_queue_name(str(base["run_id"]), str(base["session_id"]))
         self.clock = time.monotonic
 
-    def __call__(self, missing: dict[str, int], cache: ShipCache) -> dict[str, Any]:
+    def __call__(
+        self, missing: dict[str, int], cache: ShipCache, keep: Keep | None = None
+    ) -> dict[str, Any]:
         tmp = cache.tmp_dir()
         assembler = Assembler(missing, tmp)
         conn = self.app.connection_for_write()
@@ -250,7 +331,7 @@ class BlobFetcher:
             channel = conn.channel()
             blob_queue(self.queue)(channel).declare()
             self.emit({"type": "ship_wanted", "blobs": sorted(missing), "blob_queue": self.queue})
-            self._receive(channel, assembler, cache)
+            self._receive(channel, assembler, keep or cache.add_blob)
             with contextlib.suppress(Exception):
                 channel.queue_delete(queue=self.queue)
         finally:
@@ -259,7 +340,7 @@ class BlobFetcher:
             remove_tree(tmp)
         return {"blobs_received": len(missing), "bytes_received": assembler.bytes_received}
 
-    def _receive(self, channel: Any, assembler: Assembler, cache: ShipCache) -> None:
+    def _receive(self, channel: Any, assembler: Assembler, keep: Keep) -> None:
         heard = told = self.clock()
         while not assembler.done:
             now = self.clock()
@@ -282,4 +363,4 @@ class BlobFetcher:
             for item in items:
                 done = assembler.add(item)
                 if done is not None:
-                    cache.add_blob(*done)
+                    keep(*done)

@@ -43,6 +43,25 @@ HINT_NO_BROKER = (
 HINT_ACCESS_REFUSED = "check the user name and password in the broker URL"
 
 
+class _AllAnswered(Exception):
+    """Raised from a broadcast's reply callback: every worker waited for has answered."""
+
+
+def _served(queues: Any) -> set[str]:
+    """The queue names in one worker's ``active_queues`` reply."""
+    return {str(q.get("name")) for q in queues or [] if isinstance(q, dict)}
+
+
+def all_answered(replies: dict[str, Any], names: set[str], consumers: dict[str, int]) -> bool:
+    """Whether the ``active_queues`` ``replies`` so far name, for each queue of ``names``, as
+    many workers as it has consumers (one consumer per worker and queue)."""
+    found = {name: 0 for name in names}
+    for queues in replies.values():
+        for name in _served(queues) & names:
+            found[name] += 1
+    return all(found[name] >= consumers.get(name, 0) for name in names)
+
+
 class BrokerUnavailable(Exception):
     """The broker cannot be reached or refused us; the message carries the masked URL."""
 
@@ -177,12 +196,14 @@ class Broker:
         )(self.channel).declare()
 
     def inspect_workers(
-        self, names: set[str], expected: int | None = None, timeout: float = 1.0
+        self, names: set[str], consumers: dict[str, int] | None = None, timeout: float = 1.0
     ) -> dict[str, list[tuple[str, int]]]:
         """``(node name, slots)`` of each worker consuming each queue.
 
-        Two broadcasts (``active_queues`` and ``stats``); ``expected`` replies end each wait
-        early, otherwise it lasts the whole ``timeout``.
+        Two broadcasts (``active_queues``, then ``stats`` of the workers found). The first
+        ends once as many workers serve each queue as it has ``consumers`` (every other worker
+        of the lab answers too, and does not count), else after ``timeout`` without a reply;
+        a worker it misses tells its slots when its first session starts.
         """
         result: dict[str, list[tuple[str, int]]] = {name: [] for name in names}
         root = embedded_root_of(self.app)
@@ -194,13 +215,8 @@ class Broker:
                         result[qname].append((node, int(worker.get("concurrency") or 1)))
             return result
         try:
-            inspector = self.app.control.inspect(timeout=timeout, limit=expected)
-            queues_by_node = inspector.active_queues() or {}
-            ours = [
-                node
-                for node, queues in queues_by_node.items()
-                if any(isinstance(q, dict) and q.get("name") in names for q in queues or [])
-            ]
+            queues_by_node = self._active_queues(names, consumers, timeout)
+            ours = [node for node, queues in queues_by_node.items() if _served(queues) & names]
             stats: dict[str, Any] = {}
             if ours:
                 stats = (
@@ -217,11 +233,27 @@ class Broker:
             # The pool keeps a process beside the slots for plain tasks (workerpool); a worker
             # without it is undercounted by one until its first slot tells its own count.
             concurrency = max(1, int(pool.get("max-concurrency") or 1) - PLAIN_TASK_PROCESSES)
-            for q in queues or []:
-                qname = q.get("name") if isinstance(q, dict) else None
-                if qname in result:
-                    result[qname].append((node, concurrency))
+            for qname in sorted(_served(queues) & names):
+                result[qname].append((node, concurrency))
         return result
+
+    def _active_queues(
+        self, names: set[str], consumers: dict[str, int] | None, timeout: float
+    ) -> dict[str, Any]:
+        """Node -> its queues, from one ``active_queues`` broadcast that stops waiting once
+        the workers of ``consumers`` have all answered (a lab's other workers answer too:
+        Celery's own ``limit`` would count them)."""
+        replies: dict[str, Any] = {}
+
+        def on_reply(body: Any) -> None:
+            if isinstance(body, dict):
+                replies.update(body)
+            if consumers and all_answered(replies, names, consumers):
+                raise _AllAnswered
+
+        with contextlib.suppress(_AllAnswered):
+            self.app.control.inspect(timeout=timeout, callback=on_reply).active_queues()
+        return replies
 
     def served_queues(self, timeout: float = SERVED_QUEUES_TIMEOUT) -> set[str]:
         """Every queue some worker consumes now: the embedded workers' presence files, else one

@@ -85,8 +85,8 @@ class RunTurns:
         with contextlib.suppress(Exception):
             granted = lab.grant(self.me, self.board.notices(), queue, slots)
             if granted > 0:  # said at once: a run arriving now must count these slots as held
-                self.since[queue] = self.wall()
-                state = {"state": lab.HOLDING, "slots": granted, "since": self.since[queue]}
+                since = self.since.setdefault(queue, self.wall())  # kept when widened
+                state = {"state": lab.HOLDING, "slots": granted, "since": since}
                 self._publish({**self._queues, queue: state})
             return granted
         return slots  # the board cannot be read: as without a line

@@ -55,6 +55,9 @@ class SlotState:
     worker: str | None = None
     finished: bool = False
     lost: bool = False
+    #: The chunks it announced and has not finished: its heartbeats speak for them all (it
+    #: takes the next one while a test runs, and that one is silent until its turn).
+    held: list[ChunkState] = dataclasses.field(default_factory=list)
 
     @property
     def live(self) -> bool:
@@ -125,6 +128,16 @@ class TurnGate:
         self.waiting.pop(queue, None)
         self.granted[queue] = granted
         return True
+
+    def widen(self, queue: str, slots: int) -> int:
+        """A queue already going learned it has ``slots`` slots (its first count missed a
+        worker): how many it may hold now. Above its grant, the line's rule decides again
+        (:func:`.lab.grant`); never fewer than it holds."""
+        held = self.granted.get(queue)
+        if self.grant is None or held is None or slots <= held:
+            return slots
+        self.granted[queue] = max(held, self.grant(queue, slots))
+        return self.granted[queue]
 
     def due(self, stopping: bool = False) -> list[str]:
         """The waiting queues whose turn has come (now granted); none once the run stops."""

@@ -535,3 +535,28 @@ def test_dispatcher_gathers_concurrently_even_after_a_plain_get(pytester, queues
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", timeout=90)
     result.assert_outcomes(passed=1)
+
+
+def test_a_workers_slots_are_found_though_the_labs_other_workers_answer_too(
+    pytester, worker_factory, run_dispatched
+):
+    """The broadcast at the start is answered by every worker on the broker: the wait ends
+    when this run's workers have answered, not after as many replies from anyone."""
+    for n in range(3):
+        worker_factory(worker_id=f"bystander-{n}")  # other queues of the same lab
+    worker = worker_factory(worker_id="worker-three", concurrency=3)
+    pytester.makepyfile(
+        test_three=f"""
+        import pytest
+
+        @pytest.mark.queue({worker.queue!r})
+        @pytest.mark.parametrize("n", range(3))
+        def test_n(n):
+            pass
+        """
+    )
+    run = run_dispatched("--celery-ship=off")
+    run.result.assert_outcomes(passed=3)
+    run.result.stdout.fnmatch_lines(
+        [f"celery-dispatch workers: {worker.queue}: 1 worker (*), 3 slots, 3 tests"]
+    )

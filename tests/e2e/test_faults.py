@@ -18,6 +18,7 @@ import uuid
 import pytest
 
 from pytest_celery_dispatch.embedded import EMBEDDED
+from pytest_celery_dispatch.retry import SILENCE_LIMIT
 from tests.helpers import BROKER
 
 SLOW_TESTS = """
@@ -506,3 +507,18 @@ def test_a_test_longer_than_consumer_timeout_is_neither_lost_nor_run_twice(
     while time.monotonic() < deadline and "PRECONDITION_FAILED" not in witness.log_path.read_text():
         time.sleep(0.5)
     assert "PRECONDITION_FAILED" in witness.log_path.read_text()
+
+
+@TRANSPORTS
+def test_a_chunk_taken_beside_a_test_longer_than_the_silence_limit_runs_once(
+    pytester, worker_factory, controller, broker
+):
+    """A slot takes its next chunk while its test runs; that chunk is silent until the test
+    ends. With tests longer than SILENCE_LIMIT it must not count as lost (and run twice)."""
+    worker = worker_factory(worker_id="worker-soak", broker=broker)
+    log = slow_tests(pytester, worker.queue, count=2, sleep=SILENCE_LIMIT + 2)
+    ctl = controller(broker=broker)
+    assert ctl.wait(120) == 0, ctl.text()
+    assert sorted(line[1] for line in log_lines(log) if line[0] == "start") == ["0", "1"]
+    assert "re-dispatching" not in ctl.text()
+    assert {t["dispatch"]["attempts"] for t in pytester_report(ctl)["tests"]} == {1}

@@ -1,7 +1,8 @@
 """Runs share a bench: a line with priorities, the waiting line, ``celery-dispatch status``
 (issue #14), end to end on both brokers.
 
-Run A holds a ``-c 1`` bench with one-second tests. Run B (default priority), then run D
+Run A holds a ``-c 1`` bench: its tests wait until the views are taken (an event, so a busy
+machine cannot end A before the others are in line). Run B (default priority), then run D
 (default priority), then run C (``--celery-priority 9``) start while A runs; each starts only
 once the one before it is in line. C must start its first test before B, and B before D. While
 they wait, B's terminal names A's identity and B's place; ``celery-dispatch status --json``
@@ -23,6 +24,7 @@ from pytest_celery_dispatch.lab import LAB_STALE, LINE_EVERY
 from tests.helpers import BROKER, dispatch
 
 TESTS = """
+import os
 import time
 import pytest
 
@@ -31,8 +33,15 @@ import pytest
 def test_{name}(n):
     with open({log!r}, "a") as fh:
         fh.write("{name} %d %f\\n" % (n, time.time()))
-    time.sleep({sleep})
+    deadline = time.monotonic() + {hold}  # a guard against a hang only
+    while time.monotonic() < deadline and not os.path.exists({release!r}):
+        time.sleep(0.05)
+    time.sleep(0.1)
 """
+
+#: How long A's tests wait for the views to be taken, at most: a guard against a hang (the
+#: controllers are given as long to end).
+HOLD = 120
 
 #: A's identity (GitLab variables): B's waiting line must name it.
 A_ENV = {"CI_PIPELINE_ID": "4242", "CI_JOB_URL": "https://gitlab.example/job/7"}
@@ -76,8 +85,11 @@ def test_runs_wait_in_line_by_priority_and_the_lab_shows_them(
 ):
     worker = worker_factory(worker_id="worker-bench", concurrency=1, broker=broker)
     log = str(pytester.path / "starts.log")
-    for name, count, sleep in (("a", 24, 0.75), ("b", 2, 0.1), ("d", 2, 0.1), ("c", 2, 0.1)):
-        source = TESTS.format(queue=worker.queue, count=count, name=name, log=log, sleep=sleep)
+    release = pytester.path / "views-taken"  # A's tests wait for it
+    for name, count, hold in (("a", 4, HOLD), ("b", 2, 0), ("d", 2, 0), ("c", 2, 0)):
+        source = TESTS.format(
+            queue=worker.queue, count=count, name=name, log=log, hold=hold, release=str(release)
+        )
         pytester.makepyfile(**{f"test_{name}": source})
 
     def starts() -> list[list[str]]:
@@ -102,8 +114,10 @@ def test_runs_wait_in_line_by_priority_and_the_lab_shows_them(
             "B's line after C came",
             LINE_EVERY + 5,
         )
-        codes = {name: proc.wait(120) for name, proc in runs.items()}
+        release.touch()
+        codes = {name: proc.wait(HOLD) for name, proc in runs.items()}
     finally:
+        release.touch()
         for proc in runs.values():
             if proc.poll() is None:
                 proc.kill()

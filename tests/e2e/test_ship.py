@@ -14,6 +14,11 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+# Imported here, not in a test: pytester puts sys.modules back after each test, and
+# cryptography's classes imported again would no longer be its native module's.
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
 from pytest_celery_dispatch.embedded import EMBEDDED
 from pytest_celery_dispatch.names import ENV_SHIP_UNSIGNED
 from tests.conftest import SCHEMA
@@ -287,32 +292,35 @@ def test_a_worker_with_an_older_pytest_is_named_in_the_header(pytester, bench, o
     assert difference in report["dispatch"]["ship"]["workers"][worker.worker_id]["drift"]
 
 
-def test_a_signed_run_runs_and_a_wrongly_signed_one_is_refused(
-    pytester, bench, outside, monkeypatch
-):
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ed25519
+@pytest.fixture
+def keys(outside):
+    """Make a key pair by name in a folder outside the project (never in its tree): the
+    private key's path and PEM text, and the public key's path."""
+    folder = outside("keys")
 
-    def keypair(name: str) -> tuple[Path, str]:  # uses tmp_path, set below
+    def make(name: str) -> tuple[Path, str, Path]:
         key = ed25519.Ed25519PrivateKey.generate()
         private = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        (tmp_path / f"{name}.pem").write_bytes(private)
-        (tmp_path / f"{name}.pub").write_bytes(
+        (folder / f"{name}.pem").write_bytes(private)
+        (folder / f"{name}.pub").write_bytes(
             key.public_key().public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
             )
         )
-        return tmp_path / f"{name}.pem", private.decode()
+        return folder / f"{name}.pem", private.decode(), folder / f"{name}.pub"
 
-    tmp_path = outside("keys")  # outside the project: never in its tree
-    _, lab_text = keypair("lab")
-    stranger_key, _ = keypair("stranger")
+    return make
+
+
+def test_a_signed_run_runs_and_a_wrongly_signed_one_is_refused(pytester, bench, keys, monkeypatch):
+    _, lab_text, lab_public = keys("lab")
+    stranger_key, _, _ = keys("stranger")
     write(pytester.path, PROJECT)
-    worker = bench(BROKER, allow=None, DISPATCH_SHIP_TRUST=str(tmp_path / "lab.pub"))
+    worker = bench(BROKER, allow=None, DISPATCH_SHIP_TRUST=str(lab_public))
     cache = Path(worker.env["DISPATCH_CACHE_DIR"])
 
     result, report = run(pytester, worker.queue, BROKER, f"--celery-ship-key={stranger_key}")
@@ -328,3 +336,21 @@ def test_a_signed_run_runs_and_a_wrongly_signed_one_is_refused(
     assert body not in result.stdout.str()
     assert body not in json.dumps(report)
     assert body not in worker.log_path.read_text()
+
+
+def test_a_signature_older_than_the_workers_maximum_age_is_refused(pytester, bench, keys):
+    lab_key, _, lab_public = keys("lab")
+    write(pytester.path, PROJECT)
+    # No slot reaches a worker within a microsecond of being signed: every signature is too old.
+    worker = bench(
+        BROKER, allow=None, DISPATCH_SHIP_TRUST=str(lab_public), DISPATCH_SHIP_MAX_AGE="1e-6"
+    )
+    cache = Path(worker.env["DISPATCH_CACHE_DIR"])
+    result, report = run(
+        pytester, worker.queue, BROKER, f"--celery-ship-key={lab_key}", "--celery-ship=always"
+    )
+    result.assert_outcomes(failed=4)
+    result.stdout.fnmatch_lines(["*longer ago than this worker takes (DISPATCH_SHIP_MAX_AGE, *"])
+    assert report["dispatch"]["ship"]["workers"][worker.worker_id]["state"] == "refused"
+    assert report["dispatch"]["ship"]["manifests_sent"] == 0, "refused before anything is fetched"
+    assert not [p for p in cache.rglob("*") if p.is_file()], "nothing of the refused run is written"

@@ -128,6 +128,14 @@ def test_the_slots_of_a_worker_share_one_collection_per_run(
             time.sleep(0.3)
             with open({str(runs)!r}, "a") as fh:
                 fh.write(f"{{os.getpid()}}\\n")
+            # Held until a second runner has run a test: on a busy machine one slot could
+            # run all nine before the others start (a guard against a hang, not a measure).
+            deadline = time.monotonic() + {ZYGOTE_FIRST_WAIT}
+            while time.monotonic() < deadline:
+                with open({str(runs)!r}) as fh:
+                    if len(set(fh.read().split())) >= 2:
+                        break
+                time.sleep(0.05)
         """
     )
     run = run_dispatched("--celery-ship=off")  # in place: the basetemp is big by now

@@ -217,3 +217,43 @@ def test_a_granted_queue_is_published_as_held_at_once():
     assert queues[Q] == {"state": lab.HOLDING, "slots": 2, "since": 7.0}
     assert queues["queue_b"] == {"state": lab.WAITING}
     assert lab.grant(run("late", priority=9), [board.published[-1]], Q, 2) == 0
+
+
+def test_a_queue_that_learns_of_more_slots_takes_the_free_ones_as_the_line_allows():
+    """The broadcast at the start missed the worker: the queue began with 1 slot of its 3.
+    Its first slot tells the worker's 3 slots: the run asks the line again and takes what is
+    free (a run that came meanwhile holds one of them), keeping the time it began holding."""
+    board = FakeBoard()
+    wall = [50.0]
+    turns = RunTurns("me", {"label": "me@h"}, 5, board, wall=lambda: wall[0], clock=lambda: 0.0)
+    sch = scheduler(turns.grant)
+    sch.queue_nodeids[Q] = [f"t.py::t{i}" for i in range(12)]
+    (first,) = sent(sch, sch.begin({Q: 1}, {Q: 1}))
+    assert sch.turns.granted == {Q: 1}
+    board.others = [run("other", state=lab.HOLDING, slots=1)]
+    wall[0] = 60.0
+    sch.slot_seen(first.session_id, "worker-a")
+    more = [a for a in sch.slot_started(first, 3) if isinstance(a, StartSlot)]
+    assert len(more) == 1  # 3 slots, 1 held by the other run: 2 for this run
+    assert sch.turns.granted == {Q: 2}
+    assert board.published[-1]["queues"][Q] == {"state": lab.HOLDING, "slots": 2, "since": 50.0}
+
+
+def test_a_widened_queue_never_holds_fewer_slots_than_granted():
+    board = FakeBoard()
+    turns = RunTurns("me", {"label": "me@h"}, 5, board, wall=lambda: 50.0, clock=lambda: 0.0)
+    sch = scheduler(turns.grant)
+    sch.queue_nodeids[Q] = [f"t.py::t{i}" for i in range(12)]
+    (first,) = sent(sch, sch.begin({Q: 1}, {Q: 1}))
+    board.others = [run("other", state=lab.HOLDING, slots=3)]  # took the rest meanwhile
+    sch.slot_seen(first.session_id, "worker-a")
+    assert [a for a in sch.slot_started(first, 3) if isinstance(a, StartSlot)] == []
+    assert sch.turns.granted == {Q: 1}
+
+
+def sent(sch, actions):
+    """Every chunk published as the controller does; the slots started."""
+    for action in actions:
+        if isinstance(action, Publish):
+            sch.sent(action.chunk)
+    return [a.slot for a in actions if isinstance(a, StartSlot)]

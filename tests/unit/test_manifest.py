@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -178,7 +179,7 @@ def test_a_good_manifest_passes_the_workers_check(tmp_path: Path) -> None:
     make_tree(tmp_path)
     (tmp_path / "pkg" / "alias.py").symlink_to("__init__.py")
     manifest = build_manifest(str(tmp_path), walk_files(str(tmp_path)))
-    checked = check_entries(manifest.as_list(), max_file=10**9, max_total=10**10)
+    checked = check_entries(json.loads(manifest.canonical), max_file=10**9, max_total=10**10)
     assert checked.digest == manifest.digest
 
 

@@ -567,3 +567,23 @@ def test_more_slots_than_the_plan_assumed_revise_the_eta() -> None:
     assert lab.sched.predicted["queue_a"] == pytest.approx(2.0)
     assert Notice("queue_a: 2 slots; revised ETA 2.00s", "cyan") in actions
     assert lab.sched.slot_started(slot, concurrency=2) == []  # said once
+
+
+def test_a_chunk_a_slot_took_beside_a_long_test_is_not_lost_while_the_slot_lives() -> None:
+    """A slot takes its next chunk while its current test runs: that chunk says nothing until
+    the test ends, which may be long after SILENCE_LIMIT. The slot's heartbeats keep it."""
+    lab = Lab()
+    actions = lab.begin(["long", "next", "other", "last"], consumers=1, slots=1)
+    chunks = [a.chunk for a in of(Publish, actions)]
+    (start,) = of(StartSlot, actions)
+    lab.take(chunks[0], start.slot)
+    lab.sched.test_started(chunks[0], "long")
+    lab.take(chunks[1], start.slot)  # announced at once, held until "long" ends
+    lab.depths["queue_a"] = len(chunks) - 2
+    for _ in range(int(3 * sch.SILENCE_LIMIT)):
+        lab.clock.advance(1.0)
+        lab.heartbeat(chunks[0], start.slot)  # the driver's "alive" names the running test
+        assert lab.poll() == []
+    lab.clock.advance(sch.SILENCE_LIMIT + 1)  # the slot falls silent: both chunks are lost
+    lost = of(Notice, lab.poll())
+    assert len(lost) == 2, lost

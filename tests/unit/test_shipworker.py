@@ -21,25 +21,31 @@ def project(root: Path, version: int = 1) -> Path:
 
 def payload(root: Path, mode: str = "auto") -> dict:
     manifest = build_manifest(str(root), walk_files(str(root)))
-    ship = {"mode": mode, "digest": manifest.digest, "manifest": manifest.as_list()}
+    ship = {"mode": mode, "digest": manifest.digest, "manifest_size": len(manifest.canonical)}
     return {"run_id": "r", "queue": "q", "nodeids": ["test_a.py::t"], "ship": ship}
 
 
 class FakeFetcher:
-    """Copies the wanted blobs from the controller's folder, as the broker would bring them."""
+    """Copies the wanted blobs (and the manifest) from the controller's folder, as the broker
+    would bring them; ``manifest`` replaces the manifest's bytes (a forged one)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, manifest: bytes | None = None) -> None:
         self.root = root
+        self.manifest = manifest
         self.asked: list[set[str]] = []
 
-    def __call__(self, missing: dict[str, int], cache: ShipCache) -> dict:
+    def __call__(self, missing: dict[str, int], cache: ShipCache, keep=None) -> dict:
         self.asked.append(set(missing))
+        keep = keep or cache.add_blob
         manifest = build_manifest(str(self.root), walk_files(str(self.root)))
-        tmp = cache.tmp_dir()
-        for sha, entry in manifest.blobs().items():
-            if sha in missing:
-                shutil.copyfile(self.root / entry["path"], Path(tmp) / sha)
-                cache.add_blob(sha, str(Path(tmp) / sha))
+        tmp = Path(cache.tmp_dir())
+        blobs = manifest.blobs()
+        for sha in missing:
+            if sha in blobs:
+                shutil.copyfile(self.root / blobs[sha]["path"], tmp / sha)
+            else:  # the manifest
+                (tmp / sha).write_bytes(self.manifest or manifest.canonical)
+            keep(sha, str(tmp / sha))
         return {"blobs_received": len(missing), "bytes_received": 0}
 
 
@@ -74,8 +80,18 @@ def test_unsigned_runs_are_not_shipped_unless_the_worker_allows_them(tmp_path: P
     assert auto.refused is None
     always = prepare(payload(root, "always"), str(empty), state, fetch, "w", "amqp://x//")
     assert "DISPATCH_SHIP_UNSIGNED=allow" in str(always.refused)
-    assert fetch.asked == []
+    assert fetch.asked == [{payload(root)["ship"]["digest"]}]  # auto's manifest, no blob
     assert not list((tmp_path / "cache" / "blobs").rglob("*"))
+
+
+def test_always_checks_who_sent_the_run_before_it_fetches_anything(tmp_path: Path, state) -> None:
+    root, empty = project(tmp_path / "ctl"), tmp_path / "empty"
+    empty.mkdir()
+    fetch = FakeFetcher(root)
+    always = prepare(payload(root, "always"), str(empty), state, fetch, "w", "amqp://x//")
+    assert "DISPATCH_SHIP_UNSIGNED=allow" in str(always.refused)
+    assert fetch.asked == []
+    assert not list((tmp_path / "cache").rglob("*.json"))
 
 
 def test_an_allowed_run_is_shipped_then_up_to_date_then_one_blob(tmp_path: Path) -> None:
@@ -95,7 +111,9 @@ def test_an_allowed_run_is_shipped_then_up_to_date_then_one_blob(tmp_path: Path)
     project(root, version=2)
     edited = prepare(payload(root), str(empty), state, fetch, "w", "amqp://x//")
     edited.hold.close()
-    assert [len(asked) for asked in fetch.asked] == [2, 1]  # two blobs, then the edited one
+    # the manifest, its two blobs; nothing for the rerun; the edited manifest, the edited blob
+    assert [len(asked) for asked in fetch.asked] == [1, 2, 1, 1]
+    assert fetch.asked[2] == {payload(root)["ship"]["digest"]}
     assert (Path(edited.workspace) / "test_a.py").read_text() == "VERSION = 2\n"
     assert (Path(first.workspace) / "test_a.py").read_text() == "VERSION = 1\n"
     assert edited.info["shadowed"] == []
@@ -113,10 +131,106 @@ def test_a_manifest_that_does_not_match_its_digest_or_the_cache_is_refused(tmp_p
     env = {"DISPATCH_CACHE_DIR": str(tmp_path / "c"), "DISPATCH_SHIP_UNSIGNED": "allow"}
     root, empty = project(tmp_path / "ctl"), tmp_path / "empty"
     empty.mkdir()
-    data = payload(root)
-    data["ship"]["manifest"][0]["sha256"] = "0" * 64
-    found = prepare(data, str(empty), ShipState(env), FakeFetcher(root), "w", "amqp://x//")
-    assert "does not match its digest" in str(found.refused)
+    real = build_manifest(str(root), walk_files(str(root))).canonical
+    forged = FakeFetcher(root, real.replace(b'"exec":false', b'"exec":true', 1))
+    found = prepare(payload(root), str(empty), ShipState(env), forged, "w", "amqp://x//")
+    assert "refused the run's manifest: the manifest does not match its digest" in str(
+        found.refused
+    )
+    assert not list((tmp_path / "c" / "manifests").iterdir()), "a forged manifest is not kept"
     small = ShipState({**env, "DISPATCH_CACHE_LIMIT": "5"})
     found = prepare(payload(root), str(empty), small, FakeFetcher(root), "w", "amqp://x//")
     assert "raise its DISPATCH_CACHE_LIMIT" in str(found.refused)
+
+
+def test_the_manifest_is_fetched_once_by_its_digest_and_kept(tmp_path: Path) -> None:
+    env = {"DISPATCH_CACHE_DIR": str(tmp_path / "c"), "DISPATCH_SHIP_UNSIGNED": "allow"}
+    root = project(tmp_path / "ctl")
+    digest = payload(root)["ship"]["digest"]
+    fetch = FakeFetcher(root)
+    state = ShipState(env)
+    for _ in range(2):  # two slots of one pool process
+        found = prepare(payload(root), str(root), state, fetch, "w", "amqp://x//")
+        assert (found.info["state"], found.info["digest"]) == ("in place", digest)
+    assert fetch.asked == [{digest}]
+    found = prepare(payload(root), str(root), ShipState(env), fetch, "w", "amqp://x//")
+    assert found.info["state"] == "in place"
+    assert fetch.asked == [{digest}], "another pool process reads it from the cache"
+    assert (tmp_path / "c" / "manifests" / f"{digest}.json").read_bytes() == build_manifest(
+        str(root), walk_files(str(root))
+    ).canonical
+
+
+@pytest.mark.parametrize(
+    ("ship", "why"),
+    [
+        ({"digest": "x"}, "the session names no manifest digest"),
+        ({"manifest_size": 0}, "its size 0 is not between 1 byte"),
+        ({"manifest_size": 10**12}, "is not between 1 byte and 256.0 MB"),
+        ({"manifest_size": "5"}, "its size '5' is not"),
+    ],
+)
+def test_a_bad_digest_or_size_is_refused_before_anything_is_fetched(
+    tmp_path: Path, state, ship: dict, why: str
+) -> None:
+    root = project(tmp_path / "ctl")
+    data = payload(root)
+    data["ship"].update(ship)
+    fetch = FakeFetcher(root)
+    found = prepare(data, str(root), state, fetch, "w", "amqp://x//")
+    assert why in str(found.refused)
+    assert fetch.asked == []
+
+
+def test_a_manifest_that_is_not_json_or_not_canonical_is_refused(tmp_path: Path, state) -> None:
+    import hashlib
+    import json
+
+    root = project(tmp_path / "ctl")
+    real = json.loads(build_manifest(str(root), walk_files(str(root))).canonical)
+    for text, why in (
+        (b"\x80 not json", "the manifest is not JSON"),
+        (json.dumps(real, indent=1).encode(), "not in its canonical form"),
+        (json.dumps([{"path": "../x", "sha256": "0" * 64, "size": 1}]).encode(), "outside"),
+    ):
+        data = payload(root)
+        data["ship"].update(digest=hashlib.sha256(text).hexdigest(), manifest_size=len(text))
+        found = prepare(data, str(root), state, FakeFetcher(root, text), "w", "amqp://x//")
+        assert why in str(found.refused), text
+
+
+def test_an_expired_signature_is_refused_before_anything_is_fetched(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    from pytest_celery_dispatch.shipsign import DEFAULT_MAX_AGE, Signer
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (tmp_path / "trust.pem").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    root, empty = project(tmp_path / "ctl"), tmp_path / "empty"
+    empty.mkdir()
+    data = payload(root, "always")
+    data["ship"] = Signer(private.decode(), "test", lambda: 1000.0)(data)
+    env = {
+        "DISPATCH_CACHE_DIR": str(tmp_path / "c"),
+        "DISPATCH_SHIP_TRUST": str(tmp_path / "trust.pem"),
+    }
+    fetch = FakeFetcher(root)
+    fresh = prepare(data, str(empty), ShipState(env, lambda: 1000.0 + 60), fetch, "w", "amqp://x//")
+    fresh.hold.close()
+    assert (fresh.info["state"], fresh.refused) == ("shipped", None)
+    late = ShipState(
+        {**env, "DISPATCH_CACHE_DIR": str(tmp_path / "c2")}, lambda: 1000.0 + DEFAULT_MAX_AGE + 1
+    )
+    old = prepare(data, str(empty), late, fetch, "w", "amqp://x//")
+    assert "w does not run this shipped tree" in str(old.refused)
+    assert "(DISPATCH_SHIP_MAX_AGE, 1.0 d)" in str(old.refused)
+    assert len(fetch.asked) == 2, "the expired run fetched nothing (the fresh one: manifest, blobs)"

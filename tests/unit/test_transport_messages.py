@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pytest_celery_dispatch.transport import unreachable_message
+from pytest_celery_dispatch.transport import all_answered, unreachable_message
 
 URL = "amqp://guest:**@127.0.0.1:5672//"
 
@@ -21,3 +21,12 @@ def test_refused_credentials_point_at_the_url_only() -> None:
     text = unreachable_message(URL, "(0, 0): (403) ACCESS_REFUSED", refused=True)
     assert text.endswith("; check the user name and password in the broker URL")
     assert "embedded" not in text
+
+
+def test_the_workers_broadcast_ends_once_each_queue_has_its_consumers_answered():
+    names, consumers = {"bench-a", "bench-b"}, {"bench-a": 2, "bench-b": 1}
+    replies = {"other@lab": [{"name": "unrelated"}], "a1@lab": [{"name": "bench-a"}]}
+    assert not all_answered(replies, names, consumers)  # the lab's other workers do not count
+    replies["both@lab"] = [{"name": "bench-a"}, {"name": "bench-b"}, {"name": "x"}]
+    assert all_answered(replies, names, consumers)  # one worker answers for two queues
+    assert not all_answered({"a1@lab": None}, names, consumers)
