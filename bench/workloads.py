@@ -63,6 +63,11 @@ class Workload:
     tail_body: str = "pass"
 
     @property
+    def digits(self) -> int:
+        """Digits of a module's number in its file name (two, or more for W6's 300)."""
+        return max(2, len(str(self.modules - 1)))
+
+    @property
     def directory(self) -> str:
         return self.key.lower()
 
@@ -83,7 +88,9 @@ class Workload:
                 body = self.tail_body if number >= self.tests - self.tail else self.body
                 lines += ["", f"def test_{number:05d}():", f"    {body}", ""]
                 number += 1
-            sources[f"test_{self.directory}_m{index:02d}.py"] = "\n".join(lines).rstrip() + "\n"
+            sources[f"test_{self.directory}_m{index:0{self.digits}d}.py"] = (
+                "\n".join(lines).rstrip() + "\n"
+            )
         return sources
 
     def tests_per_queue(self) -> dict[str, int]:
@@ -140,6 +147,17 @@ def full_workloads() -> dict[str, Workload]:
             "optimum 8 s",
             tail=3,
             tail_body="time.sleep(4)",
+        ),
+        "W6": Workload(
+            "W6",
+            tests=30000,
+            modules=300,
+            body="pass",
+            concurrency=1,
+            xdist=2,
+            modes=("local", "xdist", "dispatch"),
+            description="30,000 quick tests, 300 modules (per-test cost, issue #17); "
+            "worker -c 1 each vs xdist -n 2",
         ),
     }
 

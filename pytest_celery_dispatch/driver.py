@@ -17,7 +17,7 @@ from typing import Any, Protocol
 from .liveness import CONTROLLER_CHECK_INTERVAL, TEARDOWN_GRACE
 from .procutil import describe_exit
 from .runnerspec import RunnerSpec
-from .serialization import HEARTBEAT_INTERVAL
+from .serialization import HEARTBEAT_INTERVAL, RawTest
 
 #: What the task's control callback may answer while a slot runs: go on, stop after the running
 #: test (-x / --maxfail), or drop the run now (it is over, interrupted, or its controller is
@@ -81,8 +81,8 @@ StartRunner = Callable[[list[str], int, str], Runner]
 
 class Coalescer:
     """Sends finished tests home together: one ``results`` message for up to ``max_tests``
-    tests or ``max_age`` seconds, instead of five messages (logstart, three reports, logfinish)
-    per test. Any other event first flushes what is pending, so the order is kept."""
+    tests or ``max_age`` seconds, instead of a message or more per test. Any other event first
+    flushes what is pending, so the order is kept."""
 
     def __init__(
         self,
@@ -95,32 +95,28 @@ class Coalescer:
         self.max_tests = max_tests
         self.max_age = max_age
         self.clock = clock
-        self.open: dict[str, dict[str, Any]] = {}
-        self.ready: list[dict[str, Any]] = []
+        self.ready: list[RawTest] = []
         self.since: float | None = None
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
-        if kind not in ("logstart", "report", "logfinish"):
+        if kind == "logstart":
+            return  # the runner sends the whole test when it ends
+        if kind != "test":
             self.flush()
             self._emit(event)
             return
         nodeid = str(event.get("nodeid", ""))
-        test = self.open.setdefault(
-            nodeid, {"nodeid": nodeid, "batch_id": event.get("batch_id", ""), "reports": []}
-        )
-        if kind == "logstart":
-            test["location"] = event.get("location")
-            test["started"] = event.get("ts")
-        elif kind == "report":
-            test["reports"].append(event.get("report"))
-        else:
-            test["finished"] = event.get("ts")
-            self.ready.append(self.open.pop(nodeid))
-            if self.since is None:
-                self.since = self.clock()
-            if len(self.ready) >= self.max_tests:
-                self.flush()
+        batch_id = str(event.get("batch_id", ""))
+        fields = bytes(event.get("raw") or b"")
+        self._ready(RawTest.spliced(nodeid, str(event.get("outcome", "")), batch_id, fields))
+
+    def _ready(self, test: RawTest) -> None:
+        self.ready.append(test)
+        if self.since is None:
+            self.since = self.clock()
+        if len(self.ready) >= self.max_tests:
+            self.flush()
 
     @property
     def pending(self) -> bool:
@@ -374,7 +370,7 @@ class SlotDriver:
         if nodeid in self.assigned:
             event["batch_id"] = self.assigned[nodeid]
         self.emit(event)
-        if kind == "logfinish":
+        if kind == "test":
             runner.current = None
             self._finish(nodeid)
 

@@ -9,7 +9,6 @@ replayer's records, and replays a test once its final report is in.
 from __future__ import annotations
 
 import time
-from typing import Any, cast
 
 from .quarantine import Quarantines
 from .replay import Replayer
@@ -164,16 +163,27 @@ class EventHandlers:
         self.scheduler.done(nodeid)
 
     def on_results(self, event: Event, chunk: ChunkState | None) -> None:
-        """Finished tests sent together: each is one logstart, its reports, one logfinish."""
-        base: dict[str, Any] = {k: v for k, v in event.items() if k not in ("type", "tests")}
+        """Finished tests sent together: each as its logstart, reports and logfinish would
+        be (:meth:`on_logstart`, :meth:`on_report`, :meth:`on_logfinish`), in one pass."""
+        stream = str(event.get("session_id", ""))
+        self.scheduler.slot_seen(stream, event.get("worker"))
+        replayer = self.replayer
         for test in list(event.get("tests") or []):
-            common = {**base, "nodeid": test.get("nodeid", ""), "batch_id": test.get("batch_id")}
-            start = {**common, "type": "logstart", "location": test.get("location")}
-            self.handle_event(cast(Event, {**start, "ts": test.get("started")}))
-            for report in test.get("reports", []):
-                self.handle_event(cast(Event, {**common, "type": "report", "report": report}))
-            self.handle_event(
-                cast(Event, {**common, "type": "logfinish", "ts": test.get("finished")})
+            nodeid = str(test.get("nodeid", ""))
+            chunk = self.scheduler.chunk_seen(str(test.get("batch_id", "")))
+            if chunk is None:
+                continue  # a chunk of another run, or one given up on: nothing to say
+            self.scheduler.test_started(chunk, nodeid)
+            replayer.started(
+                nodeid, event, chunk.attempt, float(test.get("started") or time.time())
             )
+            self.scheduler.test_ended(chunk, nodeid)
+            buffered = replayer.take(stream, nodeid)  # what came in pieces before (none)
+            if replayer.pending(nodeid):
+                reports = buffered + replayer.rebuild(list(test.get("reports") or []))
+                replayer.annotate(nodeid, event, chunk.attempt)
+                replayer.records[nodeid].finished = float(test.get("finished") or time.time())
+                replayer.replay(nodeid, reports)
+            self.scheduler.done(nodeid)
             if self._should_stop():
                 return  # -x / --maxfail: nothing after the failure that tripped it

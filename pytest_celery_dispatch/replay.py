@@ -173,12 +173,20 @@ class Replayer:
             self.event_log.write("sent", nodeid, queue=queue, attempt=attempt)
 
     def buffer(self, stream: str, nodeid: str, data: Any) -> None:
-        if not self.pending(nodeid):
-            return
-        report = self.config.hook.pytest_report_from_serializable(config=self.config, data=data)
-        if report is not None:
-            restore_tuples(report)
-            self.buffers.setdefault((stream, nodeid), []).append(report)
+        if self.pending(nodeid):
+            self.buffers.setdefault((stream, nodeid), []).extend(self.rebuild([data]))
+
+    def rebuild(self, datas: list[Any]) -> list[Any]:
+        """Report objects from a worker's serializable dicts (pytest's own hook, so a plugin
+        that serializes its own reports gets them back)."""
+        from_serializable = self.config.hook.pytest_report_from_serializable
+        reports = []
+        for data in datas:
+            report = from_serializable(config=self.config, data=data)
+            if report is not None:
+                restore_tuples(report)
+                reports.append(report)
+        return reports
 
     def take(self, stream: str, nodeid: str) -> list[Any]:
         return self.buffers.pop((stream, nodeid), [])

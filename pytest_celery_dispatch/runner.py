@@ -4,9 +4,11 @@ The Celery task (``worker.run_session``) never runs tests in its own process. It
 (:mod:`.driver`) starts one ``python -m pytest -p pytest_celery_dispatch.runner`` in the
 workspace, in a new process group, that collects the run's test files once and then runs chunk
 after chunk of nodeids as the driver feeds them (JSON lines on a command pipe), like an xdist
-worker. It writes one JSON event per line on an event pipe: logstart / report / logfinish per
-test. A test that kills its process, segfaults or hangs past the deadline only takes that runner
-down: the driver names the test as crashed and starts a new runner for the rest.
+worker. It writes one JSON event per line on an event pipe: per test a ``logstart``, then the
+finished test in one line (``test``: its reports serialized and encoded once, here; the slot
+reads the line's header and relays the rest home undecoded). A test that kills its process,
+segfaults or hangs past the deadline only takes that runner down: the driver names the test as
+crashed and starts a new runner for the rest.
 
 In a zygote (see :mod:`.zygote`) the same plugin collects and then forks the slots' runners.
 
@@ -31,7 +33,7 @@ from typing import Any
 import pytest
 
 from .artifactship import note_tmp_path, runner_event
-from .jsonlines import LineWriter, read_until_closed
+from .jsonlines import LineWriter, encode_split, read_until_closed
 from .names import (
     ENV_COMMAND_FD,
     ENV_EVENT_FD,
@@ -41,6 +43,7 @@ from .names import (
     ENV_RUNNER,
     ENV_ZYGOTE,
 )
+from .outcome import outcome_of_reports
 from .procutil import CRASH_OUTPUT_TAIL, STOP_SIGNAL, die_with_parent
 from .serialization import nodeid_path
 from .zygote import ZygoteServer, listen
@@ -95,7 +98,8 @@ class RunnerPlugin:
         self.config: pytest.Config | None = None
         self.collected: dict[str, Any] = {}  # this process's "collected" event, for its forks
         self.collect_errors: dict[str, str] = {}  # collector nodeid -> its error (tail)
-        self.started: set[str] = set()  # tests whose logstart was sent
+        self.started: dict[str, float] = {}  # tests whose logstart was sent: when
+        self.reports: dict[str, list[dict[str, Any]]] = {}  # a running test's reports, encoded
         self.failed: set[str] = set()  # tests with a failed phase (their tmp_path may go home)
 
     @classmethod
@@ -226,6 +230,17 @@ class RunnerPlugin:
         return self._run_commands(session, int(fd))
 
     def _run_commands(self, session: pytest.Session, fd: int) -> bool:
+        try:
+            return self._run_each_command(session, fd)
+        finally:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send the finished test held back for the next write (see :meth:`_send_test`)."""
+        if self.writer is not None:
+            self.writer.flush()
+
+    def _run_each_command(self, session: pytest.Session, fd: int) -> bool:
         index = {item.nodeid: item for item in session.items}
         pending: list[pytest.Item] = []
 
@@ -233,7 +248,7 @@ class RunnerPlugin:
             item.config.hook.pytest_runtest_protocol(item=item, nextitem=nextitem)
             return not (session.shouldfail or session.shouldstop or self.stop_requested)
 
-        for command in read_until_closed(fd):
+        for command in read_until_closed(fd, before_read=self._flush):
             if command.get("type") == "run":
                 pending.extend(index[n] for n in command.get("nodeids", []) if n in index)
                 while len(pending) > 1:
@@ -274,9 +289,8 @@ class RunnerPlugin:
     def pytest_runtest_logstart(self, nodeid: str, location: tuple[str, int | None, str]) -> None:
         # Once per test: a plugin that reruns a test (pytest-rerunfailures) logs each attempt.
         if nodeid not in self.started:
-            self.started.add(nodeid)
-            event = {"type": "logstart", "nodeid": nodeid, "location": list(location)}
-            self.emit({**event, "ts": time.time()})
+            self.started[nodeid] = now = time.time()
+            self.emit({"type": "logstart", "nodeid": nodeid, "ts": now})
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_protocol(
@@ -289,9 +303,9 @@ class RunnerPlugin:
         finally:
             if item.nodeid in self.started:
                 artifacts = runner_event(item, item.nodeid in self.failed, os.environ)
-                if artifacts is not None:  # before logfinish: the files reach home first
+                if artifacts is not None:  # before the test: its files reach home first
                     self.emit(artifacts)
-                self.emit({"type": "logfinish", "nodeid": item.nodeid, "ts": time.time()})
+                self._send_test(item)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_teardown(self, item: pytest.Item) -> None:
@@ -309,8 +323,35 @@ class RunnerPlugin:
             if config is not None
             else {}
         )
-        self.emit({"type": "report", "nodeid": report.nodeid, "report": data, "ts": time.time()})
+        self.reports.setdefault(report.nodeid, []).append(data)
+
+    def _send_test(self, item: pytest.Item) -> None:
+        """The finished test in one line, encoded once: the slot reads its header (nodeid,
+        outcome) and relays the rest home as it is (an entry of a ``results`` event)."""
+        if self.writer is None:
+            return
+        nodeid = item.nodeid
+        reports = self.reports.pop(nodeid, [])
+        finished = time.time()
+        header = {
+            "type": "test",
+            "nodeid": nodeid,
+            "outcome": outcome_of_reports(reports),
+            "ts": finished,
+        }
+        fields = {
+            "nodeid": nodeid,
+            "location": list(item.location),
+            "started": self.started.get(nodeid),
+            "finished": finished,
+            "reports": reports,
+        }
+        # Held back until the next line (the next test's logstart) or the next wait for a
+        # command: one write per test. A runner that dies after this test and before that
+        # write dies in the next test, the one its driver names as crashed.
+        self.writer.hold(encode_split(header, fields))
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if session.shouldfail:  # the forwarded -x / --maxfail tripped in this runner
             self.emit({"type": "stopping", "reason": str(session.shouldfail)})
+        self._flush()

@@ -129,6 +129,43 @@ def loads(text: str | bytes) -> Any:
     return json.loads(text)
 
 
+def encode_text(obj: Any) -> bytes:
+    """:func:`dumps` as UTF-8 bytes; a lone surrogate from odd output becomes ``?``."""
+    return dumps(obj).encode("utf-8", "replace")
+
+
+class RawTest:
+    """A finished test as its runner encoded it, relayed home by the slot without a decode.
+
+    ``data`` is the JSON object of one entry of a ``results`` event's ``tests``; the slot keeps
+    the two fields it reads (``nodeid``, ``outcome``: its log lines) beside it.
+    """
+
+    __slots__ = ("data", "nodeid", "outcome")
+
+    def __init__(self, nodeid: str, outcome: str, data: bytes) -> None:
+        self.nodeid = nodeid
+        self.outcome = outcome
+        self.data = data
+
+    @classmethod
+    def spliced(cls, nodeid: str, outcome: str, batch_id: str, fields: bytes) -> RawTest:
+        """The runner's encoded fields (a JSON object's members, no braces) with the chunk
+        the slot ran the test for."""
+        return cls(nodeid, outcome, b'{"batch_id":%s,%s}' % (encode_text(batch_id), fields))
+
+
+def encode_event(body: dict[str, Any]) -> bytes:
+    """One event as the bytes of its message: a ``results`` event's :class:`RawTest` entries
+    are spliced in as they are (a test's reports are encoded once, in its runner)."""
+    tests = body.get("tests")
+    if not tests or not any(isinstance(t, RawTest) for t in tests):
+        return encode_text(body)
+    head = encode_text({k: v for k, v in body.items() if k != "tests"})
+    entries = b",".join(t.data if isinstance(t, RawTest) else encode_text(t) for t in tests)
+    return b'%s%s"tests":[%s]}' % (head[:-1], b"," if len(head) > 2 else b"", entries)
+
+
 class UnsafeNodeId(ValueError):
     """A nodeid that would reach outside the worker's workspace."""
 

@@ -347,11 +347,18 @@ class ReplyConsumer(threading.Thread):
         self.last_heard = time.monotonic()
         self._heard_bytes: int | None = None
 
-    def _on_message(self, body: Any, message: Any) -> None:
+    def _on_message(self, message: Any) -> None:
+        """One event, its body decoded here with the plain JSON decoder: kombu's own decode
+        calls its object hook on every JSON object (each report's parts: a Python call each),
+        and events carry none of the types it restores. A body that is not a JSON object is
+        dropped."""
         try:
-            event = loads(body) if isinstance(body, (str, bytes)) else body
-            if isinstance(event, dict):
-                self.events.put(event)  # type: ignore[arg-type]
+            if message.content_type in ("application/json", None, ""):
+                event = loads(message.body)
+                if isinstance(event, dict):
+                    self.events.put(event)  # type: ignore[arg-type]
+        except ValueError as exc:
+            log.warning("reply consumer: dropped an event that is not JSON (%s)", exc)
         finally:
             message.ack()
 
@@ -392,7 +399,7 @@ class ReplyConsumer(threading.Thread):
                 with Consumer(
                     channel,
                     queues=[run_queue(self.queue_name)],
-                    callbacks=[self._on_message],
+                    on_message=self._on_message,
                     accept=["json"],
                 ):
                     self.ready.set()

@@ -69,7 +69,8 @@ from .serialization import (
     PROTOCOL,
     SESSION_TASK,
     Event,
-    dumps,
+    RawTest,
+    encode_event,
     stop_queue_name,
 )
 from .shipworker import BlobFetcher, Prepared, ShipState, prepare
@@ -286,7 +287,7 @@ class _Reply:
                 interval_step=0.5,
                 interval_max=2.0,
             )(
-                dumps(body),
+                encode_event(body),
                 exchange="",
                 routing_key=self.reply_to,
                 content_type="application/json",
@@ -568,6 +569,9 @@ class _ChunkLog:
             )
         elif kind == "results":
             for test in event.get("tests", []):
+                if isinstance(test, RawTest):
+                    self.outcomes[test.nodeid] = test.outcome
+                    continue
                 reports = [r or {} for r in test.get("reports", [])]
                 self.outcomes[str(test.get("nodeid", ""))] = outcome_of_reports(reports)
         elif kind == "crashed":

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import json
 import types
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
 from pytest_celery_dispatch.driver import KILL, RUN, STOP, Coalescer, SlotDriver
+from pytest_celery_dispatch.jsonlines import LineWriter, decode, encode_split, read_until_closed
 from pytest_celery_dispatch.launcher import RunnerState
 from pytest_celery_dispatch.runnerspec import RunnerSpec
-from pytest_celery_dispatch.serialization import HEARTBEAT_INTERVAL
+from pytest_celery_dispatch.serialization import HEARTBEAT_INTERVAL, encode_event
 
 
 class FakeClock:
@@ -23,8 +25,17 @@ class FakeClock:
         return self.now
 
 
+def finished_line(nodeid: str, outcome: str) -> dict[str, Any]:
+    """A finished test as the runner writes it (one line, encoded once), as the driver reads
+    it: the header decoded, the rest left as bytes to relay."""
+    header = {"type": "test", "nodeid": nodeid, "outcome": outcome, "ts": 2.0}
+    fields = {"nodeid": nodeid, "location": [nodeid, 1, "t"], "started": 1.0, "finished": 2.0}
+    line = encode_split(header, {**fields, "reports": [{"outcome": outcome}]})
+    return cast(dict[str, Any], decode(line.rstrip(b"\n")))
+
+
 class FakeRunner(RunnerState):
-    """Runs what it is sent at once: logstart, a passing call report, logfinish per test.
+    """Runs what it is sent at once: logstart, then the finished test in one line.
 
     ``crash_on``: the process dies in that test (after its logstart); ``hang_on``: that test
     never ends unless the runner is asked to stop; ``collects=False``: it dies at start-up;
@@ -71,7 +82,7 @@ class FakeRunner(RunnerState):
         if self.exited or self.hanging:
             return
         self.began.append(nodeid)
-        self.outbox.append({"type": "logstart", "nodeid": nodeid, "location": [nodeid, 1, "t"]})
+        self.outbox.append({"type": "logstart", "nodeid": nodeid, "ts": 1.0})
         if nodeid in self.crash_on:
             self.exited, self.code = True, -11
         elif nodeid in self.hang_on:
@@ -80,8 +91,7 @@ class FakeRunner(RunnerState):
             self._end(nodeid)
 
     def _end(self, nodeid: str) -> None:
-        self.outbox.append({"type": "report", "nodeid": nodeid, "report": {"outcome": "passed"}})
-        self.outbox.append({"type": "logfinish", "nodeid": nodeid})
+        self.outbox.append(finished_line(nodeid, "passed"))
 
     def send(self, command: dict[str, Any]) -> None:
         self.sent.append(command)
@@ -126,10 +136,7 @@ class FakeRunner(RunnerState):
         if self.ignores_interrupt:
             return
         if self.hanging:
-            self.outbox.append(
-                {"type": "report", "nodeid": self.hanging, "report": {"outcome": "failed"}}
-            )
-            self.outbox.append({"type": "logfinish", "nodeid": self.hanging})
+            self.outbox.append(finished_line(self.hanging, "failed"))
             self.hanging = None
         self.exited, self.code = True, 2
 
@@ -176,7 +183,8 @@ class Slot:
         )
 
     def emit(self, event: dict[str, Any]) -> None:
-        self.events.append({**event, "at": self.clock.now})
+        """What the controller gets: the message's bytes, decoded."""
+        self.events.append({**json.loads(encode_event(event)), "at": self.clock.now})
 
     def fetch(self) -> dict[str, Any] | None:
         if self.fetched < len(self.chunks):
@@ -425,7 +433,7 @@ def test_finished_tests_are_sent_together_and_any_other_event_flushes_them_first
     coalesce = Coalescer(sent.append, max_tests=2, max_age=0.05, clock=clock)
     for nodeid in ("a", "b", "c"):
         coalesce({"type": "logstart", "nodeid": nodeid, "ts": 1.0})
-        coalesce({"type": "logfinish", "nodeid": nodeid, "ts": 2.0})
+        coalesce(finished_line(nodeid, "passed"))
     assert [len(e["tests"]) for e in sent] == [2]  # max_tests
     coalesce.tick()
     assert len(sent) == 1
@@ -433,7 +441,7 @@ def test_finished_tests_are_sent_together_and_any_other_event_flushes_them_first
     coalesce.tick()  # max_age
     assert [len(e["tests"]) for e in sent] == [2, 1]
     coalesce({"type": "logstart", "nodeid": "d", "ts": 3.0})
-    coalesce({"type": "logfinish", "nodeid": "d", "ts": 4.0})
+    coalesce(finished_line("d", "passed"))
     coalesce({"type": "finished", "batch_id": "b1"})
     assert [e["type"] for e in sent] == ["results", "results", "results", "finished"]
 
@@ -662,3 +670,70 @@ def test_the_guard_looks_on_its_own_thread_while_the_slot_runs():
     given_up: list[bool] = []
     assert run_guarded(StuckSlot(), lambda: 1e9, lambda: given_up.append(True)) == {"state": KILL}
     assert given_up == [True]
+
+
+def test_a_finished_test_is_relayed_home_as_its_runner_encoded_it():
+    """The runner's line: a header the driver reads, the rest relayed byte for byte; a tab
+    or a newline in a test's text never cuts the line (JSON escapes them)."""
+    text = "out\twith a tab\nand a newline, é, \udcff"
+    header = {"type": "test", "nodeid": "t.py::a[\t]", "outcome": "failed", "ts": 2.0}
+    fields = {"nodeid": "t.py::a[\t]", "reports": [{"outcome": "failed", "sections": [text]}]}
+    line = encode_split(header, fields)
+    assert line.count(b"\n") == 1
+    assert line.count(b"\t") == 1
+    event = decode(line.rstrip(b"\n"))
+    assert {k: v for k, v in event.items() if k != "raw"} == header
+    sent: list[dict[str, Any]] = []
+    coalesce = Coalescer(sent.append, max_tests=1)
+    coalesce({"type": "logstart", "nodeid": "t.py::a[\t]", "ts": 1.0})
+    assert not sent
+    coalesce({**event, "batch_id": "b7"})
+    (results,) = sent
+    (raw,) = results["tests"]
+    assert (raw.nodeid, raw.outcome) == ("t.py::a[\t]", "failed")
+    message = json.loads(encode_event({"type": "results", "run_id": "r", **results}))
+    assert message == {
+        "type": "results",
+        "run_id": "r",
+        "tests": [
+            {
+                "batch_id": "b7",
+                "nodeid": "t.py::a[\t]",
+                "reports": [{"outcome": "failed", "sections": [text.replace("\udcff", "?")]}],
+            }
+        ],
+    }
+
+
+def test_a_held_line_goes_out_with_the_next_write_or_before_the_runner_waits():
+    """The runner holds a finished test back for the next test's logstart (one write per
+    test), and never waits for a command with a line still held."""
+    import os
+
+    events_r, events_w = os.pipe()
+    commands_r, commands_w = os.pipe()
+    writer = LineWriter(events_w)
+    writer.hold(encode_split({"type": "test", "nodeid": "a"}, {"nodeid": "a"}))
+    assert not select_ready(events_r)
+    writer.write({"type": "logstart", "nodeid": "b"})
+    lines = os.read(events_r, 1 << 16).splitlines()
+    assert [decode(line)["type"] for line in lines] == ["test", "logstart"]
+    writer.hold(encode_split({"type": "test", "nodeid": "b"}, {"nodeid": "b"}))
+    os.write(commands_w, b'{"type": "shutdown"}\n')
+    os.close(commands_w)
+    flushed: list[bytes] = []
+
+    def before_read() -> None:
+        writer.flush()
+        flushed.append(os.read(events_r, 1 << 16) if select_ready(events_r) else b"")
+
+    assert [c["type"] for c in read_until_closed(commands_r, before_read)] == ["shutdown"]
+    assert decode(flushed[0].rstrip(b"\n"))["nodeid"] == "b"
+    os.close(events_r)
+    os.close(events_w)
+
+
+def select_ready(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0)[0])
