@@ -190,7 +190,8 @@ def list_files(
     included = matcher(include)
     excluded = matcher([*exclude, *ALWAYS_EXCLUDED])
     listed = _git_files(root)
-    names = set(walk_files(root) if listed is None else listed)
+    # Git lists nothing: no git, or a rootdir it ignores whole (a generated project).
+    names = set(listed or walk_files(root))
     if any(p.strip().strip("/") for p in include):
         names |= {p for p in walk_files(root) if included(p)}
     real_root = os.path.realpath(root)

@@ -58,6 +58,18 @@ def test_in_git_tracked_and_untracked_not_ignored_files_ship(tmp_path: Path) -> 
     assert list_files(str(tmp_path)) == [".gitignore", "new_test.py", "tracked.py"]
 
 
+def test_a_rootdir_git_ignores_whole_is_walked(tmp_path: Path) -> None:
+    """A rootdir inside a checkout that ignores it (a generated project, a benchmark's work
+    folder): git lists nothing there, so its files are found as outside git."""
+    git(tmp_path, "init", "-q")
+    (tmp_path / ".gitignore").write_text("work/\n")
+    work = tmp_path / "work"
+    (work / "w1").mkdir(parents=True)
+    (work / "pytest.ini").write_text("[pytest]\n")
+    (work / "w1" / "test_a.py").write_text("def test(): pass\n")
+    assert list_files(str(work)) == ["pytest.ini", "w1/test_a.py"]
+
+
 def test_ini_globs_add_ignored_files_and_exclude_others(tmp_path: Path) -> None:
     git(tmp_path, "init", "-q")
     (tmp_path / ".gitignore").write_text("data/\n")
