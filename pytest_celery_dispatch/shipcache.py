@@ -30,12 +30,14 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import IO
 
 from .hashcache import HashCache, workspace_key
 from .manifest import Entry, Manifest, parse_size
 from .names import ENV_CACHE_DIR, ENV_CACHE_LIMIT
 
 DEFAULT_CACHE_LIMIT = 2 * 1024**3
+BUILD_POLL = 0.01  # seconds between looks while another slot builds a tree
 
 
 def cache_root(env: Mapping[str, str]) -> str:
@@ -132,10 +134,18 @@ class ShipCache:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def materialize(self, manifest: Manifest) -> str:
-        """Build the manifest's tree from the blobs (all present) unless another slot did."""
+        """Build the manifest's tree from the blobs (all present) unless another slot did.
+
+        The lock is taken without blocking: a slot that runs in the tree holds it shared for
+        its whole session, and the slots that start beside it must not wait for that session
+        to end (the tree is there: they hold it too). Only a slot that builds it is waited for.
+        """
         path = self.tree_path(manifest)
         with open(path + ".lock", "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            while not _locked(lock, fcntl.LOCK_EX):
+                if os.path.isdir(path):
+                    return path  # built: the caller holds it, then checks it is still there
+                time.sleep(BUILD_POLL)
             if os.path.isdir(path):
                 return path
             build = tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"), prefix="tree-")
@@ -323,3 +333,12 @@ def remove_tree(path: str) -> None:
     with contextlib.suppress(OSError):
         os.chmod(path, 0o700)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _locked(lock: IO[bytes], how: int) -> bool:
+    """Whether ``lock`` could be had at once (``flock`` without blocking)."""
+    try:
+        fcntl.flock(lock, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
