@@ -398,3 +398,42 @@ def test_a_signature_older_than_the_workers_maximum_age_is_refused(pytester, ben
     assert report["dispatch"]["ship"]["workers"][worker.worker_id]["state"] == "refused"
     assert report["dispatch"]["ship"]["manifests_sent"] == 0, "refused before anything is fetched"
     assert not [p for p in cache.rglob("*") if p.is_file()], "nothing of the refused run is written"
+
+
+SIDE_BY_SIDE = (
+    "import os, pathlib, time\n"
+    "import pytest\n\n"
+    "@pytest.mark.parametrize('n', range(9))\n"
+    "def test_slot(n):\n"
+    "    meet = pathlib.Path({meet!r})\n"
+    "    (meet / f'ran-{{os.getpid()}}').touch()\n"
+    "    deadline = time.monotonic() + {wait}\n"
+    "    while len(list(meet.glob('ran-*'))) < 2:  # held until a second runner has run one\n"
+    "        if (meet / 'gave-up').exists():\n"
+    "            return\n"
+    "        if time.monotonic() > deadline:\n"
+    "            (meet / 'gave-up').touch()\n"
+    "            pytest.fail('no other slot of the worker ran a test beside this one')\n"
+    "        time.sleep(0.05)\n"
+)
+
+
+def test_the_slots_of_a_worker_run_side_by_side_in_one_shipped_tree(pytester, bench, outside):
+    """Every slot of a ``-c 3`` worker holds the run's tree while it runs; the slots that
+    start beside the first one take the same tree at once (they once waited for the first
+    slot's whole session to end, so one slot ran everything)."""
+    from pytest_celery_dispatch.settings import DEFAULT_TIMEOUT
+
+    worker = bench(BROKER, concurrency=3)
+    meet = outside("meet")
+    write(pytester.path, {"pytest.ini": PROJECT["pytest.ini"]})
+    write(
+        pytester.path,
+        {"tests/test_slots.py": SIDE_BY_SIDE.format(meet=str(meet), wait=DEFAULT_TIMEOUT / 5)},
+    )
+    result, report = run(pytester, worker.queue, BROKER)
+    result.assert_outcomes(passed=9)
+    assert not (meet / "gave-up").exists()
+    runners = {p.name for p in meet.glob("ran-*")}
+    assert len(runners) >= 2, runners
+    assert report["dispatch"]["ship"]["workers"][worker.worker_id]["state"] == "shipped"
