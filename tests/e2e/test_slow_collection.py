@@ -17,7 +17,7 @@ from pytest_celery_dispatch.driver import FORK_WAIT_MIN
 from pytest_celery_dispatch.liveness import BENCH_RELEASE_LIMIT
 from pytest_celery_dispatch.names import ENV_ZYGOTE_HOME
 from pytest_celery_dispatch.retry import SILENCE_LIMIT
-from pytest_celery_dispatch.zygote import ZYGOTE_START_WAIT
+from pytest_celery_dispatch.zygote import ZYGOTE_FIRST_WAIT, ZYGOTE_START_WAIT
 from tests.e2e.test_warm_runners import runner_gate, session_summaries, wait_for
 
 #: Longer than a slot once waited for its fork (it then collected again on its own) and than
@@ -25,16 +25,20 @@ from tests.e2e.test_warm_runners import runner_gate, session_summaries, wait_for
 SLOW = max(ZYGOTE_START_WAIT + FORK_WAIT_MIN, SILENCE_LIMIT) + 2
 
 
-def slow_conftest(pytester, log: Path, sleep: float, *, first_only: bool = False, fail=False):
+def slow_conftest(
+    pytester, log: Path, sleep: float, *, first_only=False, fail=False, only_on: str = ""
+):
     """A conftest whose import, on a worker only, appends the collecting process's pid and a
     zygote's folder ("-" in a runner) to ``log`` and sleeps ``sleep`` s (``first_only``: only
-    in the first process to collect), then raises if ``fail``."""
+    in the first process to collect; ``only_on``: only on the worker of that id), then raises
+    if ``fail``."""
     pytester.makeconftest(
         f"""
         import os
         import time
 
-        if "DISPATCH_WORKER_ID" in os.environ:  # on the worker, not in the controller
+        worker = os.environ.get("DISPATCH_WORKER_ID")  # on a worker, not in the controller
+        if worker and {only_on!r} in ("", worker):
             first = not os.path.exists({str(log)!r})
             home = os.environ.get({ENV_ZYGOTE_HOME!r}, "-")
             with open({str(log)!r}, "a") as fh:
@@ -168,12 +172,15 @@ def test_a_broken_slow_collection_gives_the_outcomes_it_gives_without_the_zygote
         assert "passed" not in outcomes[0].values(), outcomes[0]
 
 
-def test_a_run_interrupted_while_its_slot_waits_for_the_zygote_leaves_nothing_behind(
-    pytester, worker_factory, controller
+@pytest.mark.parametrize("how", ["ctrl-c", "-x"])
+def test_a_run_stopped_while_its_slot_waits_for_the_zygote_leaves_nothing_behind(
+    pytester, worker_factory, controller, how
 ):
+    """Ctrl-C of the controller (the run is dropped), or -x after a test failed on another
+    worker (the run stops): the waiting slot gives its request up and ends."""
     worker = worker_factory(worker_id="worker-zint", concurrency=1)
     log = pytester.path / "collect.log"
-    slow_conftest(pytester, log, 10 * SLOW)
+    slow_conftest(pytester, log, 10 * SLOW, only_on="worker-zint")
     pytester.makepyfile(
         test_one=f"""
         import pytest
@@ -183,16 +190,38 @@ def test_a_run_interrupted_while_its_slot_waits_for_the_zygote_leaves_nothing_be
             pass
         """
     )
-    ctl = controller("--celery-ship=off")
+    args = ["--celery-ship=off"]
+    if how == "-x":
+        other = worker_factory(worker_id="worker-zfail", concurrency=1)
+        pytester.makepyfile(
+            test_fail=f"""
+            import os
+            import time
+            import pytest
+
+            @pytest.mark.queue({other.queue!r})
+            def test_fails_once_the_zygote_collects():
+                deadline = time.monotonic() + {ZYGOTE_FIRST_WAIT}
+                while not os.path.exists({str(log)!r}) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert False, "planned failure"
+            """
+        )
+        args.append("-x")
+    ctl = controller(*args)
     wait_for(lambda: len(collectors(log)) == 1, "the zygote collecting")
     (zygote,) = collectors(log)
     home = log.read_text().split()[1]
     assert os.path.isdir(home), home
-    ctl.proc.send_signal(signal.SIGINT)
-    assert ctl.wait(30) == 2, ctl.text()  # pytest's "interrupted"
-    # The slot drops the run (its controller's queues are gone) and gives up its request:
-    # the zygote that was collecting for it is killed (a runner it forked would die with it)
-    # and its folder removed, within the time a dropped run has to free a bench.
+    if how == "ctrl-c":
+        ctl.proc.send_signal(signal.SIGINT)
+        assert ctl.wait(30) == 2, ctl.text()  # pytest's "interrupted"
+    else:
+        assert ctl.wait(30) == 1, ctl.text()
+        assert "stopping after 1 failures" in ctl.text()
+    # The slot drops or stops the run and gives up its request: the zygote that was
+    # collecting for it is killed (a runner it forked would die with it) and its folder
+    # removed, within the time a dropped run has to free a bench.
     deadline = time.monotonic() + BENCH_RELEASE_LIMIT
     while time.monotonic() < deadline and (alive(zygote) or os.path.exists(home)):
         time.sleep(0.2)
@@ -201,5 +230,5 @@ def test_a_run_interrupted_while_its_slot_waits_for_the_zygote_leaves_nothing_be
     assert len(collectors(log)) == 1  # no runner of its own was started either
     wait_for(lambda: len(session_summaries(worker)) == 1, "the session's log line")
     (summary,) = session_summaries(worker)
-    assert summary["state"] == "kill", summary
+    assert summary["state"] == ("kill" if how == "ctrl-c" else "stop"), summary
     assert summary["chunks"] == 0, summary
