@@ -7,6 +7,7 @@ Layout under the cache folder (``DISPATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME`` 
     manifests/<digest>.json a run's manifest as fetched (JSON, checked against its digest)
     trees/<digest>/         a run's tree, hard links to the blobs (copies for executables)
     trees/<digest>.lock     held shared while a run uses the tree, exclusively while it is built
+    trees/<digest>.fetch    held while a slot fetches the tree's missing blobs (one at a time)
     tmp/                    blobs being received, trees being built
     hashes/<key>.json       a worker's workspace's files, hashed (see hashcache)
 
@@ -30,12 +31,14 @@ import stat
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
+from typing import IO
 
 from .hashcache import HashCache, workspace_key
 from .manifest import Entry, Manifest, parse_size
 from .names import ENV_CACHE_DIR, ENV_CACHE_LIMIT
 
 DEFAULT_CACHE_LIMIT = 2 * 1024**3
+BUILD_POLL = 0.01  # seconds between looks while another slot builds a tree
 
 
 def cache_root(env: Mapping[str, str]) -> str:
@@ -132,10 +135,18 @@ class ShipCache:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def materialize(self, manifest: Manifest) -> str:
-        """Build the manifest's tree from the blobs (all present) unless another slot did."""
+        """Build the manifest's tree from the blobs (all present) unless another slot did.
+
+        The lock is taken without blocking: a slot that runs in the tree holds it shared for
+        its whole session, and the slots that start beside it must not wait for that session
+        to end (the tree is there: they hold it too). Only a slot that builds it is waited for.
+        """
         path = self.tree_path(manifest)
         with open(path + ".lock", "a+b") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+            while not _locked(lock, fcntl.LOCK_EX):
+                if os.path.isdir(path):
+                    return path  # built: the caller holds it, then checks it is still there
+                time.sleep(BUILD_POLL)
             if os.path.isdir(path):
                 return path
             build = tempfile.mkdtemp(dir=os.path.join(self.root, "tmp"), prefix="tree-")
@@ -292,7 +303,7 @@ class ShipCache:
             except OSError:
                 return False  # a run uses it now
             remove_tree(path)
-            for suffix in (".stamp", ".lock"):
+            for suffix in (".stamp", ".fetch", ".lock"):
                 with contextlib.suppress(OSError):
                     os.unlink(path + suffix)
             return True
@@ -323,3 +334,12 @@ def remove_tree(path: str) -> None:
     with contextlib.suppress(OSError):
         os.chmod(path, 0o700)
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _locked(lock: IO[bytes], how: int) -> bool:
+    """Whether ``lock`` could be had at once (``flock`` without blocking)."""
+    try:
+        fcntl.flock(lock, how | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

@@ -194,6 +194,50 @@ def test_an_escaping_symlink_and_an_over_limit_file_are_refused_before_any_test(
     assert not marker.exists()
 
 
+def test_a_test_file_missing_from_the_tree_fails_the_run_before_any_test(pytester, bench):
+    """A git-ignored test file (then an excluded conftest.py) is named with its setting before
+    anything is sent; the include glob ships it and the same run passes."""
+    write(pytester.path, PROJECT)
+    marker = pytester.path.parent / f"{pytester.path.name}-ran"
+    write(
+        pytester.path,
+        {
+            ".gitignore": "tests/test_generated.py\n",
+            "tests/test_generated.py": f"def test_gen():\n    open({str(marker)!r}, 'w')\n",
+        },
+    )
+    subprocess.run(["git", "init", "-q", str(pytester.path)], check=True)
+    worker = bench(BROKER)
+    for mode in ("auto", "always"):
+        result, report = run(pytester, worker.queue, BROKER, f"--celery-ship={mode}", name=mode)
+        result.assert_outcomes(failed=5)
+        result.stdout.fnmatch_lines(
+            [
+                "*cannot ship the run's tree: 1 file(s) the dispatched tests need are not in it: "
+                "tests/test_generated.py (test file: git ignores it (.gitignore:1:*"
+                "ini celery_dispatch_ship_include*--celery-ship off*"
+            ]
+        )
+        assert not marker.exists()
+        ship = report["dispatch"]["ship"]
+        assert "tests/test_generated.py" in ship["error"]
+        assert ship["workers"] == {}, "no slot was started"
+        assert ship["manifests_sent"] == 0
+
+    include = ("-o", "celery_dispatch_ship_include=tests/test_generated.py")
+    result, report = run(pytester, worker.queue, BROKER, *include, name="included")
+    result.assert_outcomes(passed=5)
+    assert marker.exists()
+
+    ini = PROJECT["pytest.ini"] + "    conftest.py\n"
+    write(pytester.path, {"pytest.ini": ini})
+    result, report = run(pytester, worker.queue, BROKER, *include, name="excluded")
+    result.assert_outcomes(failed=5)
+    result.stdout.fnmatch_lines(
+        ["*conftest.py (conftest.py: excluded by ini celery_dispatch_ship_exclude (conftest.py))*"]
+    )
+
+
 def test_a_50_mb_file_travels_in_bounded_messages(pytester, bench):
     write(pytester.path, PROJECT)
     data = os.urandom(50 * 1024 * 1024)
@@ -354,3 +398,42 @@ def test_a_signature_older_than_the_workers_maximum_age_is_refused(pytester, ben
     assert report["dispatch"]["ship"]["workers"][worker.worker_id]["state"] == "refused"
     assert report["dispatch"]["ship"]["manifests_sent"] == 0, "refused before anything is fetched"
     assert not [p for p in cache.rglob("*") if p.is_file()], "nothing of the refused run is written"
+
+
+SIDE_BY_SIDE = (
+    "import os, pathlib, time\n"
+    "import pytest\n\n"
+    "@pytest.mark.parametrize('n', range(9))\n"
+    "def test_slot(n):\n"
+    "    meet = pathlib.Path({meet!r})\n"
+    "    (meet / f'ran-{{os.getpid()}}').touch()\n"
+    "    deadline = time.monotonic() + {wait}\n"
+    "    while len(list(meet.glob('ran-*'))) < 2:  # held until a second runner has run one\n"
+    "        if (meet / 'gave-up').exists():\n"
+    "            return\n"
+    "        if time.monotonic() > deadline:\n"
+    "            (meet / 'gave-up').touch()\n"
+    "            pytest.fail('no other slot of the worker ran a test beside this one')\n"
+    "        time.sleep(0.05)\n"
+)
+
+
+def test_the_slots_of_a_worker_run_side_by_side_in_one_shipped_tree(pytester, bench, outside):
+    """Every slot of a ``-c 3`` worker holds the run's tree while it runs; the slots that
+    start beside the first one take the same tree at once (they once waited for the first
+    slot's whole session to end, so one slot ran everything)."""
+    from pytest_celery_dispatch.settings import DEFAULT_TIMEOUT
+
+    worker = bench(BROKER, concurrency=3)
+    meet = outside("meet")
+    write(pytester.path, {"pytest.ini": PROJECT["pytest.ini"]})
+    write(
+        pytester.path,
+        {"tests/test_slots.py": SIDE_BY_SIDE.format(meet=str(meet), wait=DEFAULT_TIMEOUT / 5)},
+    )
+    result, report = run(pytester, worker.queue, BROKER)
+    result.assert_outcomes(passed=9)
+    assert not (meet / "gave-up").exists()
+    runners = {p.name for p in meet.glob("ran-*")}
+    assert len(runners) >= 2, runners
+    assert report["dispatch"]["ship"]["workers"][worker.worker_id]["state"] == "shipped"

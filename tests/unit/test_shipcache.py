@@ -136,3 +136,38 @@ def test_a_tree_is_moved_into_place_while_its_user_may_still_move_it(
     assert all(mode & 0o200 for mode in modes), [oct(m) for m in modes]
     assert tree.stat().st_mode & 0o222 == 0  # and read-only once in place
     assert (tree / "data").stat().st_mode & 0o222 == 0
+
+
+def test_a_tree_a_slot_runs_in_is_had_at_once_by_the_slots_beside_it(tmp_path: Path) -> None:
+    """A slot holds its tree (a shared lock) for its whole session; a slot of the same run
+    that starts then must get the tree at once, not wait for that session to end."""
+    import threading
+
+    cache = ShipCache(str(tmp_path / "cache"))
+    manifest = fill(cache, project(tmp_path / "p"))
+    tree = cache.materialize(manifest)
+    got: list[str] = []
+    beside = threading.Thread(target=lambda: got.append(cache.materialize(manifest)), daemon=True)
+    with cache.hold(manifest):  # the first slot's session
+        beside.start()
+        beside.join(timeout=30)  # a guard against the hang: the tree is there, nothing to wait for
+        assert got == [tree]
+
+
+def test_a_tree_another_slot_builds_is_waited_for(tmp_path: Path) -> None:
+    import fcntl
+    import threading
+
+    cache = ShipCache(str(tmp_path / "cache"))
+    manifest = fill(cache, project(tmp_path / "p"))
+    got: list[str] = []
+    second = threading.Thread(target=lambda: got.append(cache.materialize(manifest)), daemon=True)
+    with open(cache.tree_path(manifest) + ".lock", "a+b") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another slot builds the tree
+        second.start()
+        second.join(timeout=0.2)
+        assert second.is_alive()  # it waits while the tree is being built
+        assert not got
+    second.join(timeout=30)
+    assert got == [cache.tree_path(manifest)]
+    assert cache.built(manifest)
