@@ -239,11 +239,12 @@ def _build(
     """The manifest's tree, built from the cache (missing blobs fetched) unless it is there,
     held while the slot runs."""
     info = prepared.info
-    prepared.hold.callback(_evict, cache)  # after the run lets its tree go
     started = time.monotonic()
     try:
         _repair(cache, manifest, info)
         info["state"] = "up to date" if cache.built(manifest) else "shipped"
+        if info["state"] == "shipped":  # the cache grows: trimmed once the run lets its tree go
+            prepared.hold.callback(_evict, cache)  # (a walk of the whole cache: not every slot)
         for _ in range(2):  # again if the eviction took the tree before it was held
             if not cache.built(manifest):
                 info.update(_fill(cache, manifest, fetcher))

@@ -289,3 +289,25 @@ def test_one_slot_of_a_worker_fetches_at_a_time_however_many_wait(tmp_path: Path
     leave["c"].set()
     for slot in slots.values():
         slot.join(30)
+
+
+def test_the_cache_is_trimmed_after_a_run_that_grew_it_only(tmp_path: Path, monkeypatch) -> None:
+    """The eviction walks the whole cache: after a slot that fetched or built, not after
+    every slot of every run that found its tree up to date."""
+    state = ShipState(
+        {"DISPATCH_CACHE_DIR": str(tmp_path / "c"), "DISPATCH_SHIP_UNSIGNED": "allow"}
+    )
+    walks: list[int] = []
+    monkeypatch.setattr(ShipCache, "evict", lambda self: walks.append(1) or [])
+    root, empty = project(tmp_path / "ctl"), tmp_path / "empty"
+    empty.mkdir()
+    fetch = FakeFetcher(root)
+    first = prepare(payload(root), str(empty), state, fetch, "w", "amqp://x//")
+    assert first.info["state"] == "shipped"
+    assert walks == []  # not while the run holds its tree
+    first.hold.close()
+    assert walks == [1]
+    again = prepare(payload(root), str(empty), state, fetch, "w", "amqp://x//")
+    again.hold.close()
+    assert again.info["state"] == "up to date"
+    assert walks == [1]
