@@ -67,18 +67,19 @@ class RunTurns:
         """Slots of the ``slots`` of ``queue`` this run may take now, at most ``wanted``
         (0: wait for its turn).
 
-        At the start, the board is waited for (``HELLO_WAIT`` normally); a board still out of
+        At the start, the board is waited for until it has settled (``HELLO_WAIT`` after its
+        hello and after this run's notice went out: :func:`.lab.settled`); a board still out of
         reach after ``BOARD_WAIT`` leaves this run out of the line (said once). Later, while
         the board is cut off (a broker restart), a waiting queue keeps waiting.
         """
         if not self._joined:
             self._joined = True
             deadline = self.clock() + lab.BOARD_WAIT
-            while not self.board.ready:
+            while not self.board.settled:
                 if self.clock() >= deadline:
                     self.unreachable = self.board.error or "no answer"
                     break
-                time.sleep(0.02)
+                time.sleep(0.005)  # the first chunk and slots go once it has settled
         wanted = slots if wanted is None else wanted
         if self.unreachable:
             return wanted  # as without a line
