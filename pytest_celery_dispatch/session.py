@@ -49,6 +49,7 @@ from .scheduling import (
 from .serialization import Chunk, Event, reply_queue_name, work_queue_name
 from .settings import Settings
 from .shipcontrol import ShipHandlers, Shipper, resolve_ship, run_outputs
+from .startup import Prestart
 from .stashkeys import ARTIFACTS_KEY
 from .terminal import DispatchTerminal
 
@@ -109,6 +110,7 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         self._app: Any = None
         self._consumer: Any = None
         self._local_workers: Any = None
+        self._prestart: Prestart | None = None  # the broker side, started during collection
         self.turns: Any = None  # turns.RunTurns: this run in the line for shared benches
         self._session: pytest.Session | None = None
         self._last_poll = 0.0
@@ -206,31 +208,37 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
 
         return root_dir(self.config.rootpath)
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection(self, session: pytest.Session) -> None:
+        """The broker side starts while pytest collects (see :mod:`.startup`)."""
+        if not session.config.option.collectonly and self._prestart is None:
+            self._prestart = Prestart(self.settings.broker, self.embedded_root).start()
+
+    def pytest_sessionfinish(self) -> None:
+        if self._prestart is not None:
+            self._prestart.close()  # started for a run that dispatched nothing
+
     def _start_remote(self) -> None:
         from . import transport
 
-        # The dispatch engine needs no result backend (reports come on the reply queue); with
-        # rpc:// every controller would leave a reply queue of its own on the broker for an hour.
-        self._app = transport.make_app(
-            self.settings.broker, "disabled", embedded_root=self.embedded_root
-        )
-        if self.embedded_root is not None:
-            from .embedded import sweep
-
-            sweep(self.embedded_root)
-        self._join_line()
+        if self._prestart is None:
+            self._prestart = Prestart(self.settings.broker, self.embedded_root).start()
+        self._app, board = self._prestart.app_and_board()
+        self._join_line(board)  # the line's wait for the board (HELLO_WAIT) starts now
         queues = self.scheduler.queue_nodeids
-        if not self.prepare_ship([n for nodeids in queues.values() for n in nodeids]):
+        ship_ok = self.prepare_ship([n for nodeids in queues.values() for n in nodeids])
+        started = self._prestart.take()
+        if not ship_ok:
+            if started.conn is not None:
+                started.conn.release()
             return
-        try:
-            conn = transport.connect(self._app)
-        except transport.BrokerUnavailable as exc:
-            self.broker_error = f"celery-dispatch: {exc}"
+        if started.error is not None:
+            self.broker_error = f"celery-dispatch: {started.error}"
             self.terminal.write_line(self.broker_error, red=True, bold=True)
             for nodeid in (n for nodeids in queues.values() for n in nodeids):
                 self.replayer.fail_test(nodeid, self.broker_error)
             return
-        self._broker = transport.Broker(self._app, conn)
+        self._broker = transport.Broker(self._app, started.conn)
         self._broker.declare_reply_queue(self.reply_to)
         self._consumer = transport.ReplyConsumer(self._app, self.reply_to, self.events)
         self._consumer.start()
@@ -264,12 +272,10 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         # pytest's gc.collect() at unconfigure walk Celery's and the items' object graphs again.
         gc.freeze()
 
-    def _join_line(self) -> None:
+    def _join_line(self, board: Any) -> None:
         """On the lab board: this run's turn on shared benches (``--celery-priority``)."""
-        from .labboard import open_board
         from .turns import RunTurns
 
-        board = open_board(self._app, self.embedded_root)
         self.turns = RunTurns(self.run_id, self.identity, self.settings.priority, board)
         self.turns.join(list(self.scheduler.queue_nodeids))
         self.scheduler.turns.grant = self.turns.grant
