@@ -52,6 +52,7 @@ from .shipcontrol import ShipHandlers, Shipper, resolve_ship, run_outputs
 from .startup import Prestart
 from .stashkeys import ARTIFACTS_KEY
 from .terminal import DispatchTerminal
+from .turns import QUEUES_KEY, RunTurns, remembered
 
 #: How often the scheduler's clocks are polled (queues without consumers, lost work).
 POLL_INTERVAL = 0.5
@@ -111,7 +112,7 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         self._consumer: Any = None
         self._local_workers: Any = None
         self._prestart: Prestart | None = None  # the broker side, started during collection
-        self.turns: Any = None  # turns.RunTurns: this run in the line for shared benches
+        self.turns: RunTurns | None = None  # this run in the line for shared benches
         self._session: pytest.Session | None = None
         self._last_poll = 0.0
         self._unknown_events: set[str] = set()
@@ -209,12 +210,17 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         return root_dir(self.config.rootpath)
 
     @pytest.hookimpl(tryfirst=True)
-    def pytest_collection(self, session: pytest.Session) -> None:
-        """The broker side starts while pytest collects (see :mod:`.startup`)."""
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """The broker side starts while pytest starts its session and collects (see
+        :mod:`.startup`)."""
         if not session.config.option.collectonly and self._prestart is None:
-            self._prestart = Prestart(self.settings.broker, self.embedded_root).start()
+            early = remembered(self._cache_get(QUEUES_KEY), self._args)
+            on_board = functools.partial(self._new_turns, early) if early else None
+            self._prestart = Prestart(self.settings.broker, self.embedded_root, on_board).start()
 
     def pytest_sessionfinish(self) -> None:
+        if self.turns is not None:
+            self.turns.close()  # joined early by a run that dispatched nothing (else: closed)
         if self._prestart is not None:
             self._prestart.close()  # started for a run that dispatched nothing
 
@@ -274,11 +280,27 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
 
     def _join_line(self, board: Any) -> None:
         """On the lab board: this run's turn on shared benches (``--celery-priority``)."""
-        from .turns import RunTurns
+        queues = list(self.scheduler.queue_nodeids)
+        turns = self.turns or self._new_turns([], board)
+        turns.join(queues)  # nothing new if joined with these queues while collecting
+        if (cache := getattr(self.config, "cache", None)) is not None:
+            cache.set(QUEUES_KEY, {"args": self._args, "queues": queues})
+        self.scheduler.turns.grant = turns.grant
 
+    def _new_turns(self, queues: list[str], board: Any) -> RunTurns:
+        """This run on ``board``, waiting for ``queues`` (none: it joins after collection)."""
         self.turns = RunTurns(self.run_id, self.identity, self.settings.priority, board)
-        self.turns.join(list(self.scheduler.queue_nodeids))
-        self.scheduler.turns.grant = self.turns.grant
+        if queues:
+            self.turns.join(queues)
+        return self.turns
+
+    @property
+    def _args(self) -> list[str]:
+        return [str(a) for a in self.config.invocation_params.args]
+
+    def _cache_get(self, key: str) -> Any:
+        cache = getattr(self.config, "cache", None)  # absent with -p no:cacheprovider
+        return cache.get(key, None) if cache is not None else None
 
     def _consumer_count(self, queue_name: str) -> int | None:
         return self._broker.consumer_count(queue_name) if self._broker is not None else None

@@ -2,7 +2,8 @@
 
 Nothing of it needs the collected tests: :class:`Prestart` (a thread, started by
 :class:`~.session.DispatchSession` as collection begins) imports Celery, makes the app, opens
-the lab board (whose hello is answered meanwhile), connects to the broker, and builds what
+the lab board (whose hello is answered meanwhile; a run that remembers the queues its last run
+waited for joins the line on it at once), connects to the broker, and builds what
 Celery's first ``send_task`` builds on first use (the result backend's class, the producer
 pool's connection). After collection the session takes them (:meth:`Prestart.take`): its
 network round trips and waits overlapped pytest's collection instead of following it. A
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,9 +35,15 @@ class Started:
 class Prestart:
     """One thread that starts the broker side (see the module); :meth:`take` waits for it."""
 
-    def __init__(self, broker: str, embedded_root: Path | None) -> None:
+    def __init__(
+        self,
+        broker: str,
+        embedded_root: Path | None,
+        on_board: Callable[[Any], object] | None = None,
+    ) -> None:
         self.broker = broker
         self.embedded_root = embedded_root
+        self.on_board = on_board  # called in the thread with the board as soon as it is open
         self._started: Started | None = None
         self._failure: BaseException | None = None  # a bug: raised again in the main thread
         self._taken = False
@@ -66,6 +74,8 @@ class Prestart:
 
             sweep(self.embedded_root)
         started = self._started = Started(app, open_board(app, self.embedded_root, eager=True))
+        if self.on_board is not None:
+            self.on_board(started.board)
         self._board_open.set()  # the run can join the line while the rest goes on
         try:
             started.conn = transport.connect(app)

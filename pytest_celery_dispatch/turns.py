@@ -24,6 +24,22 @@ if TYPE_CHECKING:
     from .scheduling import QueueScheduler
 
 
+#: pytest's cache: the queues the last run joined the line for, and its arguments.
+QUEUES_KEY = "celery-dispatch/line"
+
+
+def remembered(cached: Any, args: list[str]) -> list[str]:
+    """The queues the last run with the same ``args`` joined the line for (from pytest's cache;
+    [] if none, or if anything about it looks wrong): a run joins with them while it collects,
+    and again only if its tests turn out to need other queues."""
+    if not isinstance(cached, dict) or cached.get("args") != list(args):
+        return []
+    queues = cached.get("queues")
+    if not isinstance(queues, list) or not all(isinstance(q, str) and q for q in queues):
+        return []
+    return list(queues)
+
+
 class RunTurns:
     """One run on the lab board (the board and the clocks are injected)."""
 
@@ -53,10 +69,14 @@ class RunTurns:
         self._last_notice = float("-inf")
         self._queues: dict[str, Any] = {}  # the queues of the notice published last
         self._last_line: dict[str, tuple[float, str]] = {}
+        self._closed = False
 
     def join(self, queues: list[str]) -> None:
         """On the board at once, waiting for every queue: runs starting together see each
-        other before either decides."""
+        other before either decides. Joined already for the same queues (the last run's,
+        during collection: :func:`remembered`), the notice out since then stands."""
+        if self._queues and set(self._queues) == set(queues):
+            return
         self._publish({queue: {"state": lab.WAITING} for queue in queues})
 
     def _publish(self, queues: dict[str, Any]) -> None:
@@ -140,6 +160,9 @@ class RunTurns:
         return lines
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(Exception):
             self.board.publish({"kind": "run", "id": self.me["id"], "gone": True})
         with contextlib.suppress(Exception):

@@ -10,7 +10,7 @@ from pytest_celery_dispatch.cli import render
 from pytest_celery_dispatch.retry import RetryPolicy
 from pytest_celery_dispatch.scheduling import Publish, QueueScheduler, StartSlot
 from pytest_celery_dispatch.settings import parse_priority
-from pytest_celery_dispatch.turns import RunTurns
+from pytest_celery_dispatch.turns import RunTurns, remembered
 
 Q = "queue_a"
 
@@ -312,3 +312,33 @@ def test_a_run_decides_its_first_turn_only_once_the_board_has_settled():
     assert turns.grant(Q, 1) == 1
     assert now[0] >= lab.HELLO_WAIT
     assert turns.unreachable is None
+
+
+def test_a_run_that_joined_while_collecting_for_the_same_queues_says_nothing_new():
+    """Its notice (the last run's queues, during collection) has been out since then: the
+    line's wait counts from it, unless the tests turned out to need other queues."""
+    board = FakeBoard()
+    turns = RunTurns("me", {"label": "me@h"}, 5, board, wall=lambda: 1.0, clock=lambda: 0.0)
+    turns.join([Q, "queue_b"])
+    turns.join(["queue_b", Q])
+    assert len(board.published) == 1
+    turns.join([Q])
+    assert len(board.published) == 2
+    assert set(board.published[-1]["queues"]) == {Q}
+
+
+def test_the_queues_remembered_are_the_last_run_s_with_the_same_arguments_only():
+    cached = {"args": ["tests", "-q"], "queues": [Q, "queue_b"]}
+    assert remembered(cached, ["tests", "-q"]) == [Q, "queue_b"]
+    assert remembered(cached, ["tests"]) == []
+    assert remembered(None, ["tests", "-q"]) == []
+    assert remembered({"args": ["tests"], "queues": "queue_a"}, ["tests"]) == []
+    assert remembered({"args": ["tests"], "queues": [Q, 3]}, ["tests"]) == []
+
+
+def test_a_run_closed_twice_says_it_is_gone_once():
+    board = FakeBoard()
+    turns = RunTurns("me", {"label": "me@h"}, 5, board, wall=lambda: 1.0, clock=lambda: 0.0)
+    turns.close()
+    turns.close()
+    assert board.published == [{"kind": "run", "id": "me", "gone": True}]

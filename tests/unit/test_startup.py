@@ -61,3 +61,11 @@ def test_warming_the_send_path_is_best_effort():
     app = transport.make_app("amqp://guest@127.0.0.1:1//", "disabled")
     transport.warm_sending(app)  # no broker: nothing warmed, nothing raised
     assert app.backend is not None
+
+
+def test_the_board_is_handed_to_on_board_in_the_thread_before_the_run_takes_it(tmp_path):
+    seen = []
+    prestart = Prestart(EMBEDDED, tmp_path, on_board=seen.append).start()
+    _app, board = prestart.app_and_board()
+    assert seen == [board]
+    prestart.take().conn.release()
