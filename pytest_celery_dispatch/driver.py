@@ -30,6 +30,20 @@ RUN, STOP, KILL = "run", "stop", "kill"
 #: finishes (as after ``STOP``), no other starts.
 QUARANTINE = "quarantine"
 
+#: The least a slot waits for the runner it asked its run's zygote for (see :mod:`.zygote`):
+#: the time a driver waited before the wait became part of its loop (2 s for the zygote to
+#: listen, 4 s for the fork).
+FORK_WAIT_MIN = 6.0
+
+
+def fork_wait_limit(timeout: float) -> float:
+    """How long a slot waits for its runner from the zygote, which forks it once it has
+    collected: as long as one test may take (``--celery-timeout``), never less than
+    ``FORK_WAIT_MIN``. A collection slower than that counts as hung: the slot gives the
+    request up and starts a runner of its own (its heartbeats went on meanwhile)."""
+    return max(timeout, FORK_WAIT_MIN)
+
+
 #: A chunk of work as fetched from the run's work queue.
 Chunk = dict[str, Any]
 Emit = Callable[[dict[str, Any]], None]
@@ -52,6 +66,14 @@ class Runner(Protocol):
 
     @property
     def streams_output(self) -> bool: ...
+
+    @property
+    def forking(self) -> bool:
+        """Asked of the run's zygote, not forked yet (it is collecting)."""
+
+    @property
+    def unborn(self) -> bool:
+        """Exited without ever being forked: the zygote went away, or the wait was given up."""
 
     def send(self, command: dict[str, Any]) -> None: ...
 
@@ -159,6 +181,12 @@ class SlotDriver:
       over, interrupted, or its controller is gone): the runner is interrupted as Ctrl-C would,
       so the fixtures tear down, and killed if it has not ended ``teardown_grace`` seconds
       later. Every ``heartbeat`` seconds an ``alive`` event says the slot still works.
+    * The first runner may be a fork of the run's zygote, which comes once the zygote has
+      collected (:attr:`Runner.forking`): the loop waits for it like for any runner's
+      collection, heartbeats and the controller's word going on; a stop drops the request. A
+      zygote that goes away first, or that has not forked after ``fork_wait`` seconds
+      (:func:`fork_wait_limit`), leaves the runner :attr:`Runner.unborn`: a runner of the
+      slot's own takes its place.
     * A runner that dies (crash, timeout kill) costs only its current test: a new runner picks
       up the rest. One that dies before running anything fails what it was given, and every
       later test of the slot is answered as crashed with its reason (``broken``): no loop.
@@ -177,6 +205,7 @@ class SlotDriver:
         teardown_grace: float = TEARDOWN_GRACE,
         clock: Clock = time.monotonic,
         on_failure: OnFailure = lambda kind, why: False,
+        fork_wait: float | None = None,
     ) -> None:
         self.spec = spec
         self.on_failure = on_failure
@@ -187,6 +216,7 @@ class SlotDriver:
         self.check_interval = check_interval
         self.heartbeat = heartbeat
         self.teardown_grace = teardown_grace
+        self.fork_wait = fork_wait_limit(spec.timeout) if fork_wait is None else fork_wait
         self.clock = clock
         self.done: set[str] = set()
         self.assigned: dict[str, str] = {}  # nodeid -> batch_id, given to the runner, not finished
@@ -202,6 +232,7 @@ class SlotDriver:
         self.kill_reason: str | None = None  # why the driver killed the current runner
         self.progress_at_start = 0  # tests done when the current runner started
         self.last_check = self.last_beat = 0.0
+        self.runner_since = 0.0  # when the current runner was started (or asked of the zygote)
         self.interrupted_at: float | None = None  # KILL: when the runner was interrupted
         self.run_over = False  # the run ended while the runner wound down: it was killed
 
@@ -251,8 +282,8 @@ class SlotDriver:
         if self.broken is not None or not eligible:
             return False
         self.starts += 1
-        self.runner = runner = self.start_runner(eligible, self.starts, tmp)
-        self.warm = self.warm or runner.warm_start
+        self.runner_since = self.clock()
+        self.runner = self.start_runner(eligible, self.starts, tmp)
         self.redo = [n for n in self.assigned if n not in self.done]
         self.progress_at_start = len(self.done)
         self.kill_reason = None
@@ -358,6 +389,7 @@ class SlotDriver:
         nodeid = str(event.get("nodeid", ""))
         if kind == "collected":
             runner.collected = True
+            self.warm = self.warm or runner.warm_start
             for n in event.get("missing", []):
                 self.missing[str(n)] = str(event.get("reason") or "")
             return
@@ -401,6 +433,8 @@ class SlotDriver:
                 "the runner was killed"
             )
             runner.kill()
+        if runner.forking and now - self.runner_since > self.fork_wait:
+            runner.kill()  # the zygote has not forked it: given up, unborn (see _runner_gone)
         if now - self.last_check >= self.check_interval:
             self._ask_controller(runner, now)
         if self.interrupted_at is not None and now - self.interrupted_at >= self.teardown_grace:
@@ -462,6 +496,8 @@ class SlotDriver:
         self.runner = None
         if self.state != RUN:
             return True
+        if runner.unborn:
+            return False  # the zygote gave no runner: one of the slot's own takes its place
         if runner.current is not None:
             why = self.kill_reason or f"the test process crashed ({describe_exit(code)})"
             batch_id = self.assigned.get(runner.current, "")

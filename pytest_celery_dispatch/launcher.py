@@ -35,6 +35,14 @@ class RunnerState:
         self.warm_start = False  # a spare or a fork: interpreter and pytest already loaded
         self.out_tail = ""  # its last output, for crash messages when it is streamed
 
+    @property
+    def forking(self) -> bool:
+        return False
+
+    @property
+    def unborn(self) -> bool:
+        return False
+
 
 class RunnerProcess(RunnerState):
     """One warm runner process: pipes in and out, and what it was given."""
@@ -60,6 +68,29 @@ class RunnerProcess(RunnerState):
     def streams_output(self) -> bool:
         return self.out_fd is not None
 
+    @property
+    def forking(self) -> bool:
+        """Asked of the run's zygote, which has not forked it yet (it is still collecting)."""
+        return isinstance(self.proc, ForkedProcess) and self.proc.pending
+
+    @property
+    def unborn(self) -> bool:
+        """The zygote never gave this runner (it went away, or the wait was given up): the
+        slot starts one of its own in its place."""
+        return isinstance(self.proc, ForkedProcess) and self.proc.unborn and not self.collected
+
+    def _known_pid(self) -> bool:
+        """Whether the process can be signalled; a fork not forked yet is given up instead
+        (the zygote kills what it forks for a request given up)."""
+        proc = self.proc
+        if isinstance(proc, ForkedProcess) and proc.pending:
+            if self.collected:  # it has spoken: its pid is on its way
+                proc.wait_pid(1.0)
+            if proc.pending:
+                proc.abandon()
+                return False
+        return True
+
     def send(self, command: dict[str, Any]) -> None:
         with contextlib.suppress(BrokenPipeError, OSError):
             self._commands.write(command)
@@ -70,13 +101,26 @@ class RunnerProcess(RunnerState):
             self.shutdown_sent = True
 
     def wait(self, timeout: float) -> tuple[bool, bool]:
-        """Wait up to ``timeout`` s for (output, events) to read."""
+        """Wait up to ``timeout`` s for (output, events) to read; while it is forking, for the
+        zygote's answer too (events "ready" once it is unborn: :meth:`read_events` says so)."""
         watched = [self.event_fd] + ([self.out_fd] if self.out_fd is not None else [])
+        forked = self.proc if isinstance(self.proc, ForkedProcess) else None
+        if forked is not None and forked.pending:
+            if forked.conn.fileno() < 0:  # given up by another thread (the cut-off guard)
+                return False, True
+            watched.append(forked.conn.fileno())
         ready, _, _ = select.select(watched, [], [], timeout)
-        return self.out_fd is not None and self.out_fd in ready, self.event_fd in ready
+        if forked is not None and forked.pending:
+            forked.poll()  # its pid, or the zygote gone
+        return self.out_fd is not None and self.out_fd in ready, (
+            self.event_fd in ready or self.unborn
+        )
 
     def read_events(self) -> Iterator[dict[str, Any]]:
-        """The events of one read; EOFError once the runner has closed its end (exited)."""
+        """The events of one read; EOFError once the runner has closed its end (exited), or
+        was never born."""
+        if self.unborn:
+            raise EOFError
         return self._events.read(self.event_fd)
 
     def read_output(self, timeout: float) -> str | None:
@@ -97,14 +141,17 @@ class RunnerProcess(RunnerState):
         return self.out_tail or tail(self.log_path)
 
     def kill(self) -> None:
-        kill_group(self.proc)
+        if self._known_pid():
+            kill_group(self.proc)
 
     def interrupt(self) -> None:
-        interrupt_group(self.proc)
+        if self._known_pid():
+            interrupt_group(self.proc)
 
     def request_stop(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.proc.pid, STOP_SIGNAL)
+        if self._known_pid():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, STOP_SIGNAL)
 
     def close(self) -> int:
         for fd in (self.command_fd, self.event_fd):
@@ -112,19 +159,23 @@ class RunnerProcess(RunnerState):
                 os.close(fd)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        if self.forking:
+            self.proc.kill()  # gives the request up
         code = self.proc.wait()
-        kill_group(self.proc)  # grandchildren a test left behind
+        kill_group(self.proc)  # grandchildren a test left behind (none for an unborn one)
         return code
 
 
 class RunnerLauncher:
     """Starts a slot's runners: the first one forked from the run's zygote if it can, else an
-    activated spare, else (and every later one) a new ``python -m pytest``."""
+    activated spare, else (and every later one) a new ``python -m pytest``. A fork the zygote
+    never gives (see :attr:`RunnerProcess.unborn`) is followed by a spare or a new one."""
 
     def __init__(self, spec: RunnerSpec, spares: SparePool, zygotes: Zygotes) -> None:
         self.spec = spec
         self.spares = spares
         self.zygotes = zygotes
+        self.zygote_asked = self.spare_asked = False
 
     def __call__(self, eligible: list[str], number: int, tmp: str) -> RunnerProcess:
         """Runner number ``number`` of the slot, collecting ``eligible``; files under ``tmp``."""
@@ -134,12 +185,15 @@ class RunnerLauncher:
             json.dump(eligible, fh)
         log_path = os.path.join(tmp, f"runner-{number}.log")
         command = runner_command(spec, eligible, os.path.join(tmp, "pytest-cache"))
-        if number == 1:
+        if not self.zygote_asked:
+            self.zygote_asked = True
             forked = self.zygotes.fork(spec, log_path)
             if forked is not None:
                 runner = RunnerProcess(*forked, eligible, log_path)
                 runner.warm_start = True
                 return runner
+        if not self.spare_asked:
+            self.spare_asked = True
             spare = self.spares.take(spec)
             if spare is not None:
                 env = self._env(nodeids_file, spare.event_w, spare.command_r)

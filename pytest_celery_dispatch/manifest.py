@@ -108,19 +108,21 @@ class Manifest:
         return {e["sha256"]: e for e in self.entries if "sha256" in e}
 
 
-def _git_files(root: str) -> list[str] | None:
-    """Tracked files and untracked files git would not ignore, under ``root``; None outside
-    a git work tree (or without git)."""
+def run_git(root: str, *args: str) -> subprocess.CompletedProcess[bytes] | None:
+    """``git -C root ARGS``, its output captured; None without git (or when it hangs)."""
     try:
-        out = subprocess.run(
-            ["git", "-C", root, "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            capture_output=True,
-            timeout=60,
-            check=False,
+        return subprocess.run(
+            ["git", "-C", root, *args], capture_output=True, timeout=60, check=False
         )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if out.returncode != 0:
+
+
+def _git_files(root: str) -> list[str] | None:
+    """Tracked files and untracked files git would not ignore, under ``root``; None outside
+    a git work tree (or without git)."""
+    out = run_git(root, "ls-files", "-z", "--cached", "--others", "--exclude-standard")
+    if out is None or out.returncode != 0:
         return None
     names = out.stdout.decode("utf-8", "surrogateescape").split("\0")
     return sorted({n for n in names if n})

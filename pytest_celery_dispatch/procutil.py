@@ -50,9 +50,12 @@ def die_with_parent(parent: str | None) -> None:
 
 
 def kill_group(proc: Killable) -> None:
-    """SIGKILL the process group led by ``proc`` (what its tests started too), then ``proc``."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL the process group led by ``proc`` (what its tests started too), then ``proc``.
+    A pid not known yet (0: a fork the zygote has not answered) is never signalled: group 0
+    would be our own."""
+    if proc.pid > 0:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(Exception):
         proc.kill()
 
@@ -60,8 +63,9 @@ def kill_group(proc: Killable) -> None:
 def interrupt_group(proc: Killable) -> None:
     """SIGINT to the process group led by ``proc``, as Ctrl-C in a terminal: pytest raises
     KeyboardInterrupt in the running test and still tears its fixtures down."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGINT)
+    if proc.pid > 0:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGINT)
 
 
 def describe_exit(code: int | None) -> str:

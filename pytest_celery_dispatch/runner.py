@@ -74,7 +74,7 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
 
     A zygote listens from here: loading the entry-point plugins (celery's, docker's...) takes
     seconds on a busy machine, longer than a driver waits for the socket to appear
-    (``ZYGOTE_START_WAIT``); its wait for the fork (``ZYGOTE_REPLY_WAIT``) covers that time.
+    (``ZYGOTE_START_WAIT``); its wait for the fork (``driver.fork_wait_limit``) covers that time.
     """
     plugin = RunnerPlugin.from_env(os.environ)
     if plugin is not None and pluginmanager.get_plugin(PLUGIN_NAME) is None:

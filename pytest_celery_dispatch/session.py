@@ -97,7 +97,8 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         outputs = run_outputs(
             config, settings.json_report, settings.event_log, settings.timeline, settings.artifacts
         )
-        self.shipper = Shipper(str(config.rootpath), resolve_ship(config), outputs)
+        inifile = str(config.inipath) if config.inipath else None
+        self.shipper = Shipper(str(config.rootpath), resolve_ship(config), outputs, inifile)
         self.quarantines = Quarantines(self.scheduler)  # workers that quarantined themselves
         self.artifacts = config.stash[ARTIFACTS_KEY]
         self.payloads.artifacts = settings.artifacts_limits.as_dict()

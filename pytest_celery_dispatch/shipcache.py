@@ -7,6 +7,7 @@ Layout under the cache folder (``DISPATCH_CACHE_DIR``, else ``$XDG_CACHE_HOME`` 
     manifests/<digest>.json a run's manifest as fetched (JSON, checked against its digest)
     trees/<digest>/         a run's tree, hard links to the blobs (copies for executables)
     trees/<digest>.lock     held shared while a run uses the tree, exclusively while it is built
+    trees/<digest>.fetch    held while a slot fetches the tree's missing blobs (one at a time)
     tmp/                    blobs being received, trees being built
     hashes/<key>.json       a worker's workspace's files, hashed (see hashcache)
 
@@ -302,7 +303,7 @@ class ShipCache:
             except OSError:
                 return False  # a run uses it now
             remove_tree(path)
-            for suffix in (".stamp", ".lock"):
+            for suffix in (".stamp", ".fetch", ".lock"):
                 with contextlib.suppress(OSError):
                     os.unlink(path + suffix)
             return True

@@ -24,6 +24,7 @@ from .manifest import (
     SETTING_MAX_FILE,
     SETTING_MAX_TOTAL,
     Manifest,
+    ShipError,
     build_manifest,
     human_bytes,
     list_files,
@@ -31,6 +32,7 @@ from .manifest import (
 )
 from .names import ENV_SHIP_KEY, blob_queue_name
 from .serialization import Event, dumps
+from .shipcheck import find_missing, missing_message, needed_files
 from .shipsign import SignatureError, Signer, signer_from
 
 MODES = ("auto", "always", "off")
@@ -128,11 +130,22 @@ def run_outputs(config: pytest.Config, *paths: str | None) -> list[str]:
     return [os.path.abspath(p) for p in found]
 
 
+class MissingFiles(ShipError):
+    """The manifest lacks files the dispatched tests need."""
+
+
 class Shipper:
     """The run's manifest, and the blobs it serves."""
 
-    def __init__(self, rootpath: str, settings: ShipSettings, outputs: list[str]) -> None:
+    def __init__(
+        self,
+        rootpath: str,
+        settings: ShipSettings,
+        outputs: list[str],
+        inifile: str | None = None,
+    ) -> None:
         self.root = rootpath
+        self.inifile = inifile  # the run's ini file: needed in the tree when under the rootdir
         self.settings = settings
         self.outputs = outputs
         self.manifest: Manifest | None = None
@@ -256,6 +269,22 @@ class Shipper:
             )
         return str(state or "unknown")
 
+    def check_needed(self, nodeids: list[str], conftests: list[str]) -> None:
+        """Raise :class:`MissingFiles` when the manifest lacks a file the dispatched tests need
+        (their files, their loaded conftest.py files, the ini file): a worker without a
+        checkout would not find it. ``auto`` too: a worker whose workspace matches the
+        manifest may still lack it."""
+        if self.manifest is None:
+            return
+        needed = needed_files(self.root, nodeids, conftests, self.inifile)
+        st = self.settings
+        own = [st.hash_file] if st.hash_file else []
+        missing, total = find_missing(
+            self.root, needed, self.manifest.entries, st.exclude, [*self.outputs, *own]
+        )
+        if total:
+            raise MissingFiles(missing_message(missing, total))
+
     def report(self) -> dict[str, Any]:
         """The JSON report's ``dispatch.ship``."""
         manifest = self.manifest
@@ -279,6 +308,7 @@ class ShipHandlers:
 
     shipper: Shipper
     run_id: str
+    config: pytest.Config
     _broker: Any
 
     def on_ship_wanted(self, event: Event, chunk: Any) -> None:
@@ -310,11 +340,15 @@ class ShipHandlers:
     def prepare_ship(self, nodeids: list[str]) -> bool:
         """Build the run's manifest before anything is sent. An escaping symlink or a file
         over a limit fails every dispatched test by name before any runs under ``always``;
-        under ``auto`` the run goes on in the workers' own workspaces, as before, and says so."""
-        from .manifest import ShipError
-
+        under ``auto`` the run goes on in the workers' own workspaces, as before, and says so.
+        A manifest without a file the tests need (:mod:`.shipcheck`) fails them under both:
+        no tree the run could ship describes it."""
         try:
             line = self.shipper.prepare()
+            self.shipper.check_needed(nodeids, loaded_conftests(self.config))
+        except MissingFiles as exc:
+            self.shipper.error = str(exc)
+            return self._refuse_ship(nodeids, exc)
         except ShipError as exc:
             self.shipper.error = str(exc)
             if self.shipper.settings.mode == "auto":
@@ -323,13 +357,27 @@ class ShipHandlers:
                     "workspace (--celery-ship always would fail the run instead)"
                 )
                 return True
-            message = f"celery-dispatch: cannot ship the run's tree: {exc}"
-            self.terminal.write_line(message, red=True, bold=True)  # type: ignore[attr-defined]
-            for nodeid in nodeids:
-                self.replayer.fail_test(nodeid, message)  # type: ignore[attr-defined]
-            return False
+            return self._refuse_ship(nodeids, exc)
         if line:
             self.terminal.write_line(f"celery-dispatch: {line}")  # type: ignore[attr-defined]
         self.payloads.ship = self.shipper.payload()  # type: ignore[attr-defined]
         self.payloads.signer = self.shipper.settings.signer  # type: ignore[attr-defined]
         return True
+
+    def _refuse_ship(self, nodeids: list[str], exc: Exception) -> bool:
+        """Fail every dispatched test by name, before anything is sent."""
+        message = f"celery-dispatch: cannot ship the run's tree: {exc}"
+        self.terminal.write_line(message, red=True, bold=True)  # type: ignore[attr-defined]
+        for nodeid in nodeids:
+            self.replayer.fail_test(nodeid, message)  # type: ignore[attr-defined]
+        return False
+
+
+def loaded_conftests(config: pytest.Config) -> list[str]:
+    """The ``conftest.py`` files pytest loaded for this run (plugins by their file name)."""
+    found = []
+    for plugin in config.pluginmanager.get_plugins():
+        path = getattr(plugin, "__file__", None)
+        if isinstance(path, str) and os.path.basename(path) == "conftest.py":
+            found.append(path)
+    return found

@@ -291,9 +291,10 @@ def _evict(cache: ShipCache) -> None:
 
 def _fill(cache: ShipCache, manifest: Manifest, fetcher: Fetcher) -> dict[str, Any]:
     """Fetch the blobs the cache lacks, one slot of this worker at a time (a second slot
-    waits, then finds them there)."""
-    lock_path = cache.tree_path(manifest) + ".fetch"
-    with open(lock_path, "a+b") as lock:
+    waits, then finds them there). The lock file stays (it goes with its tree's eviction):
+    removed after each fetch, a slot still waiting on it would fetch beside a newcomer that
+    locked a new file."""
+    with open(cache.tree_path(manifest) + ".fetch", "a+b") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             missing = cache.missing(manifest)
@@ -302,8 +303,6 @@ def _fill(cache: ShipCache, manifest: Manifest, fetcher: Fetcher) -> dict[str, A
             return fetcher(missing, cache)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-            with contextlib.suppress(OSError):
-                os.unlink(lock_path)
 
 
 def blob_queue(name: str) -> Any:

@@ -24,7 +24,6 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
 
 import pytest
 
@@ -48,11 +47,14 @@ from .spares import SparePool
 ZYGOTE_IDLE = 3.0
 #: ... and one that nobody asked for a runner ends after this long.
 ZYGOTE_FIRST_WAIT = 30.0
-#: How long a driver waits for a zygote it starts to listen, then for its forked runner (the
-#: zygote may still be collecting): together well under the controller's 10 s heartbeat limit,
-#: as the driver sends none meanwhile. A slower collection gets runners of their own.
+#: How long a driver waits for a zygote it starts to listen (a blocking wait: well under the
+#: controller's 10 s heartbeat limit). Its wait for the forked runner, which comes once the
+#: zygote has collected, is part of the slot's loop instead (heartbeats go on): see
+#: ``driver.fork_wait``.
 ZYGOTE_START_WAIT = 2.0
-ZYGOTE_REPLY_WAIT = 4.0
+#: The file a zygote makes in its folder once it has collected and serves forks: one that has
+#: not yet may be killed by the slot that started it when that slot gives up waiting for it.
+SERVING = "serving"
 
 
 # ============================================================================ server (runner)
@@ -100,6 +102,8 @@ class ZygoteServer:
         """Serve until the zygote is no longer needed (None, in the zygote), or return the
         (event fd, command fd) of the driver in each forked runner, to run its commands."""
         last_active = time.monotonic()
+        with contextlib.suppress(OSError):
+            open(os.path.join(os.path.dirname(self.path), SERVING), "w").close()
         while self.clients or time.monotonic() - last_active < (
             ZYGOTE_IDLE if self.served else ZYGOTE_FIRST_WAIT
         ):
@@ -229,15 +233,32 @@ def read_request(sock: socket.socket) -> tuple[dict[str, str], list[int]] | None
 
 
 class ForkedProcess:
-    """A runner forked by a zygote: not our child, so its exit status comes over the socket."""
+    """A runner asked of a zygote: not our child, so its pid and then its exit status come over
+    the socket. The pid comes once the zygote has collected and forked (0 until then:
+    :attr:`pending`); the driver waits for it in its loop (:meth:`poll`). A zygote that goes
+    away first, or a wait given up (:meth:`abandon`), leaves it :attr:`unborn`."""
 
     stdout = None
 
-    def __init__(self, conn: socket.socket, pid: int) -> None:
+    def __init__(
+        self,
+        conn: socket.socket,
+        pid: int = 0,
+        zygote: subprocess.Popen[bytes] | None = None,
+        home: str = "",
+    ) -> None:
         self.conn = conn
         self.pid = pid
         self.returncode: int | None = None
+        self.unborn = False
+        self.zygote = zygote  # the zygote, when this process started it for this request
+        self.home = home  # ... and its folder
         self._lines = LineBuffer()
+
+    @property
+    def pending(self) -> bool:
+        """Asked of the zygote, not forked (or not said so) yet."""
+        return self.pid == 0 and self.returncode is None
 
     def _read(self, timeout: float) -> None:
         if self.returncode is not None:
@@ -247,13 +268,17 @@ class ForkedProcess:
         data = b""
         with contextlib.suppress(OSError):
             data = self.conn.recv(4096)
-        if not data:  # the zygote is gone: the status is lost with it
-            self.returncode = 255
         for line in self._lines.feed(data):
             with contextlib.suppress(ValueError):
-                status = decode(line).get("status")
+                answer = decode(line)
+                pid, status = answer.get("pid"), answer.get("status")
+                if isinstance(pid, int) and pid > 0 and self.pid == 0:
+                    self.pid = pid
                 if isinstance(status, int):
                     self.returncode = os.waitstatus_to_exitcode(status)
+        if not data and self.returncode is None:  # the zygote is gone: the status with it
+            self.unborn = self.pid == 0
+            self.returncode = 255
         if self.returncode is not None:
             self.conn.close()
 
@@ -268,11 +293,43 @@ class ForkedProcess:
             if left <= 0:
                 raise subprocess.TimeoutExpired("forked runner", timeout or 0)
             self._read(min(left, 0.5))
+        self.conn.close()
         return self.returncode
 
+    def wait_pid(self, timeout: float) -> None:
+        """Read the pid if it is on its way (a runner that spoke has been forked)."""
+        deadline = time.monotonic() + timeout
+        while self.pending and time.monotonic() < deadline:
+            self._read(0.05)
+
+    def abandon(self) -> None:
+        """Give the request up: the zygote kills the runner it forks (or forked) for it, as
+        it does for any driver that goes away. One still collecting that this process started
+        for it is killed: nobody waits for it any more (the run is dropped, or it took longer
+        than a slot waits: hung). Safe from another thread (the cut-off guard)."""
+        if not self.pending:
+            return
+        self.unborn = True
+        with contextlib.suppress(OSError):
+            self.conn.shutdown(socket.SHUT_RDWR)  # closed by the thread that reads it
+        self.returncode = 255
+        if self.zygote is not None and self.zygote.poll() is None:
+            kill_collecting(self.zygote, self.home)
+
     def kill(self) -> None:
+        if self.pid <= 0:
+            self.abandon()
+            return
         with contextlib.suppress(OSError):
             os.kill(self.pid, signal.SIGKILL)
+
+
+def kill_collecting(zygote: subprocess.Popen[bytes], home: str) -> None:
+    """Kill ``zygote`` (its folder ``home``) unless it has collected and serves forks: its
+    forked runners die with it."""
+    if home and not os.path.exists(os.path.join(home, SERVING)):
+        kill_group(zygote)
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def connect(path: str) -> socket.socket | None:
@@ -338,20 +395,25 @@ class Zygotes:
         self._started: list[subprocess.Popen[bytes]] = []
 
     def fork(self, spec: RunnerSpec, log_path: str) -> tuple[ForkedProcess, int, int] | None:
-        """A runner forked from the run's zygote on this worker (started here if there is
-        none), as (process, event fd, command fd); None when that cannot be had (the caller
-        starts a runner of its own). The slots of one run on one worker share one collection
-        this way."""
+        """A runner asked of the run's zygote on this worker (started here if there is none),
+        as (process, event fd, command fd); None when that cannot be had (the caller starts a
+        runner of its own). The slots of one run on one worker share one collection this way.
+
+        Returns once the request is sent: the zygote forks the runner once it has collected,
+        and the process is :attr:`ForkedProcess.pending` until it says so (the slot driver
+        waits for that in its loop, heartbeats going on)."""
         path = zygote_path(spec)
         if path is None:
             return None
         top = os.path.dirname(os.path.dirname(path))  # <top>/z-<key>/sock
+        started = None
         with open(os.path.join(top, "zygotes.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one zygote per run, queue and worker
             conn = connect(path)
             if conn is None:
                 sweep_zygotes(top)  # this one's folder too, if its zygote was killed
-                if self._start(spec, path):
+                started = self._start(spec, path)
+                if started is not None:
                     conn = connect(path)
         if conn is None:
             return None
@@ -360,37 +422,19 @@ class Zygotes:
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         env = runner_env(spec.env)
         env.update({ENV_RUNNER: "1", ENV_OPTIONS: json.dumps(spec.plugin_options)})
-        pid = 0
         try:
             socket.send_fds(conn, [encode(env, exact=True)], [event_w, command_r, log_fd])
-            pid = self._read_pid(conn)
-        except (OSError, ValueError):
-            pid = 0
-        finally:
-            for fd in (event_w, command_r, log_fd):
-                os.close(fd)
-        if pid <= 0:
-            conn.close()  # the zygote kills what it may still fork for us
-            os.close(event_fd)
-            os.close(command_fd)
+        except OSError:
+            conn.close()
+            close_quietly(event_fd, command_fd)
             return None
-        return ForkedProcess(conn, pid), event_fd, command_fd
+        finally:
+            close_quietly(event_w, command_r, log_fd)
+        return ForkedProcess(conn, 0, started, os.path.dirname(path)), event_fd, command_fd
 
-    @staticmethod
-    def _read_pid(conn: socket.socket) -> int:
-        conn.settimeout(ZYGOTE_REPLY_WAIT)
-        reply = b""
-        while not reply.endswith(b"\n"):
-            more = conn.recv(4096)
-            if not more:
-                break
-            reply += more
-        conn.settimeout(None)
-        answer: dict[str, Any] = decode(reply or b"{}")
-        return int(answer.get("pid") or 0)
-
-    def _start(self, spec: RunnerSpec, path: str) -> bool:
-        """Start the zygote of ``spec``'s run on this worker; True once it listens on ``path``."""
+    def _start(self, spec: RunnerSpec, path: str) -> subprocess.Popen[bytes] | None:
+        """Start the zygote of ``spec``'s run on this worker; the process once it listens on
+        ``path``, None if it does not within ``ZYGOTE_START_WAIT``."""
         for old in list(self._started):
             if old.poll() is not None:
                 self._started.remove(old)
@@ -421,9 +465,9 @@ class Zygotes:
         while not os.path.exists(path):
             if proc.poll() is not None or time.monotonic() > deadline:
                 kill_group(proc)
-                return False
+                return None
             time.sleep(0.005)
-        return True
+        return proc
 
     def _from_spare(
         self, spec: RunnerSpec, command: list[str], env: dict[str, str], log: str

@@ -194,6 +194,50 @@ def test_an_escaping_symlink_and_an_over_limit_file_are_refused_before_any_test(
     assert not marker.exists()
 
 
+def test_a_test_file_missing_from_the_tree_fails_the_run_before_any_test(pytester, bench):
+    """A git-ignored test file (then an excluded conftest.py) is named with its setting before
+    anything is sent; the include glob ships it and the same run passes."""
+    write(pytester.path, PROJECT)
+    marker = pytester.path.parent / f"{pytester.path.name}-ran"
+    write(
+        pytester.path,
+        {
+            ".gitignore": "tests/test_generated.py\n",
+            "tests/test_generated.py": f"def test_gen():\n    open({str(marker)!r}, 'w')\n",
+        },
+    )
+    subprocess.run(["git", "init", "-q", str(pytester.path)], check=True)
+    worker = bench(BROKER)
+    for mode in ("auto", "always"):
+        result, report = run(pytester, worker.queue, BROKER, f"--celery-ship={mode}", name=mode)
+        result.assert_outcomes(failed=5)
+        result.stdout.fnmatch_lines(
+            [
+                "*cannot ship the run's tree: 1 file(s) the dispatched tests need are not in it: "
+                "tests/test_generated.py (test file: git ignores it (.gitignore:1:*"
+                "ini celery_dispatch_ship_include*--celery-ship off*"
+            ]
+        )
+        assert not marker.exists()
+        ship = report["dispatch"]["ship"]
+        assert "tests/test_generated.py" in ship["error"]
+        assert ship["workers"] == {}, "no slot was started"
+        assert ship["manifests_sent"] == 0
+
+    include = ("-o", "celery_dispatch_ship_include=tests/test_generated.py")
+    result, report = run(pytester, worker.queue, BROKER, *include, name="included")
+    result.assert_outcomes(passed=5)
+    assert marker.exists()
+
+    ini = PROJECT["pytest.ini"] + "    conftest.py\n"
+    write(pytester.path, {"pytest.ini": ini})
+    result, report = run(pytester, worker.queue, BROKER, *include, name="excluded")
+    result.assert_outcomes(failed=5)
+    result.stdout.fnmatch_lines(
+        ["*conftest.py (conftest.py: excluded by ini celery_dispatch_ship_exclude (conftest.py))*"]
+    )
+
+
 def test_a_50_mb_file_travels_in_bounded_messages(pytester, bench):
     write(pytester.path, PROJECT)
     data = os.urandom(50 * 1024 * 1024)

@@ -64,6 +64,29 @@ def log_session_fixture(pytester, log) -> None:
     )
 
 
+def runner_gate(pytester, runs) -> None:
+    """A module ``runner_gate`` for the test programs: ``record_and_wait()`` appends the pid of
+    the runner it runs in to ``runs`` and holds the test until a second runner has run one: on
+    a busy machine one slot could run them all before the others start (a guard against a
+    hang, not a measure)."""
+    pytester.makepyfile(
+        runner_gate=f"""
+        import os
+        import time
+
+        def record_and_wait():
+            with open({str(runs)!r}, "a") as fh:
+                fh.write(f"{{os.getpid()}}\\n")
+            deadline = time.monotonic() + {ZYGOTE_FIRST_WAIT}
+            while time.monotonic() < deadline:
+                with open({str(runs)!r}) as fh:
+                    if len(set(fh.read().split())) >= 2:
+                        break
+                time.sleep(0.05)
+        """
+    )
+
+
 def test_a_new_run_sees_the_current_code_and_session_fixtures_end_with_the_run(
     pytester, worker_factory, run_dispatched
 ):
@@ -116,6 +139,7 @@ def test_the_slots_of_a_worker_share_one_collection_per_run(
         import os
         import time
         import pytest
+        import runner_gate
 
         if "DISPATCH_WORKER_ID" in os.environ:  # on the worker, not in the controller
             with open({str(imports)!r}, "a") as fh:  # importing the module is the costly part
@@ -126,18 +150,10 @@ def test_the_slots_of_a_worker_share_one_collection_per_run(
         @pytest.mark.parametrize("n", range(9))
         def test_slot(n, bench_session):
             time.sleep(0.3)
-            with open({str(runs)!r}, "a") as fh:
-                fh.write(f"{{os.getpid()}}\\n")
-            # Held until a second runner has run a test: on a busy machine one slot could
-            # run all nine before the others start (a guard against a hang, not a measure).
-            deadline = time.monotonic() + {ZYGOTE_FIRST_WAIT}
-            while time.monotonic() < deadline:
-                with open({str(runs)!r}) as fh:
-                    if len(set(fh.read().split())) >= 2:
-                        break
-                time.sleep(0.05)
+            runner_gate.record_and_wait()
         """
     )
+    runner_gate(pytester, runs)
     run = run_dispatched("--celery-ship=off")  # in place: the basetemp is big by now
     run.result.assert_outcomes(passed=9)
     importers = imports.read_text().split()

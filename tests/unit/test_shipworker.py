@@ -234,3 +234,58 @@ def test_an_expired_signature_is_refused_before_anything_is_fetched(tmp_path: Pa
     assert "w does not run this shipped tree" in str(old.refused)
     assert "(DISPATCH_SHIP_MAX_AGE, 1.0 d)" in str(old.refused)
     assert len(fetch.asked) == 2, "the expired run fetched nothing (the fresh one: manifest, blobs)"
+
+
+def test_one_slot_of_a_worker_fetches_at_a_time_however_many_wait(tmp_path: Path) -> None:
+    """A slot that waited for the fetch lock while another fetched must still keep the next
+    slot out (the lock file once went away with each fetch: a newcomer locked a new one)."""
+    import os
+    import threading
+    import time
+
+    from pytest_celery_dispatch.manifest import build_manifest
+    from pytest_celery_dispatch.shipworker import _fill
+
+    cache = ShipCache(str(tmp_path / "cache"))
+    root = project(tmp_path / "ctl")
+    manifest = build_manifest(str(root), walk_files(str(root)))
+    inside = {name: threading.Event() for name in "abc"}
+    leave = {name: threading.Event() for name in "abc"}
+
+    def fetcher_of(name: str):
+        def fetch(missing, cache):  # fetches nothing: each slot after it still misses blobs
+            inside[name].set()
+            assert leave[name].wait(30)
+            return {}
+
+        return fetch
+
+    def waiting_for_a_lock() -> bool:
+        with open("/proc/locks") as fh:
+            return any("->" in line and f" {os.getpid()} " in line for line in fh)
+
+    def until(condition) -> None:  # a guard against a hang, each condition comes at once
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    slots = {}
+    for name in "abc":
+        slots[name] = threading.Thread(
+            target=_fill, args=(cache, manifest, fetcher_of(name)), daemon=True
+        )
+    slots["a"].start()
+    until(inside["a"].is_set)
+    slots["b"].start()
+    until(waiting_for_a_lock)  # b waits for a's fetch
+    leave["a"].set()
+    until(inside["b"].is_set)
+    slots["c"].start()
+    until(lambda: inside["c"].is_set() or waiting_for_a_lock())
+    assert not inside["c"].is_set(), "a third slot fetched beside the second"
+    leave["b"].set()
+    until(inside["c"].is_set)
+    leave["c"].set()
+    for slot in slots.values():
+        slot.join(30)
