@@ -112,7 +112,7 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         self._app: Any = None
         self._consumer: Any = None
         self._local_workers: Any = None
-        self._prestart: Prestart | None = None  # the broker side, started during collection
+        self._prestart: Prestart | None = None  # the app and the lab board, made before collection
         self.turns: RunTurns | None = None  # this run in the line for shared benches
         self._session: pytest.Session | None = None
         self._last_poll = 0.0
@@ -212,40 +212,37 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
-        """The broker side starts while pytest starts its session and collects (see
-        :mod:`.startup`)."""
+        """The lab board opens before pytest collects (see :mod:`.startup`)."""
         if not session.config.option.collectonly and self._prestart is None:
             early = remembered(self._cache_get(QUEUES_KEY), self._args)
             on_board = functools.partial(self._new_turns, early) if early else None
-            self._prestart = Prestart(self.settings.broker, self.embedded_root, on_board).start()
+            self._prestart = Prestart(self.settings.broker, self.embedded_root, on_board)
 
     def pytest_sessionfinish(self) -> None:
         if self.turns is not None:
             self.turns.close()  # joined early by a run that dispatched nothing (else: closed)
         if self._prestart is not None:
-            self._prestart.close()  # started for a run that dispatched nothing
+            self._prestart.close()  # opened for a run that dispatched nothing
 
     def _start_remote(self) -> None:
         from . import transport
 
         if self._prestart is None:
-            self._prestart = Prestart(self.settings.broker, self.embedded_root).start()
-        self._app, board = self._prestart.app_and_board()
-        self._join_line(board)  # the line's wait for the board (HELLO_WAIT) starts now
+            self._prestart = Prestart(self.settings.broker, self.embedded_root)
+        self._app, board = self._prestart.take()
+        self._join_line(board)  # the line's wait (HELLO_WAIT) covers the rest of the start
         queues = self.scheduler.queue_nodeids
-        ship_ok = self.prepare_ship([n for nodeids in queues.values() for n in nodeids])
-        started = self._prestart.take()
-        if not ship_ok:
-            if started.conn is not None:
-                started.conn.release()
+        if not self.prepare_ship([n for nodeids in queues.values() for n in nodeids]):
             return
-        if started.error is not None:
-            self.broker_error = f"celery-dispatch: {started.error}"
+        try:
+            conn = transport.connect(self._app)
+        except transport.BrokerUnavailable as exc:
+            self.broker_error = f"celery-dispatch: {exc}"
             self.terminal.write_line(self.broker_error, red=True, bold=True)
             for nodeid in (n for nodeids in queues.values() for n in nodeids):
                 self.replayer.fail_test(nodeid, self.broker_error)
             return
-        self._broker = transport.Broker(self._app, started.conn)
+        self._broker = transport.Broker(self._app, conn)
         self._broker.declare_reply_queue(self.reply_to)
         self._consumer = transport.ReplyConsumer(self._app, self.reply_to, self.events)
         self._consumer.start()
@@ -263,6 +260,7 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         self.scheduler.estimates.update(queue_estimates(self.config, queues))  # longest first, ETA
         found = find_workers(self._broker, queues, self.settings.wait_workers)
         self.workers_by_queue = found.by_queue
+        transport.warm_sending(self._app)  # within the line's wait, not on the first send
         self.execute(self.scheduler.begin(found.consumers, found.capacity))
         sch = self.scheduler
         if sch.waiting_queues:

@@ -1,39 +1,36 @@
-"""The controller's broker side, started while pytest collects.
+"""The controller's lab board, opened before pytest collects.
 
-Nothing of it needs the collected tests: :class:`Prestart` (a thread, started by
-:class:`~.session.DispatchSession` as collection begins) imports Celery, makes the app, opens
-the lab board (whose hello is answered meanwhile; a run that remembers the queues its last run
-waited for joins the line on it at once), connects to the broker, and builds what
-Celery's first ``send_task`` builds on first use (the result backend's class, the producer
-pool's connection). After collection the session takes them (:meth:`Prestart.take`): its
-network round trips and waits overlapped pytest's collection instead of following it. A
-failure is the session's to report, as if it had happened there; a run that never takes them
-(nothing to dispatch, a collection error) has them closed by :meth:`Prestart.close`.
+A run waits ``HELLO_WAIT`` after its board's hello and after its own notice went out before it
+decides its first turn (:func:`.lab.settled`); its notice names its queues, known only after
+collection. :class:`Prestart`, made by :class:`~.session.DispatchSession` as pytest's session
+starts, imports Celery, makes the app and opens the board, whose thread connects and says hello
+while pytest collects; a run that remembers the queues its last run waited for joins the line
+on it at once (``on_board``). After collection the session takes the app and the board
+(:meth:`Prestart.take`) and joins the line: the line's wait then covers the rest of its start
+(the manifest, the broker connection, the declarations, the workers' broadcast).
+
+Traced on W1 (a quiet machine): Celery's import is CPU and the board's steps are round trips,
+each followed by a wait for the GIL while pytest collects; in a thread beside collection the
+import finished after collection, and only the round trips overlapped it. So the import is done
+here, before collection, and the interpreter's switch interval is short until the start is
+taken, so the board's thread gets its turns between collection's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-@dataclass
-class Started:
-    """What the start made: the Celery app, the lab board, and the broker connection, or
-    why it could not be had (``error``: a :class:`~.transport.BrokerUnavailable`)."""
-
-    app: Any
-    board: Any
-    conn: Any = None
-    error: BaseException | None = None
+#: The interpreter's switch interval from the start until it is taken (the default is 5 ms).
+SWITCH_INTERVAL = 0.0005
 
 
 class Prestart:
-    """One thread that starts the broker side (see the module); :meth:`take` waits for it."""
+    """The Celery app and the lab board, made now (see the module); :meth:`take` hands them
+    over, :meth:`close` closes what was never taken."""
 
     def __init__(
         self,
@@ -41,73 +38,38 @@ class Prestart:
         embedded_root: Path | None,
         on_board: Callable[[Any], object] | None = None,
     ) -> None:
-        self.broker = broker
-        self.embedded_root = embedded_root
-        self.on_board = on_board  # called in the thread with the board as soon as it is open
-        self._started: Started | None = None
-        self._failure: BaseException | None = None  # a bug: raised again in the main thread
-        self._taken = False
-        self._board_open = threading.Event()  # the app and the board are there (or never)
-        self._thread = threading.Thread(target=self._run, name="celery-dispatch-start", daemon=True)
-
-    def start(self) -> Prestart:
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        try:
-            self._started = self._start()
-        except BaseException as exc:
-            self._failure = exc
-        finally:
-            self._board_open.set()
-
-    def _start(self) -> Started:
         from . import transport
         from .labboard import open_board
 
         # The dispatch engine needs no result backend (reports come on the reply queue); with
         # rpc:// every controller would leave a reply queue of its own on the broker for an hour.
-        app = transport.make_app(self.broker, "disabled", embedded_root=self.embedded_root)
-        if self.embedded_root is not None:
+        self.app = transport.make_app(broker, "disabled", embedded_root=embedded_root)
+        if embedded_root is not None:
             from .embedded import sweep
 
-            sweep(self.embedded_root)
-        started = self._started = Started(app, open_board(app, self.embedded_root, eager=True))
-        if self.on_board is not None:
-            self.on_board(started.board)
-        self._board_open.set()  # the run can join the line while the rest goes on
-        try:
-            started.conn = transport.connect(app)
-        except transport.BrokerUnavailable as exc:
-            started.error = exc
-            return started
-        transport.warm_sending(app)
-        return started
+            sweep(embedded_root)
+        self._interval: float | None = sys.getswitchinterval()
+        sys.setswitchinterval(min(self._interval, SWITCH_INTERVAL))
+        self.board = open_board(self.app, embedded_root, eager=True)
+        self._taken = False
+        if on_board is not None:
+            on_board(self.board)
 
-    def app_and_board(self) -> tuple[Any, Any]:
-        """The app and the lab board, as soon as they are there (the rest may still be under
-        way: :meth:`take` waits for it)."""
-        self._board_open.wait()
-        started = self._started or self.take()  # (none: take raises what went wrong)
-        return started.app, started.board
-
-    def take(self) -> Started:
-        """Wait for the start; what it made is the caller's from now on (to close)."""
-        self._thread.join()
-        if self._failure is not None:
-            raise self._failure
-        assert self._started is not None
+    def take(self) -> tuple[Any, Any]:
+        """The app and the board, the caller's from now on (to close)."""
+        self._restore_interval()
         self._taken = True
-        return self._started
+        return self.app, self.board
 
     def close(self) -> None:
-        """Close what was started and not taken (no wait for a start still under way)."""
-        if self._taken or self._thread.is_alive() or self._started is None:
-            return
-        self._taken = True
-        with contextlib.suppress(Exception):
-            self._started.board.close()
-        if self._started.conn is not None:
+        """Close the board if it was never taken (a run that dispatched nothing)."""
+        self._restore_interval()
+        if not self._taken:
+            self._taken = True
             with contextlib.suppress(Exception):
-                self._started.conn.release()
+                self.board.close()
+
+    def _restore_interval(self) -> None:
+        if self._interval is not None:
+            sys.setswitchinterval(self._interval)
+            self._interval = None
