@@ -445,8 +445,10 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
             self._broker.delete_queue(work_queue_name(self.run_id, queue_name))
 
     def _shutdown(self) -> None:
+        if self._consumer is not None:  # every report is in (or none is wanted any more):
+            self._consumer.stop(timeout=0)  # its last wait for the broker ends meanwhile
         if self.turns is not None:
-            self.turns.close()  # the next run in line goes now
+            self.turns.close()  # the next run in line goes now (waits for its board's send)
         if self._should_stop() and not self.interrupted:
             self._stop_workers_gracefully()
         if self._consumer is not None:
