@@ -115,8 +115,8 @@ def connect(app: Celery, timeout: float = 4.0) -> Connection:
 def warm_sending(app: Celery) -> None:
     """Build what ``app``'s first ``send_task`` builds on first use: the result backend (its
     module's import), the task sender, and a connected producer in the producer pool (about
-    50-80 ms of the first slot's send, measured): done while pytest collects (see
-    :mod:`.startup`). Best effort: the send does whatever is left."""
+    20-80 ms of the first slot's send, measured): done within the line's wait, before the
+    scheduler begins (see :mod:`.startup`). Best effort: the send does whatever is left."""
     with contextlib.suppress(Exception):
         app.backend  # noqa: B018 (a property that imports and builds the backend)
         app.amqp.send_task_message  # noqa: B018 (likewise, the sender)
