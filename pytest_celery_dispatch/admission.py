@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from .serialization import UnsafeNodeId, confine, file_digest, nodeid_path
+from .serialization import UnsafeNodeId, check_nodeid, confine, file_digest, nodeid_path
 from .workerinfo import worker_id
 
 log = logging.getLogger("pytest_celery_dispatch.worker")
@@ -22,9 +22,12 @@ def checked_nodeids(
     """The session's nodeids this worker may run: inside its workspace, in files with the
     controller's bytes; the others are refused by name."""
     nodeids: list[str] = []
+    inside: set[str] = set()  # files found inside the workspace (symlinks resolved once each)
     for nodeid in (str(n) for n in payload.get("nodeids", [])):
         try:
-            confine(ws, nodeid)
+            if (path := check_nodeid(nodeid)) not in inside:
+                confine(ws, nodeid)
+                inside.add(path)
             nodeids.append(nodeid)
         except UnsafeNodeId as exc:
             emit({"type": "refused", "nodeids": [nodeid], "reason": str(exc)})

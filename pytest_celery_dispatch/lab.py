@@ -34,6 +34,10 @@ LAB_STALE = 4.0
 BOARD_WAIT = 3.0
 #: A new listener's hello is answered at once by every listening sender: heard all after this.
 HELLO_WAIT = 0.15
+#: The board's thread looks for a notice to send this often until it has sent its first one
+#: (a run's notice as it joins the line, after collection: the run decides ``HELLO_WAIT``
+#: after it went out, so the wait for it is on the run's way to its first test).
+FIRST_SEND_EVERY = 0.005
 #: The waiting line is printed at most this often (and when it changes).
 LINE_EVERY = 5.0
 
@@ -43,6 +47,16 @@ WAITING, HOLDING = "waiting", "holding"
 RELEASE = "release"
 
 Notice = dict[str, Any]
+
+
+def settled(now: float, hello_at: float | None, sent_at: float | None, pending: bool) -> bool:
+    """Whether a board has heard every live sender (its hello answered, ``HELLO_WAIT`` ago) and
+    every run that joined up to its own notice (``pending``: not sent yet; ``sent_at``: when it
+    went out), so that runs joining together see each other before either decides: a board
+    opened before its run's notice (during collection) waits ``HELLO_WAIT`` after both."""
+    if hello_at is None or pending or now - hello_at < HELLO_WAIT:
+        return False
+    return sent_at is None or now - sent_at >= HELLO_WAIT
 
 
 def rank(notice: Notice) -> tuple[int, float, str]:

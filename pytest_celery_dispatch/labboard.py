@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .lab import HELLO_WAIT, LAB_INTERVAL, LAB_STALE, Notice
+from .lab import FIRST_SEND_EVERY, HELLO_WAIT, LAB_INTERVAL, LAB_STALE, Notice, settled
 
 log = logging.getLogger("pytest_celery_dispatch.labboard")
 
@@ -83,6 +83,8 @@ class FileBoard:
     def ready(self) -> bool:
         return True
 
+    settled = ready  # a notice is in its file once published
+
     def close(self) -> None:
         pass
 
@@ -91,10 +93,13 @@ class AmqpBoard:
     """RabbitMQ's board: one thread with its own connection sends this sender's notices and
     keeps the latest notice of every sender. :meth:`publish` never waits for the broker (a
     silent network must not stall the controller's event loop): the thread sends the latest
-    notice given to it within ``SEND_EVERY``."""
+    notice given to it within ``SEND_EVERY`` (``FIRST_SEND_EVERY`` until its first, when
+    ``eager``: a run's board opened before it joins the line)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, eager: bool = False) -> None:
         self.app = app
+        self.eager = eager
+        self._sent_at: float | None = None  # when a notice of this board last went out
         self._latest: dict[str, tuple[float, Notice]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -152,14 +157,19 @@ class AmqpBoard:
             self._hello_at = time.monotonic()
             while True:
                 with self._lock:
-                    pending, self._pending = self._pending, None
+                    pending = self._pending
                 if pending is not None:
                     send(pending)
+                    with self._lock:  # pending until it went out (see settled)
+                        if self._pending is pending:
+                            self._pending = None
+                        self._sent_at = time.monotonic()
                 self._sent.set()
                 if self._stopping.is_set():
                     return
+                first = self.eager and self._sent_at is None
                 with contextlib.suppress(TimeoutError):  # nothing came: send, look at the flag
-                    conn.drain_events(timeout=SEND_EVERY)
+                    conn.drain_events(timeout=FIRST_SEND_EVERY if first else SEND_EVERY)
                 conn.heartbeat_check()  # ours out; a silent broker raises: connect again
 
     def _on_message(self, body: Any, message: Any, answer: Any) -> None:
@@ -183,6 +193,14 @@ class AmqpBoard:
         hello = self._hello_at
         return hello is not None and time.monotonic() - hello >= HELLO_WAIT
 
+    @property
+    def settled(self) -> bool:
+        """:attr:`ready`, and the notice given last went out ``HELLO_WAIT`` ago (see
+        :func:`.lab.settled`): a run decides its first turn on a settled board."""
+        with self._lock:
+            pending, sent_at = self._pending is not None, self._sent_at
+        return settled(time.monotonic(), self._hello_at, sent_at, pending)
+
     def notices(self) -> list[Notice]:
         now = time.monotonic()
         with self._lock:
@@ -203,8 +221,9 @@ class AmqpBoard:
 Board = FileBoard | AmqpBoard
 
 
-def open_board(app: Any, embedded_root: Path | None) -> Board:
-    """The board of ``app``'s broker: a folder beside the embedded broker, else the exchange."""
+def open_board(app: Any, embedded_root: Path | None, eager: bool = False) -> Board:
+    """The board of ``app``'s broker: a folder beside the embedded broker, else the exchange
+    (``eager``: see :class:`AmqpBoard`)."""
     if embedded_root is not None:
         return FileBoard(embedded_root)
-    return AmqpBoard(app)
+    return AmqpBoard(app, eager)

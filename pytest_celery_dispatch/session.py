@@ -49,8 +49,10 @@ from .scheduling import (
 from .serialization import Chunk, Event, reply_queue_name, work_queue_name
 from .settings import Settings
 from .shipcontrol import ShipHandlers, Shipper, resolve_ship, run_outputs
+from .startup import Prestart
 from .stashkeys import ARTIFACTS_KEY
 from .terminal import DispatchTerminal
+from .turns import QUEUES_KEY, RunTurns, remembered
 
 #: How often the scheduler's clocks are polled (queues without consumers, lost work).
 POLL_INTERVAL = 0.5
@@ -110,7 +112,8 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         self._app: Any = None
         self._consumer: Any = None
         self._local_workers: Any = None
-        self.turns: Any = None  # turns.RunTurns: this run in the line for shared benches
+        self._prestart: Prestart | None = None  # the app and the lab board, made before collection
+        self.turns: RunTurns | None = None  # this run in the line for shared benches
         self._session: pytest.Session | None = None
         self._last_poll = 0.0
         self._unknown_events: set[str] = set()
@@ -207,19 +210,27 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
 
         return root_dir(self.config.rootpath)
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        """The lab board opens before pytest collects (see :mod:`.startup`)."""
+        if not session.config.option.collectonly and self._prestart is None:
+            early = remembered(self._cache_get(QUEUES_KEY), self._args)
+            on_board = functools.partial(self._new_turns, early) if early else None
+            self._prestart = Prestart(self.settings.broker, self.embedded_root, on_board)
+
+    def pytest_sessionfinish(self) -> None:
+        if self.turns is not None:
+            self.turns.close()  # joined early by a run that dispatched nothing (else: closed)
+        if self._prestart is not None:
+            self._prestart.close()  # opened for a run that dispatched nothing
+
     def _start_remote(self) -> None:
         from . import transport
 
-        # The dispatch engine needs no result backend (reports come on the reply queue); with
-        # rpc:// every controller would leave a reply queue of its own on the broker for an hour.
-        self._app = transport.make_app(
-            self.settings.broker, "disabled", embedded_root=self.embedded_root
-        )
-        if self.embedded_root is not None:
-            from .embedded import sweep
-
-            sweep(self.embedded_root)
-        self._join_line()
+        if self._prestart is None:
+            self._prestart = Prestart(self.settings.broker, self.embedded_root)
+        self._app, board = self._prestart.take()
+        self._join_line(board)  # the line's wait (HELLO_WAIT) covers the rest of the start
         queues = self.scheduler.queue_nodeids
         if not self.prepare_ship([n for nodeids in queues.values() for n in nodeids]):
             return
@@ -249,6 +260,7 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         self.scheduler.estimates.update(queue_estimates(self.config, queues))  # longest first, ETA
         found = find_workers(self._broker, queues, self.settings.wait_workers)
         self.workers_by_queue = found.by_queue
+        transport.warm_sending(self._app)  # within the line's wait, not on the first send
         self.execute(self.scheduler.begin(found.consumers, found.capacity))
         sch = self.scheduler
         if sch.waiting_queues:
@@ -265,15 +277,29 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         # pytest's gc.collect() at unconfigure walk Celery's and the items' object graphs again.
         gc.freeze()
 
-    def _join_line(self) -> None:
+    def _join_line(self, board: Any) -> None:
         """On the lab board: this run's turn on shared benches (``--celery-priority``)."""
-        from .labboard import open_board
-        from .turns import RunTurns
+        queues = list(self.scheduler.queue_nodeids)
+        turns = self.turns or self._new_turns([], board)
+        turns.join(queues)  # nothing new if joined with these queues while collecting
+        if (cache := getattr(self.config, "cache", None)) is not None:
+            cache.set(QUEUES_KEY, {"args": self._args, "queues": queues})
+        self.scheduler.turns.grant = turns.grant
 
-        board = open_board(self._app, self.embedded_root)
+    def _new_turns(self, queues: list[str], board: Any) -> RunTurns:
+        """This run on ``board``, waiting for ``queues`` (none: it joins after collection)."""
         self.turns = RunTurns(self.run_id, self.identity, self.settings.priority, board)
-        self.turns.join(list(self.scheduler.queue_nodeids))
-        self.scheduler.turns.grant = self.turns.grant
+        if queues:
+            self.turns.join(queues)
+        return self.turns
+
+    @property
+    def _args(self) -> list[str]:
+        return [str(a) for a in self.config.invocation_params.args]
+
+    def _cache_get(self, key: str) -> Any:
+        cache = getattr(self.config, "cache", None)  # absent with -p no:cacheprovider
+        return cache.get(key, None) if cache is not None else None
 
     def _consumer_count(self, queue_name: str) -> int | None:
         return self._broker.consumer_count(queue_name) if self._broker is not None else None
@@ -419,8 +445,10 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
             self._broker.delete_queue(work_queue_name(self.run_id, queue_name))
 
     def _shutdown(self) -> None:
+        if self._consumer is not None:  # every report is in (or none is wanted any more):
+            self._consumer.stop(timeout=0)  # its last wait for the broker ends meanwhile
         if self.turns is not None:
-            self.turns.close()  # the next run in line goes now
+            self.turns.close()  # the next run in line goes now (waits for its board's send)
         if self._should_stop() and not self.interrupted:
             self._stop_workers_gracefully()
         if self._consumer is not None:

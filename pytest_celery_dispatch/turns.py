@@ -24,6 +24,22 @@ if TYPE_CHECKING:
     from .scheduling import QueueScheduler
 
 
+#: pytest's cache: the queues the last run joined the line for, and its arguments.
+QUEUES_KEY = "celery-dispatch/line"
+
+
+def remembered(cached: Any, args: list[str]) -> list[str]:
+    """The queues the last run with the same ``args`` joined the line for (from pytest's cache;
+    [] if none, or if anything about it looks wrong): a run joins with them while it collects,
+    and again only if its tests turn out to need other queues."""
+    if not isinstance(cached, dict) or cached.get("args") != list(args):
+        return []
+    queues = cached.get("queues")
+    if not isinstance(queues, list) or not all(isinstance(q, str) and q for q in queues):
+        return []
+    return list(queues)
+
+
 class RunTurns:
     """One run on the lab board (the board and the clocks are injected)."""
 
@@ -53,10 +69,14 @@ class RunTurns:
         self._last_notice = float("-inf")
         self._queues: dict[str, Any] = {}  # the queues of the notice published last
         self._last_line: dict[str, tuple[float, str]] = {}
+        self._closed = False
 
     def join(self, queues: list[str]) -> None:
         """On the board at once, waiting for every queue: runs starting together see each
-        other before either decides."""
+        other before either decides. Joined already for the same queues (the last run's,
+        during collection: :func:`remembered`), the notice out since then stands."""
+        if self._queues and set(self._queues) == set(queues):
+            return
         self._publish({queue: {"state": lab.WAITING} for queue in queues})
 
     def _publish(self, queues: dict[str, Any]) -> None:
@@ -67,18 +87,19 @@ class RunTurns:
         """Slots of the ``slots`` of ``queue`` this run may take now, at most ``wanted``
         (0: wait for its turn).
 
-        At the start, the board is waited for (``HELLO_WAIT`` normally); a board still out of
+        At the start, the board is waited for until it has settled (``HELLO_WAIT`` after its
+        hello and after this run's notice went out: :func:`.lab.settled`); a board still out of
         reach after ``BOARD_WAIT`` leaves this run out of the line (said once). Later, while
         the board is cut off (a broker restart), a waiting queue keeps waiting.
         """
         if not self._joined:
             self._joined = True
             deadline = self.clock() + lab.BOARD_WAIT
-            while not self.board.ready:
+            while not self.board.settled:
                 if self.clock() >= deadline:
                     self.unreachable = self.board.error or "no answer"
                     break
-                time.sleep(0.02)
+                time.sleep(0.005)  # the first chunk and slots go once it has settled
         wanted = slots if wanted is None else wanted
         if self.unreachable:
             return wanted  # as without a line
@@ -139,6 +160,9 @@ class RunTurns:
         return lines
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(Exception):
             self.board.publish({"kind": "run", "id": self.me["id"], "gone": True})
         with contextlib.suppress(Exception):

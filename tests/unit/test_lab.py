@@ -10,7 +10,7 @@ from pytest_celery_dispatch.cli import render
 from pytest_celery_dispatch.retry import RetryPolicy
 from pytest_celery_dispatch.scheduling import Publish, QueueScheduler, StartSlot
 from pytest_celery_dispatch.settings import parse_priority
-from pytest_celery_dispatch.turns import RunTurns
+from pytest_celery_dispatch.turns import RunTurns, remembered
 
 Q = "queue_a"
 
@@ -91,6 +91,10 @@ def test_the_status_view_lists_workers_holders_and_the_line_in_order():
 class FakeBoard:
     ready = True
     error = None
+
+    @property
+    def settled(self):
+        return self.ready
 
     def __init__(self, notices=()):
         self.others = list(notices)
@@ -267,3 +271,74 @@ def test_a_run_holds_no_more_slots_of_a_shared_bench_than_it_has_tests():
     assert len(sent(sch, sch.begin({Q: 1}, {Q: 2}))) == 1
     assert board.published[-1]["queues"][Q]["slots"] == 1  # the other slot is free for others
     assert lab.grant(run("next"), [board.published[-1]], Q, 2) == 1
+
+
+def test_a_board_has_settled_hello_wait_after_its_hello_and_after_its_notice_went_out():
+    w = lab.HELLO_WAIT
+    assert not lab.settled(w * 0.9, 0.0, None, pending=False)
+    assert lab.settled(w, 0.0, None, pending=False)  # nothing published: the hello is all
+    assert not lab.settled(w, None, None, pending=False)  # no hello said yet
+    # Opened during collection: the hello long answered, the run's notice just given.
+    assert not lab.settled(5.0, 0.0, None, pending=True)
+    assert not lab.settled(5.0 + w * 0.9, 0.0, 5.0, pending=False)
+    assert lab.settled(5.0 + w, 0.0, 5.0, pending=False)
+
+
+class OpenedEarly(FakeBoard):
+    """A board whose hello was answered before the run joined: it settles at ``at``."""
+
+    def __init__(self, now, at):
+        super().__init__()
+        self.now, self.at = now, at
+
+    @property
+    def settled(self):
+        return self.now[0] >= self.at
+
+
+def test_a_run_decides_its_first_turn_only_once_the_board_has_settled():
+    """A board opened while pytest collects is ready long before the run joins the line: the
+    run still waits until its own notice has been out HELLO_WAIT (lab.settled), so runs that
+    join together see each other before either decides."""
+    now = [0.0]
+
+    def clock():
+        now[0] += 0.01
+        return now[0]
+
+    board = OpenedEarly(now, at=lab.HELLO_WAIT)
+    turns = RunTurns("me", {"label": "me@h"}, 5, board, wall=lambda: 1.0, clock=clock)
+    turns.join([Q])
+    assert turns.grant(Q, 1) == 1
+    assert now[0] >= lab.HELLO_WAIT
+    assert turns.unreachable is None
+
+
+def test_a_run_that_joined_while_collecting_for_the_same_queues_says_nothing_new():
+    """Its notice (the last run's queues, during collection) has been out since then: the
+    line's wait counts from it, unless the tests turned out to need other queues."""
+    board = FakeBoard()
+    turns = RunTurns("me", {"label": "me@h"}, 5, board, wall=lambda: 1.0, clock=lambda: 0.0)
+    turns.join([Q, "queue_b"])
+    turns.join(["queue_b", Q])
+    assert len(board.published) == 1
+    turns.join([Q])
+    assert len(board.published) == 2
+    assert set(board.published[-1]["queues"]) == {Q}
+
+
+def test_the_queues_remembered_are_the_last_run_s_with_the_same_arguments_only():
+    cached = {"args": ["tests", "-q"], "queues": [Q, "queue_b"]}
+    assert remembered(cached, ["tests", "-q"]) == [Q, "queue_b"]
+    assert remembered(cached, ["tests"]) == []
+    assert remembered(None, ["tests", "-q"]) == []
+    assert remembered({"args": ["tests"], "queues": "queue_a"}, ["tests"]) == []
+    assert remembered({"args": ["tests"], "queues": [Q, 3]}, ["tests"]) == []
+
+
+def test_a_run_closed_twice_says_it_is_gone_once():
+    board = FakeBoard()
+    turns = RunTurns("me", {"label": "me@h"}, 5, board, wall=lambda: 1.0, clock=lambda: 0.0)
+    turns.close()
+    turns.close()
+    assert board.published == [{"kind": "run", "id": "me", "gone": True}]
