@@ -497,3 +497,19 @@ def test_a_test_past_the_timeout_inside_a_group_fails_by_name_and_the_group_goes
     assert sorted(cases.values()) == ["failure"] + ["passed"] * 4
     (failed,) = (k for k, v in cases.items() if v == "failure")
     assert failed.endswith("TestBench::test_2_hangs")
+
+
+def test_x_after_a_timeout_inside_a_group_starts_nothing_more_of_it(
+    pytester, bench, run_dispatched
+):
+    project(pytester, bench, test_hang=HANG_IN_GROUP)
+    run = run_dispatched("--celery-dist", "loadgroup", "--celery-timeout=2", "-x", timeout=120)
+    out = run.result.stdout.str()
+    assert run.result.ret == pytest.ExitCode.TESTS_FAILED, out
+    assert "stopping after 1 failures" in out
+    outcomes = {n.split("::", 1)[1]: o for n, o in run.outcomes_by_nodeid().items()}
+    assert outcomes["TestBench::test_2_hangs"] == "failed"
+    assert "TestBench::test_3_recover" not in outcomes
+    time.sleep(2 * CONTROLLER_CHECK_INTERVAL + 1)  # the slot would have gone on by now
+    order = (pytester.path / "state" / "order.log").read_text().split()
+    assert order[0::2] == ["connect", "hang"], "nothing of the group starts after the timeout"
