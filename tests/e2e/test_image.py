@@ -127,7 +127,13 @@ def check_started(bench: Bench) -> None:
     for name, container in bench.items():
         assert container.uids() == {UID}, f"{name} runs as {container.uids()}"
         log = container.log_text()
-        assert f"{name}@{container.hostname} ready." in log, log[-3000:]
+        # Celery logs "ready." just after it starts consuming (what wait_consuming waited for).
+        ready = f"{name}@{container.hostname} ready."
+        deadline = time.monotonic() + READY_TIMEOUT
+        while ready not in log and time.monotonic() < deadline and container.running():
+            time.sleep(0.1)
+            log = container.log_text()
+        assert ready in log, log[-3000:]
         records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
         assert records, f"no JSON log lines from {name}:\n{log[-3000:]}"
 
@@ -194,6 +200,13 @@ def test_examples_run_in_place_on_image_workers_with_the_checkout_mounted(
     start_bench, vhost_broker, tmp_path
 ):
     """With workers/compose.checkout.yml: this checkout read-only as /workspace, zero-copy."""
+    # As with Docker, the image's user must be able to enter the mounted checkout.
+    closed = [p for p in (ROOT, *ROOT.parents) if not p.stat().st_mode & 0o001]
+    assert not closed, (
+        f"the image's user (uid {UID}) cannot enter {closed[0]} (mode "
+        f"{oct(closed[0].stat().st_mode & 0o777)}), so it cannot use this checkout as its "
+        f"mounted workspace: chmod o+x {closed[0]} (docs/workers.md), or clone elsewhere"
+    )
     bench = start_bench(compose_workers.CHECKOUT_FILE)
     check_started(bench)
     out, ship = run_examples(bench, vhost_broker, tmp_path / "report.json")
