@@ -126,6 +126,14 @@ class Runner(Protocol):
 StartRunner = Callable[[list[str], int, str], Runner]
 
 
+def maxfail_of(pytest_args: list[str]) -> int:
+    """The ``--maxfail=N`` the controller forwarded to the runners (:mod:`.forwarding`), or 0."""
+    for arg in pytest_args:
+        if arg.startswith("--maxfail="):
+            return int(arg.split("=", 1)[1])
+    return 0
+
+
 class Coalescer:
     """Sends finished tests home together: one ``results`` message for up to ``max_tests``
     tests or ``max_age`` seconds, instead of a message or more per test. Any other event first
@@ -267,6 +275,8 @@ class SlotDriver:
         self.began = False  # the current runner has started a test
         self.interrupted_at: float | None = None  # KILL: when the runner was interrupted
         self.run_over = False  # the run ended while the runner wound down: it was killed
+        self.maxfail = maxfail_of(spec.pytest_args)  # the forwarded -x / --maxfail, or 0
+        self.failures = 0  # failed tests of this slot, over all its runners
 
     def run(self) -> dict[str, Any]:
         """Drive the slot to its end; a summary (state, tests done, chunks, runner starts)."""
@@ -436,6 +446,7 @@ class SlotDriver:
             event["batch_id"] = self.assigned[nodeid]
         self.emit(event)
         if kind == "test":
+            self.failures += event.get("outcome") in ("failed", "error")
             runner.current = None
             self._finish(nodeid)
 
@@ -552,6 +563,10 @@ class SlotDriver:
             self.emit(crashed(runner.current, batch_id, why, runner.crash_output()))
             self._finish(runner.current)
             if self._quarantined("timeout" if self.kill_reason else "crash", why):
+                return True
+            self.failures += 1
+            if 0 < self.maxfail <= self.failures:  # -x / --maxfail: a crash counts, and a new
+                self.state = STOP  # runner would count from zero: the run stops, as it would
                 return True
         elif not runner.self_stopped and not self._work_done():
             outside = self.kill_reason or (

@@ -230,9 +230,11 @@ def live_writer(config: pytest.Config, title: str) -> Callable[[str | None], Non
     capman = config.pluginmanager.get_plugin("capturemanager")
 
     def write(line: str | None) -> None:
+        from .terminal import fresh_line  # the controller's terminal: not at every pytest start
+
         suspended = capman.global_and_fixture_disabled() if capman else contextlib.nullcontext()
         with suspended:
-            reporter.ensure_newline()
+            fresh_line(config)
             if line is None:
                 reporter.write_sep("-", title)
             else:

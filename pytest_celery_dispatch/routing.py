@@ -94,9 +94,11 @@ def check_queue_name(name: object, allowed: Iterable[str] | None, what: str) -> 
     if allowed is not None:
         allowed_set = set(allowed)
         if name not in allowed_set:
+            guess = did_you_mean(name, allowed_set)
             return (
-                f"{what}: {name!r} is an unknown queue; ini celery_dispatch_queues allows "
-                f"{', '.join(sorted(allowed_set))}. Fix the name or add the queue there."
+                f"{what}: {name!r} is an unknown queue"
+                f"{f' (did you mean {guess}?)' if guess else ''}; ini celery_dispatch_queues "
+                f"allows {', '.join(sorted(allowed_set))}. Fix the name or add the queue there."
             )
     return None
 

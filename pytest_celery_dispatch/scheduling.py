@@ -439,5 +439,22 @@ class QueueScheduler(Recovery):
         self.unsent.clear()
         return sorted(queued)
 
+    def held(self) -> tuple[set[str], set[str]]:
+        """The tests slots took and have not finished, as ``(running, waiting)``: a slot runs
+        what it holds in order, so its first unfinished test is running (or just ended, its
+        report on the way) and the rest wait behind it (the rest of a group, of a chunk); a
+        test a heartbeat named is running too."""
+        running, waiting = set(self.running), set()
+        by_slot: dict[str | None, list[ChunkState]] = {}
+        for chunk in self.live_chunks():
+            if chunk.started_at is not None:
+                by_slot.setdefault(chunk.session_id, []).append(chunk)
+        for chunks in by_slot.values():
+            chunks.sort(key=lambda c: c.started_at or 0.0)
+            left = [n for c in chunks for n in c.remaining]
+            running.update(left[:1])
+            waiting.update(left[1:])
+        return running, waiting - running
+
     def unstarted_slot_task_ids(self) -> list[str]:
         return [s.task_id for s in self.slots.values() if s.task_id and s.started_at is None]

@@ -420,8 +420,9 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         """-x / --maxfail: revoke queued chunks, let running tests finish, start no new one."""
         if self.stopped_early is not None or self._broker is None:
             return
-        queued = self.scheduler.stop()
-        running = sorted(self.scheduler.running - self.replayer.finalized)
+        held, waiting = self.scheduler.held()  # a slot's tests behind its running one:
+        queued = (set(self.scheduler.stop()) | waiting) - self.replayer.finalized  # never start
+        running = held - self.replayer.finalized
         with contextlib.suppress(Exception):
             self._broker.declare_stop_queue(self.run_id)
         # Nothing is reported after this point: tell the workers right away. The consumer
@@ -433,7 +434,7 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
             self._revoke_outstanding()
         self.stopped_early = {"queued_not_run": len(queued), "running_not_reported": len(running)}
         self.terminal.notice(
-            f"stopping: {len(queued)} queued test(s) revoked, "
+            f"stopping: {len(queued)} test(s) not started will not run, "
             f"{len(running)} running test(s) left to finish on their workers (not reported)"
         )
 

@@ -28,7 +28,7 @@ from .names import mask_url as mask_url
 from .planning import DIST_MODES, LOAD
 from .retry import DEFAULT_BROKER_TIMEOUT as DEFAULT_BROKER_TIMEOUT
 from .routing import QUEUE_NAME_RE as QUEUE_NAME_RE
-from .routing import RouteRule, parse_routes
+from .routing import RouteRule, check_queue_name, parse_routes
 
 DEFAULT_TIMEOUT = 300.0
 DEFAULT_WAIT_WORKERS = 10.0
@@ -358,7 +358,9 @@ def resolve(
         per_run=parsed("artifacts-run-limit", parse_size, DEFAULT_RUN_LIMIT),
         tmp_path=parsed("artifacts-tmp-path", parse_tmp_path_mode, "none"),
     )
-    allowed, rules = _queues_and_routes(ini, default_queue)
+    picked_default = pick("default-queue")
+    where = (picked_default[0], default_queue) if picked_default and default_queue else None
+    allowed, rules = _queues_and_routes(ini, where)
     health = tuple(parse_tests(str(ini("celery_dispatch_health") or "")))
     every = ini("celery_dispatch_health_every")
     health_every = _minutes(str(every), "ini celery_dispatch_health_every") if every else None
@@ -396,20 +398,20 @@ def _minutes(raw: str, source: str) -> float:
 
 
 def _queues_and_routes(
-    ini: Getter, default_queue: str | None
+    ini: Getter, default_queue: tuple[str, str] | None
 ) -> tuple[frozenset[str] | None, list[RouteRule]]:
-    """ini ``celery_dispatch_queues`` (the allowed names) and ``celery_dispatch_routes``."""
+    """ini ``celery_dispatch_queues`` (the allowed names) and ``celery_dispatch_routes``;
+    ``default_queue``: (where it was set, the name). A queue name the allowed names do not hold
+    is an error in the words a marker's gets (:func:`.routing.check_queue_name`)."""
     raw_queues = ini("celery_dispatch_queues")
     allowed: frozenset[str] | None = None
     if raw_queues:
         text = "\n".join(raw_queues) if isinstance(raw_queues, list) else str(raw_queues)
         allowed = frozenset(parse_queue_list(text, "ini celery_dispatch_queues"))
-        if default_queue is not None and default_queue not in allowed:
-            raise pytest.UsageError(
-                f"celery-dispatch: the default queue {default_queue!r} is not in ini "
-                f"celery_dispatch_queues ({', '.join(sorted(allowed))}); add it there or "
-                "choose one of those"
-            )
+        if default_queue is not None and (
+            error := check_queue_name(default_queue[1], allowed, default_queue[0])
+        ):
+            raise pytest.UsageError(f"celery-dispatch: {error}")
 
     raw_routes = ini("celery_dispatch_routes") or []
     rules, errors = parse_routes(
@@ -420,11 +422,9 @@ def _queues_and_routes(
             "celery-dispatch: invalid ini celery_dispatch_routes: " + "; ".join(errors)
         )
     if allowed is not None:
-        unknown = sorted({r.queue for r in rules} - allowed)
-        if unknown:
-            raise pytest.UsageError(
-                f"celery-dispatch: ini celery_dispatch_routes names queue(s) "
-                f"{', '.join(unknown)} that ini celery_dispatch_queues does not allow"
-            )
+        where = "ini celery_dispatch_routes: route"
+        unknown = [check_queue_name(r.queue, allowed, f"{where} {r.pattern!r}") for r in rules]
+        if errors := [e for e in unknown if e]:
+            raise pytest.UsageError("celery-dispatch: " + " ".join(errors))
 
     return allowed, rules

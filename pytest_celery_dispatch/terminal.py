@@ -202,6 +202,22 @@ def time_left(
     return remaining_time(left, slots)
 
 
+def fresh_line(config: pytest.Config) -> Any:
+    """The terminal reporter with its cursor at the start of a line (None without one).
+
+    pytest's ``ensure_newline()`` only ends a line it knows it began (a test file's progress
+    line); after a line of ours written while a test ran (the ``dispatcher``'s live lines), the
+    test's letter goes to the start of the next line, and it knows nothing of that one: the
+    writer's column says it.
+    """
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.ensure_newline()
+        if config.get_terminal_writer().width_of_current_line:
+            reporter.write("\n")
+    return reporter
+
+
 class DispatchTerminal:
     """The controller's lines in pytest's terminal."""
 
@@ -212,9 +228,7 @@ class DispatchTerminal:
         self._last_status = time.monotonic()
 
     def write_line(self, line: str, **markup: bool) -> None:
-        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is not None:
-            reporter.ensure_newline()
+        if (reporter := fresh_line(self.config)) is not None:
             reporter.write_line(line, **markup)
 
     def notice(self, text: str, color: str = "yellow") -> None:
@@ -335,10 +349,8 @@ class DispatchTerminal:
         *lines, rest = text.split("\n")
         if rest:
             self._partial_output[slot_id] = rest
-        reporter = self.config.pluginmanager.get_plugin("terminalreporter")
-        if reporter is None or not lines:
+        if not lines or (reporter := fresh_line(self.config)) is None:
             return
-        reporter.ensure_newline()
         for line in lines:
             reporter.write_line(f"[{worker}] {line}", cyan=True)
 

@@ -130,6 +130,32 @@ def test_unknown_queue_in_a_declared_list_is_an_error_for_that_test(
     )
 
 
+def test_a_typo_in_an_ini_route_names_the_setting_and_the_close_declared_queue(
+    pytester, queues, run_dispatched
+):
+    typo = queues.a + "x"
+    pytester.makeini(
+        f"""
+        [pytest]
+        celery_dispatch_queues =
+            {queues.a}
+            {queues.b}
+        celery_dispatch_routes =
+            test_routed.py = {typo}
+        """
+    )
+    pytester.makepyfile(test_routed="def test_x(): pass")
+    run = run_dispatched()
+    assert run.result.ret == pytest.ExitCode.USAGE_ERROR
+    run.result.stderr.fnmatch_lines(
+        [
+            f"*celery-dispatch: ini celery_dispatch_routes: route 'test_routed.py': '{typo}' is "
+            f"an unknown queue (did you mean {queues.a}?); ini celery_dispatch_queues allows "
+            f"{queues.a}, {queues.b}. Fix the name or add the queue there.*"
+        ]
+    )
+
+
 # ---------------------------------------------------------------------------- the wire
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import xml.etree.ElementTree as ET
 
 import jsonschema
@@ -560,3 +561,34 @@ def test_a_workers_slots_are_found_though_the_labs_other_workers_answer_too(
     run.result.stdout.fnmatch_lines(
         [f"celery-dispatch workers: {worker.queue}: 1 worker (*), 3 slots, 3 tests"]
     )
+
+
+def test_a_late_line_of_the_plugin_never_lands_on_a_line_of_progress_dots(
+    pytester, queues, run_dispatched
+):
+    # A local test whose dispatcher writes live lines, then its dot; then, while a queue
+    # without a worker keeps the run waiting past STATUS_EVERY, the plugin's waiting line.
+    from pytest_celery_dispatch.terminal import STATUS_EVERY
+
+    pytester.makepyfile(
+        test_live=queues.render(
+            """
+            import pytest
+
+            def test_local_with_live_lines(dispatcher):
+                dispatcher.call("pytest_celery_dispatch.task_a", "QUEUE_A", timeout=20)
+
+            @pytest.mark.queue("QUEUE_EMPTY")
+            def test_waits_for_a_worker():
+                pass
+            """
+        )
+    )
+    wait = STATUS_EVERY + 2
+    run = run_dispatched(f"--celery-wait-workers={wait:g}", "-p", "no:randomly", timeout=90)
+    run.result.assert_outcomes(passed=1, failed=1)
+    lines = run.result.stdout.lines
+    plugin_lines = [line for line in lines if re.search(r"celery-dispatch( \w+)?: ", line)]
+    assert any("celery-dispatch waiting:" in line for line in plugin_lines), lines
+    for line in plugin_lines:
+        assert line.startswith("celery-dispatch"), lines

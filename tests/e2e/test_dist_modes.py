@@ -9,12 +9,15 @@ started, so two slots really run at once when the tests were split.
 from __future__ import annotations
 
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from pytest_celery_dispatch.liveness import CONTROLLER_CHECK_INTERVAL
+from pytest_celery_dispatch.runner import PLUGIN_NAME
 from tests.conftest import broker_reachable
 from tests.helpers import WorkerProcess, delete_queues, stop_all
 
@@ -385,3 +388,128 @@ def test_a_crash_inside_a_group_leaves_the_rest_of_it_on_its_slot_in_order(
     order = (pytester.path / "state" / "order.log").read_text().split()
     assert order[0::2] == ["connect", "crash", "recover", "disconnect"]
     assert order[1] == order[3] != order[5] == order[7]  # a new runner took over after the crash
+
+
+#: A group of four on one slot and a test that fails on the other slot while the group's first
+#: test runs. The group's first test holds its slot until its runner is told to stop (bounded),
+#: so the stop reaches the slot in the middle of the group.
+STOP_IN_GROUP = """
+import time
+import pytest
+from distsync import STATE, WAIT, log, mark, wait_for_other
+
+pytestmark = pytest.mark.queue("QUEUE")
+
+
+@pytest.mark.xdist_group("bench")
+class TestBench:
+    def test_1_hold(self, request):
+        log("g1")
+        mark("started", "g1")
+        runner = request.config.pluginmanager.get_plugin("celery-dispatch-runner")
+        deadline = time.monotonic() + WAIT
+        while not runner.stop_requested and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def test_2(self):
+        log("g2")
+
+    def test_3(self):
+        log("g3")
+
+    def test_4(self):
+        log("g4")
+
+
+def test_fails():
+    mark("started", "fails")
+    wait_for_other("started", "fails")
+    log("fails")
+    assert False, "planned failure"
+"""
+
+
+def junit_cases(path: Path) -> dict[str, str]:
+    """``classname::name`` -> outcome of each testcase of a JUnit file."""
+    import xml.etree.ElementTree as ET
+
+    cases = {}
+    for case in ET.parse(path).getroot().iter("testcase"):
+        kinds = {child.tag for child in case} & {"failure", "error", "skipped"}
+        cases[f"{case.get('classname')}::{case.get('name')}"] = kinds.pop() if kinds else "passed"
+    return cases
+
+
+def test_x_stops_a_group_on_another_slot_after_its_running_test(pytester, bench, run_dispatched):
+    project(pytester, bench, test_stop=STOP_IN_GROUP.replace("celery-dispatch-runner", PLUGIN_NAME))
+    junit = pytester.path / "junit.xml"
+    run = run_dispatched("--celery-dist", "loadgroup", "-x", f"--junitxml={junit}")
+    out = run.result.stdout.str()
+    assert run.result.ret == pytest.ExitCode.TESTS_FAILED, out
+    assert "stopping after 1 failures" in out
+    assert "celery-dispatch: stopping:" in out
+    # As pytest -x here: the failure is the last report; what ran after it is not reported.
+    run.result.assert_outcomes(failed=1)
+    report = run.report
+    assert [(t["nodeid"].split("/")[-1], t["outcome"]) for t in report["tests"]] == [
+        ("test_stop.py::test_fails", "failed")
+    ]
+    assert report["summary"]["collected"] == 5
+    # The group's first test was running (its slot finishes it), the other three never start.
+    stopped = report["dispatch"]["stopped_early"]
+    assert stopped == {"queued_not_run": 3, "running_not_reported": 1}, stopped
+    assert "stopping: 3 test(s) not started will not run, 1 running test(s)" in out
+    assert list(junit_cases(junit).values()) == ["failure"]
+    time.sleep(2 * CONTROLLER_CHECK_INTERVAL + 1)  # the slot would have gone on by now
+    order = (pytester.path / "state" / "order.log").read_text().split()
+    assert order[0::2] == ["g1", "fails"], "the group's other tests never start"
+
+
+#: The same group, its second test hanging past --celery-timeout instead of crashing.
+HANG_IN_GROUP = (
+    CRASHING_GROUP.replace("import os", "import time")
+    .replace("test_2_firmware_crashes_the_process", "test_2_hangs")
+    .replace('log("crash")\n        os._exit(3)', 'log("hang")\n        time.sleep(600)')
+)
+assert "time.sleep(600)" in HANG_IN_GROUP
+
+
+def test_a_test_past_the_timeout_inside_a_group_fails_by_name_and_the_group_goes_on(
+    pytester, bench, run_dispatched
+):
+    project(pytester, bench, test_hang=HANG_IN_GROUP)
+    junit = pytester.path / "junit.xml"
+    run = run_dispatched(
+        "--celery-dist", "loadgroup", "--celery-timeout=2", f"--junitxml={junit}", timeout=120
+    )
+    run.result.assert_outcomes(passed=4, failed=1)
+    run.result.stdout.fnmatch_lines(["*test_2_hangs*timeout: still running after 2s*"])
+    tests = by_name(run.report)
+    group = [t for name, t in tests.items() if name.startswith("TestBench::")]
+    assert [t["outcome"] for t in group] == ["passed", "failed", "passed", "passed"]
+    assert "timeout: still running after 2s" in group[1]["call"]["longrepr"]
+    assert all(t["dispatch"]["attempts"] == 1 for t in group), "nothing was sent again"
+    assert len({t["dispatch"]["session"] for t in group}) == 1
+    order = (pytester.path / "state" / "order.log").read_text().split()
+    assert order[0::2] == ["connect", "hang", "recover", "disconnect"]
+    assert order[1] == order[3] != order[5] == order[7]  # a new runner took over after the kill
+    cases = junit_cases(junit)
+    assert sorted(cases.values()) == ["failure"] + ["passed"] * 4
+    (failed,) = (k for k, v in cases.items() if v == "failure")
+    assert failed.endswith("TestBench::test_2_hangs")
+
+
+def test_x_after_a_timeout_inside_a_group_starts_nothing_more_of_it(
+    pytester, bench, run_dispatched
+):
+    project(pytester, bench, test_hang=HANG_IN_GROUP)
+    run = run_dispatched("--celery-dist", "loadgroup", "--celery-timeout=2", "-x", timeout=120)
+    out = run.result.stdout.str()
+    assert run.result.ret == pytest.ExitCode.TESTS_FAILED, out
+    assert "stopping after 1 failures" in out
+    outcomes = {n.split("::", 1)[1]: o for n, o in run.outcomes_by_nodeid().items()}
+    assert outcomes["TestBench::test_2_hangs"] == "failed"
+    assert "TestBench::test_3_recover" not in outcomes
+    time.sleep(2 * CONTROLLER_CHECK_INTERVAL + 1)  # the slot would have gone on by now
+    order = (pytester.path / "state" / "order.log").read_text().split()
+    assert order[0::2] == ["connect", "hang"], "nothing of the group starts after the timeout"

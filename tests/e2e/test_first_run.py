@@ -117,6 +117,31 @@ def test_a_typo_in_a_queue_name_gets_a_guess(pytester, queues, transport, run_di
     )
 
 
+@pytest.mark.usefixtures("workers")
+def test_a_typo_in_an_ini_route_gets_the_same_guess(pytester, queues, run_dispatched) -> None:
+    # As above, with the queue from ini celery_dispatch_routes instead of a marker.
+    typo = queues.a[:-1] + "c"
+    pytester.makeini(
+        f"""
+        [pytest]
+        celery_dispatch_routes =
+            */test_typo.py::* = {typo}
+        """
+    )
+    pytester.makepyfile(test_typo="def test_on_the_bench(): pass")
+    run = run_dispatched("--celery-wait-workers=1", timeout=90)
+    run.result.assert_outcomes(failed=1)
+    guess = f"did you mean {queues.a} or {queues.b}?"
+    run.result.stdout.fnmatch_lines(
+        [
+            f"celery-dispatch workers: {typo}: no worker yet, waiting up to 1s for 1 test "
+            f"({guess})",
+            f"*no worker consumes queue '{typo}' (waited 1s, --celery-wait-workers). D{guess[1:]}"
+            " Otherwise start one:*",
+        ]
+    )
+
+
 def test_slots_mean_configured_slots_in_the_report_and_the_timeline(
     pytester, worker_factory, run_dispatched
 ) -> None:

@@ -60,8 +60,10 @@ class FakeRunner(RunnerState):
         winds_down: bool = False,
         holds_back: bool = False,
         stalls_at: str | None = None,
+        fail_on: tuple[str, ...] = (),
     ) -> None:
         super().__init__(eligible)
+        self.fail_on = fail_on
         self.clock = clock
         self.crash_on = crash_on
         self.hang_on = hang_on
@@ -95,7 +97,7 @@ class FakeRunner(RunnerState):
             self._end(nodeid)
 
     def _end(self, nodeid: str) -> None:
-        self.outbox.append(finished_line(nodeid, "passed"))
+        self.outbox.append(finished_line(nodeid, "failed" if nodeid in self.fail_on else "passed"))
 
     def send(self, command: dict[str, Any]) -> None:
         self.sent.append(command)
@@ -166,6 +168,7 @@ class Slot:
         *,
         timeout: float = 300.0,
         control: Any = None,
+        pytest_args: tuple[str, ...] = (),
         **runner_options: Any,
     ) -> None:
         self.clock = FakeClock()
@@ -176,7 +179,9 @@ class Slot:
         self.events: list[dict[str, Any]] = []
         self.runners: list[FakeRunner] = []
         self.runner_options = runner_options
-        spec = RunnerSpec(workspace=".", nodeids=nodeids, timeout=timeout, pytest_args=[], env={})
+        spec = RunnerSpec(
+            workspace=".", nodeids=nodeids, timeout=timeout, pytest_args=list(pytest_args), env={}
+        )
         self.driver = SlotDriver(
             spec,
             self.emit,
@@ -371,6 +376,24 @@ def test_a_runner_that_dies_in_a_test_names_that_test_as_crashed_and_a_new_one_g
     assert slot.kinds()[-1] == "finished"
     assert summary["runner_starts"] == 2
     assert summary["done"] == 3
+
+
+@pytest.mark.parametrize(
+    ("maxfail", "fails", "ran"),
+    [("1", (), []), ("2", ("t.py::a",), []), ("3", ("t.py::a",), ["t.py::c"])],
+)
+def test_a_crash_that_reaches_maxfail_ends_the_slot_without_a_new_runner(maxfail, fails, ran):
+    # -x / --maxfail: a crash or a timeout counts as a failure, as on the controller; the slot
+    # starts no runner for the rest (the new one would count its failures from zero).
+    ids = ["t.py::a", "t.py::b", "t.py::c"]
+    slot = Slot(
+        ids, [ids], crash_on=("t.py::b",), fail_on=fails, pytest_args=(f"--maxfail={maxfail}",)
+    )
+    summary = slot.run()
+    assert [e["nodeid"] for e in slot.of("crashed")] == ["t.py::b"]
+    assert sorted(slot.results()) == ["t.py::a", *ran]
+    assert summary["state"] == (STOP if not ran else RUN)
+    assert summary["runner_starts"] == (1 if not ran else 2)
 
 
 def test_a_test_past_the_deadline_is_killed_and_named_with_the_timeout():

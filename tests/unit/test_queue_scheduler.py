@@ -532,6 +532,19 @@ def test_a_lost_group_goes_out_again_as_one_chunk_in_order() -> None:
     assert publish.chunk.attempt == 2
 
 
+def test_at_a_stop_the_rest_of_a_group_a_slot_holds_waits_behind_its_running_test() -> None:
+    keys: dict[str, str | None] = {n: "flash" for n in GROUPED[:5]}
+    lab, actions = grouped_lab("loadgroup", keys)
+    publishes = of(Publish, actions)
+    (group,) = (a.chunk for a in publishes if a.chunk.nodeids == GROUPED[:5])
+    lab.take(group, of(StartSlot, actions)[0].slot)
+    lab.sched.done(GROUPED[0])
+    running, waiting = lab.sched.held()
+    assert (running, waiting) == ({GROUPED[1]}, set(GROUPED[2:5]))
+    queued = lab.sched.stop()  # the chunks no slot took
+    assert queued == sorted(n for a in publishes if a.chunk is not group for n in a.chunk.nodeids)
+
+
 # ----------------------------------------------------------------------------- recorded durations
 
 

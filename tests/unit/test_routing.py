@@ -104,6 +104,13 @@ def test_several_names_fan_out_and_each_item_keeps_its_queue() -> None:
             ["'queue_c' is an unknown queue", "allows queue_a, queue_b"],
             id="unknown",
         ),
+        pytest.param(
+            ("queue_bb",),
+            {},
+            ["queue_a", "queue_b"],
+            ["'queue_bb' is an unknown queue (did you mean queue_b?); ini celery_dispatch_queues"],
+            id="unknown-close",
+        ),
         pytest.param(("queue_a\n",), {}, None, ["is not a queue name"], id="trailing-newline"),
     ],
 )

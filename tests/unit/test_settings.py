@@ -261,6 +261,44 @@ def test_default_queue_missing_from_allowed_queues_is_a_usage_error() -> None:
     assert "queue_a, queue_b" in message
 
 
+@pytest.mark.parametrize(
+    ("option", "ini", "expected"),
+    [
+        pytest.param(
+            {},
+            {"celery_dispatch_routes": ["tests/hw/* = queue_bb", "tests/sim/* = queue_a"]},
+            "celery-dispatch: ini celery_dispatch_routes: route 'tests/hw/*': 'queue_bb' is an "
+            "unknown queue (did you mean queue_b?); ini celery_dispatch_queues allows queue_a, "
+            "queue_b. Fix the name or add the queue there.",
+            id="ini-route",
+        ),
+        pytest.param(
+            {},
+            {"celery_dispatch_default_queue": "queue_c"},
+            "celery-dispatch: ini celery_dispatch_default_queue: 'queue_c' is an unknown queue "
+            "(did you mean queue_a or queue_b?); ini celery_dispatch_queues allows queue_a, "
+            "queue_b. Fix the name or add the queue there.",
+            id="ini-default-queue",
+        ),
+        pytest.param(
+            {"celery_default_queue": "queue_zz"},
+            {},
+            "celery-dispatch: --celery-default-queue: 'queue_zz' is an unknown queue; "
+            "ini celery_dispatch_queues allows queue_a, queue_b. Fix the name or add the queue "
+            "there.",
+            id="cli-default-queue-no-close-name",
+        ),
+    ],
+)
+def test_a_typo_in_an_ini_queue_names_the_setting_and_the_close_allowed_queue(
+    option: dict[str, Any], ini: dict[str, Any], expected: str
+) -> None:
+    # The same words as for a marker (routing.check_queue_name), with where the name came from.
+    with pytest.raises(pytest.UsageError) as excinfo:
+        resolve(option=option, ini={"celery_dispatch_queues": "queue_a, queue_b", **ini})
+    assert str(excinfo.value) == expected
+
+
 def test_local_workers_auto_or_list() -> None:
     auto = resolve(option={"celery_local_workers": "auto"})
     assert auto.local_workers_auto is True
