@@ -44,6 +44,33 @@ def fork_wait_limit(timeout: float) -> float:
     return max(timeout, FORK_WAIT_MIN)
 
 
+#: The least a runner is given from its start to its first test (see :func:`start_wait_limit`).
+#: A new ``python -m pytest`` with the usual plugins reaches its first test in ~0.7 s on an idle
+#: 2-core machine, but a big suite's collection takes seconds (W6's 15,000 tests per worker:
+#: 5-15 s on a loaded machine): 60 s leaves room for a busy bench under a short
+#: ``--celery-timeout``, and a hang still ends within a minute.
+START_WAIT_MIN = 60.0
+
+
+def start_wait_limit(timeout: float) -> float:
+    """How long a runner may take from its start (for a fork of the zygote: from the fork) to
+    its first test, which is pytest's configure, session start and collection in it: as long as
+    one test may take (``--celery-timeout``), never less than ``START_WAIT_MIN``. A runner
+    slower than that counts as hung (a conftest.py that blocks, a device that never answers):
+    it is killed and fails what it holds, as a runner that crashes before its first test."""
+    return max(timeout, START_WAIT_MIN)
+
+
+def start_hang(limit: float, timeout: float) -> str:
+    """Why a runner that did not reach its first test in time was killed."""
+    return (
+        f"the test process did not start its first test within {limit:g}s of starting "
+        "(a conftest.py, a plugin or the collection hung?); the runner was killed. Its start "
+        f"(configure, collection, session start) may take as long as one test: --celery-timeout "
+        f"({timeout:g}s), at least {START_WAIT_MIN:g}s; raise --celery-timeout if it is only slow"
+    )
+
+
 #: A chunk of work as fetched from the run's work queue.
 Chunk = dict[str, Any]
 Emit = Callable[[dict[str, Any]], None]
@@ -195,6 +222,10 @@ class SlotDriver:
       zygote that goes away first, or that has not forked after ``fork_wait`` seconds
       (:func:`fork_wait_limit`), leaves the runner :attr:`Runner.unborn`: a runner of the
       slot's own takes its place.
+    * A runner must start its first test within ``start_wait`` seconds of its start (of its
+      fork, for the zygote's) (:func:`start_wait_limit`): one that hangs before (a conftest.py
+      that blocks at import, in ``pytest_configure`` or in collection) is killed, and fails
+      what it holds as one that dies before running anything does (below).
     * A runner that dies (crash, timeout kill) costs only its current test: a new runner picks
       up the rest. One that dies before running anything fails what it was given, and every
       later test of the slot is answered as crashed with its reason (``broken``): no loop.
@@ -214,6 +245,7 @@ class SlotDriver:
         clock: Clock = time.monotonic,
         on_failure: OnFailure = lambda kind, why: False,
         fork_wait: float | None = None,
+        start_wait: float | None = None,
     ) -> None:
         self.spec = spec
         self.on_failure = on_failure
@@ -225,6 +257,7 @@ class SlotDriver:
         self.heartbeat = heartbeat
         self.teardown_grace = teardown_grace
         self.fork_wait = fork_wait_limit(spec.timeout) if fork_wait is None else fork_wait
+        self.start_wait = start_wait_limit(spec.timeout) if start_wait is None else start_wait
         self.clock = clock
         self.done: set[str] = set()
         self.assigned: dict[str, str] = {}  # nodeid -> batch_id, given to the runner, not finished
@@ -238,9 +271,10 @@ class SlotDriver:
         self.runner: Runner | None = None
         self.redo: list[str] = []  # given to a runner that died: for the next one
         self.kill_reason: str | None = None  # why the driver killed the current runner
-        self.progress_at_start = 0  # tests done when the current runner started
         self.last_check = self.last_beat = 0.0
         self.runner_since = 0.0  # when the current runner was started (or asked of the zygote)
+        self.runner_born = 0.0  # when it was started (or, a fork, came): its start-up counts
+        self.began = False  # the current runner has started a test
         self.interrupted_at: float | None = None  # KILL: when the runner was interrupted
         self.run_over = False  # the run ended while the runner wound down: it was killed
         self.maxfail = maxfail_of(spec.pytest_args)  # the forwarded -x / --maxfail, or 0
@@ -292,10 +326,10 @@ class SlotDriver:
         if self.broken is not None or not eligible:
             return False
         self.starts += 1
-        self.runner_since = self.clock()
+        self.runner_since = self.runner_born = self.clock()
+        self.began = False
         self.runner = self.start_runner(eligible, self.starts, tmp)
         self.redo = [n for n in self.assigned if n not in self.done]
-        self.progress_at_start = len(self.done)
         self.kill_reason = None
         return True
 
@@ -407,6 +441,7 @@ class SlotDriver:
             runner.self_stopped = True
             return
         if kind == "logstart":
+            self.began = True
             runner.current = nodeid
             runner.current_since = self.clock()
         if nodeid in self.assigned:
@@ -444,8 +479,13 @@ class SlotDriver:
                 "the runner was killed"
             )
             runner.kill()
-        if runner.forking and now - self.runner_since > self.fork_wait:
-            runner.kill()  # the zygote has not forked it: given up, unborn (see _runner_gone)
+        if runner.forking:
+            self.runner_born = now  # not there yet: its start counts from its fork
+            if now - self.runner_since > self.fork_wait:
+                runner.kill()  # the zygote has not forked it: given up, unborn (_runner_gone)
+        elif self._start_hung(runner, now):
+            self.kill_reason = start_hang(self.start_wait, self.spec.timeout)
+            runner.kill()
         if now - self.last_check >= self.check_interval:
             self._ask_controller(runner, now)
         if self.interrupted_at is not None and now - self.interrupted_at >= self.teardown_grace:
@@ -462,6 +502,16 @@ class SlotDriver:
                     "elapsed": round(now - runner.current_since, 3) if current else 0.0,
                 }
             )
+
+    def _start_hung(self, runner: Runner, now: float) -> bool:
+        """The runner is past ``start_wait`` without starting a test while it had one to start
+        (or had not even collected). Only while the slot runs: after a stop or quarantine it is
+        to start nothing, and a dropped run has its own grace."""
+        if self.began or self.kill_reason is not None or self.state != RUN or runner.unborn:
+            return False
+        if runner.collected and all(n in self.done for n in self.assigned):
+            return False  # nothing to start: it waits for work, or ends
+        return now - self.runner_born > self.start_wait
 
     def _quarantined(self, kind: str, why: str) -> bool:
         """Tell the worker's health what happened; True when it quarantined itself: the slot
@@ -521,7 +571,9 @@ class SlotDriver:
                 self.state = STOP  # runner would count from zero: the run stops, as it would
                 return True
         elif not runner.self_stopped and not self._work_done():
-            outside = f"the test process crashed outside a test ({describe_exit(code)})"
+            outside = self.kill_reason or (
+                f"the test process crashed outside a test ({describe_exit(code)})"
+            )
             if self._quarantined("runner", outside):
                 return True
         if runner.self_stopped:
@@ -529,9 +581,11 @@ class SlotDriver:
             return True
         if self._work_done():
             return True  # all the work it was given is done: the normal end
-        if not runner.collected or len(self.done) == self.progress_at_start:
-            # It died before running anything: do not loop; fail what it was given.
-            why = f"the test process exited before running any test ({describe_exit(code)})"
+        if not self.began:
+            # It died (or hung) before running anything: do not loop; fail what it was given.
+            why = self.kill_reason or (
+                f"the test process exited before running any test ({describe_exit(code)})"
+            )
             tail = runner.crash_output()
             for nodeid in [n for n in self.assigned if n not in self.done]:
                 self.emit(crashed(nodeid, self.assigned[nodeid], why, tail))

@@ -39,6 +39,8 @@ class FakeRunner(RunnerState):
 
     ``crash_on``: the process dies in that test (after its logstart); ``hang_on``: that test
     never ends unless the runner is asked to stop; ``collects=False``: it dies at start-up;
+    ``stalls_at``: it hangs at start-up until killed, ``"collection"`` (it never collects) or
+    ``"first test"`` (it collects, then starts no test);
     ``holds_back``: like the real runner, it keeps the last test it was sent (for ``nextitem``)
     until the next command. Waiting for it moves the fake clock on.
     """
@@ -57,6 +59,7 @@ class FakeRunner(RunnerState):
         ignores_interrupt: bool = False,
         winds_down: bool = False,
         holds_back: bool = False,
+        stalls_at: str | None = None,
         fail_on: tuple[str, ...] = (),
     ) -> None:
         super().__init__(eligible)
@@ -75,13 +78,14 @@ class FakeRunner(RunnerState):
         self.holds_back = holds_back
         self.held: list[str] = []
         self.began: list[str] = []  # every test it started
-        if collects:
+        self.stalls_at = stalls_at
+        if collects and stalls_at != "collection":
             self.outbox.append(
                 {"type": "collected", "missing": list(missing), "reason": "not found: x"}
             )
 
     def _run(self, nodeid: str) -> None:
-        if self.exited or self.hanging:
+        if self.exited or self.hanging or self.stalls_at:
             return
         self.began.append(nodeid)
         self.outbox.append({"type": "logstart", "nodeid": nodeid, "ts": 1.0})
@@ -106,7 +110,7 @@ class FakeRunner(RunnerState):
         self.sent.append({"type": "shutdown"})
         while self.held:
             self._run(self.held.pop(0))
-        if not self.hanging and not self.winds_down:
+        if not self.hanging and not self.winds_down and not self.stalls_at:
             self.exited = True
 
     def wait(self, timeout: float) -> tuple[bool, bool]:

@@ -31,8 +31,9 @@ class FakeForkedRunner(FakeRunner):
         *,
         forks_after: float | None,
         gone_after: float | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(eligible, clock)
+        super().__init__(eligible, clock, **options)
         self.warm_start = True
         self.asked_at = clock.now
         self.forks_after = forks_after
@@ -89,17 +90,28 @@ class FakeForkedRunner(FakeRunner):
 
 
 class ForkSlot(Slot):
-    """A slot whose first runner is asked of the zygote (``fork`` options), later ones its own."""
+    """A slot whose first runner is asked of the zygote (``fork`` options), later ones its own
+    (``own``: their options)."""
 
-    def __init__(self, chunks: list[list[str]], *, timeout: float = 300.0, **fork: Any) -> None:
+    def __init__(
+        self,
+        chunks: list[list[str]],
+        *,
+        timeout: float = 300.0,
+        own: dict[str, Any] | None = None,
+        **fork: Any,
+    ) -> None:
         super().__init__(IDS, chunks, timeout=timeout)
         self.fork = fork
+        self.own = own or {}
         self.started_at: list[float] = []
 
     def start_runner(self, eligible: list[str], number: int, tmp: str) -> FakeRunner:
         self.started_at.append(self.clock.now)
         if number > 1:
-            return super().start_runner(eligible, number, tmp)
+            own = FakeRunner(eligible, self.clock, **self.own)
+            self.runners.append(own)
+            return own
         runner = FakeForkedRunner(eligible, self.clock, **self.fork)
         self.runners.append(runner)
         return runner
