@@ -196,17 +196,28 @@ def test_examples_pass_on_image_workers_without_a_checkout(start_bench, vhost_br
     check_healthy_and_stop(bench)
 
 
+@pytest.fixture
+def enterable_checkout() -> Iterator[None]:
+    """As with Docker, the image's user (uid 10001) must be able to enter the mounted checkout
+    (docs/workers.md). A clone in a ``0700`` folder (``mktemp -d``) is not: the folders on the
+    way get ``o+x`` (enter, not list), the checkout itself ``o+rx``, for the test, and their
+    modes back after it."""
+    wanted = {ROOT: 0o005, **{p: 0o001 for p in ROOT.parents}}
+    modes = {p: p.stat().st_mode & 0o7777 for p, bits in wanted.items()}
+    modes = {p: mode for p, mode in modes.items() if mode & wanted[p] != wanted[p]}
+    for path, mode in modes.items():
+        path.chmod(mode | wanted[path])
+    try:
+        yield
+    finally:
+        for path, mode in modes.items():
+            path.chmod(mode)
+
+
 def test_examples_run_in_place_on_image_workers_with_the_checkout_mounted(
-    start_bench, vhost_broker, tmp_path
+    enterable_checkout, start_bench, vhost_broker, tmp_path
 ):
     """With workers/compose.checkout.yml: this checkout read-only as /workspace, zero-copy."""
-    # As with Docker, the image's user must be able to enter the mounted checkout.
-    closed = [p for p in (ROOT, *ROOT.parents) if not p.stat().st_mode & 0o001]
-    assert not closed, (
-        f"the image's user (uid {UID}) cannot enter {closed[0]} (mode "
-        f"{oct(closed[0].stat().st_mode & 0o777)}), so it cannot use this checkout as its "
-        f"mounted workspace: chmod o+x {closed[0]} (docs/workers.md), or clone elsewhere"
-    )
     bench = start_bench(compose_workers.CHECKOUT_FILE)
     check_started(bench)
     out, ship = run_examples(bench, vhost_broker, tmp_path / "report.json")
