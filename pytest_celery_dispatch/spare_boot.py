@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import runpy
 import select
 import sys
 
@@ -92,10 +93,11 @@ def main(boot_fd: int, delay: float, ready_fd: int = -1) -> int:
     if not line:
         return 0
     args = _take_order(json.loads(line))
-    import pytest
-
+    # What ``python -m pytest`` runs, whatever pytest calls its entry point (pytest 9.1
+    # deprecated ``console_main()``, which warned into the runner's log). It ends in SystemExit.
     sys.argv = [os.path.join(pytest_dir, "__main__.py"), *args]
-    return int(pytest.console_main())
+    runpy.run_module("pytest", run_name="__main__", alter_sys=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -39,6 +39,23 @@ def test_an_activated_spare_runs_pytest_in_the_order_s_directory_and_environment
         spare.discard()
 
 
+def test_an_activated_spare_runs_pytest_as_python_m_pytest_would(tmp_path):
+    # Its exit code is pytest's, and it adds nothing to the runner's log (a runner's crash
+    # message quotes the log's tail): pytest 9.1 deprecated console_main(), which warned there.
+    (tmp_path / "test_fails.py").write_text("def test_fails():\n    assert False\n")
+    spare = Spare(str(tmp_path), dict(os.environ))
+    log = tmp_path / "runner.log"
+    try:
+        args = ["-p", "no:cacheprovider", "test_fails.py"]
+        assert spare.activate(args, dict(os.environ), str(log))
+        assert spare.proc.wait(60) == 1, log.read_text()
+        out = log.read_text()
+        assert "1 failed" in out
+        assert "Warning" not in out, out
+    finally:
+        spare.discard()
+
+
 def test_a_spare_that_started_differently_is_not_used(tmp_path):
     spare = Spare(str(tmp_path), dict(os.environ, PYTHONPATH="/somewhere"))
     try:
