@@ -26,6 +26,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Generator, Mapping
 from typing import Any
@@ -66,6 +67,18 @@ def truncate_section(text: str, limit: int = MAX_SECTION_CHARS) -> str:
         f"{text[:head]}\n[... celery-dispatch: {dropped} characters of this section were cut; "
         f"each captured section keeps at most {limit} characters ...]\n{text[-tail:]}"
     )
+
+
+def give_terminal_writer(config: pytest.Config) -> None:
+    """A runner under ``-s`` has no terminal reporter (``-p no:terminal``: only the tests' own
+    output may reach its stdout, streamed home), and pytest's ``config.get_terminal_writer()``
+    then fails an assertion: pytest-timeout's timeout, which dumps the stacks through it, failed
+    its test with a bare ``AssertionError``. What writes through it writes to stdout instead, so
+    it is streamed home with the tests' output, as it shows in a local ``-s`` run."""
+    from _pytest._io import TerminalWriter  # --color is the terminal plugin's option, gone
+
+    writer = TerminalWriter(sys.stdout)
+    config.get_terminal_writer = lambda: writer  # type: ignore[method-assign]
 
 
 def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginManager) -> None:
@@ -148,6 +161,8 @@ class RunnerPlugin:
     @pytest.hookimpl(tryfirst=True)
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         self.config = session.config
+        if session.config.pluginmanager.get_plugin("terminalreporter") is None:
+            give_terminal_writer(session.config)
 
     # ------------------------------------------------------------------------ collection
 

@@ -237,16 +237,21 @@ def test_a_test_that_takes_its_process_down_fails_as_crashed(pytester, queues, r
 
 
 @pytest.mark.usefixtures("workers")
-def test_pytest_timeout_marker_is_honoured_on_the_worker(pytester, queues, run_dispatched):
+@pytest.mark.parametrize("stream", [[], ["-s"]], ids=["captured", "streamed"])
+def test_pytest_timeout_marker_is_honoured_on_the_worker(pytester, queues, run_dispatched, stream):
+    # Under -s the runner streams the tests' own output home; pytest-timeout still writes its
+    # stacks through pytest's terminal writer and fails the test with its own message.
     pytester.makepyfile(
         test_marked_timeout=queues.render(
             """
+            import threading
             import time
             import pytest
 
             @pytest.mark.queue("QUEUE_B")
             @pytest.mark.timeout(1)
             def test_too_slow():
+                threading.Thread(target=time.sleep, args=(30,), name="helper", daemon=True).start()
                 time.sleep(30)
 
             @pytest.mark.queue("QUEUE_B")
@@ -255,9 +260,11 @@ def test_pytest_timeout_marker_is_honoured_on_the_worker(pytester, queues, run_d
             """
         )
     )
-    run = run_dispatched(timeout=90)
+    run = run_dispatched(*stream, timeout=90)
     run.result.assert_outcomes(passed=1, failed=1)
     run.result.stdout.fnmatch_lines(["*Failed: Timeout (>1.0s) from pytest-timeout*"])
+    if stream:  # the other threads' stacks are streamed home, as a local -s run shows them
+        run.result.stdout.fnmatch_lines(["[[]worker-b[]] *Stack of helper*"])
 
 
 @TRANSPORTS
@@ -525,3 +532,31 @@ def test_a_chunk_taken_beside_a_test_longer_than_the_silence_limit_runs_once(
     assert sorted(line[1] for line in log_lines(log) if line[0] == "start") == ["0", "1"]
     assert "re-dispatching" not in ctl.text()
     assert {t["dispatch"]["attempts"] for t in pytester_report(ctl)["tests"]} == {1}
+
+
+@pytest.mark.usefixtures("workers")
+def test_pytest_timeout_thread_method_stops_a_streamed_test(pytester, queues, run_dispatched):
+    # The thread method dumps the stacks and ends the runner's process (os._exit): the test
+    # fails as crashed, the others run in a new runner, the dump is streamed home.
+    pytester.makepyfile(
+        test_thread_timeout=queues.render(
+            """
+            import time
+            import pytest
+
+            @pytest.mark.queue("QUEUE_B")
+            @pytest.mark.timeout(1, method="thread")
+            def test_too_slow():
+                time.sleep(30)
+
+            @pytest.mark.queue("QUEUE_B")
+            def test_fine():
+                pass
+            """
+        )
+    )
+    run = run_dispatched("-s", timeout=90)
+    run.result.assert_outcomes(passed=1, failed=1)
+    run.result.stdout.fnmatch_lines(
+        ["[[]worker-b[]] *+ Timeout +*", "*test_too_slow crashed on worker-b*"]
+    )
