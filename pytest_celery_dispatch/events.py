@@ -159,6 +159,7 @@ class EventHandlers:
                 nodeid,
                 f"{nodeid} crashed on {event.get('worker')} (queue {event.get('queue')}, "
                 f"attempt {chunk.attempt}): {message}",
+                finished=float(event["ts"]) if event.get("ts") else None,
             )
         self.scheduler.done(nodeid)
 

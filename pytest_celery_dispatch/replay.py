@@ -237,12 +237,20 @@ class Replayer:
                 infrastructure_error=record.infrastructure_error,
             )
 
-    def fail_test(self, nodeid: str, message: str, when: str = "call") -> None:
-        """End a test with a synthetic failure (infrastructure or routing), once."""
+    def fail_test(
+        self, nodeid: str, message: str, when: str = "call", finished: float | None = None
+    ) -> None:
+        """End a test with a synthetic failure (infrastructure or routing), once.
+
+        A test that had started (a crash, a kill at its deadline) lasted from its start to
+        ``finished`` (the worker's verdict, on the worker's clock like the start) or now."""
         if nodeid in self.finalized:
             return
         item = self.items[nodeid]
-        now = time.time()
+        record = self.records.get(nodeid)
+        stop = time.time() if finished is None else finished
+        started = record.started if record is not None and when == "call" else None
+        start = started if started is not None and started <= stop else stop
         keywords = {name: 1 for name in item.keywords}
         first = pytest.TestReport(
             nodeid=nodeid,
@@ -251,8 +259,9 @@ class Replayer:
             outcome="failed",
             longrepr=make_error_longrepr(message),
             when=when,  # type: ignore[arg-type]
-            start=now,
-            stop=now,
+            duration=stop - start,
+            start=start,
+            stop=stop,
         )
         teardown = pytest.TestReport(
             nodeid=nodeid,
@@ -261,12 +270,13 @@ class Replayer:
             outcome="passed",
             longrepr=None,
             when="teardown",
-            start=now,
-            stop=now,
+            start=stop,
+            stop=stop,
         )
-        record = self.records.get(nodeid)
         if record is not None:
             record.infrastructure_error = message
+            if finished is not None and record.finished is None:
+                record.finished = finished
         self.replay(nodeid, [first, teardown])
 
     def check_invariant(self, write_line: Callable[..., None]) -> None:

@@ -298,6 +298,11 @@ def test_hanging_test_is_killed_after_the_timeout(pytester, queues, run_dispatch
     run = run_dispatched("--celery-timeout=2", timeout=90)
     run.result.assert_outcomes(passed=1, failed=1)
     run.result.stdout.fnmatch_lines(["*test_hangs*timeout: still running after 2s*"])
+    # It ran until it was killed: no sooner than its 2 s deadline after its start (both on the
+    # worker's clock), not the 0 s of a test that never started.
+    hung = next(t for t in run.report["tests"] if t["nodeid"].endswith("::test_hangs"))
+    assert hung["call"]["duration"] >= 2.0, hung
+    assert hung["dispatch"]["finished"] - hung["dispatch"]["started"] >= 2.0, hung
 
 
 def test_invalid_marker_is_an_error_for_that_test_only(pytester, queues, run_dispatched):
