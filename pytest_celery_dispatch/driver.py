@@ -114,6 +114,9 @@ class Runner(Protocol):
 
     def crash_output(self) -> str: ...
 
+    def dump_stacks(self) -> str:
+        """Every thread's Python stack, asked of it before it is killed for hanging."""
+
     def kill(self) -> None: ...
 
     def interrupt(self) -> None: ...
@@ -189,9 +192,17 @@ class Coalescer:
             self._emit({"type": "results", "tests": tests})
 
 
-def crashed(nodeid: str, batch_id: str, why: str, tail: str) -> dict[str, Any]:
-    """The ``crashed`` event of a test whose runner died (or was killed) while it ran."""
-    message = f"{nodeid}: {why}"
+def where_it_was(stacks: str) -> str:
+    """The part of a crash message that quotes a killed runner's stacks ("" without)."""
+    if not stacks:
+        return ""
+    return f"\n--- where the test process was when it was killed ---\n{stacks.rstrip()}"
+
+
+def crashed(nodeid: str, batch_id: str, why: str, tail: str, stacks: str = "") -> dict[str, Any]:
+    """The ``crashed`` event of a test whose runner died (or was killed) while it ran; a runner
+    killed for hanging said where it was (``stacks``, innermost frames first)."""
+    message = f"{nodeid}: {why}{where_it_was(stacks)}"
     if tail:
         message += f"\n--- last output of the test process ---\n{tail}"
     return {
@@ -271,6 +282,7 @@ class SlotDriver:
         self.runner: Runner | None = None
         self.redo: list[str] = []  # given to a runner that died: for the next one
         self.kill_reason: str | None = None  # why the driver killed the current runner
+        self.kill_stacks = ""  # where it was then (its threads' stacks), when it hung
         self.last_check = self.last_beat = 0.0
         self.runner_since = 0.0  # when the current runner was started (or asked of the zygote)
         self.runner_born = 0.0  # when it was started (or, a fork, came): its start-up counts
@@ -331,6 +343,7 @@ class SlotDriver:
         self.runner = self.start_runner(eligible, self.starts, tmp)
         self.redo = [n for n in self.assigned if n not in self.done]
         self.kill_reason = None
+        self.kill_stacks = ""
         return True
 
     def _answer_without_runner(self) -> bool:
@@ -474,6 +487,8 @@ class SlotDriver:
         heartbeat (every ``heartbeat`` s)."""
         now = self.clock()
         if runner.current is not None and now - runner.current_since > self.spec.timeout:
+            if self.kill_reason is None:  # asked once: it is killed until it is gone
+                self.kill_stacks = runner.dump_stacks()
             self.kill_reason = (
                 f"timeout: still running after {self.spec.timeout:g}s (--celery-timeout); "
                 "the runner was killed"
@@ -484,6 +499,8 @@ class SlotDriver:
             if now - self.runner_since > self.fork_wait:
                 runner.kill()  # the zygote has not forked it: given up, unborn (_runner_gone)
         elif self._start_hung(runner, now):
+            if self.kill_reason is None:
+                self.kill_stacks = runner.dump_stacks()
             self.kill_reason = start_hang(self.start_wait, self.spec.timeout)
             runner.kill()
         if now - self.last_check >= self.check_interval:
@@ -562,7 +579,8 @@ class SlotDriver:
         if runner.current is not None:
             why = self.kill_reason or f"the test process crashed ({describe_exit(code)})"
             batch_id = self.assigned.get(runner.current, "")
-            self.emit(crashed(runner.current, batch_id, why, runner.crash_output()))
+            tail = runner.crash_output()
+            self.emit(crashed(runner.current, batch_id, why, tail, self.kill_stacks))
             self._finish(runner.current)
             if self._quarantined("timeout" if self.kill_reason else "crash", why):
                 return True
@@ -588,7 +606,7 @@ class SlotDriver:
             )
             tail = runner.crash_output()
             for nodeid in [n for n in self.assigned if n not in self.done]:
-                self.emit(crashed(nodeid, self.assigned[nodeid], why, tail))
+                self.emit(crashed(nodeid, self.assigned[nodeid], why, tail, self.kill_stacks))
                 self._finish(nodeid)
-            self.broken = f"{why}\n{tail}".strip()
+            self.broken = f"{why}{where_it_was(self.kill_stacks)}\n{tail}".strip()
         return False

@@ -11,15 +11,30 @@ import json
 import os
 import select
 import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
 from .jsonlines import LineBuffer, LineWriter
-from .names import ENV_COMMAND_FD, ENV_EVENT_FD, ENV_NODEIDS
-from .procutil import CRASH_OUTPUT_TAIL, STOP_SIGNAL, interrupt_group, kill_group, tail
+from .names import ENV_COMMAND_FD, ENV_EVENT_FD, ENV_NODEIDS, ENV_STACKS
+from .procutil import (
+    CRASH_OUTPUT_TAIL,
+    DUMP_SIGNAL,
+    STOP_SIGNAL,
+    interrupt_group,
+    kill_group,
+    stacks_path,
+    tail,
+)
 from .runnerspec import RunnerSpec, runner_command, runner_process_env
 from .spares import SparePool
 from .zygote import ForkedProcess, Zygotes
+
+#: How long a hung runner is given to write its stacks (:meth:`RunnerProcess.dump_stacks`):
+#: faulthandler writes them at once, from its signal handler.
+DUMP_WAIT = 1.0
+#: The most of them quoted in the test's failure (the innermost frames come first).
+STACKS_LIMIT = 8000
 
 
 class RunnerState:
@@ -140,6 +155,31 @@ class RunnerProcess(RunnerState):
     def crash_output(self) -> str:
         return self.out_tail or tail(self.log_path)
 
+    def dump_stacks(self) -> str:
+        """Every thread's Python stack, asked of the runner before it is killed for hanging;
+        "" when it wrote none within ``DUMP_WAIT`` (gone, not a Python frame to show)."""
+        if self.unborn or not self._known_pid() or self.proc.poll() is not None:
+            return ""
+        path = stacks_path(self.log_path)  # made empty by the runner as it started
+        try:
+            os.kill(self.proc.pid, DUMP_SIGNAL)
+        except OSError:
+            return ""
+        deadline, seen = time.monotonic() + DUMP_WAIT, ""
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            try:
+                with open(path, encoding="utf-8", errors="replace") as fh:
+                    text = fh.read()
+            except OSError:
+                return ""
+            if text and text == seen:  # written, and no more since
+                break
+            seen = text
+        # The thread that took the signal (the test's, as a rule) first, then the others.
+        threads = sorted(seen.strip().split("\n\n"), key=lambda t: not t.startswith("Current"))
+        return "\n\n".join(threads)[:STACKS_LIMIT]
+
     def kill(self) -> None:
         if self._known_pid():
             kill_group(self.proc)
@@ -196,7 +236,7 @@ class RunnerLauncher:
             self.spare_asked = True
             spare = self.spares.take(spec)
             if spare is not None:
-                env = self._env(nodeids_file, spare.event_w, spare.command_r)
+                env = self._env(nodeids_file, spare.event_w, spare.command_r, log_path)
                 if spare.activate(command[3:], env, None if spec.stream else log_path):
                     if not spec.stream:
                         spare.release_stdout()  # its output goes to the log file now
@@ -218,7 +258,7 @@ class RunnerLauncher:
             proc = subprocess.Popen(
                 command,
                 cwd=spec.workspace,
-                env=self._env(nodeids_file, event_w, command_r),
+                env=self._env(nodeids_file, event_w, command_r, log_path),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE if spec.stream else log_file,
                 stderr=subprocess.STDOUT,
@@ -229,8 +269,15 @@ class RunnerLauncher:
         os.close(command_r)
         return RunnerProcess(proc, event_fd, command_fd, eligible, log_path)
 
-    def _env(self, nodeids_file: str, event_w: int, command_r: int) -> dict[str, str]:
+    def _env(
+        self, nodeids_file: str, event_w: int, command_r: int, log_path: str
+    ) -> dict[str, str]:
         return runner_process_env(
             self.spec,
-            {ENV_EVENT_FD: str(event_w), ENV_COMMAND_FD: str(command_r), ENV_NODEIDS: nodeids_file},
+            {
+                ENV_EVENT_FD: str(event_w),
+                ENV_COMMAND_FD: str(command_r),
+                ENV_NODEIDS: nodeids_file,
+                ENV_STACKS: stacks_path(log_path),
+            },
         )

@@ -19,6 +19,14 @@ from typing import Protocol
 CRASH_OUTPUT_TAIL = 4000
 #: Sent to the runner to make it stop after the running test (graceful stop, -x on the controller).
 STOP_SIGNAL = signal.SIGUSR1
+#: Sent to a runner about to be killed for hanging: it writes every thread's Python stack to its
+#: stacks file (``faulthandler``, at the C level: it works while the test blocks in a read).
+DUMP_SIGNAL = signal.SIGUSR2
+
+
+def stacks_path(log_path: str) -> str:
+    """Where a runner writes its stacks when asked: beside its log."""
+    return log_path + ".stacks"
 
 
 class Killable(Protocol):

@@ -21,6 +21,7 @@ PYTEST_DONT_REWRITE: spare runners import it before pytest configures (see spare
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import json
 import os
@@ -42,10 +43,11 @@ from .names import (
     ENV_OPTIONS,
     ENV_PARENT,
     ENV_RUNNER,
+    ENV_STACKS,
     ENV_ZYGOTE,
 )
 from .outcome import outcome_of_reports
-from .procutil import CRASH_OUTPUT_TAIL, STOP_SIGNAL, die_with_parent
+from .procutil import CRASH_OUTPUT_TAIL, DUMP_SIGNAL, STOP_SIGNAL, die_with_parent
 from .serialization import nodeid_path
 from .zygote import ZygoteServer, listen
 
@@ -114,6 +116,7 @@ class RunnerPlugin:
         self.started: dict[str, float] = {}  # tests whose logstart was sent: when
         self.reports: dict[str, list[dict[str, Any]]] = {}  # a running test's reports, encoded
         self.failed: set[str] = set()  # tests with a failed phase (their tmp_path may go home)
+        self.stacks: Any = None  # the file DUMP_SIGNAL writes the stacks to (kept open)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RunnerPlugin | None:
@@ -140,6 +143,18 @@ class RunnerPlugin:
     @pytest.hookimpl(tryfirst=True)
     def pytest_load_initial_conftests(self, early_config: pytest.Config) -> None:
         self._listen()  # before the conftest files, which may take long to import
+        self._dump_stacks_on_signal()  # ... or hang
+
+    def _dump_stacks_on_signal(self) -> None:
+        """On DUMP_SIGNAL, every thread's stack goes to the file its driver named (a runner
+        forked from a zygote names its own): the driver asks before it kills a hung runner."""
+        path = os.environ.get(ENV_STACKS)
+        if not path:
+            return
+        old, self.stacks = self.stacks, open(path, "w", encoding="utf-8")  # noqa: SIM115
+        faulthandler.register(DUMP_SIGNAL, file=self.stacks, all_threads=True, chain=False)
+        if old is not None:
+            old.close()
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_configure(self, config: pytest.Config) -> None:
@@ -237,6 +252,7 @@ class RunnerPlugin:
             # A freshly forked runner: the driver's pipes, then what was collected.
             event_fd, command_fd = pipes
             self.listener = None
+            self._dump_stacks_on_signal()
             self.writer = LineWriter(event_fd)
             self.emit(dict(self.collected))
             return self._run_commands(session, command_fd)

@@ -36,10 +36,11 @@ from .names import (
     ENV_OPTIONS,
     ENV_PARENT,
     ENV_RUNNER,
+    ENV_STACKS,
     ENV_ZYGOTE,
     ENV_ZYGOTE_HOME,
 )
-from .procutil import close_quietly, die_with_parent, kill_group, private_top
+from .procutil import close_quietly, die_with_parent, kill_group, private_top, stacks_path
 from .runnerspec import RunnerSpec, runner_command, runner_env, runner_process_env, startup_env
 from .spares import SparePool
 
@@ -421,7 +422,13 @@ class Zygotes:
         command_r, command_fd = os.pipe()
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         env = runner_env(spec.env)
-        env.update({ENV_RUNNER: "1", ENV_OPTIONS: json.dumps(spec.plugin_options)})
+        env.update(
+            {
+                ENV_RUNNER: "1",
+                ENV_OPTIONS: json.dumps(spec.plugin_options),
+                ENV_STACKS: stacks_path(log_path),
+            }
+        )
         try:
             socket.send_fds(conn, [encode(env, exact=True)], [event_w, command_r, log_fd])
         except OSError:

@@ -302,6 +302,10 @@ def test_hanging_test_is_killed_after_the_timeout(pytester, queues, run_dispatch
     # worker's clock), not the 0 s of a test that never started.
     hung = next(t for t in run.report["tests"] if t["nodeid"].endswith("::test_hangs"))
     assert hung["call"]["duration"] >= 2.0, hung
+    # Where it hung: the runner's stacks, asked of it before it was killed.
+    where = hung["call"]["longrepr"].split("--- where the test process was when it was killed")
+    assert len(where) == 2, hung["call"]["longrepr"]
+    assert 'test_hang.py", line 7 in test_hangs' in where[1], where[1]  # time.sleep(600)
     assert hung["dispatch"]["finished"] - hung["dispatch"]["started"] >= 2.0, hung
 
 

@@ -90,6 +90,10 @@ def test_a_conftest_that_hangs_on_the_worker_fails_each_test_once_and_the_run_en
     for test in report["tests"]:
         assert test["outcome"] == "failed", test
         assert why in test["call"]["longrepr"], test["call"]["longrepr"]
+        # Where it hung: the conftest's sleep (line 7), from the runner's stacks before the kill.
+        where = test["call"]["longrepr"].split("--- where the test process was when it was killed")
+        assert len(where) == 2, test["call"]["longrepr"]
+        assert 'conftest.py", line 7 in <module>' in where[1], where[1]
     assert set(attempts(report).values()) == {1}  # nothing counted lost and sent again
     # Every process that imported the conftest on the worker (the zygote, the slots' own
     # runners) was killed with its process group.

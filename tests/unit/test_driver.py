@@ -72,6 +72,7 @@ class FakeRunner(RunnerState):
         self.exited = not collects
         self.code = 0 if collects else 4
         self.killed = self.stop_asked = self.closed = self.interrupted = False
+        self.stacks_asked = False
         self.ignores_interrupt = ignores_interrupt
         self.winds_down = winds_down  # after its shutdown, it stays until killed
         self.hanging: str | None = None
@@ -130,6 +131,12 @@ class FakeRunner(RunnerState):
 
     def crash_output(self) -> str:
         return "Fatal Python error: Segmentation fault"
+
+    def dump_stacks(self) -> str:
+        """Where a hung runner is: in its hung test, or still starting."""
+        self.stacks_asked = True
+        where = self.hanging or (f"stalled at {self.stalls_at}" if self.stalls_at else "")
+        return f'Current thread 0x1 (most recent call first):\n  File "t.py" in {where}\n'
 
     def kill(self) -> None:
         self.killed = self.exited = True
@@ -407,6 +414,16 @@ def test_a_test_past_the_deadline_is_killed_and_named_with_the_timeout():
     assert slot.runners[0].killed
     assert 1005 <= slot.clock.now < 1006
     assert sorted(slot.results()) == ["t.py::b"]  # the next runner ran the rest
+    # Asked where it was before it was killed: the message says it, the next runner's not.
+    assert slot.runners[0].stacks_asked
+    assert not slot.runners[1].stacks_asked
+    assert crash["message"].startswith(
+        "t.py::a: timeout: still running after 5s (--celery-timeout); the runner was killed\n"
+        "--- where the test process was when it was killed ---\n"
+        "Current thread 0x1 (most recent call first):\n"
+        '  File "t.py" in t.py::a\n'
+        "--- last output of the test process ---\n"
+    ), crash["message"]
 
 
 def test_heartbeats_name_the_running_test_every_heartbeat_interval():

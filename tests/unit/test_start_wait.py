@@ -57,6 +57,9 @@ def test_a_runner_hung_before_its_first_test_is_killed_at_the_limit_and_fails_ea
     crashes = assert_each_crashed_once(slot, why)
     (runner,) = slot.runners  # not started again: the same hang would come back
     assert runner.killed
+    # Where it hung, asked of it before the kill, is in each test's message.
+    assert runner.stacks_asked
+    assert all(f"in stalled at {stalls_at}\n" in c["message"] for c in crashes), crashes
     assert runner.began == []
     assert 1000 + limit <= crashes[0]["at"] <= 1000 + limit + TURN
     # The worker's health counts it once, as an infrastructure failure (a runner crashed
