@@ -30,7 +30,7 @@ import socket
 import sys
 import time
 from collections.abc import Generator, Mapping
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -116,7 +116,7 @@ class RunnerPlugin:
         self.started: dict[str, float] = {}  # tests whose logstart was sent: when
         self.reports: dict[str, list[dict[str, Any]]] = {}  # a running test's reports, encoded
         self.failed: set[str] = set()  # tests with a failed phase (their tmp_path may go home)
-        self.stacks: Any = None  # the file DUMP_SIGNAL writes the stacks to (kept open)
+        self.stacks: IO[str] | None = None  # the file DUMP_SIGNAL writes the stacks to (open)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> RunnerPlugin | None:
