@@ -56,6 +56,8 @@ from .zygote import ZygoteServer, listen
 MAX_SECTION_CHARS = 1_000_000
 #: The name the plugin object is registered under.
 PLUGIN_NAME = "celery-dispatch-runner"
+#: ... and the folder listings' (:class:`FolderListings`).
+LISTINGS_NAME = "celery-dispatch-listings"
 
 
 def truncate_section(text: str, limit: int = MAX_SECTION_CHARS) -> str:
@@ -94,7 +96,30 @@ def pytest_addoption(parser: pytest.Parser, pluginmanager: pytest.PytestPluginMa
     plugin = RunnerPlugin.from_env(os.environ)
     if plugin is not None and pluginmanager.get_plugin(PLUGIN_NAME) is None:
         pluginmanager.register(plugin, PLUGIN_NAME)
+        pluginmanager.register(FolderListings(), LISTINGS_NAME)
         plugin._listen()
+
+
+class FolderListings:
+    """Each folder is listed once while a runner collects the test files it is given.
+
+    pytest collects a file argument's folder again for each file argument in it (a file given
+    twice on the command line is collected twice) and makes a node of every file in the folder
+    each time: quadratic in the files a runner is given from one folder. A queue's 150 files out
+    of a folder of 300 took 9.1 s to collect instead of 3.6 s. A runner is never given a file
+    twice (``runnerspec.runner_command``), so a folder's first listing serves every argument in
+    it: its children, the same nodes, each time.
+    """
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_make_collect_report(
+        self, collector: pytest.Collector
+    ) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
+        report = yield
+        if isinstance(collector, pytest.Directory) and report.passed:
+            children = list(report.result)
+            collector.collect = lambda: iter(children)  # type: ignore[method-assign]
+        return report
 
 
 class RunnerPlugin:
