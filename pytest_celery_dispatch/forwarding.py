@@ -43,8 +43,10 @@ def forwarded_pytest_args(config: pytest.Config) -> list[str]:
     importmode = getattr(opt, "importmode", None)
     if importmode and importmode != "prepend":
         args.append(f"--import-mode={importmode}")
+    if getattr(opt, "fulltrace", False):
+        args.append("--full-trace")
     verbose = int(getattr(opt, "verbose", 0) or 0)
-    if verbose > 1:
+    if verbose > 0:  # an assertion's explanation: "Use -v to get more diff" under -v was wrong
         args.append("-" + "v" * verbose)
     maxfail = int(getattr(opt, "maxfail", 0) or 0)
     if maxfail > 0:

@@ -48,6 +48,7 @@ from .names import (
 )
 from .outcome import outcome_of_reports
 from .procutil import CRASH_OUTPUT_TAIL, DUMP_SIGNAL, STOP_SIGNAL, die_with_parent
+from .runnerspec import REPORT_OPTIONS
 from .serialization import nodeid_path
 from .zygote import ZygoteServer, listen
 
@@ -74,11 +75,12 @@ def truncate_section(text: str, limit: int = MAX_SECTION_CHARS) -> str:
 
 
 def give_terminal_writer(config: pytest.Config) -> None:
-    """A runner under ``-s`` has no terminal reporter (``-p no:terminal``: only the tests' own
-    output may reach its stdout, streamed home), and pytest's ``config.get_terminal_writer()``
-    then fails an assertion: pytest-timeout's timeout, which dumps the stacks through it, failed
-    its test with a bare ``AssertionError``. What writes through it writes to stdout instead, so
-    it is streamed home with the tests' output, as it shows in a local ``-s`` run."""
+    """A runner has no terminal reporter (``-p no:terminal``: what it prints is nobody's, and
+    under ``-s`` only the tests' own output may reach its stdout, streamed home), and pytest's
+    ``config.get_terminal_writer()`` then fails an assertion: pytest-timeout's timeout, which
+    dumps the stacks through it, failed its test with a bare ``AssertionError``. What writes
+    through it writes to stdout instead: under ``-s`` it is streamed home with the tests'
+    output, as it shows in a local ``-s`` run; else it lands in the runner's log."""
     from _pytest._io import TerminalWriter  # --color is the terminal plugin's option, gone
 
     writer = TerminalWriter(sys.stdout)
@@ -183,9 +185,10 @@ class RunnerPlugin:
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_configure(self, config: pytest.Config) -> None:
-        # The controller's values of other plugins' options, for the plugins installed here.
+        # The controller's values of pytest's report options and of other plugins' options,
+        # for the plugins installed here.
         for name, value in json.loads(os.environ.get(ENV_OPTIONS) or "{}").items():
-            if hasattr(config.option, name):
+            if hasattr(config.option, name) or name in REPORT_OPTIONS:
                 setattr(config.option, name, value)
         die_with_parent(os.environ.get(ENV_PARENT))
         if self.zygote:

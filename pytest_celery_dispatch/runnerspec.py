@@ -20,6 +20,12 @@ from .serialization import nodeid_path
 
 #: The ``-p`` plugin every runner process loads.
 RUNNER_PLUGIN = "pytest_celery_dispatch.runner"
+#: Options of pytest's terminal plugin that shape a test's report: its failure's traceback
+#: (``--tb``, ``--showlocals``, ``--full-trace``) and its assertion's explanation (``-v``). A
+#: runner has no terminal plugin (what it would print is nobody's), so a forwarded one reaches
+#: it as an option value, which pytest reads with a default, not as an argument its command
+#: line would refuse.
+REPORT_OPTIONS = ("tbstyle", "showlocals", "fulltrace", "verbose")
 
 
 @dataclasses.dataclass
@@ -36,9 +42,38 @@ class RunnerSpec:
     key: str = ""
 
 
+def split_report_options(args: list[str]) -> tuple[list[str], dict[str, Any]]:
+    """The forwarded arguments a runner's command line takes, and the values of those that are
+    :data:`REPORT_OPTIONS` (``--tb=short`` is ``{"tbstyle": "short"}``)."""
+    rest: list[str] = []
+    values: dict[str, Any] = {}
+    args = list(args)
+    while args:
+        arg = args.pop(0)
+        if arg in ("-o", "-W", "-p") and args:  # their value is never an option of its own
+            rest += [arg, args.pop(0)]
+        elif arg.startswith("--tb="):
+            values["tbstyle"] = arg[len("--tb=") :]
+        elif arg in ("-l", "--showlocals"):
+            values["showlocals"] = True
+        elif arg == "--full-trace":
+            values["fulltrace"] = True
+        elif len(arg) > 1 and arg.strip("v") == "-":
+            values["verbose"] = len(arg) - 1
+        else:
+            rest.append(arg)
+    return rest, values
+
+
+def runner_options(spec: RunnerSpec) -> dict[str, Any]:
+    """The option values a runner sets as it configures (``ENV_OPTIONS``): the forwarded
+    :data:`REPORT_OPTIONS`, and other plugins' options, applied where the plugin is installed."""
+    return {**split_report_options(spec.pytest_args)[1], **spec.plugin_options}
+
+
 def runner_command(spec: RunnerSpec, nodeids: list[str], cache_dir: str) -> list[str]:
     paths = list(dict.fromkeys(nodeid_path(n) for n in nodeids))
-    forwarded = list(spec.pytest_args)
+    forwarded = split_report_options(spec.pytest_args)[0]
     for index in range(len(forwarded) - 1, 0, -1):  # the worker keeps its own cache
         if forwarded[index - 1] == "-o" and forwarded[index].startswith("cache_dir="):
             del forwarded[index - 1 : index + 1]
@@ -51,8 +86,11 @@ def runner_command(spec: RunnerSpec, nodeids: list[str], cache_dir: str) -> list
         "--rootdir",
         spec.workspace,
         "--continue-on-collection-errors",
-        # -s: only the tests' own output may reach stdout, which is streamed home.
-        *(["-s", "-p", "no:terminal"] if spec.stream else ["-q", "--no-header"]),
+        # No terminal: its output would be nobody's, and it costs each test ~0.15 ms. Under -s
+        # only the tests' own output reaches stdout, which is streamed home.
+        "-p",
+        "no:terminal",
+        *(["-s"] if spec.stream else []),
         *forwarded,
         # Never write into the (maybe read-only) workspace; --lf & co stay the controller's.
         "-o",
@@ -105,7 +143,7 @@ def runner_process_env(spec: RunnerSpec, extra: Mapping[str, str]) -> dict[str, 
             ENV_RUNNER: "1",
             **extra,
             ENV_PARENT: str(os.getpid()),
-            ENV_OPTIONS: json.dumps(spec.plugin_options),
+            ENV_OPTIONS: json.dumps(runner_options(spec)),
         }
     )
     return env

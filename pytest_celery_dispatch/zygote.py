@@ -41,7 +41,14 @@ from .names import (
     ENV_ZYGOTE_HOME,
 )
 from .procutil import close_quietly, die_with_parent, kill_group, private_top, stacks_path
-from .runnerspec import RunnerSpec, runner_command, runner_env, runner_process_env, startup_env
+from .runnerspec import (
+    RunnerSpec,
+    runner_command,
+    runner_env,
+    runner_options,
+    runner_process_env,
+    startup_env,
+)
 from .spares import SparePool
 
 #: A zygote with no driver connected ends after this long (the run is over or has its runners).
@@ -425,7 +432,7 @@ class Zygotes:
         env.update(
             {
                 ENV_RUNNER: "1",
-                ENV_OPTIONS: json.dumps(spec.plugin_options),
+                ENV_OPTIONS: json.dumps(runner_options(spec)),
                 ENV_STACKS: stacks_path(log_path),
             }
         )

@@ -333,3 +333,45 @@ import pytest
 def test_who():
     pass
 """
+
+
+DIFF_SUITE = """
+import pytest
+
+pytestmark = pytest.mark.queue("QUEUE_A")
+
+def helper(got, expected):
+    assert got == expected
+
+def test_lists():
+    expected = list(range(30))
+    got = expected[:-1] + [99]
+    helper(got, expected)
+"""
+
+
+def failure_section(result: pytest.RunResult, folder: str) -> list[str]:
+    """The lines of test_lists's failure section, from its header to the next section, with
+    paths as a local run in ``folder`` shows them (the shared workers' root is its parent)."""
+    lines = [line.replace(f"{folder}/", "") for line in result.outlines]
+    start = next(i for i, line in enumerate(lines) if line.strip("_ ") == "test_lists")
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(("___", "===")))
+    return lines[start:end]
+
+
+@pytest.mark.parametrize("stream", [[], ["-s"]], ids=["captured", "streamed"])
+def test_tb_showlocals_and_verbosity_shape_a_dispatched_failure_as_a_local_one(
+    pytester, queues, run_dispatched, stream
+):
+    # Under -s these options once made each runner refuse its command line (exit code 4), and
+    # -v reached no runner: its assertion said "Use -v to get more diff".
+    pytester.makepyfile(test_diff=queues.render(DIFF_SUITE))
+    options = [*stream, "--tb=short", "--showlocals", "-v"]
+    local = pytester.runpytest_subprocess("-p", "no:cacheprovider", *options)
+    dispatched = run_dispatched(*options, "--celery-ship=off")
+    dispatched.result.assert_outcomes(failed=1)
+    section = failure_section(dispatched.result, pytester.path.name)
+    assert section == failure_section(local, pytester.path.name)
+    assert any(line.split()[:2] == ["got", "="] for line in section), section  # --showlocals
+    assert "Full diff:" in "\n".join(section), section  # -v
+    assert not any(line.startswith("    def test_lists") for line in section), section  # short

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 from typing import Any
 
 from pytest_celery_dispatch.forwarding import forwarded_plugin_options, forwarded_pytest_args
 from pytest_celery_dispatch.replay import restore_tuples
+from pytest_celery_dispatch.runnerspec import RunnerSpec, runner_command, runner_options
 
 
 def fake_config(**option: Any) -> Any:
@@ -24,7 +26,7 @@ def fake_config(**option: Any) -> Any:
 
 def test_pytest_defaults_forward_nothing() -> None:
     assert forwarded_pytest_args(fake_config()) == []
-    assert forwarded_pytest_args(fake_config(verbose=1)) == []  # -v only shapes the controller
+    assert forwarded_pytest_args(fake_config(verbose=-1)) == []  # -q: a runner prints nothing
     assert forwarded_pytest_args(SimpleNamespace(option=SimpleNamespace())) == []  # type: ignore[arg-type]
 
 
@@ -36,6 +38,7 @@ def test_options_that_shape_a_run_are_forwarded_in_order() -> None:
         pythonwarnings=["error::DeprecationWarning"],
         importmode="importlib",
         verbose=2,
+        fulltrace=True,
         timeout=5.0,
     )
     assert forwarded_pytest_args(config) == [
@@ -48,6 +51,7 @@ def test_options_that_shape_a_run_are_forwarded_in_order() -> None:
         "-W",
         "error::DeprecationWarning",
         "--import-mode=importlib",
+        "--full-trace",
         "-vv",
     ]
 
@@ -76,3 +80,39 @@ def test_restore_tuples() -> None:
     restore_tuples(untouched)
     assert untouched.longrepr == "E  assert 1 == 2"
     assert untouched.location == ("t.py", 2, "test_x")
+
+
+def test_a_runner_takes_report_options_as_values_and_the_rest_on_its_command_line() -> None:
+    # A runner has no terminal plugin, whose options these are: as arguments, its pytest would
+    # refuse to start.
+    forwarded = ["--tb=short", "-o", "-v", "--showlocals", "-W", "error", "-vv", "--full-trace"]
+    spec = RunnerSpec(
+        workspace="/bench",
+        nodeids=["t.py::a"],
+        timeout=1,
+        pytest_args=[*forwarded, "--import-mode=importlib"],
+        env={},
+        plugin_options={"timeout": 5},
+    )
+    command = runner_command(spec, spec.nodeids, "/cache")
+    assert command[command.index("no:terminal") - 1] == "-p"
+    assert "-s" not in command
+    assert command[command.index("--continue-on-collection-errors") + 3 :] == [
+        "-o",
+        "-v",  # the value of -o, not verbosity
+        "-W",
+        "error",
+        "--import-mode=importlib",
+        "-o",
+        "cache_dir=/cache",
+        "--",
+        "t.py",
+    ]
+    assert runner_options(spec) == {
+        "tbstyle": "short",
+        "showlocals": True,
+        "verbose": 2,
+        "fulltrace": True,
+        "timeout": 5,
+    }
+    assert "-s" in runner_command(dataclasses.replace(spec, stream=True), spec.nodeids, "/c")
