@@ -171,7 +171,10 @@ def test_a_worker_crashing_outside_tests_three_sessions_in_a_row_quarantines_its
 ):
     pytester.makeconftest(CRASHY_CONFTEST)
     crashy = worker_factory(worker_id="worker-c", extra_env={"CRASHY": "1"}, broker=broker)
-    pytester.makepyfile(test_work=WORK.format(queue=crashy.queue, count=16, sleep=0.25, gate=None))
+    # 16 s of work in the third run: long enough for worker-c to get its session after
+    # worker-d, busy with the other one, has sent it back a few times (on the embedded broker
+    # the worker that sends a session back may take it again, and again, 1 s apart).
+    pytester.makepyfile(test_work=WORK.format(queue=crashy.queue, count=16, sleep=1.0, gate=None))
     # Alone on the queue, worker-c takes each run's only session: it crashes, its tests fail.
     for run in range(DEFAULT_QUARANTINE_AFTER - 1):
         proc = dispatch(pytester, workspace, broker, f"prime{run}", "test_work.py")
