@@ -49,6 +49,7 @@ def mask_url(url: str) -> str:
 
 SLOT_TASK = "pytest_celery_dispatch.run_session"
 PING_TASK = "pytest_celery_dispatch.ping"
+PREWARM_TASK = "pytest_celery_dispatch.prewarm"
 TASK_A = "pytest_celery_dispatch.task_a"
 TASK_B = "pytest_celery_dispatch.task_b"
 
@@ -101,6 +102,7 @@ ENV_SSL_KEY = "DISPATCH_SSL_KEY"
 ENV_FORK = "DISPATCH_FORK_RUNNERS"
 ENV_PYCACHE = "DISPATCH_RUNNER_PYCACHE"
 ENV_SPARE = "DISPATCH_SPARE_RUNNER"
+ENV_PREWARM = "DISPATCH_PREWARM"  # 0: no zygote started ahead of a run's slots
 #: Shipped trees (docs/workers.md): the worker's cache folder, its size limit, and whether it
 #: runs shipped trees of unsigned runs (``allow``; refused by default, but on the embedded broker).
 ENV_CACHE_DIR = "DISPATCH_CACHE_DIR"

@@ -42,6 +42,23 @@ class RunnerSpec:
     key: str = ""
 
 
+def slot_spec(
+    payload: Mapping[str, Any], workspace: str, nodeids: list[str], env: dict[str, str]
+) -> RunnerSpec:
+    """The runner spec of a slot of the run ``payload`` describes (``run_session``), or of its
+    zygote started ahead (``prewarm``): both make the same zygote identity from it."""
+    return RunnerSpec(
+        workspace=workspace,
+        nodeids=nodeids,
+        timeout=float(payload.get("timeout") or 300.0),
+        pytest_args=[str(a) for a in payload.get("pytest_args", [])],
+        env=env,
+        stream=bool(payload.get("stream")),
+        plugin_options=dict(payload.get("plugin_options") or {}),
+        key=f"{payload.get('run_id')}/{payload.get('queue')}",
+    )
+
+
 def split_report_options(args: list[str]) -> tuple[list[str], dict[str, Any]]:
     """The forwarded arguments a runner's command line takes, and the values of those that are
     :data:`REPORT_OPTIONS` (``--tb=short`` is ``{"tbstyle": "short"}``)."""

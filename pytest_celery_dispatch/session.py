@@ -31,6 +31,7 @@ from .events import EventHandlers
 from .forwarding import SlotPayloads
 from .identity import current_identity
 from .names import EMBEDDED
+from .prewarmplan import remember_plan, start_prewarm
 from .quarantine import Quarantines
 from .replay import EventLog, Replayer
 from .scheduling import (
@@ -217,8 +218,11 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
             early = remembered(self._cache_get(QUEUES_KEY), self._args)
             on_board = functools.partial(self._new_turns, early) if early else None
             self._prestart = Prestart(self.settings.broker, self.embedded_root, on_board)
+            mode = self.shipper.settings.mode
+            start_prewarm(self._prestart.app, self._cache, self._args, self.payloads, mode)
 
     def pytest_sessionfinish(self) -> None:
+        remember_plan(self._cache, self._args, self.scheduler.queue_nodeids, self.workers_by_queue)
         if self.turns is not None:
             self.turns.close()  # joined early by a run that dispatched nothing (else: closed)
         if self._prestart is not None:
@@ -297,8 +301,12 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
     def _args(self) -> list[str]:
         return [str(a) for a in self.config.invocation_params.args]
 
+    @property
+    def _cache(self) -> Any:
+        return getattr(self.config, "cache", None)  # absent with -p no:cacheprovider
+
     def _cache_get(self, key: str) -> Any:
-        cache = getattr(self.config, "cache", None)  # absent with -p no:cacheprovider
+        cache = self._cache
         return cache.get(key, None) if cache is not None else None
 
     def _consumer_count(self, queue_name: str) -> int | None:

@@ -70,6 +70,14 @@ class SlotGate:
             return SlotLease(fd, number)
         return None
 
+    def free(self) -> bool:
+        """Whether a slot is free now (one taken and given back at once)."""
+        lease = self.acquire()
+        if lease is None:
+            return False
+        lease.release()
+        return True
+
 
 def make_gate_folder(hostname: str, environ: MutableMapping[str, str] | None = None) -> str:
     """At ``worker_init``: a private folder for this worker's slot locks, named in the

@@ -9,6 +9,8 @@ Tasks:
 * ``run_session`` — one slot's share of a test run: a warm pytest process (see
   :mod:`.runner`) fed chunks of nodeids from the run's work queue by a :class:`.SlotDriver`,
   streaming each event to the controller's per-run reply queue;
+* ``prewarm`` — a run's zygote, started from its last run's plan while the controller collects
+  (see :mod:`.prewarm`);
 * ``ping`` — answers with this worker's identity (health checks);
 * ``task_a`` / ``task_b`` — the original demo's example tasks, routed to ``queue_a`` / ``queue_b``
   (they live in :mod:`.demo_tasks`).
@@ -62,9 +64,11 @@ from .names import (
     ENV_WORKER_ID,
     ENV_WORKSPACE,
     PING_TASK,
+    PREWARM_TASK,
 )
 from .outcome import outcome_of_reports
-from .runnerspec import RunnerSpec
+from .prewarm import prewarm_zygote
+from .runnerspec import slot_spec
 from .serialization import (
     PROTOCOL,
     SESSION_TASK,
@@ -477,16 +481,7 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
                 ENV_WORKSPACE: ws,
             }
         )
-        spec = RunnerSpec(
-            workspace=ws,
-            nodeids=nodeids,
-            timeout=float(payload.get("timeout") or 300.0),
-            pytest_args=[str(a) for a in payload.get("pytest_args", [])],
-            env=env,
-            stream=bool(payload.get("stream")),
-            plugin_options=dict(payload.get("plugin_options") or {}),
-            key=f"{base['run_id']}/{base['queue']}",
-        )
+        spec = slot_spec({**payload, "queue": base["queue"]}, ws, nodeids, env)
         emit_logged = _ChunkLog(ArtifactShipper(reply.emit, limits, artifacts), extra)
 
         launcher = RunnerLauncher(spec, local.spares, local.zygotes)
@@ -615,6 +610,12 @@ class _ChunkLog:
             "outcomes": dict(self.totals),
             "finished": time.time(),
         }
+
+
+@app.task(name=PREWARM_TASK, bind=True, ignore_result=True)  # type: ignore[untyped-decorator]
+def prewarm(self: Task, payload: dict[str, Any]) -> str:
+    """The run's zygote, started while its controller collects (see :mod:`.prewarm`)."""
+    return prewarm_zygote(self, payload, local.zygotes, local.spares)
 
 
 # ---------------------------------------------------------------------------- health + demo

@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -63,6 +64,8 @@ ZYGOTE_START_WAIT = 2.0
 #: The file a zygote makes in its folder once it has collected and serves forks: one that has
 #: not yet may be killed by the slot that started it when that slot gives up waiting for it.
 SERVING = "serving"
+#: The file a zygote started ahead of its run's slots has in its folder: its run and pid.
+PREWARMED = "prewarmed.json"
 
 
 # ============================================================================ server (runner)
@@ -340,6 +343,32 @@ def kill_collecting(zygote: subprocess.Popen[bytes], home: str) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
+def drop_prewarmed(top: str, key: str) -> None:
+    """Kill the zygotes prewarmed for run and queue ``key``: a slot of that run is starting a
+    zygote of its own, so its runners are not theirs (other tests, or another tree), and none
+    of its slots will ask them for one. (Called under the zygotes' lock, which a prewarm holds
+    until its zygote listens; a live one answers on its socket.)"""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(top):
+            folder = entry.path
+            if not entry.name.startswith("z-"):
+                continue
+            try:
+                with open(os.path.join(folder, PREWARMED), encoding="utf-8") as fh:
+                    found = json.load(fh)
+            except (OSError, ValueError):
+                continue
+            if not isinstance(found, dict) or found.get("key") != key:
+                continue
+            conn = connect(os.path.join(folder, "sock"))
+            pid = found.get("pid")
+            if conn is not None and isinstance(pid, int) and pid > 0:
+                conn.close()
+                with contextlib.suppress(OSError):
+                    os.killpg(pid, signal.SIGKILL)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def connect(path: str) -> socket.socket | None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -413,16 +442,7 @@ class Zygotes:
         path = zygote_path(spec)
         if path is None:
             return None
-        top = os.path.dirname(os.path.dirname(path))  # <top>/z-<key>/sock
-        started = None
-        with open(os.path.join(top, "zygotes.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # one zygote per run, queue and worker
-            conn = connect(path)
-            if conn is None:
-                sweep_zygotes(top)  # this one's folder too, if its zygote was killed
-                started = self._start(spec, path)
-                if started is not None:
-                    conn = connect(path)
+        conn, started = self._reach(spec, path)
         if conn is None:
             return None
         event_fd, event_w = os.pipe()
@@ -445,6 +465,47 @@ class Zygotes:
         finally:
             close_quietly(event_w, command_r, log_fd)
         return ForkedProcess(conn, 0, started, os.path.dirname(path)), event_fd, command_fd
+
+    def prewarm(self, spec: RunnerSpec, hung_after: float) -> subprocess.Popen[bytes] | None:
+        """Start the zygote of ``spec``'s run on this worker ahead of the run's slots (see
+        :mod:`.prewarm`): the process, if it was started here; None if one runs already or
+        none can be had. Its folder says so (:data:`PREWARMED`), for :func:`drop_prewarmed`.
+        Still collecting after ``hung_after`` seconds, it is killed: no slot waits longer for
+        a fork (a slot's own zygote is killed by the slot that gives up on it)."""
+        path = zygote_path(spec)
+        if path is None:
+            return None
+        started = self._reach(spec, path, prewarm=True)[1]
+        if started is not None:
+            timer = threading.Timer(hung_after, kill_collecting, (started, os.path.dirname(path)))
+            timer.daemon = True
+            timer.start()
+        return started
+
+    def _reach(
+        self, spec: RunnerSpec, path: str, prewarm: bool = False
+    ) -> tuple[socket.socket | None, subprocess.Popen[bytes] | None]:
+        """A connection to the zygote at ``path``, and the process if it was started here."""
+        top = os.path.dirname(os.path.dirname(path))  # <top>/z-<key>/sock
+        with open(os.path.join(top, "zygotes.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one zygote per run, queue and worker
+            conn = connect(path)
+            if conn is not None and prewarm:
+                conn.close()  # it runs already: nothing to ask of it
+                return None, None
+            if conn is not None:
+                return conn, None
+            sweep_zygotes(top)  # this one's folder too, if its zygote was killed
+            # A zygote prewarmed from the run's last plan that this run does not use (its
+            # tests differ) collects for nothing: it makes way for the run's own.
+            drop_prewarmed(top, spec.key)
+            started = self._start(spec, path)
+            if started is not None and prewarm:
+                with open(os.path.join(os.path.dirname(path), PREWARMED), "w") as fh:
+                    json.dump({"key": spec.key, "pid": started.pid}, fh)
+            if started is None or prewarm:
+                return None, started
+            return connect(path), started
 
     def _start(self, spec: RunnerSpec, path: str) -> subprocess.Popen[bytes] | None:
         """Start the zygote of ``spec``'s run on this worker; the process once it listens on

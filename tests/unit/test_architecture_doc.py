@@ -24,7 +24,8 @@ def test_the_worker_side_never_imports_the_controller_side() -> None:
                   "fixtures", "timeline", "timeline_model", "collection", "forwarding", "retry",
                   "planning", "localworkers", "transport"}  # fmt: skip
     worker_side = ["worker", "workerinfo", "demo_tasks", "driver", "launcher", "runner", "zygote",
-                   "spares", "spare_boot", "runnerspec", "jsonlines", "procutil"]  # fmt: skip
+                   "prewarm", "spares", "spare_boot", "runnerspec", "jsonlines",
+                   "procutil"]  # fmt: skip
     for name in worker_side:
         source = (PACKAGE / f"{name}.py").read_text(encoding="utf-8")
         imported = set(re.findall(r"from \.(\w+) import|from \. import (\w+)", source))

@@ -1,0 +1,103 @@
+"""A run's zygote started on a worker while the controller still collects (``prewarm``).
+
+A slot's first runner is forked from its run's zygote (see :mod:`.zygote`), which collects the
+run's tests on the worker: on a big suite that collection comes after the controller's own, on
+the critical path. A controller whose last run with the same arguments dispatched to a queue
+sends, as pytest's session starts, ``prewarm`` tasks to each queue with that run's tests (see
+:mod:`.prewarmplan`): a worker that takes it starts the zygote those tests make, and the run's
+slots, sent once the controller has collected, fork from it at once when the run's tests are
+the same. When they are not, the first slot of the run starts a zygote of its own and the
+prewarmed one is killed (:func:`.zygote.drop_prewarmed`); one nobody asks for ends by itself
+(``ZYGOTE_FIRST_WAIT``).
+
+What a worker checks before it starts one, as ``run_session`` would (nothing it receives runs
+before it is checked): the protocol; its own workspace in place (a prewarm never fetches a
+shipped tree: a run that needs one gets its zygote from its slots); nodeids inside it, in test
+files with the controller's bytes (:func:`.admission.checked_nodeids`: any refusal, and no
+zygote); a free slot (a bench busy with another run is left alone); no quarantine.
+``DISPATCH_PREWARM=0`` on a worker turns it off.
+
+Worker side only. PYTEST_DONT_REWRITE: imported by the worker app.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from celery import Task
+
+from .admission import checked_nodeids
+from .driver import fork_wait_limit
+from .health import HealthBook
+from .names import (
+    ENV_CTX_HOSTNAME,
+    ENV_CTX_QUEUE,
+    ENV_CTX_RUN_ID,
+    ENV_CTX_TASK_ID,
+    ENV_CTX_WORKER_ID,
+    ENV_PREWARM,
+    ENV_WORKER_CONCURRENCY,
+    ENV_WORKER_ID,
+    ENV_WORKSPACE,
+)
+from .runnerspec import slot_spec
+from .serialization import PROTOCOL
+from .slotgate import gate_of
+from .spares import SPARE_DELAY, SparePool
+from .workerinfo import queue_of, worker_id, workspace
+from .zygote import Zygotes
+
+log = logging.getLogger("pytest_celery_dispatch.worker")
+
+
+def prewarm_zygote(task: Task, payload: dict[str, Any], zygotes: Zygotes, spares: SparePool) -> str:
+    """Start the zygote of the run and tests ``payload`` names, if this worker may (see the
+    module); what it did, in a word or two (the task's result, and the log's)."""
+    done = _prewarm(task, payload, zygotes, spares)
+    log.info(
+        "prewarm: %s",
+        done,
+        extra={"run_id": payload.get("run_id"), "queue": payload.get("queue")},
+    )
+    return done
+
+
+def _prewarm(task: Task, payload: dict[str, Any], zygotes: Zygotes, spares: SparePool) -> str:
+    if os.environ.get(ENV_PREWARM, "1") == "0":
+        return f"off ({ENV_PREWARM}=0)"
+    if payload.get("protocol") != PROTOCOL or not isinstance(payload.get("nodeids"), list):
+        return "not a prewarm of this worker's protocol"
+    gate = gate_of(int(os.environ.get(ENV_WORKER_CONCURRENCY) or 1))
+    if gate is not None and not gate.free():
+        return "every slot busy"
+    book = HealthBook.of_worker()
+    if book is not None and book.quarantine() is not None:
+        return "quarantined"
+    ws = workspace()
+    refused: list[dict[str, Any]] = []
+    nodeids = checked_nodeids(refused.append, payload, ws, {})
+    if refused or not nodeids:
+        return "the run's tests are not this workspace's"
+    queue = str(payload.get("queue") or queue_of(task))
+    env = dict(os.environ)
+    env.update(
+        {
+            ENV_WORKER_ID: worker_id(task),
+            ENV_CTX_WORKER_ID: worker_id(task),
+            ENV_CTX_QUEUE: queue,
+            ENV_CTX_HOSTNAME: str(task.request.hostname or socket.gethostname()),
+            ENV_CTX_TASK_ID: str(task.request.id),
+            ENV_CTX_RUN_ID: str(payload.get("run_id")),
+            ENV_WORKSPACE: ws,
+        }
+    )
+    try:
+        spec = slot_spec({**payload, "queue": queue}, ws, nodeids, env)
+    except (TypeError, ValueError):
+        return "not a prewarm of this worker's protocol"
+    started = zygotes.prewarm(spec, fork_wait_limit(spec.timeout))
+    spares.prepare(ws, env, SPARE_DELAY)  # if the zygote took this process's spare
+    return f"zygote started for {len(nodeids)} tests" if started else "no zygote started"

@@ -1,0 +1,127 @@
+"""The controller's side of prewarmplan: each queue's tests of the last run, sent ahead.
+
+A slot's first runner forks from its run's zygote, which collects the run's tests on the
+worker (see :mod:`.zygote`); on a big suite that collection comes after the controller's, on
+the critical path. So a run remembers, in pytest's cache, the tests it sent each queue (and
+how many workers served it), and the next run with the same arguments sends one ``prewarm``
+task per worker of each such queue as pytest's session starts, from a thread beside pytest's
+collection: a worker that takes it starts the zygote of those tests (see :mod:`.prewarm` for
+what it checks first). When the run's tests turn out the same, its slots fork from a zygote
+that has collected, or is collecting, already; when not, the first slot's own zygote replaces
+it. Nothing else depends on it: a prewarm lost, refused or late costs only the time it would
+have saved.
+
+Not sent under ``-s`` (streamed runners start fresh, no zygote) nor ``--celery-ship always``
+(the run's tree is shipped, never the worker's own in place): a worker would never use it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from .forwarding import SlotPayloads
+from .names import PREWARM_TASK
+
+#: Where a run leaves its plan for the next (pytest's cache).
+PLAN_KEY = "celery-dispatch/plan"
+#: A prewarm not taken within this long is dropped by the worker, and by RabbitMQ (seconds):
+#: its run has collected by then, and its slots start their own zygote.
+PREWARM_EXPIRES = 60.0
+#: The most prewarms sent to one queue (one per worker that served it last time).
+MAX_PER_QUEUE = 8
+
+
+def remembered_plan(cached: Any, args: list[str]) -> dict[str, tuple[list[str], int]]:
+    """Each queue's tests and workers of the last run with the same ``args`` (pytest's cache;
+    nothing if there is none, or if anything about it looks wrong)."""
+    if not isinstance(cached, dict) or cached.get("args") != list(args):
+        return {}
+    queues, workers = cached.get("queues"), cached.get("workers")
+    if not isinstance(queues, dict) or not isinstance(workers, dict):
+        return {}
+    plan: dict[str, tuple[list[str], int]] = {}
+    for queue, nodeids in queues.items():
+        count = workers.get(queue)
+        if (
+            isinstance(queue, str)
+            and queue
+            and isinstance(nodeids, list)
+            and nodeids
+            and all(isinstance(n, str) for n in nodeids)
+            and isinstance(count, int)
+            and count > 0
+        ):
+            plan[queue] = (nodeids, min(count, MAX_PER_QUEUE))
+    return plan
+
+
+def plan_to_remember(
+    args: list[str], queue_nodeids: Mapping[str, list[str]], workers: Mapping[str, list[str]]
+) -> dict[str, Any] | None:
+    """What a run leaves for the next: the tests of each queue some worker served."""
+    served = {q: list(n) for q, n in queue_nodeids.items() if n and workers.get(q)}
+    if not served:
+        return None
+    return {
+        "args": list(args),
+        "queues": served,
+        "workers": {q: len(workers[q]) for q in served},
+    }
+
+
+def remember_plan(
+    cache: Any,
+    args: list[str],
+    queue_nodeids: Mapping[str, list[str]],
+    workers: Mapping[str, list[str]],
+) -> None:
+    """Leave this run's plan in pytest's cache (None: ``-p no:cacheprovider``) for the next."""
+    plan = plan_to_remember(args, queue_nodeids, workers)
+    if cache is not None and plan is not None:
+        cache.set(PLAN_KEY, plan)
+
+
+def prewarm_payload(payloads: SlotPayloads, queue: str, nodeids: list[str]) -> dict[str, Any]:
+    """A slot's payload for these tests, without the tree (a prewarm runs in place only)."""
+    payload: dict[str, Any] = dict(payloads.for_slot(f"prewarm-{queue}", queue, nodeids))
+    payload.pop("ship", None)
+    return payload
+
+
+def start_prewarm(
+    app: Any, cache: Any, args: list[str], payloads: SlotPayloads, ship_mode: str
+) -> threading.Thread | None:
+    """Send the remembered plan's prewarms from a thread (see the module); None if not sent."""
+    if cache is None or payloads.stream or ship_mode == "always":
+        return None
+    thread = threading.Thread(
+        target=_send_prewarms,
+        args=(app, cache, list(args), payloads),
+        name="celery-dispatch-prewarm",
+        daemon=True,
+    )
+    thread.start()
+    return thread
+
+
+def _send_prewarms(app: Any, cache: Any, args: list[str], payloads: SlotPayloads) -> None:
+    try:
+        plan = remembered_plan(cache.get(PLAN_KEY, None), args)
+        for queue, (nodeids, workers) in plan.items():
+            payload = prewarm_payload(payloads, queue, nodeids)
+            for _ in range(workers):
+                app.send_task(
+                    PREWARM_TASK,
+                    args=[payload],
+                    queue=queue,
+                    routing_key=queue,
+                    ignore_result=True,
+                    serializer="json",
+                    expires=PREWARM_EXPIRES,
+                    expiration=PREWARM_EXPIRES,  # RabbitMQ's message TTL: none piles up unused
+                    retry=False,
+                )
+    except Exception:  # a prewarm is an optimisation: the run goes on without it
+        return

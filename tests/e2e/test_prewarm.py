@@ -1,0 +1,126 @@
+"""A run like the last one starts its zygote on the worker while the controller collects."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pytest_celery_dispatch.embedded import EMBEDDED
+from pytest_celery_dispatch.prewarmplan import PREWARM_EXPIRES
+from tests.helpers import BROKER, dispatch_command
+
+NO_CACHE = ("-p", "no:cacheprovider")
+
+
+def conftest_source(imports: Path, seen: Path) -> str:
+    """On a worker, importing the conftest appends the importing process's pid to ``imports``
+    (a zygote imports it once and collects; its runners are forked from it). In the
+    controller, the end of collection waits until ``imports`` has ``WAIT_FOR_IMPORTS`` lines,
+    and writes how many it had to ``seen``: whether a worker had imported the run's conftest
+    before the controller finished collecting. The wait is a guard against a hang only: a
+    prewarm not taken within PREWARM_EXPIRES is dropped."""
+    return f"""
+        import os
+        import time
+
+        if "DISPATCH_WORKER_ID" in os.environ:
+            with open({str(imports)!r}, "a") as fh:
+                fh.write(f"{{os.getpid()}}\\n")
+
+        def _imports():
+            try:
+                with open({str(imports)!r}) as fh:
+                    return fh.read().split()
+            except OSError:
+                return []
+
+        def pytest_collection_finish(session):
+            if "DISPATCH_WORKER_ID" in os.environ:
+                return
+            wanted = int(os.environ.get("WAIT_FOR_IMPORTS", "0"))
+            deadline = time.monotonic() + {PREWARM_EXPIRES}
+            while len(_imports()) < wanted and time.monotonic() < deadline:
+                time.sleep(0.05)
+            with open({str(seen)!r}, "a") as fh:
+                fh.write(f"{{len(_imports())}}\\n")
+        """
+
+
+def module_source(queue: str, runs: Path, count: int) -> str:
+    return f"""
+        import os
+        import pytest
+
+        pytestmark = pytest.mark.queue({queue!r})
+
+        @pytest.mark.parametrize("n", range({count}))
+        def test_n(n):
+            with open({str(runs)!r}, "a") as fh:
+                fh.write(f"{{os.getppid()}}\\n")
+        """
+
+
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a killed child its parent has not reaped yet does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.parametrize("broker", [BROKER, EMBEDDED], ids=["rabbitmq", "embedded"])
+def test_a_run_like_the_last_forks_from_a_zygote_started_while_it_collected(
+    pytester, worker_factory, workspace, broker
+):
+    worker = worker_factory(worker_id="worker-prewarm", broker=broker)
+    imports, seen, runs = (pytester.path / n for n in ("imports.log", "seen.log", "runs.log"))
+    pytester.makeconftest(conftest_source(imports, seen))
+    pytester.makepyfile(test_one=module_source(worker.queue, runs, 5))
+    report = pytester.path / "report.json"
+    # pytest's cache is where a run leaves its plan for the next: this test's own. The same
+    # command line each time (pytester's own runs each get another --basetemp).
+    command = [c for c in dispatch_command(broker, workspace, report) if c not in NO_CACHE]
+    command += ["-o", f"cache_dir={pytester.path / 'cache'}", "--celery-ship=off"]
+
+    def run(wait_for: int, expect: int) -> list[str]:
+        env = {**os.environ, "WAIT_FOR_IMPORTS": str(wait_for)}
+        done = subprocess.run(
+            command, cwd=pytester.path, env=env, capture_output=True, text=True, timeout=180
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        outcomes = [t["outcome"] for t in json.loads(report.read_text())["tests"]]
+        assert outcomes == ["passed"] * expect, done.stdout
+        ppids = runs.read_text().split()
+        runs.unlink()
+        assert len(ppids) == expect, ppids
+        return ppids
+
+    # The first run has no plan to go by: its slot starts the zygote once it has collected.
+    first = run(wait_for=0, expect=5)
+    assert seen.read_text().split() == ["0"]
+    assert set(first) == {imports.read_text().split()[0]}
+
+    # The second, with the same arguments and tests: the worker imported the conftest (its
+    # zygote) before the controller finished collecting, and every test ran in a runner forked
+    # from that zygote; nothing else on the worker collected.
+    second = run(wait_for=2, expect=5)
+    assert seen.read_text().split() == ["0", "2"]
+    importers = imports.read_text().split()
+    assert len(importers) == 2, importers
+    assert set(second) == {importers[1]}
+
+    # The third, with one test more: the zygote started ahead collected the last run's tests,
+    # so the slot starts one of its own, and the one started ahead is killed.
+    pytester.makepyfile(test_one=module_source(worker.queue, runs, 6))
+    third = run(wait_for=3, expect=6)
+    assert seen.read_text().split() == ["0", "2", "3"]
+    importers = imports.read_text().split()
+    assert len(importers) == 4, importers
+    prewarmed, own = importers[2], importers[3]
+    assert set(third) == {own}
+    assert not alive(int(prewarmed))

@@ -1,0 +1,225 @@
+"""Prewarming: the plan a run leaves for the next (prewarmplan.py), and what a worker checks
+before it starts a zygote ahead of a run's slots (prewarm.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import types
+
+import pytest
+
+from pytest_celery_dispatch import prewarm, prewarmplan
+from pytest_celery_dispatch.health import HealthBook
+from pytest_celery_dispatch.names import ENV_PREWARM, ENV_SLOT_GATE, ENV_WORKSPACE
+from pytest_celery_dispatch.serialization import PROTOCOL
+from pytest_celery_dispatch.slotgate import SlotGate
+
+ARGS = ["--celery-dispatch", "tests"]
+
+
+# ---------------------------------------------------------------- the plan (controller side)
+
+
+def test_a_run_leaves_the_tests_of_each_queue_a_worker_served():
+    plan = prewarmplan.plan_to_remember(
+        ARGS,
+        {"queue_a": ["t.py::a"], "queue_b": ["t.py::b"], "nobody": ["t.py::c"]},
+        {"queue_a": ["w1", "w2"], "queue_b": ["w3"]},
+    )
+    assert plan == {
+        "args": ARGS,
+        "queues": {"queue_a": ["t.py::a"], "queue_b": ["t.py::b"]},
+        "workers": {"queue_a": 2, "queue_b": 1},
+    }
+    assert prewarmplan.plan_to_remember(ARGS, {"nobody": ["t.py::c"]}, {}) is None
+    assert prewarmplan.remembered_plan(plan, ARGS) == {
+        "queue_a": (["t.py::a"], 2),
+        "queue_b": (["t.py::b"], 1),
+    }
+
+
+def test_only_a_run_with_the_same_arguments_goes_by_the_plan():
+    plan = prewarmplan.plan_to_remember(ARGS, {"q": ["t.py::a"]}, {"q": ["w"]})
+    assert prewarmplan.remembered_plan(plan, [*ARGS, "-k", "slow"]) == {}
+    assert prewarmplan.remembered_plan(None, ARGS) == {}
+
+
+@pytest.mark.parametrize(
+    ("queues", "workers"),
+    [
+        ({"q": "t.py::a"}, {"q": 1}),  # not a list of nodeids
+        ({"q": ["t.py::a", 3]}, {"q": 1}),
+        ({"q": []}, {"q": 1}),
+        ({"q": ["t.py::a"]}, {"q": 0}),
+        ({"q": ["t.py::a"]}, {"q": "1"}),
+        ({"": ["t.py::a"]}, {"": 1}),
+    ],
+)
+def test_a_plan_that_looks_wrong_is_not_followed(queues, workers):
+    cached = {"args": ARGS, "queues": queues, "workers": workers}
+    assert prewarmplan.remembered_plan(cached, ARGS) == {}
+
+
+def test_one_prewarm_per_worker_that_served_the_queue_up_to_a_bound():
+    cached = {"args": ARGS, "queues": {"q": ["t.py::a"]}, "workers": {"q": 50}}
+    assert prewarmplan.remembered_plan(cached, ARGS) == {
+        "q": (["t.py::a"], prewarmplan.MAX_PER_QUEUE)
+    }
+
+
+class FakePayloads:
+    stream = False
+
+    def for_slot(self, slot_id, queue, nodeids):
+        return {"session_id": slot_id, "queue": queue, "nodeids": nodeids, "ship": {"mode": "auto"}}
+
+
+def test_a_prewarm_is_a_slot_payload_without_the_tree():
+    payload = prewarmplan.prewarm_payload(FakePayloads(), "q", ["t.py::a"])  # type: ignore[arg-type]
+    assert payload == {"session_id": "prewarm-q", "queue": "q", "nodeids": ["t.py::a"]}
+
+
+@pytest.mark.parametrize(
+    ("stream", "mode", "cache"),
+    [(True, "auto", {}), (False, "always", {}), (False, "auto", None)],
+    ids=["-s: no zygote", "--celery-ship always: never in place", "no cache"],
+)
+def test_no_prewarm_where_a_worker_could_not_use_it(stream, mode, cache):
+    payloads = FakePayloads()
+    payloads.stream = stream
+    assert prewarmplan.start_prewarm(object(), cache, ARGS, payloads, mode) is None  # type: ignore[arg-type]
+
+
+class FakeApp:
+    def __init__(self):
+        self.sent = []
+
+    def send_task(self, name, **options):
+        self.sent.append((name, options))
+
+
+class FakeCache:
+    def __init__(self, value):
+        self.value = value
+
+    def get(self, key, default):
+        return self.value if key == prewarmplan.PLAN_KEY else default
+
+
+def test_the_plan_s_prewarms_leave_as_tasks_that_expire():
+    app = FakeApp()
+    cache = FakeCache({"args": ARGS, "queues": {"q": ["t.py::a"]}, "workers": {"q": 2}})
+    thread = prewarmplan.start_prewarm(app, cache, ARGS, FakePayloads(), "auto")  # type: ignore[arg-type]
+    assert thread is not None
+    thread.join(10)
+    assert [name for name, _ in app.sent] == ["pytest_celery_dispatch.prewarm"] * 2
+    options = app.sent[0][1]
+    assert options["queue"] == options["routing_key"] == "q"
+    assert options["expires"] == options["expiration"] == prewarmplan.PREWARM_EXPIRES
+    assert options["serializer"] == "json"
+    assert options["args"][0]["nodeids"] == ["t.py::a"]
+
+
+# ---------------------------------------------------------------- the worker's checks
+
+
+class FakeZygotes:
+    def __init__(self):
+        self.specs = []
+
+    def prewarm(self, spec, hung_after):
+        self.specs.append((spec, hung_after))
+        return object()
+
+
+class FakeSpares:
+    def prepare(self, *args, **kwargs):
+        pass
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    """A worker's workspace with one test file, its slot gate (one slot) and health book."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "test_a.py").write_text("def test_x(): pass\n")
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    monkeypatch.setenv(ENV_WORKSPACE, str(ws))
+    monkeypatch.setenv(ENV_SLOT_GATE, str(gate))
+    monkeypatch.delenv(ENV_PREWARM, raising=False)
+    return types.SimpleNamespace(ws=ws, gate=gate)
+
+
+def task():
+    return types.SimpleNamespace(
+        request=types.SimpleNamespace(id="tid", hostname="w@h", delivery_info={})
+    )
+
+
+def payload(bench, **changes):
+    digest = hashlib.sha256((bench.ws / "test_a.py").read_bytes()).hexdigest()
+    found = {
+        "protocol": PROTOCOL,
+        "run_id": "run1",
+        "queue": "q",
+        "nodeids": ["test_a.py::test_x"],
+        "files": {"test_a.py": digest},
+        "timeout": 30,
+        "pytest_args": ["--tb=short"],
+    }
+    found.update(changes)
+    return found
+
+
+def test_a_worker_with_a_free_slot_starts_the_zygote_of_the_run_s_tests(bench):
+    zygotes = FakeZygotes()
+    done = prewarm.prewarm_zygote(task(), payload(bench), zygotes, FakeSpares())  # type: ignore[arg-type]
+    assert done == "zygote started for 1 tests"
+    ((spec, hung_after),) = zygotes.specs
+    assert spec.key == "run1/q"  # the key and fields run_session's slots make their zygote of
+    assert spec.nodeids == ["test_a.py::test_x"]
+    assert spec.workspace == os.path.realpath(bench.ws)
+    assert spec.pytest_args == ["--tb=short"]
+    assert hung_after >= 30  # as long as a slot waits for its fork
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("off", "off (DISPATCH_PREWARM=0)"),
+        ("protocol", "not a prewarm of this worker's protocol"),
+        ("busy", "every slot busy"),
+        ("quarantined", "quarantined"),
+        ("different bytes", "the run's tests are not this workspace's"),
+        ("outside", "the run's tests are not this workspace's"),
+        ("bad timeout", "not a prewarm of this worker's protocol"),
+    ],
+)
+def test_nothing_starts_where_the_run_s_slot_would_not_run_it(bench, monkeypatch, case, expected):
+    changes: dict = {}
+    lease = None
+    if case == "off":
+        monkeypatch.setenv(ENV_PREWARM, "0")
+    elif case == "protocol":
+        changes["protocol"] = PROTOCOL + 1
+    elif case == "busy":  # another run's session holds the bench's one slot
+        lease = SlotGate(str(bench.gate), 1).acquire()
+    elif case == "quarantined":
+        with HealthBook(str(bench.gate)).changing() as state:
+            state["quarantine"] = {"reason": "board unplugged"}
+    elif case == "different bytes":
+        changes["files"] = {"test_a.py": "0" * 64}
+    elif case == "outside":
+        changes["nodeids"] = ["../elsewhere/test_b.py::test_y"]
+    elif case == "bad timeout":
+        changes["timeout"] = "soon"
+    zygotes = FakeZygotes()
+    try:
+        done = prewarm.prewarm_zygote(task(), payload(bench, **changes), zygotes, FakeSpares())  # type: ignore[arg-type]
+    finally:
+        if lease is not None:
+            lease.release()
+    assert done == expected
+    assert zygotes.specs == []
