@@ -96,6 +96,9 @@ def start_prewarm(
     """Send the remembered plan's prewarms from a thread (see the module); None if not sent."""
     if cache is None or payloads.stream or ship_mode == "always":
         return None
+    from .transport import load_sending
+
+    load_sending(app)  # here, 0.02 s: the thread must import nothing while pytest collects
     thread = threading.Thread(
         target=_send_prewarms,
         args=(app, cache, list(args), payloads),

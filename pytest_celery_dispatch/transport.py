@@ -124,6 +124,21 @@ def warm_sending(app: Celery) -> None:
             producer.connection.ensure_connection(max_retries=0)
 
 
+def load_sending(app: Celery) -> None:
+    """Import what ``app``'s first ``send_task`` imports, without a connection: a thread that
+    sends while pytest collects must import nothing (an import registers loggers, and pytest's
+    logging plugin iterates them: "dictionary changed size during iteration")."""
+    with contextlib.suppress(Exception):
+        app.backend  # noqa: B018 (properties that import and build)
+        app.AsyncResult  # noqa: B018
+        app.amqp.send_task_message  # noqa: B018
+        app.amqp.Producer  # noqa: B018
+        conn = app.connection_for_write()
+        conn.transport  # noqa: B018 (imports the transport: kombu's pyamqp, amqp)
+        conn.release()
+        "localhost".encode("idna")  # a host name's codec, imported on the first connect
+
+
 def task_queue(app: Celery, name: str) -> Queue:
     """The queue exactly as a ``celery worker -Q name`` declares it (durable, direct)."""
     return app.amqp.queues[name]

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from pytest_celery_dispatch.embedded import EMBEDDED
 from pytest_celery_dispatch.prewarmplan import PREWARM_EXPIRES
-from tests.helpers import BROKER, dispatch_command
+from tests.helpers import BROKER, delete_queues, dispatch_command
 
 NO_CACHE = ("-p", "no:cacheprovider")
 
@@ -124,3 +125,43 @@ def test_a_run_like_the_last_forks_from_a_zygote_started_while_it_collected(
     prewarmed, own = importers[2], importers[3]
     assert set(third) == {own}
     assert not alive(int(prewarmed))
+
+
+SENDER = """
+import logging, sys, uuid
+from pytest_celery_dispatch import transport
+from pytest_celery_dispatch.prewarmplan import PLAN_KEY, start_prewarm
+
+class Payloads:
+    stream = False
+    def for_slot(self, slot_id, queue, nodeids):
+        return {"session_id": slot_id, "queue": queue, "nodeids": nodeids}
+
+class Cache:
+    def get(self, key, default):
+        return {"args": [], "queues": {QUEUE: ["t.py::a"]}, "workers": {QUEUE: 1}}
+
+app = transport.make_app(BROKER, "disabled")
+transport.load_sending(app)
+modules, loggers = set(sys.modules), set(logging.Logger.manager.loggerDict)
+thread = start_prewarm(app, Cache(), [], Payloads(), "auto")
+thread.join(30)
+assert not thread.is_alive()
+print(sorted(set(sys.modules) - modules), sorted(set(logging.Logger.manager.loggerDict) - loggers))
+"""
+
+
+def test_the_thread_that_sends_prewarms_imports_nothing_while_pytest_collects(queues):
+    """pytest's logging plugin iterates the loggers as collection starts: a logger an import
+    registers in the sending thread then was an INTERNALERROR ("dictionary changed size
+    during iteration"), seen in the bench. So the sending thread must import nothing."""
+    queue = f"{queues.a}-prewarm-imports"
+    program = SENDER.replace("BROKER", repr(BROKER)).replace("QUEUE", repr(queue))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", program], capture_output=True, text=True, timeout=60
+        )
+    finally:
+        delete_queues(queue)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[] []"
