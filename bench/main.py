@@ -476,14 +476,15 @@ def summarize(bench: Bench) -> dict[str, Any]:
                 }
         med = {m: s["median_wall"] for m, s in modes.items()}
         ratios: dict[str, float] = {}
-        if "dispatch" in med and "xdist" in med:
-            ratios["dispatch/xdist"] = med["dispatch"] / med["xdist"]
-        if "dispatch" in med and "local" in med:
-            ratios["dispatch/local"] = med["dispatch"] / med["local"]
+        for mode in ("dispatch", "history"):  # history: the same with pytest's cache on
+            if mode in med and "xdist" in med:
+                ratios[f"{mode}/xdist"] = med[mode] / med["xdist"]
+            if mode in med and "local" in med:
+                ratios[f"{mode}/local"] = med[mode] / med["local"]
+            if workload.physical_limit and mode in med:
+                ratios[f"{mode}/physical_limit"] = med[mode] / workload.physical_limit
         if "xdist" in med and "local" in med:
             ratios["xdist/local"] = med["xdist"] / med["local"]
-        if workload.physical_limit and "dispatch" in med:
-            ratios["dispatch/physical_limit"] = med["dispatch"] / workload.physical_limit
         tests_phase = {
             m: s["median_phases"]["tests"] for m, s in modes.items() if "median_phases" in s
         }

@@ -9,7 +9,7 @@ MODE_LABELS = {
     "local": "local",
     "xdist": "xdist -n {n}",
     "dispatch": "dispatch",
-    "history": "dispatch + history",
+    "history": "dispatch + cache",
 }
 
 

@@ -110,7 +110,7 @@ def full_workloads() -> dict[str, Workload]:
             body="pass",
             concurrency=1,
             xdist=2,
-            modes=("local", "xdist", "dispatch"),
+            modes=("local", "xdist", "dispatch", "history"),
             description="500 trivial tests, 10 modules; worker -c 1 each vs xdist -n 2",
         ),
         "W2": Workload(
@@ -120,7 +120,7 @@ def full_workloads() -> dict[str, Workload]:
             body="time.sleep(0.1)",
             concurrency=4,
             xdist=8,
-            modes=("local", "xdist", "dispatch"),
+            modes=("local", "xdist", "dispatch", "history"),
             description="200 tests of time.sleep(0.1), 10 modules; worker -c 4 each vs xdist -n 8",
             physical_limit=200 * 0.1 / 8,
         ),
@@ -155,7 +155,7 @@ def full_workloads() -> dict[str, Workload]:
             body="pass",
             concurrency=1,
             xdist=2,
-            modes=("local", "xdist", "dispatch"),
+            modes=("local", "xdist", "dispatch", "history"),
             description="30,000 quick tests, 300 modules (per-test cost, issue #17); "
             "worker -c 1 each vs xdist -n 2",
         ),

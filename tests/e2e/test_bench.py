@@ -120,15 +120,15 @@ def test_quick_bench_runs_and_reports(tmp_path: Path) -> None:
     assert data["meta"]["vhost"] == vhost
     w1 = data["workloads"]["W1"]
     assert w1["tests"] == 40
-    assert set(w1["modes"]) == {"local", "xdist", "dispatch"}
+    assert set(w1["modes"]) == {"local", "xdist", "dispatch", "history"}
     for mode in w1["modes"].values():
         assert {"median_wall", "min_wall", "max_wall", "median_cpu", "max_rss_mb"} <= set(mode)
         assert mode["counts"] == {"passed": 40}
-    assert {"dispatch/xdist", "dispatch/local"} <= set(w1["ratios"])
+    assert {"dispatch/xdist", "dispatch/local", "history/local"} <= set(w1["ratios"])
     assert w1["modes"]["dispatch"]["slots"] == {"queue_a": 1, "queue_b": 1}
     for run in w1["runs"]:
         assert run["returncode"] == 0, run
-        if run["mode"] == "dispatch":
+        if run["mode"] in ("dispatch", "history"):
             assert run["routing_ok"], run  # queue_a tests on worker-a, queue_b on worker-b
     assert data["parity"]["ok"] is True
     assert data["parity"]["by_workload"]["W1"]["problems"] == []
