@@ -13,7 +13,8 @@ across chunks (a lost chunk's follow-up keeps its remaining tests together too, 
 :meth:`.scheduling.QueueScheduler._lost`). Groups go out biggest first; slots still pull them.
 
 With recorded durations (``estimates``: seconds per nodeid, see :mod:`.durations`) the work
-goes out *longest first*: free tests sorted by their estimate (ties keep collection order) and
+goes out *longest first*: free tests sorted by their estimate, in classes of a factor of 2 (one
+class keeps collection order, and every test under ``ORDER_FLOOR`` is in the lowest) and
 cut by time as well as by count, so a long test is a chunk of its own early and short tests
 fill the end; groups and chunks ordered by their summed estimate. Without ``estimates`` nothing
 changes. :func:`predict_time` simulates the slots pulling the planned chunks (the ETA).
@@ -26,6 +27,7 @@ PYTEST_DONT_REWRITE: spare runners import it before pytest configures (runner.SP
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -75,9 +77,25 @@ def plan_chunks(
     return chunks
 
 
+#: Longest first orders tests by classes of duration (a factor of 2 each), and every test
+#: shorter than this is in the lowest one: the order of such tests makes no tail, and their
+#: collection order keeps a module's tests together in a chunk. (W6's 30,000 tests of ~50 µs,
+#: sorted by the noise of their recorded durations, made each slot's runner switch modules
+#: 13,000 times instead of 150: 1.7 s more per slot.)
+ORDER_FLOOR = 0.01
+
+
+def duration_class(seconds: float) -> int:
+    """0 below :data:`ORDER_FLOOR`, then one more for each doubling."""
+    if seconds < ORDER_FLOOR:
+        return 0
+    return 1 + int(math.log2(seconds / ORDER_FLOOR))
+
+
 def longest_first(nodeids: Sequence[str], estimates: Mapping[str, float]) -> list[str]:
-    """The tests by estimate, longest first; ties keep their order (stable)."""
-    return sorted(nodeids, key=lambda n: -estimates[n])
+    """The tests by estimate, longest first in classes of a factor of 2 (see
+    :data:`ORDER_FLOOR`); tests of one class keep their order (stable)."""
+    return sorted(nodeids, key=lambda n: -duration_class(estimates[n]))
 
 
 def plan_groups(
