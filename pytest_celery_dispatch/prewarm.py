@@ -2,7 +2,7 @@
 
 A slot's first runner is forked from its run's zygote (see :mod:`.zygote`), which collects the
 run's tests on the worker: on a big suite that collection comes after the controller's own, on
-the critical path. A controller whose last run with the same arguments dispatched to a queue
+the critical path. A controller whose last run with the same selection dispatched to a queue
 sends, as pytest's session starts, ``prewarm`` tasks to each queue with that run's tests (see
 :mod:`.prewarmplan`): a worker that takes it starts the zygote those tests make, and the run's
 slots, sent once the controller has collected, fork from it at once when the run's tests are

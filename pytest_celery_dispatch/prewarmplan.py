@@ -1,11 +1,11 @@
-"""The controller's side of prewarmplan: each queue's tests of the last run, sent ahead.
+"""The controller's side of prewarming: each queue's tests of the last run, sent ahead.
 
 A slot's first runner forks from its run's zygote, which collects the run's tests on the
 worker (see :mod:`.zygote`); on a big suite that collection comes after the controller's, on
 the critical path. So a run remembers, in pytest's cache, the tests it sent each queue (and
-how many workers served it), and the next run with the same arguments sends one ``prewarm``
-task per worker of each such queue as pytest's session starts, from a thread beside pytest's
-collection: a worker that takes it starts the zygote of those tests (see :mod:`.prewarm` for
+how many workers served it), and the next run with the same selection (its paths, ``-k``,
+``-m``, ``--lf``...: :func:`selection`) sends one ``prewarm`` task per worker of each such
+queue as pytest's session starts, from a thread beside pytest's collection: a worker that takes it starts the zygote of those tests (see :mod:`.prewarm` for
 what it checks first). When the run's tests turn out the same, its slots fork from a zygote
 that has collected, or is collecting, already; when not, the first slot's own zygote replaces
 it. Nothing else depends on it: a prewarm lost, refused or late costs only the time it would
@@ -33,9 +33,38 @@ PREWARM_EXPIRES = 60.0
 MAX_PER_QUEUE = 8
 
 
+#: pytest's options that pick a run's tests (besides its paths).
+SELECTION_OPTIONS = (
+    "keyword",
+    "markexpr",
+    "lf",
+    "failedfirst",
+    "newfirst",
+    "last_failed_no_failures",
+    "deselect",
+    "ignore",
+    "ignore_glob",
+    "stepwise",
+)
+
+
+def selection(config: Any) -> list[str]:
+    """What picks a run's tests: the paths it collects and pytest's selection options; not its
+    other options (a JSON report or a JUnit file named after the CI job must not make a run
+    unlike the last). A run whose tests differ all the same only wastes its prewarm."""
+    picked = [str(a) for a in getattr(config, "args", [])]
+    option = getattr(config, "option", None)
+    for name in SELECTION_OPTIONS:
+        value = getattr(option, name, None)
+        if value:
+            picked.append(f"{name}={value}")
+    return picked
+
+
 def remembered_plan(cached: Any, args: list[str]) -> dict[str, tuple[list[str], int]]:
-    """Each queue's tests and workers of the last run with the same ``args`` (pytest's cache;
-    nothing if there is none, or if anything about it looks wrong)."""
+    """Each queue's tests and workers of the last run with the same selection ``args`` (see
+    :func:`selection`; from pytest's cache: nothing if there is none, or if anything about it
+    looks wrong)."""
     if not isinstance(cached, dict) or cached.get("args") != list(args):
         return {}
     queues, workers = cached.get("queues"), cached.get("workers")

@@ -31,7 +31,7 @@ from .events import EventHandlers
 from .forwarding import SlotPayloads
 from .identity import current_identity
 from .names import EMBEDDED
-from .prewarmplan import remember_plan, start_prewarm
+from .prewarmplan import remember_plan, selection, start_prewarm
 from .quarantine import Quarantines
 from .replay import EventLog, Replayer
 from .scheduling import (
@@ -218,11 +218,12 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
             early = remembered(self._cache_get(QUEUES_KEY), self._args)
             on_board = functools.partial(self._new_turns, early) if early else None
             self._prestart = Prestart(self.settings.broker, self.embedded_root, on_board)
-            mode = self.shipper.settings.mode
-            start_prewarm(self._prestart.app, self._cache, self._args, self.payloads, mode)
+            picked, mode = selection(self.config), self.shipper.settings.mode
+            start_prewarm(self._prestart.app, self._cache, picked, self.payloads, mode)
 
     def pytest_sessionfinish(self) -> None:
-        remember_plan(self._cache, self._args, self.scheduler.queue_nodeids, self.workers_by_queue)
+        picked = selection(self.config)
+        remember_plan(self._cache, picked, self.scheduler.queue_nodeids, self.workers_by_queue)
         if self.turns is not None:
             self.turns.close()  # joined early by a run that dispatched nothing (else: closed)
         if self._prestart is not None:

@@ -82,16 +82,22 @@ def test_a_run_like_the_last_forks_from_a_zygote_started_while_it_collected(
     imports, seen, runs = (pytester.path / n for n in ("imports.log", "seen.log", "runs.log"))
     pytester.makeconftest(conftest_source(imports, seen))
     pytester.makepyfile(test_one=module_source(worker.queue, runs, 5))
-    report = pytester.path / "report.json"
-    # pytest's cache is where a run leaves its plan for the next: this test's own. The same
-    # command line each time (pytester's own runs each get another --basetemp).
-    command = [c for c in dispatch_command(broker, workspace, report) if c not in NO_CACHE]
-    command += ["-o", f"cache_dir={pytester.path / 'cache'}", "--celery-ship=off"]
+    # pytest's cache is where a run leaves its plan for the next: this test's own. Each run
+    # names its own JSON report, as a CI job would: the same selection all the same.
+    options = ["-o", f"cache_dir={pytester.path / 'cache'}", "--celery-ship=off"]
+    numbers = iter(range(1, 10))
 
     def run(wait_for: int, expect: int) -> list[str]:
+        report = pytester.path / f"report-{next(numbers)}.json"
+        command = [c for c in dispatch_command(broker, workspace, report) if c not in NO_CACHE]
         env = {**os.environ, "WAIT_FOR_IMPORTS": str(wait_for)}
         done = subprocess.run(
-            command, cwd=pytester.path, env=env, capture_output=True, text=True, timeout=180
+            [*command, *options],
+            cwd=pytester.path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
         )
         assert done.returncode == 0, done.stdout + done.stderr
         outcomes = [t["outcome"] for t in json.loads(report.read_text())["tests"]]

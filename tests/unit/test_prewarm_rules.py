@@ -223,3 +223,15 @@ def test_nothing_starts_where_the_run_s_slot_would_not_run_it(bench, monkeypatch
             lease.release()
     assert done == expected
     assert zygotes.specs == []
+
+
+def test_a_run_s_selection_is_its_paths_and_selection_options_not_its_report_files():
+    def config(args, **options):
+        base = {"keyword": "", "markexpr": "", "lf": False, "junitxml": "a.xml"}
+        return types.SimpleNamespace(args=args, option=types.SimpleNamespace(**{**base, **options}))
+
+    same = prewarmplan.selection(config(["tests"], junitxml="job-1.xml"))
+    assert same == prewarmplan.selection(config(["tests"], junitxml="job-2.xml")) == ["tests"]
+    assert prewarmplan.selection(config(["tests"], keyword="slow")) == ["tests", "keyword=slow"]
+    assert prewarmplan.selection(config(["tests"], lf=True)) == ["tests", "lf=True"]
+    assert prewarmplan.selection(config(["tests/a.py"])) != same
