@@ -5,11 +5,11 @@ worker (see :mod:`.zygote`); on a big suite that collection comes after the cont
 the critical path. So a run remembers, in pytest's cache, the tests it sent each queue (and
 how many workers served it), and the next run with the same selection (its paths, ``-k``,
 ``-m``, ``--lf``...: :func:`selection`) sends one ``prewarm`` task per worker of each such
-queue as pytest's session starts, from a thread beside pytest's collection: a worker that takes it starts the zygote of those tests (see :mod:`.prewarm` for
-what it checks first). When the run's tests turn out the same, its slots fork from a zygote
-that has collected, or is collecting, already; when not, the first slot's own zygote replaces
-it. Nothing else depends on it: a prewarm lost, refused or late costs only the time it would
-have saved.
+queue as pytest's session starts, from a thread beside pytest's collection: a worker that
+takes it starts the zygote of those tests (see :mod:`.prewarm` for what it checks first).
+When the run's tests turn out the same, its slots fork from a zygote that has collected, or
+is collecting, already; when not, the first slot's own zygote replaces it. Nothing else
+depends on it: a prewarm lost, refused or late costs only the time it would have saved.
 
 Not sent under ``-s`` (streamed runners start fresh, no zygote) nor ``--celery-ship always``
 (the run's tree is shipped, never the worker's own in place): a worker would never use it.
