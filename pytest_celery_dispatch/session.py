@@ -215,10 +215,11 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
     def pytest_sessionstart(self, session: pytest.Session) -> None:
         """The lab board opens before pytest collects (see :mod:`.startup`)."""
         if not session.config.option.collectonly and self._prestart is None:
-            early = remembered(self._cache_get(QUEUES_KEY), self._args)
+            picked = selection(self.config)  # a run like the last: its line, its prewarm
+            early = remembered(self._cache_get(QUEUES_KEY), picked)
             on_board = functools.partial(self._new_turns, early) if early else None
             self._prestart = Prestart(self.settings.broker, self.embedded_root, on_board)
-            picked, mode = selection(self.config), self.shipper.settings.mode
+            mode = self.shipper.settings.mode
             start_prewarm(self._prestart.app, self._cache, picked, self.payloads, mode)
 
     def pytest_sessionfinish(self) -> None:
@@ -288,7 +289,7 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         turns = self.turns or self._new_turns([], board)
         turns.join(queues)  # nothing new if joined with these queues while collecting
         if (cache := getattr(self.config, "cache", None)) is not None:
-            cache.set(QUEUES_KEY, {"args": self._args, "queues": queues})
+            cache.set(QUEUES_KEY, {"args": selection(self.config), "queues": queues})
         self.scheduler.turns.grant = turns.grant
 
     def _new_turns(self, queues: list[str], board: Any) -> RunTurns:
@@ -297,10 +298,6 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         if queues:
             self.turns.join(queues)
         return self.turns
-
-    @property
-    def _args(self) -> list[str]:
-        return [str(a) for a in self.config.invocation_params.args]
 
     @property
     def _cache(self) -> Any:

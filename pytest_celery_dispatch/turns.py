@@ -29,7 +29,8 @@ QUEUES_KEY = "celery-dispatch/line"
 
 
 def remembered(cached: Any, args: list[str]) -> list[str]:
-    """The queues the last run with the same ``args`` joined the line for (from pytest's cache;
+    """The queues the last run with the same selection ``args`` (its paths, ``-k``, ``-m``...:
+    :func:`.prewarmplan.selection`) joined the line for (from pytest's cache;
     [] if none, or if anything about it looks wrong): a run joins with them while it collects,
     and again only if its tests turn out to need other queues."""
     if not isinstance(cached, dict) or cached.get("args") != list(args):

@@ -111,8 +111,15 @@ def test_a_run_like_the_last_forks_from_a_zygote_started_while_it_collected(
     first = run(wait_for=0, expect=5)
     assert seen.read_text().split() == ["0"]
     assert set(first) == {imports.read_text().split()[0]}
+    # The plan, and the queues of the lab's line, are kept under the run's selection (its
+    # paths and selection options), not its report's name: the next run is like this one.
+    stored = pytester.path / "cache" / "v" / "celery-dispatch"
+    plan, line = (json.loads((stored / name).read_text()) for name in ("plan", "line"))
+    assert plan["args"] == line["args"]
+    assert not any("report" in arg for arg in plan["args"]), plan["args"]
+    assert line["queues"] == [worker.queue]
 
-    # The second, with the same arguments and tests: the worker imported the conftest (its
+    # The second, with the same selection and tests: the worker imported the conftest (its
     # zygote) before the controller finished collecting, and every test ran in a runner forked
     # from that zygote; nothing else on the worker collected.
     second = run(wait_for=2, expect=5)
