@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from typing import Any
 
 from celery import Task
@@ -33,21 +32,14 @@ from .admission import checked_nodeids
 from .driver import fork_wait_limit
 from .health import HealthBook
 from .names import (
-    ENV_CTX_HOSTNAME,
-    ENV_CTX_QUEUE,
-    ENV_CTX_RUN_ID,
-    ENV_CTX_TASK_ID,
-    ENV_CTX_WORKER_ID,
     ENV_PREWARM,
     ENV_WORKER_CONCURRENCY,
-    ENV_WORKER_ID,
-    ENV_WORKSPACE,
 )
 from .runnerspec import slot_spec
 from .serialization import PROTOCOL
 from .slotgate import gate_of
 from .spares import SPARE_DELAY, SparePool
-from .workerinfo import queue_of, worker_id, workspace
+from .workerinfo import context_env, task_place, workspace
 from .zygote import Zygotes
 
 log = logging.getLogger("pytest_celery_dispatch.worker")
@@ -81,22 +73,11 @@ def _prewarm(task: Task, payload: dict[str, Any], zygotes: Zygotes, spares: Spar
     nodeids = checked_nodeids(refused.append, payload, ws, {})
     if refused or not nodeids:
         return "the run's tests are not this workspace's"
-    queue = str(payload.get("queue") or queue_of(task))
-    env = dict(os.environ)
-    env.update(
-        {
-            ENV_WORKER_ID: worker_id(task),
-            ENV_CTX_WORKER_ID: worker_id(task),
-            ENV_CTX_QUEUE: queue,
-            ENV_CTX_HOSTNAME: str(task.request.hostname or socket.gethostname()),
-            ENV_CTX_TASK_ID: str(task.request.id),
-            ENV_CTX_RUN_ID: str(payload.get("run_id")),
-            ENV_WORKSPACE: ws,
-        }
-    )
     try:
-        spec = slot_spec({**payload, "queue": queue}, ws, nodeids, env)
-    except (TypeError, ValueError):
+        place = task_place(task, payload)
+        env = {**os.environ, **context_env(place, ws)}
+        spec = slot_spec({**payload, "queue": place["queue"]}, ws, nodeids, env)
+    except (KeyError, TypeError, ValueError):
         return "not a prewarm of this worker's protocol"
     started = zygotes.prewarm(spec, fork_wait_limit(spec.timeout))
     spares.prepare(ws, env, SPARE_DELAY)  # if the zygote took this process's spare

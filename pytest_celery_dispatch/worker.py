@@ -25,7 +25,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -53,15 +52,9 @@ from .names import (
     ENV_ARTIFACTS,
     ENV_ARTIFACTS_TMP_PATH,
     ENV_BROKER_URL,
-    ENV_CTX_HOSTNAME,
-    ENV_CTX_QUEUE,
-    ENV_CTX_RUN_ID,
-    ENV_CTX_TASK_ID,
-    ENV_CTX_WORKER_ID,
     ENV_FORK,
     ENV_LOG_FORMAT,
     ENV_WORKER_CONCURRENCY,
-    ENV_WORKER_ID,
     ENV_WORKSPACE,
     PING_TASK,
     PREWARM_TASK,
@@ -80,7 +73,7 @@ from .serialization import (
 from .shipworker import BlobFetcher, Prepared, ShipState, prepare
 from .slotgate import SLOT_BUSY_RETRY, SlotLease, gate_of, make_gate_folder, remove_gate_folder
 from .spares import SPARE_DELAY, SparePool
-from .workerinfo import queue_of, worker_id, workspace
+from .workerinfo import context_env, queue_of, task_place, worker_id, workspace
 from .workerpool import reserve_plain_task_process, slots_of, warm_connection
 from .zygote import Zygotes
 
@@ -230,14 +223,15 @@ class _Reply:
         self.task = task
         self.reply_to = str(payload["reply_to"])
         self.work_queue = str(payload.get("work_queue") or "")
+        place = task_place(task, payload)
         self.base: Event = {
             "protocol": PROTOCOL,
-            "run_id": str(payload["run_id"]),
+            "run_id": place["run_id"],
             "session_id": str(payload.get("session_id") or ""),
-            "queue": str(payload.get("queue") or queue_of(task)),
-            "worker": worker_id(task),
-            "hostname": str(task.request.hostname or socket.gethostname()),
-            "task_id": str(task.request.id),
+            "queue": place["queue"],
+            "worker": place["worker"],
+            "hostname": place["hostname"],
+            "task_id": place["task_id"],
             "pid": os.getpid(),
         }
         self._conn = task.app.connection_for_write()
@@ -472,13 +466,7 @@ def run_session(self: Task, payload: dict[str, Any]) -> dict[str, Any]:
             {
                 ENV_ARTIFACTS: artifacts,
                 ENV_ARTIFACTS_TMP_PATH: limits.tmp_path,
-                ENV_WORKER_ID: base["worker"],
-                ENV_CTX_WORKER_ID: base["worker"],
-                ENV_CTX_QUEUE: base["queue"],
-                ENV_CTX_HOSTNAME: base["hostname"],
-                ENV_CTX_TASK_ID: base["task_id"],
-                ENV_CTX_RUN_ID: base["run_id"],
-                ENV_WORKSPACE: ws,
+                **context_env(base, ws),
             }
         )
         spec = slot_spec({**payload, "queue": base["queue"]}, ws, nodeids, env)
