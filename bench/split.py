@@ -118,7 +118,11 @@ def own_total(stats: pstats.Stats) -> float:
 def split(folder: Path) -> dict[str, dict[str, float]]:
     parts: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for path in sorted(folder.glob("*.prof")):
-        stats = pstats.Stats(str(path))
+        try:
+            stats = pstats.Stats(str(path))
+        except (EOFError, ValueError, TypeError) as exc:  # a process killed while writing it
+            print(f"skipped {path.name}: not a complete profile ({exc.__class__.__name__})")
+            continue
         busy = own_total(stats) - waits(stats)
         loop = cumulative(stats, RUN_LOOP)
         if loop:
