@@ -32,6 +32,10 @@ class ChunkState:
     send_failed_since: float | None = None
     sent_order: int = 0  # its place in its work queue (first in, first out)
     gone_since: float | None = None  # not started, yet no longer in its work queue
+    distinct: int = dataclasses.field(init=False, repr=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.distinct = len(set(self.nodeids))
 
     @property
     def remaining(self) -> list[str]:
@@ -39,7 +43,10 @@ class ChunkState:
 
     @property
     def finished(self) -> bool:
-        return not self.remaining
+        """Every test of it has its outcome. ``done`` only ever holds the chunk's own nodeids
+        (``Scheduler.done``), so counting is enough: the event loop asks this of every live
+        chunk per event (a list of the remaining tests cost W6's controller 1.9 s)."""
+        return len(self.done) >= self.distinct
 
 
 @dataclasses.dataclass

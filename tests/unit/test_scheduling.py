@@ -60,6 +60,19 @@ def _batch(**fields: Any) -> ChunkState:
     return ChunkState(batch_id="r.1", queue="queue_a", nodeids=["a", "b"], **fields)
 
 
+def test_a_chunk_is_finished_when_each_of_its_tests_is_done_once() -> None:
+    chunk = ChunkState(batch_id="r.1", queue="queue_a", nodeids=["a", "b", "a"])
+    assert not chunk.finished
+    assert chunk.remaining == ["a", "b", "a"]
+    chunk.done.add("a")
+    assert not chunk.finished
+    assert chunk.remaining == ["b"]
+    chunk.done.add("b")
+    assert chunk.finished
+    assert chunk.remaining == []
+    assert ChunkState(batch_id="r.2", queue="queue_a", nodeids=[]).finished
+
+
 def test_started_batch_is_lost_when_its_heartbeats_stop() -> None:
     # Heartbeats every 2 s; silent for more than SILENCE_LIMIT (10 s) means the worker is gone,
     # whatever the per-test timeout.
