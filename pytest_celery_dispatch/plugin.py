@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
+from . import gcpace, shipcontrol
 from . import settings as S
-from . import shipcontrol
 from .identity import identity_line
 from .names import ENV_RUNNER
 from .routing import FANOUT_PARAM
@@ -187,6 +187,7 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     settings = resolve_settings(config)
     config.stash[SETTINGS_KEY] = settings
+    config.add_cleanup(gcpace.relax())  # a controller's heap only grows (see gcpace)
     _register_artifacts(config, settings)
     _check_compatible(config)
     _check_writable_outputs(settings)

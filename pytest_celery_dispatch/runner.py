@@ -34,6 +34,7 @@ from typing import IO, Any
 
 import pytest
 
+from . import gcpace
 from .artifactship import note_tmp_path, runner_event
 from .jsonlines import LineWriter, encode_split, read_until_closed
 from .names import (
@@ -191,6 +192,7 @@ class RunnerPlugin:
             if hasattr(config.option, name) or name in REPORT_OPTIONS:
                 setattr(config.option, name, value)
         die_with_parent(os.environ.get(ENV_PARENT))
+        gcpace.relax()  # a zygote's collected items stay (see gcpace); its forks inherit it
         if self.zygote:
             self._listen()
             self.writer = LineWriter(os.open(os.devnull, os.O_WRONLY))  # it runs no test

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from pytest_celery_dispatch.gcpace import FULL_EVERY, YOUNG_EVERY
 from pytest_celery_dispatch.zygote import ZYGOTE_FIRST_WAIT
 
 
@@ -136,6 +137,7 @@ def test_the_slots_of_a_worker_share_one_collection_per_run(
     log_session_fixture(pytester, fixtures)
     pytester.makepyfile(
         test_shared=f"""
+        import gc
         import os
         import time
         import pytest
@@ -151,6 +153,8 @@ def test_the_slots_of_a_worker_share_one_collection_per_run(
         def test_slot(n, bench_session):
             time.sleep(0.3)
             runner_gate.record_and_wait()
+            # Forked or not, a runner spaces the garbage collector's passes out (gcpace).
+            assert gc.get_threshold() == ({YOUNG_EVERY}, 10, {FULL_EVERY}), gc.get_threshold()
         """
     )
     runner_gate(pytester, runs)
