@@ -271,7 +271,9 @@ class SlotDriver:
         self.start_wait = start_wait_limit(spec.timeout) if start_wait is None else start_wait
         self.clock = clock
         self.done: set[str] = set()
-        self.assigned: dict[str, str] = {}  # nodeid -> batch_id, given to the runner, not finished
+        # nodeid -> batch_id: given to the runner, not finished (``_finish`` takes it out as it
+        # puts it in ``done``: the two never share a nodeid, and the loop counts it per turn)
+        self.assigned: dict[str, str] = {}
         self.chunk_left: dict[str, set[str]] = {}  # batch_id -> its unfinished nodeids
         self.missing: dict[str, str] = {}  # nodeid -> why the runner could not collect it
         self.broken: str | None = None  # set when runners cannot even collect: fail what comes
@@ -341,7 +343,7 @@ class SlotDriver:
         self.runner_since = self.runner_born = self.clock()
         self.began = False
         self.runner = self.start_runner(eligible, self.starts, tmp)
-        self.redo = [n for n in self.assigned if n not in self.done]
+        self.redo = list(self.assigned)
         self.kill_reason = None
         self.kill_stacks = ""
         return True
@@ -362,7 +364,7 @@ class SlotDriver:
         if self.redo:
             runner.send({"type": "run", "nodeids": [n for n in self.redo if n in runner.eligible]})
             self.redo = []
-        elif not self.out_of_work and sum(1 for n in self.assigned if n not in self.done) <= 1:
+        elif not self.out_of_work and len(self.assigned) <= 1:
             chunk = self.fetch()
             if chunk is None:
                 self.out_of_work = True
@@ -526,7 +528,7 @@ class SlotDriver:
         to start nothing, and a dropped run has its own grace."""
         if self.began or self.kill_reason is not None or self.state != RUN or runner.unborn:
             return False
-        if runner.collected and all(n in self.done for n in self.assigned):
+        if runner.collected and not self.assigned:
             return False  # nothing to start: it waits for work, or ends
         return now - self.runner_born > self.start_wait
 
@@ -563,7 +565,7 @@ class SlotDriver:
 
     def _work_done(self) -> bool:
         """The work queue ran dry and every test taken from it is answered."""
-        return self.out_of_work and all(n in self.done for n in self.assigned)
+        return self.out_of_work and not self.assigned
 
     def _runner_gone(self, runner: Runner) -> bool:
         """The runner exited: a normal end, a crash, a kill, or its own --maxfail. Name the
@@ -605,7 +607,7 @@ class SlotDriver:
                 f"the test process exited before running any test ({describe_exit(code)})"
             )
             tail = runner.crash_output()
-            for nodeid in [n for n in self.assigned if n not in self.done]:
+            for nodeid in list(self.assigned):
                 self.emit(crashed(nodeid, self.assigned[nodeid], why, tail, self.kill_stacks))
                 self._finish(nodeid)
             self.broken = f"{why}{where_it_was(self.kill_stacks)}\n{tail}".strip()
