@@ -188,6 +188,7 @@ def pytest_configure(config: pytest.Config) -> None:
     settings = resolve_settings(config)
     config.stash[SETTINGS_KEY] = settings
     config.add_cleanup(gcpace.relax())  # a controller's heap only grows (see gcpace)
+    gcpace.freeze_at_exit()
     _register_artifacts(config, settings)
     _check_compatible(config)
     _check_writable_outputs(settings)

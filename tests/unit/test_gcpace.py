@@ -57,3 +57,22 @@ def test_a_dispatching_controller_collects_relaxed_and_leaves_gc_as_it_was(
         [f"thresholds during collection ({gcpace.YOUNG_EVERY}, 10, {gcpace.FULL_EVERY})"]
     )
     assert gc.get_threshold() == (700, 10, 10)
+
+
+def test_a_dispatching_controller_freezes_its_heap_at_exit_after_pytest_is_done(
+    pytester: pytest.Pytester,
+) -> None:
+    # The conftest's atexit handler is registered first, so it runs last: after the plugin's.
+    pytester.makeconftest(
+        """
+        import atexit
+        import gc
+
+        atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0))
+        """
+    )
+    pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    plain = pytester.runpytest_subprocess("--collect-only", "-q")
+    plain.stdout.fnmatch_lines(["frozen at exit: False"])
+    dispatched = pytester.runpytest_subprocess("--celery-dispatch", "--collect-only", "-q")
+    dispatched.stdout.fnmatch_lines(["frozen at exit: True"])
