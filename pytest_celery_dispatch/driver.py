@@ -29,6 +29,14 @@ RUN, STOP, KILL = "run", "stop", "kill"
 #: ``control()`` answers when another slot of the worker quarantined it: the running test
 #: finishes (as after ``STOP``), no other starts.
 QUARANTINE = "quarantine"
+#: What one read of the runner's pipe found (``SlotDriver._pump``).
+READ, EXITED = "read", "exited"
+
+#: While its runner is in a test, the slot reads the runner's lines at most this often (s): the
+#: lines of quick tests gather in the pipe meanwhile, and neither process is woken per test.
+#: W6 (15,000 quick tests a slot): the runner's and its zygote's CPU 9.0-9.5 s -> 7.7-7.9 s,
+#: the driver's 1.1 s -> 0.7-0.8 s. A test's results reach the controller 5 ms later at most.
+RELAY_PAUSE = 0.005
 
 #: The least a slot waits for the runner it asked its run's zygote for (see :mod:`.zygote`):
 #: the time a driver waited before the wait became part of its loop (2 s for the zygote to
@@ -257,8 +265,10 @@ class SlotDriver:
         on_failure: OnFailure = lambda kind, why: False,
         fork_wait: float | None = None,
         start_wait: float | None = None,
+        pause: Callable[[float], None] = time.sleep,
     ) -> None:
         self.spec = spec
+        self.pause = pause
         self.on_failure = on_failure
         self.emit = Coalescer(emit, clock=clock)
         self.fetch = fetch
@@ -329,11 +339,13 @@ class SlotDriver:
             assert runner is not None
             if self._feed(runner):
                 continue  # at once: the chunk may have been all done or missing
-            exited = self._pump(runner, 0.05 if self.emit.pending else 0.2)
+            read = self._pump(runner, 0.05 if self.emit.pending else 0.2)
             self.emit.tick()
             self._watch(runner)
-            if exited and self._runner_gone(runner):
+            if read == EXITED and self._runner_gone(runner):
                 return
+            if read == READ and runner.current is not None and self.state == RUN:
+                self.pause(RELAY_PAUSE)  # a test runs: let the next ones' lines gather
 
     def _start_runner(self, tmp: str) -> bool:
         eligible = [n for n in self.spec.nodeids if n not in self.done and n not in self.missing]
@@ -429,19 +441,20 @@ class SlotDriver:
                 del self.chunk_left[batch_id]
                 self.emit({"type": "finished", "batch_id": batch_id})
 
-    def _pump(self, runner: Runner, wait: float) -> bool:
-        """Forward what the runner wrote (waiting up to ``wait`` s); True once it has exited."""
+    def _pump(self, runner: Runner, wait: float) -> str | None:
+        """Forward what the runner wrote (waiting up to ``wait`` s): ``READ`` when it wrote
+        events, ``EXITED`` once it has exited, else None."""
         output_ready, events_ready = runner.wait(wait)
         if output_ready:
             self._forward_output(runner, 0)
         if not events_ready:
-            return False
+            return None
         try:
             for event in runner.read_events():
                 self._on_event(runner, event)
         except EOFError:
-            return True
-        return False
+            return EXITED
+        return READ
 
     def _on_event(self, runner: Runner, event: dict[str, Any]) -> None:
         kind = event.get("type")

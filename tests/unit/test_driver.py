@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import pytest
 
-from pytest_celery_dispatch.driver import KILL, RUN, STOP, Coalescer, SlotDriver
+from pytest_celery_dispatch.driver import KILL, RELAY_PAUSE, RUN, STOP, Coalescer, SlotDriver
 from pytest_celery_dispatch.jsonlines import LineWriter, decode, encode_split, read_until_closed
 from pytest_celery_dispatch.launcher import RunnerState
 from pytest_celery_dispatch.runnerspec import RunnerSpec
@@ -262,6 +262,19 @@ def test_the_next_chunk_is_fetched_only_when_the_runner_holds_at_most_one_test()
         {"type": "run", "nodeids": ["t.py::a"]},
         {"type": "run", "nodeids": ["t.py::b"]},
     ]
+
+
+def test_the_driver_pauses_after_a_read_that_leaves_a_test_running_and_only_then():
+    ids = ["t.py::a", "t.py::b", "t.py::c"]
+    slot = Slot(ids, [["t.py::a", "t.py::b"], ["t.py::c"]], hang_on=("t.py::b",))
+    pauses: list[float] = []
+    slot.driver.pause = pauses.append
+    slot.driver.control = lambda: STOP if slot.clock.now >= 1010 else RUN
+    slot.run()
+    # One read: t.py::a's end and t.py::b's start; t.py::b runs on, silent (no read, no
+    # pause), until the stop ends it; t.py::c never starts.
+    assert pauses == [RELAY_PAUSE]
+    assert sorted(slot.results()) == ["t.py::a", "t.py::b"]
 
 
 def test_a_dropped_run_interrupts_the_running_test_as_ctrl_c_would_and_ends_the_slot():
