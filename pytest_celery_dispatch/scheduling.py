@@ -150,38 +150,37 @@ class QueueScheduler(Recovery):
     # ------------------------------------------------------------------ the start
 
     def begin(self, consumers: dict[str, int], capacity: dict[str, int]) -> list[Action]:
-        """Queues with a consumer start now (first chunk, a slot per worker slot, then the other
-        chunks: workers start their runners while the rest is sent); the others wait up to
-        ``wait_workers`` for one."""
+        """Queues with a consumer start now (their chunks, then a slot per worker slot); the
+        others wait up to ``wait_workers`` for one."""
         self.consumers.update(consumers)
         self.capacity.update(capacity)
-        first: list[Action] = []
-        later: list[Action] = []
+        actions: list[Action] = []
         for queue in self.queue_nodeids:
             if self.consumers.get(queue, 0) > 0:
-                now_actions, rest = self._start_queue(queue)
-                first.extend(now_actions)
-                later.extend(rest)
+                actions.extend(self._start_queue(queue))
             else:
                 self.waiting_queues[queue] = self.clock() + self.wait_workers
-        return first + later
+        return actions
 
-    def _start_queue(self, queue: str) -> tuple[list[Action], list[Action]]:
-        """The first chunk and a slot per worker slot now; the other chunks after. With
-        recorded durations, longest first, the predicted test time; nothing before its turn."""
+    def _start_queue(self, queue: str) -> list[Action]:
+        """Every chunk of the queue, then a slot per worker slot: a slot that finds its work
+        queue empty has no more to do and ends, and a warm slot (a prewarmed zygote) asks
+        within milliseconds, before the rest of its work would be there if it were sent
+        after. With recorded durations, longest first, the predicted test time; nothing before
+        its turn."""
         nodeids = self.queue_nodeids[queue]
         slots = max(1, self.capacity.get(queue) or self.consumers.get(queue) or 1)
         # A shared bench: this run holds no more of its slots than it has tests.
         wanted = min(slots, len(nodeids))
         if queue not in self.turns.granted and not self.turns.take(queue, slots, wanted):
-            return [], []
+            return []
         planned = plan_work(nodeids, slots, self.dist, self.group_of, self.estimates.get(queue))
         self.forecast.planned(queue, planned, slots)
         chunks = [self._new_chunk(queue, ids) for ids in planned]
-        first: list[Action] = [Publish(c) for c in chunks[:1]]
+        actions: list[Action] = [Publish(c) for c in chunks]
         slots = min(slots, self.turns.granted.get(queue, slots))
-        first.extend(self._new_slot(queue) for _ in range(min(slots, len(chunks))))
-        return first, [Publish(c) for c in chunks[1:]]
+        actions.extend(self._new_slot(queue) for _ in range(min(slots, len(chunks))))
+        return actions
 
     def _new_chunk(self, queue: str, nodeids: list[str], **fields: object) -> ChunkState:
         chunk = ChunkState(f"{self.run_id}.{next(self._chunk_numbers)}", queue, nodeids)
@@ -352,8 +351,8 @@ class QueueScheduler(Recovery):
         if self.outage.since is not None or self.outage.given_up:
             return actions
         actions.extend(self._poll_waiting_queues(now))
-        for first, rest in (self._start_queue(q) for q in self.turns.due(self.stopping)):
-            actions.extend(first + rest)
+        for queue in self.turns.due(self.stopping):
+            actions.extend(self._start_queue(queue))
         waiting: dict[str, list[ChunkState]] = {}
         for chunk in self.live_chunks():
             if chunk.started_at is None:
@@ -407,8 +406,7 @@ class QueueScheduler(Recovery):
                         "cyan",
                     )
                 )
-                first, rest = self._start_queue(queue)
-                actions.extend(first + rest)
+                actions.extend(self._start_queue(queue))
             elif now >= deadline:
                 del self.waiting_queues[queue]
                 why = no_consumer_message(queue, self.wait_workers, self.guesses.get(queue))
