@@ -34,7 +34,7 @@ READ, EXITED = "read", "exited"
 
 #: While its runner is in a test, the slot reads the runner's lines at most this often (s): the
 #: lines of quick tests gather in the pipe meanwhile, and neither process is woken per test.
-#: W6 (15,000 quick tests a slot): the runner's and its zygote's CPU 9.0-9.5 s -> 7.7-7.9 s,
+#: W6 (15,000 quick tests a slot): the runner's and its zygote's CPU 9.0-9.5 s -> 7.4-7.9 s,
 #: the driver's 1.1 s -> 0.7-0.8 s. A test's results reach the controller 5 ms later at most.
 RELAY_PAUSE = 0.005
 
