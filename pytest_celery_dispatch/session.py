@@ -321,9 +321,10 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
 
     def execute(self, actions: list[Action]) -> None:
         """Carry out what the scheduler decided, in order."""
+        declared: set[str] = set()  # the work queues declared for this batch
         for action in actions:
             if isinstance(action, Publish):
-                self._publish(action.chunk)
+                self._publish(action.chunk, declared)
             elif isinstance(action, StartSlot):
                 self._start_slot(action.slot)
             elif isinstance(action, Fail):
@@ -334,7 +335,7 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
                 for nodeid in action.nodeids:
                     self.records[nodeid].attempts = action.attempt
 
-    def _publish(self, chunk: ChunkState) -> None:
+    def _publish(self, chunk: ChunkState, declared: set[str]) -> None:
         """Put a chunk on its queue's work queue (the scheduler retries if the broker is away)."""
         from .transport import describe_error
 
@@ -345,12 +346,17 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
             "nodeids": list(chunk.nodeids),
         }
         try:
-            # Declared before every chunk (a passive-cheap round trip): the workers delete a
-            # run's work queue when they take its controller for gone (a cut network), and a
-            # chunk published to a deleted queue is dropped without a word.
-            self._broker.declare_work_queue(name)
+            # Declared before every batch of chunks (a round trip): the workers delete a run's
+            # work queue when they take its controller for gone (a cut network), and a chunk
+            # published to a deleted queue is dropped without a word. Once per batch, not per
+            # chunk: a run's start sends a queue's chunks in one batch (W2: 100 of them, each a
+            # round trip to a broker that may be on another machine).
+            if name not in declared:
+                self._broker.declare_work_queue(name)
+                declared.add(name)
             self._broker.publish_work(name, message)
         except Exception as exc:
+            declared.discard(name)  # declared again after the broker is back
             self.execute(self.scheduler.send_failed(chunk, describe_error(exc)))
             return
         self.scheduler.sent(chunk)
