@@ -8,8 +8,11 @@ how many workers served it), and the next run with the same selection (its paths
 queue as pytest's session starts, from a thread beside pytest's collection: a worker that
 takes it starts the zygote of those tests (see :mod:`.prewarm` for what it checks first).
 When the run's tests turn out the same, its slots fork from a zygote that has collected, or
-is collecting, already; when not, the first slot's own zygote replaces it. Nothing else
-depends on it: a prewarm lost, refused or late costs only the time it would have saved.
+is collecting, already. A run without a plan, or whose tests differ from its plan's, sends
+its prewarms once it has collected (:func:`prewarm_collected`), before the line's wait and its
+chunks: the zygote collects meanwhile (a different plan's is killed for it), instead of after
+the first slot arrives. Nothing else depends on it: a prewarm lost, refused or late costs
+only the time it would have saved.
 
 Not sent under ``-s`` (streamed runners start fresh, no zygote) nor ``--celery-ship always``
 (the run's tree is shipped, never the worker's own in place): a worker would never use it.
@@ -120,17 +123,23 @@ def prewarm_payload(payloads: SlotPayloads, queue: str, nodeids: list[str]) -> d
 
 
 def start_prewarm(
-    app: Any, cache: Any, args: list[str], payloads: SlotPayloads, ship_mode: str
+    app: Any,
+    cache: Any,
+    args: list[str],
+    payloads: SlotPayloads,
+    ship_mode: str,
+    sent: dict[str, list[str]] | None = None,
 ) -> threading.Thread | None:
-    """Send the remembered plan's prewarms from a thread (see the module); None if not sent."""
-    if cache is None or payloads.stream or ship_mode == "always":
+    """Send the remembered plan's prewarms from a thread (see the module); None if not sent.
+    Each queue's tests go into ``sent`` once its prewarms are out (:func:`prewarm_collected`)."""
+    if cache is None or not usable(payloads, ship_mode):
         return None
     from .transport import load_sending
 
     load_sending(app)  # here, 0.02 s: the thread must import nothing while pytest collects
     thread = threading.Thread(
         target=_send_prewarms,
-        args=(app, cache, list(args), payloads),
+        args=(app, cache, list(args), payloads, {} if sent is None else sent),
         name="celery-dispatch-prewarm",
         daemon=True,
     )
@@ -138,9 +147,47 @@ def start_prewarm(
     return thread
 
 
-def _send_prewarms(app: Any, cache: Any, args: list[str], payloads: SlotPayloads) -> None:
+def prewarm_collected(
+    app: Any,
+    payloads: SlotPayloads,
+    ship_mode: str,
+    queue_nodeids: Mapping[str, list[str]],
+    workers: Mapping[str, int],
+    sent: Mapping[str, list[str]],
+) -> list[str]:
+    """Once the run has collected, the prewarms of each queue with ``workers`` (consumers)
+    whose tests no prewarm named (``sent``): a run with no plan, or tests unlike its plan's.
+    Sent before the line's wait and the chunks, its zygotes collect meanwhile, so its slots
+    fork at once instead of starting one each. The queues prewarmed."""
+    if not usable(payloads, ship_mode):
+        return []
+    plan = {
+        queue: (nodeids, min(workers[queue], MAX_PER_QUEUE))
+        for queue, nodeids in queue_nodeids.items()
+        if workers.get(queue, 0) > 0 and sent.get(queue) != nodeids
+    }
+    return _send(app, payloads, plan, {})
+
+
+def usable(payloads: SlotPayloads, ship_mode: str) -> bool:
+    """Whether a worker could use a prewarm of this run: not under ``-s`` (streamed runners
+    start fresh) nor ``--celery-ship always`` (never the worker's own tree in place)."""
+    return not payloads.stream and ship_mode != "always"
+
+
+def _send_prewarms(
+    app: Any, cache: Any, args: list[str], payloads: SlotPayloads, sent: dict[str, list[str]]
+) -> None:
+    _send(app, payloads, remembered_plan(cache.get(PLAN_KEY, None), args), sent)
+
+
+def _send(
+    app: Any,
+    payloads: SlotPayloads,
+    plan: Mapping[str, tuple[list[str], int]],
+    sent: dict[str, list[str]],
+) -> list[str]:
     try:
-        plan = remembered_plan(cache.get(PLAN_KEY, None), args)
         for queue, (nodeids, workers) in plan.items():
             payload = prewarm_payload(payloads, queue, nodeids)
             for _ in range(workers):
@@ -155,5 +202,7 @@ def _send_prewarms(app: Any, cache: Any, args: list[str], payloads: SlotPayloads
                     expiration=PREWARM_EXPIRES,  # RabbitMQ's message TTL: none piles up unused
                     retry=False,
                 )
+            sent[queue] = nodeids
     except Exception:  # a prewarm is an optimisation: the run goes on without it
-        return
+        pass
+    return list(sent)

@@ -31,7 +31,7 @@ from .events import EventHandlers
 from .forwarding import SlotPayloads
 from .identity import current_identity
 from .names import EMBEDDED
-from .prewarmplan import remember_plan, selection, start_prewarm
+from .prewarmplan import prewarm_collected, remember_plan, selection, start_prewarm
 from .quarantine import Quarantines
 from .replay import EventLog, Replayer
 from .scheduling import (
@@ -115,6 +115,7 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         self._local_workers: Any = None
         self._prestart: Prestart | None = None  # the app and the lab board, made before collection
         self.turns: RunTurns | None = None  # this run in the line for shared benches
+        self.prewarmed: dict[str, list[str]] = {}  # queue -> the tests its prewarms named
         self._session: pytest.Session | None = None
         self._last_poll = 0.0
         self._unknown_events: set[str] = set()
@@ -220,7 +221,9 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
             on_board = functools.partial(self._new_turns, early) if early else None
             self._prestart = Prestart(self.settings.broker, self.embedded_root, on_board)
             mode = self.shipper.settings.mode
-            start_prewarm(self._prestart.app, self._cache, picked, self.payloads, mode)
+            start_prewarm(
+                self._prestart.app, self._cache, picked, self.payloads, mode, self.prewarmed
+            )
 
     def pytest_sessionfinish(self) -> None:
         picked = selection(self.config)
@@ -266,6 +269,8 @@ class DispatchSession(EventHandlers, ArtifactEvents, ShipHandlers):
         self.scheduler.estimates.update(queue_estimates(self.config, queues))  # longest first, ETA
         found = find_workers(self._broker, queues, self.settings.wait_workers)
         self.workers_by_queue = found.by_queue
+        mode = self.shipper.settings.mode
+        prewarm_collected(self._app, self.payloads, mode, queues, found.consumers, self.prewarmed)
         transport.warm_sending(self._app)  # within the line's wait, not on the first send
         self.execute(self.scheduler.begin(found.consumers, found.capacity))
         sch = self.scheduler

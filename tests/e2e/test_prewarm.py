@@ -107,7 +107,7 @@ def test_a_run_like_the_last_forks_from_a_zygote_started_while_it_collected(
         assert len(ppids) == expect, ppids
         return ppids
 
-    # The first run has no plan to go by: its slot starts the zygote once it has collected.
+    # The first run has no plan to go by: its prewarm goes once it has collected.
     first = run(wait_for=0, expect=5)
     assert seen.read_text().split() == ["0"]
     assert set(first) == {imports.read_text().split()[0]}
@@ -138,6 +138,35 @@ def test_a_run_like_the_last_forks_from_a_zygote_started_while_it_collected(
     prewarmed, own = importers[2], importers[3]
     assert set(third) == {own}
     assert not alive(int(prewarmed))
+
+
+def test_a_run_without_a_plan_prewarms_its_workers_once_it_has_collected(
+    pytester, worker_factory, workspace
+):
+    """No cache (a CI job): the zygote is asked for as soon as the controller has collected
+    and found the queue's workers, before its line's wait, its chunks and its slots; every
+    test runs in a runner forked from that one zygote."""
+    worker = worker_factory(worker_id="worker-prewarm-nocache")
+    imports, seen, runs = (pytester.path / n for n in ("imports.log", "seen.log", "runs.log"))
+    pytester.makeconftest(conftest_source(imports, seen))
+    pytester.makepyfile(test_one=module_source(worker.queue, runs, 5))
+    report = pytester.path / "report.json"
+    command = dispatch_command(BROKER, workspace, report, "--celery-ship=off")
+    assert "no:cacheprovider" in command
+    done = subprocess.run(command, cwd=pytester.path, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    run_id = json.loads(report.read_text())["dispatch"]["run_id"]
+    said = [
+        json.loads(line)
+        for line in worker.log_path.read_text().splitlines()
+        if line.startswith("{") and "prewarm: " in line
+    ]
+    assert [(r["message"], r.get("run_id")) for r in said] == [
+        ("prewarm: zygote started for 5 tests", run_id)
+    ]
+    importers = imports.read_text().split()
+    assert len(importers) == 1, importers
+    assert set(runs.read_text().split()) == {importers[0]}
 
 
 SENDER = """

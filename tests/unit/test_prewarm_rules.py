@@ -121,6 +121,51 @@ def test_the_plan_s_prewarms_leave_as_tasks_that_expire():
     assert options["args"][0]["nodeids"] == ["t.py::a"]
 
 
+def test_the_plan_s_prewarms_say_which_tests_each_queue_was_sent():
+    app, sent = FakeApp(), {}
+    cache = FakeCache({"args": ARGS, "queues": {"q": ["t.py::a"]}, "workers": {"q": 1}})
+    thread = prewarmplan.start_prewarm(app, cache, ARGS, FakePayloads(), "auto", sent)  # type: ignore[arg-type]
+    assert thread is not None
+    thread.join(10)
+    assert sent == {"q": ["t.py::a"]}
+
+
+def test_once_collected_a_queue_whose_tests_no_prewarm_named_is_prewarmed():
+    """A run without a plan (no cache: a CI job), or whose tests are not its plan's: one
+    prewarm per consumer of each queue that has one, up to the bound; none for a queue the
+    plan's prewarms named with the same tests."""
+    app = FakeApp()
+    queues = {
+        "planned": ["t.py::a"],
+        "changed": ["t.py::b", "t.py::c"],
+        "new": ["t.py::d"],
+        "nobody": ["t.py::e"],
+        "crowded": ["t.py::f"],
+    }
+    workers = {"planned": 1, "changed": 2, "new": 1, "nobody": 0, "crowded": 50}
+    sent = {"planned": ["t.py::a"], "changed": ["t.py::b"]}
+    prewarmed = prewarmplan.prewarm_collected(app, FakePayloads(), "auto", queues, workers, sent)  # type: ignore[arg-type]
+    assert prewarmed == ["changed", "new", "crowded"]
+    by_queue = [(o["queue"], o["args"][0]["nodeids"]) for _, o in app.sent]
+    assert by_queue == [
+        ("changed", ["t.py::b", "t.py::c"]),
+        ("changed", ["t.py::b", "t.py::c"]),
+        ("new", ["t.py::d"]),
+        *[("crowded", ["t.py::f"])] * prewarmplan.MAX_PER_QUEUE,
+    ]
+    assert all(o["expires"] == prewarmplan.PREWARM_EXPIRES for _, o in app.sent)
+
+
+@pytest.mark.parametrize(("stream", "mode"), [(True, "auto"), (False, "always")])
+def test_once_collected_no_prewarm_where_a_worker_could_not_use_it(stream, mode):
+    app, payloads = FakeApp(), FakePayloads()
+    payloads.stream = stream
+    assert (
+        prewarmplan.prewarm_collected(app, payloads, mode, {"q": ["t.py::a"]}, {"q": 1}, {}) == []
+    )  # type: ignore[arg-type]
+    assert app.sent == []
+
+
 # ---------------------------------------------------------------- the worker's checks
 
 
