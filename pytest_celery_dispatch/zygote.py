@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Protocol
 
 import pytest
 
@@ -41,7 +42,14 @@ from .names import (
     ENV_ZYGOTE,
     ENV_ZYGOTE_HOME,
 )
-from .procutil import close_quietly, die_with_parent, kill_group, private_top, stacks_path
+from .procutil import (
+    Killable,
+    close_quietly,
+    die_with_parent,
+    kill_group,
+    private_top,
+    stacks_path,
+)
 from .runnerspec import (
     RunnerSpec,
     runner_command,
@@ -243,6 +251,13 @@ def read_request(sock: socket.socket) -> tuple[dict[str, str], list[int]] | None
 # ============================================================================ client (driver)
 
 
+class ZygoteProcess(Killable, Protocol):
+    """A zygote a slot may kill while it collects: one it started (``subprocess.Popen``) or one
+    started ahead of the run's slots (:class:`Prewarmed`)."""
+
+    def poll(self) -> int | None: ...
+
+
 class ForkedProcess:
     """A runner asked of a zygote: not our child, so its pid and then its exit status come over
     the socket. The pid comes once the zygote has collected and forked (0 until then:
@@ -255,15 +270,17 @@ class ForkedProcess:
         self,
         conn: socket.socket,
         pid: int = 0,
-        zygote: subprocess.Popen[bytes] | None = None,
+        zygote: ZygoteProcess | None = None,
         home: str = "",
     ) -> None:
         self.conn = conn
         self.pid = pid
         self.returncode: int | None = None
         self.unborn = False
-        self.zygote = zygote  # the zygote, when this process started it for this request
-        self.home = home  # ... and its folder
+        # The zygote, when this process started it for this request or it was started ahead
+        # of the run's slots (a prewarm: no slot started it), and its folder.
+        self.zygote = zygote
+        self.home = home
         self._lines = LineBuffer()
 
     @property
@@ -316,8 +333,9 @@ class ForkedProcess:
     def abandon(self) -> None:
         """Give the request up: the zygote kills the runner it forks (or forked) for it, as
         it does for any driver that goes away. One still collecting that this process started
-        for it is killed: nobody waits for it any more (the run is dropped, or it took longer
-        than a slot waits: hung). Safe from another thread (the cut-off guard)."""
+        for it, or that was started ahead of the run's slots, is killed: nobody waits for it
+        any more (the run is dropped or stopped, or it took longer than a slot waits: hung).
+        Safe from another thread (the cut-off guard)."""
         if not self.pending:
             return
         self.unborn = True
@@ -335,12 +353,47 @@ class ForkedProcess:
             os.kill(self.pid, signal.SIGKILL)
 
 
-def kill_collecting(zygote: subprocess.Popen[bytes], home: str) -> None:
+def kill_collecting(zygote: ZygoteProcess, home: str) -> None:
     """Kill ``zygote`` (its folder ``home``) unless it has collected and serves forks: its
     forked runners die with it."""
     if home and not os.path.exists(os.path.join(home, SERVING)):
         kill_group(zygote)
         shutil.rmtree(home, ignore_errors=True)
+
+
+class Prewarmed:
+    """A zygote started ahead of its run's slots (a prewarm, maybe in another pool process of
+    the worker: not our child), known by the pid in its folder (:data:`PREWARMED`)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        """None while it runs (a zombie its parent has not reaped yet counts as ended)."""
+        try:
+            with open(f"/proc/{self.pid}/stat", encoding="ascii") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return 0
+        return 0 if state in ("Z", "X") else None
+
+    def kill(self) -> None:
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+def prewarmed_in(home: str, key: str) -> Prewarmed | None:
+    """The zygote in folder ``home`` if it was started ahead of the slots of run and queue
+    ``key``, else None."""
+    try:
+        with open(os.path.join(home, PREWARMED), encoding="utf-8") as fh:
+            found = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(found, dict) or found.get("key") != key:
+        return None
+    pid = found.get("pid")
+    return Prewarmed(pid) if isinstance(pid, int) and pid > 0 else None
 
 
 def drop_prewarmed(top: str, key: str) -> None:
@@ -445,6 +498,8 @@ class Zygotes:
         conn, started = self._reach(spec, path)
         if conn is None:
             return None
+        home = os.path.dirname(path)
+        owner: ZygoteProcess | None = started or prewarmed_in(home, spec.key)
         event_fd, event_w = os.pipe()
         command_r, command_fd = os.pipe()
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -464,7 +519,7 @@ class Zygotes:
             return None
         finally:
             close_quietly(event_w, command_r, log_fd)
-        return ForkedProcess(conn, 0, started, os.path.dirname(path)), event_fd, command_fd
+        return ForkedProcess(conn, 0, owner, home), event_fd, command_fd
 
     def prewarm(self, spec: RunnerSpec, hung_after: float) -> subprocess.Popen[bytes] | None:
         """Start the zygote of ``spec``'s run on this worker ahead of the run's slots (see

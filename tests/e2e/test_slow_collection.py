@@ -17,7 +17,7 @@ from pytest_celery_dispatch.driver import FORK_WAIT_MIN
 from pytest_celery_dispatch.liveness import BENCH_RELEASE_LIMIT
 from pytest_celery_dispatch.names import ENV_ZYGOTE_HOME
 from pytest_celery_dispatch.retry import SILENCE_LIMIT
-from pytest_celery_dispatch.zygote import ZYGOTE_FIRST_WAIT, ZYGOTE_START_WAIT
+from pytest_celery_dispatch.zygote import PREWARMED, ZYGOTE_FIRST_WAIT, ZYGOTE_START_WAIT
 from tests.e2e.test_warm_runners import runner_gate, session_summaries, wait_for
 
 #: Longer than a slot once waited for its fork (it then collected again on its own) and than
@@ -130,10 +130,10 @@ def test_a_zygote_killed_while_its_slot_waits_the_slot_runs_its_own_and_the_test
     assert report["summary"]["passed"] == 3, report["summary"]
     assert set(attempts(report).values()) == {1}  # the slot was heard all along
     assert len(collectors(log)) == 2  # the slot's own runner, after the zygote was killed
+    assert log.read_text().splitlines()[1].split()[1] == "-"  # a runner's, not a zygote's
     wait_for(lambda: len(session_summaries(worker)) == 1, "the session's log line")
     (summary,) = session_summaries(worker)
     assert summary["runner_starts"] == 2, summary
-    assert summary["warm_start"] is False, summary
 
 
 @pytest.mark.parametrize("broken", ["module", "conftest"])
@@ -172,13 +172,22 @@ def test_a_broken_slow_collection_gives_the_outcomes_it_gives_without_the_zygote
         assert "passed" not in outcomes[0].values(), outcomes[0]
 
 
+def sessions_started(worker) -> int:
+    return sum('"session started"' in line for line in worker.log_path.read_text().splitlines())
+
+
+@pytest.mark.parametrize("zygote", ["prewarmed", "the slot's own"])
 @pytest.mark.parametrize("how", ["ctrl-c", "-x"])
 def test_a_run_stopped_while_its_slot_waits_for_the_zygote_leaves_nothing_behind(
-    pytester, worker_factory, controller, how
+    pytester, worker_factory, controller, how, zygote
 ):
     """Ctrl-C of the controller (the run is dropped), or -x after a test failed on another
-    worker (the run stops): the waiting slot gives its request up and ends."""
-    worker = worker_factory(worker_id="worker-zint", concurrency=1)
+    worker (the run stops): the waiting slot gives its request up and ends, and kills the
+    zygote it waited for, whether it started it or a prewarm did (no slot started that one)."""
+    prewarm = "1" if zygote == "prewarmed" else "0"
+    worker = worker_factory(
+        worker_id="worker-zint", concurrency=1, extra_env={"DISPATCH_PREWARM": prewarm}
+    )
     log = pytester.path / "collect.log"
     slow_conftest(pytester, log, 10 * SLOW, only_on="worker-zint")
     pytester.makepyfile(
@@ -199,10 +208,16 @@ def test_a_run_stopped_while_its_slot_waits_for_the_zygote_leaves_nothing_behind
             import time
             import pytest
 
+            def waiting():
+                if not os.path.exists({str(log)!r}):
+                    return False  # the zygote does not collect yet
+                with open({str(worker.log_path)!r}) as fh:
+                    return '"session started"' in fh.read()  # the slot waits for it
+
             @pytest.mark.queue({other.queue!r})
-            def test_fails_once_the_zygote_collects():
+            def test_fails_once_the_slot_waits_for_the_collecting_zygote():
                 deadline = time.monotonic() + {ZYGOTE_FIRST_WAIT}
-                while not os.path.exists({str(log)!r}) and time.monotonic() < deadline:
+                while not waiting() and time.monotonic() < deadline:
                     time.sleep(0.05)
                 assert False, "planned failure"
             """
@@ -210,9 +225,11 @@ def test_a_run_stopped_while_its_slot_waits_for_the_zygote_leaves_nothing_behind
         args.append("-x")
     ctl = controller(*args)
     wait_for(lambda: len(collectors(log)) == 1, "the zygote collecting")
-    (zygote,) = collectors(log)
+    wait_for(lambda: sessions_started(worker) == 1, "the slot waiting for it")
+    (pid,) = collectors(log)
     home = log.read_text().split()[1]
     assert os.path.isdir(home), home
+    assert os.path.exists(os.path.join(home, PREWARMED)) == (zygote == "prewarmed")
     if how == "ctrl-c":
         ctl.proc.send_signal(signal.SIGINT)
         assert ctl.wait(30) == 2, ctl.text()  # pytest's "interrupted"
@@ -223,9 +240,9 @@ def test_a_run_stopped_while_its_slot_waits_for_the_zygote_leaves_nothing_behind
     # collecting for it is killed (a runner it forked would die with it) and its folder
     # removed, within the time a dropped run has to free a bench.
     deadline = time.monotonic() + BENCH_RELEASE_LIMIT
-    while time.monotonic() < deadline and (alive(zygote) or os.path.exists(home)):
+    while time.monotonic() < deadline and (alive(pid) or os.path.exists(home)):
         time.sleep(0.2)
-    assert not alive(zygote)
+    assert not alive(pid)
     assert not os.path.exists(home)
     assert len(collectors(log)) == 1  # no runner of its own was started either
     wait_for(lambda: len(session_summaries(worker)) == 1, "the session's log line")
