@@ -397,10 +397,11 @@ def prewarmed_in(home: str, key: str) -> Prewarmed | None:
 
 
 def drop_prewarmed(top: str, key: str) -> None:
-    """Kill the zygotes prewarmed for run and queue ``key``: a slot of that run is starting a
-    zygote of its own, so its runners are not theirs (other tests, or another tree), and none
-    of its slots will ask them for one. (Called under the zygotes' lock, which a prewarm holds
-    until its zygote listens; a live one answers on its socket.)"""
+    """Kill the zygotes this worker prewarmed for run and queue ``key``: a slot of that run is
+    starting a zygote of its own, so its runners are not theirs (other tests, or another tree),
+    and none of its slots will ask them for one. Another worker of the same queue on this
+    machine keeps its own: its slots fork from it. (Called under the zygotes' lock, which a
+    prewarm holds until its zygote listens; a live one answers on its socket.)"""
     with contextlib.suppress(OSError):
         for entry in os.scandir(top):
             folder = entry.path
@@ -412,6 +413,8 @@ def drop_prewarmed(top: str, key: str) -> None:
             except (OSError, ValueError):
                 continue
             if not isinstance(found, dict) or found.get("key") != key:
+                continue
+            if found.get("worker") != os.getppid():
                 continue
             conn = connect(os.path.join(folder, "sock"))
             pid = found.get("pid")
@@ -557,7 +560,9 @@ class Zygotes:
             started = self._start(spec, path)
             if started is not None and prewarm:
                 with open(os.path.join(os.path.dirname(path), PREWARMED), "w") as fh:
-                    json.dump({"key": spec.key, "pid": started.pid}, fh)
+                    # The worker's too: other workers of this machine and user share ``top``.
+                    record = {"key": spec.key, "pid": started.pid, "worker": os.getppid()}
+                    json.dump(record, fh)
             if started is None or prewarm:
                 return None, started
             return connect(path), started
