@@ -371,7 +371,7 @@ class Prewarmed:
     def poll(self) -> int | None:
         """None while it runs (a zombie its parent has not reaped yet counts as ended)."""
         try:
-            with open(f"/proc/{self.pid}/stat", encoding="ascii") as fh:
+            with open(f"/proc/{self.pid}/stat", encoding="utf-8", errors="replace") as fh:
                 state = fh.read().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
             return 0
