@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 
@@ -382,15 +382,22 @@ class Prewarmed:
             os.kill(self.pid, signal.SIGKILL)
 
 
-def prewarmed_in(home: str, key: str) -> Prewarmed | None:
-    """The zygote in folder ``home`` if it was started ahead of the slots of run and queue
-    ``key``, else None."""
+def prewarmed_record(home: str) -> dict[str, Any] | None:
+    """What folder ``home`` says of its zygote if a prewarm started it (:data:`PREWARMED`:
+    its run and queue ``key``, ``pid``, ``worker``), else None."""
     try:
         with open(os.path.join(home, PREWARMED), encoding="utf-8") as fh:
             found = json.load(fh)
     except (OSError, ValueError):
         return None
-    if not isinstance(found, dict) or found.get("key") != key:
+    return found if isinstance(found, dict) else None
+
+
+def prewarmed_in(home: str, key: str) -> Prewarmed | None:
+    """The zygote in folder ``home`` if it was started ahead of the slots of run and queue
+    ``key``, else None."""
+    found = prewarmed_record(home)
+    if found is None or found.get("key") != key:
         return None
     pid = found.get("pid")
     return Prewarmed(pid) if isinstance(pid, int) and pid > 0 else None
@@ -407,14 +414,8 @@ def drop_prewarmed(top: str, key: str) -> None:
             folder = entry.path
             if not entry.name.startswith("z-"):
                 continue
-            try:
-                with open(os.path.join(folder, PREWARMED), encoding="utf-8") as fh:
-                    found = json.load(fh)
-            except (OSError, ValueError):
-                continue
-            if not isinstance(found, dict) or found.get("key") != key:
-                continue
-            if found.get("worker") != os.getppid():
+            found = prewarmed_record(folder)
+            if found is None or found.get("key") != key or found.get("worker") != os.getppid():
                 continue
             conn = connect(os.path.join(folder, "sock"))
             pid = found.get("pid")
