@@ -90,7 +90,7 @@ class EventHandlers:
             return
         elapsed = float(event.get("elapsed") or 0.0)
         self.scheduler.test_started(chunk, nodeid, elapsed)
-        self.replayer.started(nodeid, event, chunk.attempt, time.time() - elapsed)
+        self.replayer.started(nodeid, event, chunk.attempt, time.time() - elapsed, estimate=True)
 
     def on_missing(self, event: Event, chunk: ChunkState | None) -> None:
         """Tests a worker could not collect: each fails by name."""

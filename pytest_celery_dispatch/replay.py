@@ -107,6 +107,7 @@ class Replayer:
         self.buffers: dict[tuple[str, str], list[Any]] = {}
         self.finalized: set[str] = set()
         self.replays: dict[str, int] = {}
+        self._stamped: dict[str, int | None] = {}  # the attempt whose start the worker stamped
         self.last_activity = time.monotonic()
         self._records_finalized = 0
 
@@ -147,11 +148,25 @@ class Replayer:
             record.attempts = attempt
         record.session = str(event.get("session_id") or record.session or "") or None
 
-    def started(self, nodeid: str, event: Event, attempt: int | None, started: float) -> None:
+    def started(
+        self,
+        nodeid: str,
+        event: Event,
+        attempt: int | None,
+        started: float,
+        estimate: bool = False,
+    ) -> None:
+        """A test started at ``started``: the worker's own stamp (its ``logstart``), or an
+        ``estimate`` from a heartbeat (the controller's clock less the elapsed time, later by
+        the heartbeat's transit), which never replaces the stamp of the same attempt."""
         record = self.records.get(nodeid)
         if record is None or nodeid in self.finalized:
             return
         self.annotate(nodeid, event, attempt)
+        if estimate and nodeid in self._stamped and self._stamped[nodeid] == attempt:
+            return
+        if not estimate:
+            self._stamped[nodeid] = attempt
         first = record.started is None
         record.started = started
         if first:
