@@ -5,8 +5,9 @@ board's release notices for it (``celery-dispatch release``) put it back in serv
 :class:`BenchNotices` is a thread in the worker's main process (started at ``worker_ready``):
 every ``LAB_INTERVAL`` it reads the ``run_session`` tasks the worker is running (Celery's
 ``active_requests``) and the last result a slot left (:func:`record_last_run`, written by the
-pool process as a slot ends), and publishes them. Worker side only: never imports the
-controller.
+pool process as a slot ends), and publishes them; then it kills the zygotes this worker
+prewarmed for runs gone from the board (:mod:`.prewarmwatch`). Worker side only: never
+imports the controller.
 
 PYTEST_DONT_REWRITE: imported by the worker app.
 """
@@ -28,6 +29,7 @@ from .health import HealthBook
 from .lab import LAB_INTERVAL, RELEASE
 from .labboard import Board
 from .names import SLOT_TASK
+from .prewarmwatch import PrewarmWatch
 from .procutil import private_top
 
 
@@ -99,6 +101,7 @@ class BenchNotices(threading.Thread):
             "slots": slots,
         }
         self.stopping = threading.Event()
+        self.prewarms = PrewarmWatch(node, private_top(), os.getpid())
 
     def notice(self) -> dict[str, Any]:
         from celery.worker.state import active_requests
@@ -118,6 +121,8 @@ class BenchNotices(threading.Thread):
                 self.take_releases()
             with contextlib.suppress(Exception):
                 self.board.publish(self.notice())
+            with contextlib.suppress(Exception):
+                self.prewarms.check(self.board.notices())
             self.stopping.wait(LAB_INTERVAL)
 
     def take_releases(self) -> None:

@@ -8,7 +8,8 @@ sends, as pytest's session starts, ``prewarm`` tasks to each queue with that run
 slots, sent once the controller has collected, fork from it at once when the run's tests are
 the same. When they are not, the first slot of the run starts a zygote of its own and the
 prewarmed one is killed (:func:`.zygote.drop_prewarmed`); one nobody asks for ends by itself
-(``ZYGOTE_FIRST_WAIT``).
+(``ZYGOTE_FIRST_WAIT``); one still collecting when its run is gone from the lab board (a run
+cancelled before its slots came) is killed by the worker's board thread (:mod:`.prewarmwatch`).
 
 What a worker checks before it starts one, as ``run_session`` would (nothing it receives runs
 before it is checked): the protocol; its own workspace in place (a prewarm never fetches a

@@ -353,12 +353,15 @@ class ForkedProcess:
             os.kill(self.pid, signal.SIGKILL)
 
 
-def kill_collecting(zygote: ZygoteProcess, home: str) -> None:
+def kill_collecting(zygote: ZygoteProcess, home: str) -> bool:
     """Kill ``zygote`` (its folder ``home``) unless it has collected and serves forks: its
-    forked runners die with it."""
-    if home and not os.path.exists(os.path.join(home, SERVING)):
-        kill_group(zygote)
-        shutil.rmtree(home, ignore_errors=True)
+    forked runners die with it. Whether it was killed (not if its folder is gone: so is it,
+    or it is being killed)."""
+    if not os.path.isdir(home) or os.path.exists(os.path.join(home, SERVING)):
+        return False
+    kill_group(zygote)
+    shutil.rmtree(home, ignore_errors=True)
+    return True
 
 
 class Prewarmed:
@@ -399,8 +402,25 @@ def prewarmed_in(home: str, key: str) -> Prewarmed | None:
     found = prewarmed_record(home)
     if found is None or found.get("key") != key:
         return None
-    pid = found.get("pid")
+    return prewarmed_process(found)
+
+
+def prewarmed_process(record: dict[str, Any]) -> Prewarmed | None:
+    """The zygote a prewarm record names; None for a pid that is not one (0 and -1 would be
+    our own process group, or every process)."""
+    pid = record.get("pid")
     return Prewarmed(pid) if isinstance(pid, int) and pid > 0 else None
+
+
+def prewarmed_by(top: str, worker: int) -> list[tuple[str, dict[str, Any]]]:
+    """The folders under ``top`` of the zygotes that worker ``worker`` (the pid of its main
+    process) prewarmed, each with its record (:func:`prewarmed_record`)."""
+    try:
+        folders = [e.path for e in os.scandir(top) if e.name.startswith("z-")]
+    except OSError:
+        return []
+    found = ((folder, prewarmed_record(folder)) for folder in folders)
+    return [(f, r) for f, r in found if r is not None and r.get("worker") == worker]
 
 
 def drop_prewarmed(top: str, key: str) -> None:
@@ -409,21 +429,16 @@ def drop_prewarmed(top: str, key: str) -> None:
     and none of its slots will ask them for one. Another worker of the same queue on this
     machine keeps its own: its slots fork from it. (Called under the zygotes' lock, which a
     prewarm holds until its zygote listens; a live one answers on its socket.)"""
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(top):
-            folder = entry.path
-            if not entry.name.startswith("z-"):
-                continue
-            found = prewarmed_record(folder)
-            if found is None or found.get("key") != key or found.get("worker") != os.getppid():
-                continue
-            conn = connect(os.path.join(folder, "sock"))
-            pid = found.get("pid")
-            if conn is not None and isinstance(pid, int) and pid > 0:
-                conn.close()
-                with contextlib.suppress(OSError):
-                    os.killpg(pid, signal.SIGKILL)
-            shutil.rmtree(folder, ignore_errors=True)
+    for folder, found in prewarmed_by(top, os.getppid()):
+        if found.get("key") != key:
+            continue
+        conn = connect(os.path.join(folder, "sock"))
+        zygote = prewarmed_process(found)
+        if conn is not None and zygote is not None:
+            conn.close()
+            with contextlib.suppress(OSError):
+                os.killpg(zygote.pid, signal.SIGKILL)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def connect(path: str) -> socket.socket | None:
@@ -530,7 +545,8 @@ class Zygotes:
         :mod:`.prewarm`): the process, if it was started here; None if one runs already or
         none can be had. Its folder says so (:data:`PREWARMED`), for :func:`drop_prewarmed`.
         Still collecting after ``hung_after`` seconds, it is killed: no slot waits longer for
-        a fork (a slot's own zygote is killed by the slot that gives up on it)."""
+        a fork (a slot's own zygote is killed by the slot that gives up on it); sooner if its
+        run is gone from the lab board (:mod:`.prewarmwatch`)."""
         path = zygote_path(spec)
         if path is None:
             return None

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from pytest_celery_dispatch.embedded import EMBEDDED
+from pytest_celery_dispatch.lab import LAB_INTERVAL, LAB_STALE
 from pytest_celery_dispatch.prewarmplan import PREWARM_EXPIRES
 from tests.helpers import BROKER, delete_queues, dispatch_command
 
@@ -138,6 +142,74 @@ def test_a_run_like_the_last_forks_from_a_zygote_started_while_it_collected(
     prewarmed, own = importers[2], importers[3]
     assert set(third) == {own}
     assert not alive(int(prewarmed))
+
+
+CANCEL = """
+        import signal
+
+        _wait_for_imports = pytest_collection_finish
+
+        def pytest_collection_finish(session):
+            _wait_for_imports(session)
+            if "DISPATCH_WORKER_ID" not in os.environ and os.environ.get("CANCEL"):
+                os.kill(os.getpid(), getattr(signal, os.environ["CANCEL"]))
+        """
+
+SLOW_ON_WORKER = """
+        import time
+
+        if "DISPATCH_WORKER_ID" in os.environ and os.path.exists({flag!r}):
+            time.sleep(600)  # a long collection, on the worker only
+        """
+
+
+@pytest.mark.parametrize(
+    ("broker", "cancel"),
+    [(BROKER, "SIGINT"), (BROKER, "SIGKILL"), (EMBEDDED, "SIGKILL")],
+    ids=["rabbitmq-ctrl-c", "rabbitmq-killed", "embedded-killed"],
+)
+def test_a_run_cancelled_while_it_collects_leaves_no_prewarmed_zygote_collecting(
+    pytester, worker_factory, workspace, broker, cancel
+):
+    """A run like the last is cancelled (Ctrl-C, or killed: a CI job cancelled) while it
+    collects, after its prewarm started the zygote on the worker and before any slot of it
+    reached the worker. The zygote, still collecting, is killed once the run is gone from the
+    lab board (said gone, or not renewed for LAB_STALE), not at the prewarm's limit (the run's
+    ``--celery-timeout``, here 300 s): the bench is the next run's."""
+    worker = worker_factory(worker_id="worker-prewarm-cancel", broker=broker)
+    imports, seen, runs = (pytester.path / n for n in ("imports.log", "seen.log", "runs.log"))
+    flag = pytester.path / "slow-on-worker"
+    pytester.makeconftest(conftest_source(imports, seen) + CANCEL)
+    module = module_source(worker.queue, runs, 3) + SLOW_ON_WORKER.format(flag=str(flag))
+    pytester.makepyfile(test_one=module)
+    options = ["-o", f"cache_dir={pytester.path / 'cache'}", "--celery-ship=off"]
+    options.append("--celery-timeout=300")
+    report = pytester.path / "report.json"
+    command = [c for c in dispatch_command(broker, workspace, report) if c not in NO_CACHE]
+    first = subprocess.run(
+        [*command, *options], cwd=pytester.path, capture_output=True, text=True, timeout=180
+    )
+    assert first.returncode == 0, first.stdout + first.stderr
+    flag.write_text("")
+    env = {**os.environ, "WAIT_FOR_IMPORTS": "2", "CANCEL": cancel}
+    second = subprocess.run(
+        [*command, *options], cwd=pytester.path, env=env, capture_output=True, timeout=180
+    )
+    importers = imports.read_text().split()
+    zygote = int(importers[-1])
+    try:
+        assert second.returncode != 0
+        assert seen.read_text().split() == ["0", "2"]  # the zygote had started: cancelled
+        assert len(importers) == 2, importers
+        deadline = time.monotonic() + 5 * (LAB_STALE + LAB_INTERVAL)
+        while alive(zygote) and time.monotonic() < deadline:
+            time.sleep(LAB_INTERVAL)
+        assert not alive(zygote), worker.log_path.read_text()[-3000:]
+        said = worker.log_path.read_text()
+        assert said.count("prewarm: zygote killed while it collected: its run is gone") == 1
+    finally:
+        with contextlib.suppress(OSError):
+            os.killpg(zygote, signal.SIGKILL)
 
 
 def test_a_run_without_a_plan_prewarms_its_workers_once_it_has_collected(
