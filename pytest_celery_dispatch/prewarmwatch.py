@@ -53,6 +53,9 @@ class PrewarmWatch:
         if self.top is None or not any(n["id"] == self.node for n in lab.workers(notices)):
             return []  # this worker's own notice is not heard: neither is anyone's
         live, gone = runs_seen(notices, self.seen)
+        if not gone:
+            self.seen |= live
+            return []  # nothing to look for in the folders
         killed: list[str] = []
         waiting: set[str] = set()  # runs of zygotes still here
         for folder, record in prewarmed_by(self.top, self.worker):
