@@ -131,7 +131,8 @@ def start_prewarm(
     sent: dict[str, list[str]] | None = None,
 ) -> threading.Thread | None:
     """Send the remembered plan's prewarms from a thread (see the module); None if not sent.
-    Each queue's tests go into ``sent`` once its prewarms are out (:func:`prewarm_collected`)."""
+    Each queue's tests go into ``sent`` as its prewarms go out, and out of it if they fail
+    (:func:`prewarm_collected`)."""
     if cache is None or not usable(payloads, ship_mode):
         return None
     from .transport import load_sending
@@ -187,8 +188,12 @@ def _send(
     plan: Mapping[str, tuple[list[str], int]],
     sent: dict[str, list[str]],
 ) -> list[str]:
+    queue: str | None = None
     try:
         for queue, (nodeids, workers) in plan.items():
+            # Said before it goes: a controller that has collected meanwhile does not send the
+            # same prewarm again (prewarm_collected); a send that fails takes it back.
+            sent[queue] = nodeids
             payload = prewarm_payload(payloads, queue, nodeids)
             for _ in range(workers):
                 app.send_task(
@@ -202,7 +207,7 @@ def _send(
                     expiration=PREWARM_EXPIRES,  # RabbitMQ's message TTL: none piles up unused
                     retry=False,
                 )
-            sent[queue] = nodeids
     except Exception:  # a prewarm is an optimisation: the run goes on without it
-        pass
+        if queue is not None:
+            sent.pop(queue, None)
     return list(sent)

@@ -130,6 +130,39 @@ def test_the_plan_s_prewarms_say_which_tests_each_queue_was_sent():
     assert sent == {"q": ["t.py::a"]}
 
 
+class SeeingApp(FakeApp):
+    """Sees what ``sent`` says as each prewarm goes, or fails to."""
+
+    def __init__(self, sent, fail=False):
+        super().__init__()
+        self.said, self.fail, self.seen = sent, fail, []
+
+    def send_task(self, name, **options):
+        self.seen.append(dict(self.said))
+        if self.fail:
+            raise ConnectionError("broker gone")
+        super().send_task(name, **options)
+
+
+def test_a_queue_s_prewarm_is_said_sent_as_it_goes_and_taken_back_if_it_fails():
+    """The session's prewarms once collected skip what the plan's thread says it sent: saying
+    it only after the send left a window for the same prewarm twice."""
+    cache = FakeCache({"args": ARGS, "queues": {"q": ["t.py::a"]}, "workers": {"q": 1}})
+    sent: dict[str, list[str]] = {}
+    app = SeeingApp(sent)
+    thread = prewarmplan.start_prewarm(app, cache, ARGS, FakePayloads(), "auto", sent)  # type: ignore[arg-type]
+    assert thread is not None
+    thread.join(10)
+    assert app.seen == [{"q": ["t.py::a"]}]
+    failing: dict[str, list[str]] = {}
+    app = SeeingApp(failing, fail=True)
+    thread = prewarmplan.start_prewarm(app, cache, ARGS, FakePayloads(), "auto", failing)  # type: ignore[arg-type]
+    assert thread is not None
+    thread.join(10)
+    assert app.seen == [{"q": ["t.py::a"]}]
+    assert failing == {}
+
+
 def test_once_collected_a_queue_whose_tests_no_prewarm_named_is_prewarmed():
     """A run without a plan (no cache: a CI job), or whose tests are not its plan's: one
     prewarm per consumer of each queue that has one, up to the bound; none for a queue the
