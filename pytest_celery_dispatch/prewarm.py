@@ -16,7 +16,9 @@ before it is checked): the protocol; its own workspace in place (a prewarm never
 shipped tree: a run that needs one gets its zygote from its slots); nodeids inside it, in test
 files with the controller's bytes (:func:`.admission.checked_nodeids`: any refusal, and no
 zygote); a free slot (a bench busy with another run is left alone); no quarantine.
-``DISPATCH_PREWARM=0`` on a worker turns it off.
+``DISPATCH_PREWARM=0`` on a worker turns it off. The checks are the task's; the zygote is
+started in a thread of the pool process, so the task ends at once and a plain task sent to the
+worker meanwhile does not wait the zygote's start for the process.
 
 Worker side only. PYTEST_DONT_REWRITE: imported by the worker app.
 """
@@ -25,6 +27,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from celery import Task
@@ -36,7 +40,7 @@ from .names import (
     ENV_PREWARM,
     ENV_WORKER_CONCURRENCY,
 )
-from .runnerspec import slot_spec
+from .runnerspec import RunnerSpec, slot_spec
 from .serialization import PROTOCOL
 from .slotgate import gate_of
 from .spares import SPARE_DELAY, SparePool
@@ -46,19 +50,43 @@ from .zygote import Zygotes
 log = logging.getLogger("pytest_celery_dispatch.worker")
 
 
-def prewarm_zygote(task: Task, payload: dict[str, Any], zygotes: Zygotes, spares: SparePool) -> str:
+def in_thread(start: Callable[[], None]) -> None:
+    threading.Thread(target=start, name="celery-dispatch-prewarm", daemon=True).start()
+
+
+def prewarm_zygote(
+    task: Task,
+    payload: dict[str, Any],
+    zygotes: Zygotes,
+    spares: SparePool,
+    background: Callable[[Callable[[], None]], None] = in_thread,
+) -> str:
     """Start the zygote of the run and tests ``payload`` names, if this worker may (see the
-    module); what it did, in a word or two (the task's result, and the log's)."""
-    done = _prewarm(task, payload, zygotes, spares)
-    log.info(
-        "prewarm: %s",
-        done,
-        extra={"run_id": payload.get("run_id"), "queue": payload.get("queue")},
-    )
-    return done
+    module); what it did, in a word or two (the task's result, and the log's).
+
+    The checks are made here; the zygote is started in the ``background`` (a thread of the
+    pool process), which logs what came of it: a zygote takes 0.1-0.9 s to listen, and a plain
+    task (``task_b``) sent meanwhile to this worker waited that long for the process."""
+    extra = {"run_id": payload.get("run_id"), "queue": payload.get("queue")}
+    checked = _checked(task, payload)
+    if isinstance(checked, str):
+        log.info("prewarm: %s", checked, extra=extra)
+        return checked
+    spec, ws, env = checked
+
+    def start() -> None:
+        started = zygotes.prewarm(spec, fork_wait_limit(spec.timeout))
+        spares.prepare(ws, env, SPARE_DELAY)  # if the zygote took this process's spare
+        done = f"zygote started for {len(spec.nodeids)} tests" if started else "no zygote started"
+        log.info("prewarm: %s", done, extra=extra)
+
+    background(start)
+    return f"starting a zygote for {len(spec.nodeids)} tests"
 
 
-def _prewarm(task: Task, payload: dict[str, Any], zygotes: Zygotes, spares: SparePool) -> str:
+def _checked(task: Task, payload: dict[str, Any]) -> tuple[RunnerSpec, str, dict[str, str]] | str:
+    """The slot's spec, workspace and environment of a prewarm this worker may start; else
+    why not."""
     if os.environ.get(ENV_PREWARM, "1") == "0":
         return f"off ({ENV_PREWARM}=0)"
     if payload.get("protocol") != PROTOCOL or not isinstance(payload.get("nodeids"), list):
@@ -80,6 +108,4 @@ def _prewarm(task: Task, payload: dict[str, Any], zygotes: Zygotes, spares: Spar
         spec = slot_spec({**payload, "queue": place["queue"]}, ws, nodeids, env)
     except (KeyError, TypeError, ValueError):
         return "not a prewarm of this worker's protocol"
-    started = zygotes.prewarm(spec, fork_wait_limit(spec.timeout))
-    spares.prepare(ws, env, SPARE_DELAY)  # if the zygote took this process's spare
-    return f"zygote started for {len(nodeids)} tests" if started else "no zygote started"
+    return spec, ws, env

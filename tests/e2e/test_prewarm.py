@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
+from pytest_celery_dispatch import transport
 from pytest_celery_dispatch.embedded import EMBEDDED
 from pytest_celery_dispatch.lab import LAB_INTERVAL, LAB_STALE
+from pytest_celery_dispatch.names import ENV_ZYGOTE, PREWARM_TASK
 from pytest_celery_dispatch.prewarmplan import PREWARM_EXPIRES
+from pytest_celery_dispatch.serialization import PROTOCOL
+from pytest_celery_dispatch.zygote import ZYGOTE_START_WAIT
 from tests.helpers import BROKER, delete_queues, dispatch_command
 
 NO_CACHE = ("-p", "no:cacheprovider")
@@ -239,6 +245,64 @@ def test_a_run_without_a_plan_prewarms_its_workers_once_it_has_collected(
     importers = imports.read_text().split()
     assert len(importers) == 1, importers
     assert set(runs.read_text().split()) == {importers[0]}
+
+
+SLOW_ZYGOTE = """
+import os
+import time
+
+if os.environ.get({env!r}):
+    time.sleep({seconds!r})  # a zygote slow to listen, as on a busy machine
+"""
+
+
+def test_a_plain_task_does_not_wait_for_a_prewarmed_zygote_to_start(
+    pytester, worker_factory, workspace
+):
+    """A worker with one process: a prewarm, then a plain task (the ``dispatcher`` fixture's
+    task_a). The prewarm's zygote takes ZYGOTE_START_WAIT / 2 to listen; the plain task is done
+    before it listens (the worker log's order), not after the prewarm held the process that
+    long (the demo's task_b waited 0.5 s behind a prewarm on a busy machine)."""
+    site = pytester.mkdir("site")
+    (site / "sitecustomize.py").write_text(
+        SLOW_ZYGOTE.format(env=ENV_ZYGOTE, seconds=ZYGOTE_START_WAIT / 2)
+    )
+    env = {
+        "PYTHONPATH": os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p),
+        "DISPATCH_SPARE_RUNNER": "0",  # the zygote is a new process, not an activated spare
+        "DISPATCH_PLAIN_TASK_PROCESS": "0",  # one process: the prewarm's and the task's
+    }
+    worker = worker_factory(worker_id="worker-prewarm-plain", concurrency=1, extra_env=env)
+    test_file = pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    relative = test_file.relative_to(workspace).as_posix()
+    payload = {
+        "protocol": PROTOCOL,
+        "run_id": uuid.uuid4().hex,
+        "queue": worker.queue,
+        "nodeids": [f"{relative}::test_one"],
+        "files": {relative: hashlib.sha256(test_file.read_bytes()).hexdigest()},
+        "timeout": 30,
+        "pytest_args": [],
+    }
+    app = transport.make_app(BROKER, "disabled")
+    route = {"queue": worker.queue, "routing_key": worker.queue, "serializer": "json"}
+    app.send_task(PREWARM_TASK, args=[payload], **route)
+    app.send_task("pytest_celery_dispatch.task_a", kwargs={"duration": 0.0}, **route)
+    done = "pytest_celery_dispatch.task_a done"
+    started = "prewarm: zygote started for 1 tests"
+    deadline = time.monotonic() + 30 * ZYGOTE_START_WAIT  # a guard against a hang only
+    while time.monotonic() < deadline:
+        said = [json.loads(line)["message"] for line in worker_log(worker)]
+        if done in said and started in said:
+            break
+        time.sleep(0.1)
+    assert done in said, said
+    assert started in said, said
+    assert said.index(done) < said.index(started), said
+
+
+def worker_log(worker) -> list[str]:
+    return [ln for ln in worker.log_path.read_text().splitlines() if ln.startswith("{")]
 
 
 SENDER = """

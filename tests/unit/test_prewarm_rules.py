@@ -252,9 +252,14 @@ def payload(bench, **changes):
 
 
 def test_a_worker_with_a_free_slot_starts_the_zygote_of_the_run_s_tests(bench):
-    zygotes = FakeZygotes()
-    done = prewarm.prewarm_zygote(task(), payload(bench), zygotes, FakeSpares())  # type: ignore[arg-type]
-    assert done == "zygote started for 1 tests"
+    """In the background: the task (and its pool process) is done before the zygote listens,
+    so a plain task sent to the worker meanwhile does not wait for it."""
+    zygotes, later = FakeZygotes(), []
+    done = prewarm.prewarm_zygote(task(), payload(bench), zygotes, FakeSpares(), later.append)  # type: ignore[arg-type]
+    assert done == "starting a zygote for 1 tests"
+    assert zygotes.specs == []
+    (start,) = later
+    start()
     ((spec, hung_after),) = zygotes.specs
     assert spec.key == "run1/q"  # the key and fields run_session's slots make their zygote of
     assert spec.nodeids == ["test_a.py::test_x"]
