@@ -75,8 +75,12 @@ def prewarm_zygote(
     spec, ws, env = checked
 
     def start() -> None:
-        started = zygotes.prewarm(spec, fork_wait_limit(spec.timeout))
-        spares.prepare(ws, env, SPARE_DELAY)  # if the zygote took this process's spare
+        try:
+            started = zygotes.prewarm(spec, fork_wait_limit(spec.timeout))
+            spares.prepare(ws, env, SPARE_DELAY)  # if the zygote took this process's spare
+        except Exception as exc:  # the task has ended: said here, as its failure was
+            log.warning("prewarm: no zygote started: %s", exc, extra=extra, exc_info=True)
+            return
         done = f"zygote started for {len(spec.nodeids)} tests" if started else "no zygote started"
         log.info("prewarm: %s", done, extra=extra)
 

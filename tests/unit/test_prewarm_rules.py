@@ -268,6 +268,22 @@ def test_a_worker_with_a_free_slot_starts_the_zygote_of_the_run_s_tests(bench):
     assert hung_after >= 30  # as long as a slot waits for its fork
 
 
+class BrokenZygotes(FakeZygotes):
+    def prewarm(self, spec, hung_after):
+        raise OSError("no room left on the device")
+
+
+def test_a_zygote_that_cannot_start_is_said_in_the_worker_log(bench, caplog):
+    """The task has ended when its zygote starts: what goes wrong is logged, not raised into
+    the thread."""
+    later = []
+    prewarm.prewarm_zygote(task(), payload(bench), BrokenZygotes(), FakeSpares(), later.append)  # type: ignore[arg-type]
+    (start,) = later
+    with caplog.at_level("WARNING", logger="pytest_celery_dispatch.worker"):
+        start()
+    assert "prewarm: no zygote started: no room left on the device" in caplog.messages
+
+
 @pytest.mark.parametrize(
     ("case", "expected"),
     [
