@@ -30,7 +30,7 @@ from .lab import LAB_INTERVAL, RELEASE
 from .labboard import Board
 from .names import SLOT_TASK
 from .prewarmwatch import PrewarmWatch
-from .procutil import private_top
+from .procutil import private_top, worker_pid
 
 
 def _last_path(node: str) -> str | None:
@@ -101,7 +101,7 @@ class BenchNotices(threading.Thread):
             "slots": slots,
         }
         self.stopping = threading.Event()
-        self.prewarms = PrewarmWatch(node, private_top(), os.getpid())
+        self.prewarms = PrewarmWatch(node, private_top(), worker_pid())
 
     def notice(self) -> dict[str, Any]:
         from celery.worker.state import active_requests

@@ -132,6 +132,9 @@ ENV_CTX_ATTEMPT = "DISPATCH_ATTEMPT"
 ENV_CTX_RUN_ID = "DISPATCH_RUN_ID"
 #: The worker's slots (its ``-c``), noted at start-up for its slots to report.
 ENV_WORKER_CONCURRENCY = "DISPATCH_WORKER_CONCURRENCY"
+#: The worker's main process, noted at start-up: what names the worker on its machine, from a
+#: pool process (its parent) or from the worker itself (solo and threads pools) alike.
+ENV_WORKER_PID = "DISPATCH_WORKER_PID"
 #: ``0``: a worker's pool has no process beside its slots for plain tasks (:mod:`.workerpool`).
 ENV_PLAIN_TASK_PROCESS = "DISPATCH_PLAIN_TASK_PROCESS"
 #: Pool processes a worker keeps beside its slots for plain tasks (:mod:`.workerpool`).

@@ -13,7 +13,10 @@ import signal
 import stat
 import sys
 import tempfile
+from collections.abc import Mapping
 from typing import Protocol
+
+from .names import ENV_WORKER_PID
 
 #: Where the tail of a crashed runner's own output is quoted from.
 CRASH_OUTPUT_TAIL = 4000
@@ -119,6 +122,16 @@ def private_top() -> str | None:
     """This user's folder under the temp directory (runner bytecode, zygote sockets)."""
     uid = os.getuid() if hasattr(os, "getuid") else 0
     return private_dir(os.path.join(tempfile.gettempdir(), f"pytest-celery-dispatch-{uid}"))
+
+
+def worker_pid(environ: Mapping[str, str] | None = None) -> int:
+    """The pid of the worker's main process, which names the worker on its machine (its
+    prewarmed zygotes, the identity of its zygotes). Noted at ``worker_init`` (see
+    ``worker.py``): a prefork pool process's parent, the process itself under the solo and
+    threads pools, whose tasks run in the worker. Without the note (a task run outside a
+    worker), the parent."""
+    noted = (os.environ if environ is None else environ).get(ENV_WORKER_PID, "")
+    return int(noted) if noted.isdigit() else os.getppid()
 
 
 def close_quietly(*fds: int) -> None:

@@ -55,6 +55,7 @@ from .names import (
     ENV_FORK,
     ENV_LOG_FORMAT,
     ENV_WORKER_CONCURRENCY,
+    ENV_WORKER_PID,
     ENV_WORKSPACE,
     PING_TASK,
     PREWARM_TASK,
@@ -143,6 +144,9 @@ def _note_concurrency(sender: Any = None, **kwargs: Any) -> None:
         print(f"celery-dispatch worker: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1) from None  # Celery logs and swallows a signal handler's Exception
     reserve_plain_task_process(sender)
+    # What names this worker on its machine (its zygotes, its prewarms): the same from a pool
+    # process as from the worker's own process (solo and threads pools), see procutil.worker_pid.
+    os.environ[ENV_WORKER_PID] = str(os.getpid())
     make_gate_folder(str(getattr(sender, "hostname", "") or "worker"))
     # A run's zygote (see zygote.Zygotes.fork) lives in the pool process that started it:
     # with pool processes replaced after N tasks or M bytes it would go, and the runners forked

@@ -49,6 +49,7 @@ from .procutil import (
     kill_group,
     private_top,
     stacks_path,
+    worker_pid,
 )
 from .runnerspec import (
     RunnerSpec,
@@ -429,7 +430,7 @@ def drop_prewarmed(top: str, key: str) -> None:
     and none of its slots will ask them for one. Another worker of the same queue on this
     machine keeps its own: its slots fork from it. (Called under the zygotes' lock, which a
     prewarm holds until its zygote listens; a live one answers on its socket.)"""
-    for folder, found in prewarmed_by(top, os.getppid()):
+    for folder, found in prewarmed_by(top, worker_pid()):
         if found.get("key") != key:
             continue
         conn = connect(os.path.join(folder, "sock"))
@@ -465,7 +466,7 @@ def zygote_path(spec: RunnerSpec) -> str | None:
         return None
     identity = json.dumps(
         [
-            os.getppid(),  # the worker's main process: one zygote per worker, not per machine
+            worker_pid(),  # the worker's main process: one zygote per worker, not per machine
             spec.key,
             os.path.realpath(spec.workspace),
             spec.nodeids,
@@ -578,7 +579,7 @@ class Zygotes:
             if started is not None and prewarm:
                 with open(os.path.join(os.path.dirname(path), PREWARMED), "w") as fh:
                     # The worker's too: other workers of this machine and user share ``top``.
-                    record = {"key": spec.key, "pid": started.pid, "worker": os.getppid()}
+                    record = {"key": spec.key, "pid": started.pid, "worker": worker_pid()}
                     json.dump(record, fh)
             if started is None or prewarm:
                 return None, started

@@ -201,6 +201,7 @@ def worker_factory(workspace: Path):
         root: Path | None = None,
         extra_env: dict[str, str] | None = None,
         broker: str = BROKER,
+        pool: str | None = None,
     ) -> WorkerProcess:
         name = queue or f"cdtest-{uuid.uuid4().hex[:8]}"
         logs = workspace / "worker-logs"
@@ -213,6 +214,7 @@ def worker_factory(workspace: Path):
             concurrency=concurrency,
             broker=broker,
             extra_env=extra_env,
+            pool=pool,
         )
         started.append(worker)
         return worker.start()

@@ -52,8 +52,10 @@ class WorkerProcess:
         concurrency: int = 2,
         broker: str = BROKER,
         extra_env: dict[str, str] | None = None,
+        pool: str | None = None,
     ) -> None:
         self.queue = queue
+        self.pool = pool  # Celery's -P: None for its default (prefork)
         self.worker_id = worker_id
         self.workspace = workspace
         self.broker = broker
@@ -95,6 +97,7 @@ class WorkerProcess:
             "--without-mingle",
             "-l",
             "INFO",
+            *(("-P", self.pool) if self.pool else ()),
         ]
 
     def start(self, wait: float = 30.0) -> WorkerProcess:

@@ -170,19 +170,25 @@ SLOW_ON_WORKER = """
 
 
 @pytest.mark.parametrize(
-    ("broker", "cancel"),
-    [(BROKER, "SIGINT"), (BROKER, "SIGKILL"), (EMBEDDED, "SIGKILL")],
-    ids=["rabbitmq-ctrl-c", "rabbitmq-killed", "embedded-killed"],
+    ("broker", "cancel", "pool"),
+    [
+        (BROKER, "SIGINT", None),
+        (BROKER, "SIGKILL", None),
+        (EMBEDDED, "SIGKILL", None),
+        (BROKER, "SIGKILL", "solo"),
+    ],
+    ids=["rabbitmq-ctrl-c", "rabbitmq-killed", "embedded-killed", "rabbitmq-killed-solo"],
 )
 def test_a_run_cancelled_while_it_collects_leaves_no_prewarmed_zygote_collecting(
-    pytester, worker_factory, workspace, broker, cancel
+    pytester, worker_factory, workspace, broker, cancel, pool
 ):
     """A run like the last is cancelled (Ctrl-C, or killed: a CI job cancelled) while it
     collects, after its prewarm started the zygote on the worker and before any slot of it
     reached the worker. The zygote, still collecting, is killed once the run is gone from the
     lab board (said gone, or not renewed for LAB_STALE), not at the prewarm's limit (the run's
-    ``--celery-timeout``, here 300 s): the bench is the next run's."""
-    worker = worker_factory(worker_id="worker-prewarm-cancel", broker=broker)
+    ``--celery-timeout``, here 300 s): the bench is the next run's. A solo worker runs the
+    prewarm in its own process (not a pool process whose parent is the worker): the same."""
+    worker = worker_factory(worker_id="worker-prewarm-cancel", broker=broker, pool=pool)
     imports, seen, runs = (pytester.path / n for n in ("imports.log", "seen.log", "runs.log"))
     flag = pytester.path / "slow-on-worker"
     pytester.makeconftest(conftest_source(imports, seen) + CANCEL)
