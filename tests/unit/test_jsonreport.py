@@ -275,6 +275,41 @@ def test_write_atomic_failure_keeps_the_old_file_and_cleans_up(tmp_path: Path) -
     assert os.listdir(tmp_path) == ["report.json"]
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"created": 1.5, "tests": [{"nodeid": "t.py::ü", "x": (1, 2)}, {"p": Path("a")}]},
+        {"tests": [], "empty": {}, "nan": float("nan"), "none": None, "tuple": ("a", 3)},
+        {1: "an int key", "b": [1, [2, 3]]},  # converted by json.dumps: written as it does
+        {},
+    ],
+    ids=["report", "edges", "int-key", "empty"],
+)
+def test_the_report_is_written_as_json_dumps_writes_it(tmp_path: Path, data) -> None:
+    target = tmp_path / "report.json"
+    jr.write_atomic(str(target), data)
+    expected = json.dumps(data, default=str, ensure_ascii=False) + "\n"
+    assert target.read_text(encoding="utf-8") == expected
+
+
+def test_a_big_report_is_never_held_whole_while_it_is_written(tmp_path: Path) -> None:
+    """5,000 tests of ~900 bytes: the write allocates a small part of the text at most (the old
+    write held it as a string, again with its newline, and encoded: ~3x its size)."""
+    import tracemalloc
+
+    record = {"nodeid": "w3/test_m.py::test_n[{}]", "keywords": ["x" * 40] * 20, "call": {}}
+    data = {"created": 0.0, "tests": [dict(record, n=n) for n in range(5000)], "exitcode": 0}
+    size = len(json.dumps(data))
+    tracemalloc.start()
+    try:
+        jr.write_atomic(str(tmp_path / "report.json"), data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert size > 4_000_000
+    assert peak < size / 10, (peak, size)
+
+
 def test_slots_are_configured_slots_and_lanes_used_are_counted_apart() -> None:
     # worker-1 (-c 2) serves queue_a alone and ran both its tests on one slot: 2 slots, 1 lane.
     tests = sample_tests()
